@@ -1,0 +1,242 @@
+"""The shared skeleton of every causal multi-head attention implementation.
+
+:class:`AttentionBase` owns what all implementations share: argument validation, the one
+parameter layout (``qkv`` and ``proj``), the head split and merge, grouped-query heads and the
+KV cache. A subclass overrides one small method, :meth:`AttentionBase._attend`, which maps
+per-head queries, keys and values to per-head context vectors; that is the part that differs.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from .kv_cache import KVCache
+from .masks import MaskMod, and_masks, causal, dense_mask, document
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+class AttentionBase(nn.Module):
+    """Causal multi-head attention: ``(batch, tokens, d_in) -> (batch, tokens, d_out)``.
+
+    Args:
+        d_in: input features per token.
+        d_out: output features per token; split evenly across ``num_heads``.
+        num_heads: query heads.
+        context_length: the most positions one sequence may hold (cache included).
+        dropout: probability of dropping attention weights in training, in ``[0, 1)``.
+        qkv_bias: give the ``qkv`` projection a bias.
+        num_kv_heads: key/value heads for grouped-query attention; must divide ``num_heads``
+            (default ``num_heads``: plain MHA; ``1``: multi-query).
+        mask_mod: the attention pattern, a ``mask_mod(b, h, q_idx, kv_idx)`` from
+            :mod:`attention.masks` or your own (default :func:`attention.masks.causal`).
+    """
+
+    #: Whether ``dropout > 0`` is honoured; an implementation that cannot sets this False and
+    #: rejects such a ``dropout`` at construction instead of silently ignoring it.
+    supports_dropout: bool = True
+
+    @classmethod
+    def supports_backward(cls, device: torch.device | str) -> bool:
+        """Whether gradients flow through this implementation on ``device`` (default: always)."""
+        return True
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        num_heads: int,
+        context_length: int,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+        *,
+        num_kv_heads: int | None = None,
+        mask_mod: MaskMod = causal,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("d_in", d_in),
+            ("d_out", d_out),
+            ("num_heads", num_heads),
+            ("context_length", context_length),
+        ):
+            _check_positive_int(name, value)
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        _check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        if isinstance(dropout, bool) or not isinstance(dropout, Real):
+            raise TypeError(f"dropout must be a float, got {type(dropout).__name__} ({dropout!r})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if dropout > 0 and not self.supports_dropout:
+            raise ValueError(f"{type(self).__name__} does not support dropout; got dropout={dropout}")
+        if not isinstance(qkv_bias, bool):
+            raise TypeError(f"qkv_bias must be a bool, got {type(qkv_bias).__name__}")
+        if not callable(mask_mod):
+            raise TypeError(f"mask_mod must be callable(b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
+
+        self.d_in = d_in
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = d_out // num_heads
+        self.kv_dim = num_kv_heads * self.head_dim
+        self.context_length = context_length
+        self.dropout = float(dropout)
+        self.mask_mod = mask_mod
+        self.qkv = nn.Linear(d_in, d_out + 2 * self.kv_dim, bias=qkv_bias)  # q, k, v stacked
+        self.proj = nn.Linear(d_out, d_out)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def extra_repr(self) -> str:
+        mask = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, context_length={self.context_length}, "
+            f"dropout={self.dropout}, mask_mod={mask}"
+        )
+
+    def make_kv_cache(
+        self,
+        batch_size: int,
+        max_tokens: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A cache for ``batch_size`` sequences of up to ``max_tokens`` positions (default dtype
+        and device: the weights')."""
+        _check_positive_int("max_tokens", max_tokens)
+        if max_tokens > self.context_length:
+            raise ValueError(f"max_tokens ({max_tokens}) exceeds context_length ({self.context_length})")
+        weight = self.qkv.weight
+        return KVCache(
+            batch_size,
+            self.num_kv_heads,
+            max_tokens,
+            self.head_dim,
+            dtype=dtype or weight.dtype,
+            device=device or weight.device,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Attend over ``x`` ``(B, T, d_in)``; with ``kv_cache``, ``x`` continues the cached
+        sequence. ``document_ids`` ``(B, cached + T)`` confines attention to each document."""
+        q, k, v, q_offset = self._project(x, kv_cache, document_ids)
+        context = self._attend(q, k, v, q_offset=q_offset, document_ids=document_ids)  # (B, H, T, hd)
+        return self._merge(context)
+
+    def _project(
+        self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Validate, project and split heads; append to ``kv_cache``. Returns ``q, k, v, q_offset``."""
+        self._check_input(x, kv_cache, document_ids)
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.d_out, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        q_offset = 0
+        if kv_cache is not None:
+            q_offset = kv_cache.pos
+            k, v = kv_cache.update(k, v)  # (B, H_kv, q_offset + T, hd) each
+        return q, k, v, q_offset
+
+    def _merge(self, context: Tensor) -> Tensor:
+        b, _, t, _ = context.shape
+        context = context.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
+        return self.proj(context)  # (B, T, d_out)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        """Per-head attention: ``q`` ``(B, H, Tq, hd)``, ``k, v`` ``(B, H_kv, Tk, hd)`` ->
+        ``(B, H, Tq, hd)``. Query row ``i`` sits at absolute position ``q_offset + i``; keys at
+        ``0 .. Tk-1``. Rows with no visible key must come out as zeros."""
+        raise NotImplementedError
+
+    # -- helpers the implementations share -------------------------------------------------
+
+    def _pattern(self, document_ids: Tensor | None) -> MaskMod:
+        """The module's ``mask_mod``, restricted to each document when ids are given."""
+        if document_ids is None:
+            return self.mask_mod
+        return and_masks(self.mask_mod, document(document_ids))
+
+    def _is_plain_causal(self, document_ids: Tensor | None) -> bool:
+        return self.mask_mod is causal and document_ids is None
+
+    def _dense_mask(self, q: Tensor, k: Tensor, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        """Bool mask broadcastable to ``(B, H, Tq, Tk)``: True where a query sees a key."""
+        return dense_mask(
+            self._pattern(document_ids),
+            q.shape[0],
+            q.shape[1],
+            q.shape[2],
+            k.shape[2],
+            q.device,
+            q_offset=q_offset,
+        )
+
+    def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"x must be 3-D (batch, tokens, d_in), got shape {tuple(x.shape)}")
+        b, t, d = x.shape
+        if d != self.d_in:
+            raise ValueError(f"x has last dim {d}, expected d_in={self.d_in}")
+        if b < 1 or t < 1:
+            raise ValueError(f"x must have at least one sequence and one token, got shape {tuple(x.shape)}")
+        weight = self.qkv.weight
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x is {x.dtype} but the weights are {weight.dtype}; cast one to match")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the weights are on {weight.device}")
+        past = 0
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"kv_cache must be a KVCache from make_kv_cache(), got {type(kv_cache).__name__}")
+            if kv_cache.k_cache.shape[1] != self.num_kv_heads or kv_cache.k_cache.shape[3] != self.head_dim:
+                raise ValueError(
+                    f"kv_cache holds {kv_cache.k_cache.shape[1]} heads of dim {kv_cache.k_cache.shape[3]}, "
+                    f"this module has {self.num_kv_heads} KV heads of dim {self.head_dim}"
+                )
+            kv_cache.check_compatible(x, t)
+            past = kv_cache.pos
+        if past + t > self.context_length:
+            raise ValueError(
+                f"{past + t} positions ({past} cached + {t} new) exceed context_length={self.context_length}"
+            )
+        if document_ids is not None:
+            if not isinstance(document_ids, Tensor):
+                raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
+            if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+                raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
+            if tuple(document_ids.shape) != (b, past + t):
+                raise ValueError(
+                    f"document_ids must have shape (batch, cached + tokens) = {(b, past + t)}, "
+                    f"got {tuple(document_ids.shape)}"
+                )
+            if document_ids.device != x.device:
+                raise ValueError(f"document_ids is on {document_ids.device}, x is on {x.device}")

@@ -1,0 +1,113 @@
+"""Attention through FlexAttention: ``flex_attention`` with a ``create_block_mask`` BlockMask.
+
+Two traps shape this module (both measured, see DESIGN.md):
+
+* A BlockMask is costly to build, so it is built once per (lengths, offset, device) and reused.
+* One compiled ``flex_attention`` reused across shapes, dtypes and grad modes hits dynamo's
+  recompile limit (8 per code object) and silently falls back to the unfused path, 50x slower.
+  Dynamo keeps its cache on the *code object*, so wrapping the same function twice does not
+  help; :func:`compiled_flex_attention` gives each signature a code object of its own, and every
+  call runs with ``fail_on_recompile_limit_hit`` so a fallback is an error, never a slowdown.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from .base import AttentionBase
+from .masks import dense_mask, offset_mask
+
+_compiled: dict[tuple, Callable[..., Tensor]] = {}
+_MAX_CACHED_BLOCK_MASKS = 64
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float,
+                    enable_gqa: bool, kernel_options: dict[str, Any] | None) -> Tensor:
+    return flex_attention(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
+    )
+
+
+def compiled_flex_attention(q: Tensor, k: Tensor) -> Callable[..., Tensor]:
+    """The compiled ``flex_attention`` for this call's signature, compiled on first use.
+
+    Prefill and training calls (``Tq > 1``) are compiled for their exact shapes, so kernels are
+    specialised and each code object compiles once. One-token decode steps, whose key length
+    grows every step, share a dynamic-shape compile instead of compiling per step.
+    """
+    decode = q.shape[2] == 1
+    shapes = () if decode else (tuple(q.shape), tuple(k.shape))
+    key = (q.device, q.dtype, torch.is_grad_enabled() and q.requires_grad, decode, shapes)
+    fn = _compiled.get(key)
+    if fn is None:
+        code = _flex_attention.__code__.replace(co_name=f"flex_attention_{len(_compiled)}")
+        fresh = types.FunctionType(code, _flex_attention.__globals__, code.co_name)
+        fn = torch.compile(fresh, dynamic=decode, fullgraph=True)
+        _compiled[key] = fn
+    return fn
+
+
+class MHAPyTorchFlexAttention(AttentionBase):
+    """Causal MHA on FlexAttention; any ``mask_mod`` pattern, block-sparse on CUDA.
+
+    Compiled on CUDA (fused Triton kernels), eager on CPU (unfused but correct: compiling on a
+    CPU costs tens of seconds per shape). ``kernel_options`` passes through to
+    ``flex_attention`` (block sizes, ``num_warps``...). flex_attention has no dropout, so
+    ``dropout > 0`` is rejected at construction, and no backward on CPU, so gradients there
+    raise a clear error.
+    """
+
+    supports_dropout = False
+
+    @classmethod
+    def supports_backward(cls, device: torch.device | str) -> bool:
+        # torch's flex_attention refuses backward on CPU, eager and compiled alike.
+        return torch.device(device).type != "cpu"
+
+    def __init__(self, *args, kernel_options: dict[str, Any] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if kernel_options is not None and not isinstance(kernel_options, dict):
+            raise TypeError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
+        self.kernel_options = kernel_options
+        self._block_masks: dict[tuple, BlockMask] = {}
+
+    def block_mask(self, q: Tensor, k: Tensor, q_offset: int = 0, document_ids: Tensor | None = None) -> BlockMask:
+        """The BlockMask for these queries and keys, cached unless ``document_ids`` vary per call."""
+        batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        key = (q_len, kv_len, q_offset, q.device)
+        if document_ids is None and key in self._block_masks:
+            return self._block_masks[key]
+        pattern = offset_mask(self._pattern(document_ids), q_offset)
+        # A tiny probe says whether the pattern reads b or h; if not, one mask serves all.
+        probe = dense_mask(pattern, batch, heads, 1, 1, q.device).shape  # (B or 1, H or 1, 1, 1)
+        mask = create_block_mask(
+            pattern,
+            B=batch if probe[0] > 1 else None,
+            H=heads if probe[1] > 1 else None,
+            Q_LEN=q_len,
+            KV_LEN=kv_len,
+            device=q.device,
+        )
+        if document_ids is None:
+            if len(self._block_masks) >= _MAX_CACHED_BLOCK_MASKS:  # decoding adds one per step
+                del self._block_masks[next(iter(self._block_masks))]
+            self._block_masks[key] = mask
+        return mask
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        if torch.is_grad_enabled() and q.requires_grad and not self.supports_backward(q.device):
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot compute gradients on {q.device.type}: torch's "
+                "flex_attention has no backward there. Run it under torch.no_grad() or on CUDA."
+            )
+        block_mask = self.block_mask(q, k, q_offset, document_ids)
+        args = (q, k, v, block_mask, self.scale, self.num_kv_heads != self.num_heads, self.kernel_options)
+        if q.device.type != "cuda":
+            return _flex_attention(*args)  # (B, H, Tq, hd)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return compiled_flex_attention(q, k)(*args)  # (B, H, Tq, hd)

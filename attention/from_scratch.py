@@ -1,0 +1,42 @@
+"""Attention written out by hand: scores, mask, softmax, weighted sum. The readable reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import AttentionBase
+
+
+class MultiHeadAttentionCombinedQKV(AttentionBase):
+    """From scratch, with one combined QKV projection.
+
+    Materialises the ``(B, H, T, T)`` score matrix, so memory grows as ``T**2``; its value is
+    that every step is visible, and :meth:`attention_weights` returns the softmax weights.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attn_dropout = nn.Dropout(self.dropout)
+
+    def _weights(self, q: Tensor, k: Tensor, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        """Softmax attention weights ``(B, H, Tq, Tk)``; rows with no visible key are zeros."""
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Tq, Tk)
+        visible = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
+        # A row with every key masked is softmax(-inf, ...) = NaN; define it as attending to nothing.
+        return weights.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        weights = self.attn_dropout(self._weights(q, k, q_offset, document_ids))  # (B, H, Tq, Tk)
+        v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # (B, H, Tk, hd)
+        return weights @ v  # (B, H, Tq, hd)
+
+    @torch.no_grad()
+    def attention_weights(self, x: Tensor, *, document_ids: Tensor | None = None) -> Tensor:
+        """The softmax weights ``(B, H, T, T)`` this module applies to ``x`` (no dropout)."""
+        q, k, _, q_offset = self._project(x, None, document_ids)
+        return self._weights(q, k, q_offset, document_ids)

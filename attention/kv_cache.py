@@ -1,0 +1,88 @@
+"""A static, preallocated KV cache in the style of gpt-fast.
+
+Buffers are sized once, so their shapes never change and compiled code keeps holding; the
+cache tracks how many positions are filled and hands back views of the filled prefix, so
+attention reads exactly the keys written so far and no more.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class KVCache(nn.Module):
+    """Keys and values of ``num_kv_heads`` heads for up to ``max_tokens`` positions.
+
+    Made by ``module.make_kv_cache(batch_size, max_tokens)``; pass it as
+    ``module(x, kv_cache=cache)`` for each consecutive chunk of a sequence.
+    """
+
+    k_cache: Tensor
+    v_cache: Tensor
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_tokens: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("max_tokens", max_tokens),
+            ("head_dim", head_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        shape = (batch_size, num_kv_heads, max_tokens, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.pos = 0  # positions filled so far; a Python int, so reading it never syncs the GPU
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.k_cache.shape[2]
+
+    def reset(self) -> None:
+        """Empty the cache; the buffers are kept and overwritten by the next sequence."""
+        self.pos = 0
+
+    def check_compatible(self, x: Tensor, num_new: int) -> None:
+        """Raise before anything is written if ``x`` (the chunk's input) cannot extend the cache."""
+        if x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"kv_cache was made for batch_size={self.batch_size}, input has batch {x.shape[0]}"
+            )
+        if x.device != self.k_cache.device:
+            raise ValueError(f"kv_cache is on {self.k_cache.device}, input is on {x.device}")
+        if x.dtype != self.k_cache.dtype:
+            raise TypeError(f"kv_cache holds {self.k_cache.dtype}, input is {x.dtype}")
+        self._check_room(num_new)
+
+    def _check_room(self, num_new: int) -> None:
+        if self.pos + num_new > self.max_tokens:
+            raise ValueError(
+                f"kv_cache overflow: {self.pos} positions filled + {num_new} new tokens "
+                f"> max_tokens={self.max_tokens}; make a larger cache or reset() it"
+            )
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``k, v`` ``(B, H_kv, T_new, D)``; return all filled keys and values ``(B, H_kv, pos, D)``."""
+        self._check_room(k.shape[2])
+        start, end = self.pos, self.pos + k.shape[2]
+        self.k_cache[:, :, start:end] = k
+        self.v_cache[:, :, start:end] = v
+        self.pos = end
+        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # (B, H_kv, pos, D) each

@@ -1,0 +1,33 @@
+"""Attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+On CUDA, SDPA picks a fused kernel (cuDNN, FlashAttention-2 or memory-efficient) that never
+materialises the score matrix. ``is_causal=True`` is used only where it is right: it aligns the
+mask top-left, which is wrong for a query chunk that continues a KV cache.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import AttentionBase
+
+
+class MHAPyTorchScaledDotProduct(AttentionBase):
+    """Causal MHA on ``F.scaled_dot_product_attention``; dropout only in training."""
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        dropout_p = self.dropout if self.training else 0.0
+        enable_gqa = self.num_kv_heads != self.num_heads
+        if self._is_plain_causal(document_ids) and (q_offset == 0 or q.shape[2] == 1):
+            # Fresh sequence: top-left causal is right. One new token: it sees every key.
+            is_causal = q_offset == 0 and q.shape[2] > 1
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale, enable_gqa=enable_gqa
+            )  # (B, H, Tq, hd)
+        visible = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible, dropout_p=dropout_p, scale=self.scale, enable_gqa=enable_gqa
+        )  # (B, H, Tq, hd)
+        # SDPA leaves rows with no visible key as NaN (or garbage, per backend): make them zeros.
+        return out.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
