@@ -231,7 +231,11 @@ class AttentionBase(nn.Module):
         if document_ids is not None:
             if not isinstance(document_ids, Tensor):
                 raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
-            if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+            if (
+                document_ids.dtype.is_floating_point
+                or document_ids.dtype.is_complex
+                or document_ids.dtype == torch.bool
+            ):
                 raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
             if tuple(document_ids.shape) != (b, past + t):
                 raise ValueError(

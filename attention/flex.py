@@ -13,7 +13,8 @@ Two traps shape this module (both measured, see DESIGN.md):
 from __future__ import annotations
 
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,8 +27,15 @@ _compiled: dict[tuple, Callable[..., Tensor]] = {}
 _MAX_CACHED_BLOCK_MASKS = 64
 
 
-def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float,
-                    enable_gqa: bool, kernel_options: dict[str, Any] | None) -> Tensor:
+def _flex_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    scale: float,
+    enable_gqa: bool,
+    kernel_options: dict[str, Any] | None,
+) -> Tensor:
     return flex_attention(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
     )

@@ -62,9 +62,7 @@ class KVCache(nn.Module):
     def check_compatible(self, x: Tensor, num_new: int) -> None:
         """Raise before anything is written if ``x`` (the chunk's input) cannot extend the cache."""
         if x.shape[0] != self.batch_size:
-            raise ValueError(
-                f"kv_cache was made for batch_size={self.batch_size}, input has batch {x.shape[0]}"
-            )
+            raise ValueError(f"kv_cache was made for batch_size={self.batch_size}, input has batch {x.shape[0]}")
         if x.device != self.k_cache.device:
             raise ValueError(f"kv_cache is on {self.k_cache.device}, input is on {x.device}")
         if x.dtype != self.k_cache.dtype:

@@ -11,7 +11,7 @@ tensor values), the same rule flex's ``vmap`` imposes. Parameterised patterns co
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -8,7 +8,7 @@ implementations it judges except the mask definitions.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -57,9 +57,7 @@ def reference_mha(
 
 def module_params(module: AttentionBase, dtype: torch.dtype, requires_grad: bool = False) -> dict[str, Tensor]:
     """Copies of ``module``'s parameters in ``dtype``, as fresh leaves."""
-    return {
-        name: p.detach().to(dtype).requires_grad_(requires_grad) for name, p in module.named_parameters()
-    }
+    return {name: p.detach().to(dtype).requires_grad_(requires_grad) for name, p in module.named_parameters()}
 
 
 def reference_forward(
