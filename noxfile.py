@@ -8,6 +8,8 @@ the session then uses the current interpreter and installs nothing.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.needs_version = ">=2024.10"
@@ -15,6 +17,7 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
+HERE = Path(__file__).resolve().parent
 
 
 def install(session: nox.Session, *groups: str, package: bool = True, extras: str = "") -> None:
@@ -40,3 +43,23 @@ def lint(session: nox.Session) -> None:
     install(session, "lint", package=False)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def benchmark(session: nox.Session) -> None:
+    """The benchmark report (time, memory, accuracy vs sequence length). Args go to it: -- --help."""
+    install(session)
+    session.run("python", "-m", "attention.benchmark", *session.posargs)
+
+
+@nox.session
+def notebook(session: nox.Session) -> None:
+    """Run attention/notebook.py headless and export it to HTML; any cell error fails the session.
+
+    Arg: the output file (default out/notebook.html).
+    """
+    install(session, "notebook")
+    out = session.posargs[0] if session.posargs else "out/notebook.html"
+    # marimo puts the notebook's folder on sys.path, not the repo root: under --no-venv nothing
+    # is installed, so point Python at the checkout.
+    session.run("marimo", "export", "html", "attention/notebook.py", "-o", out, "-f", env={"PYTHONPATH": str(HERE)})

@@ -24,6 +24,11 @@ def max_error(actual: Tensor, oracle: Tensor) -> float:
     return (actual.detach().double() - oracle.detach().double()).abs().max().item()
 
 
+def mean_error(actual: Tensor, oracle: Tensor) -> float:
+    """Mean absolute difference, computed in float64; NaN anywhere gives NaN."""
+    return (actual.detach().double() - oracle.detach().double()).abs().mean().item()
+
+
 def ratio_rule_violation(
     actual: Tensor, oracle: Tensor, baseline: Tensor, *, factor: float = OUTPUT_FACTOR, what: str = "output"
 ) -> str | None:

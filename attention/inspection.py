@@ -1,0 +1,133 @@
+"""What the notebook shows, as plain functions: mask patterns, BlockMask layouts, outputs
+against the oracle and the ops each implementation runs. Kept out of the notebook so they are
+tested on CPU like the rest of the package and usable from any script."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from . import masks
+from .accuracy import max_error, mean_error, ratio_rule_violation
+from .base import AttentionBase
+from .reference import reference_forward
+from .registry import get
+
+#: The patterns the notebook offers; ``document`` is causal within packed documents.
+PATTERNS = ("causal", "sliding_window", "prefix_lm", "document")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A module's ``mask_mod``, the ``document_ids`` its forward takes (or None), and the
+    combined ``mask_mod`` that says what each query sees."""
+
+    name: str
+    mask_mod: masks.MaskMod
+    document_ids: Tensor | None
+
+    @property
+    def visible(self) -> masks.MaskMod:
+        if self.document_ids is None:
+            return self.mask_mod
+        return masks.and_masks(self.mask_mod, masks.document(self.document_ids))
+
+
+def make_pattern(
+    kind: str, seq_len: int, *, batch: int = 1, window: int = 16, prefix_len: int = 16, num_docs: int = 3
+) -> Pattern:
+    """The pattern ``kind`` (one of :data:`PATTERNS`) for ``batch`` sequences of ``seq_len`` tokens.
+
+    ``document`` packs ``num_docs`` documents of uneven, seeded lengths into each sequence.
+    """
+    if kind == "causal":
+        return Pattern(kind, masks.causal, None)
+    if kind == "sliding_window":
+        return Pattern(kind, masks.sliding_window(window), None)
+    if kind == "prefix_lm":
+        return Pattern(kind, masks.prefix_lm(prefix_len), None)
+    if kind == "document":
+        if not 1 <= num_docs <= seq_len:
+            raise ValueError(f"num_docs must be in [1, seq_len={seq_len}], got {num_docs}")
+        gen = torch.Generator().manual_seed(0)
+        cuts = (torch.randperm(seq_len - 1, generator=gen)[: num_docs - 1] + 1).sort().values  # (num_docs - 1,)
+        ids = (torch.arange(seq_len)[:, None] >= cuts[None, :]).sum(-1)  # (T,)
+        return Pattern(kind, masks.causal, ids.expand(batch, seq_len).contiguous())  # (B, T)
+    raise ValueError(f"unknown pattern {kind!r}; choose one of {', '.join(PATTERNS)}")
+
+
+def block_layout(block_mask: BlockMask, batch: int = 0, head: int = 0) -> Tensor:
+    """``(Q blocks, KV blocks)`` int8 grid of one (batch, head): 0 = skipped, 1 = partial (the
+    kernel evaluates ``mask_mod`` inside it), 2 = full (no mask needed)."""
+    kv_num = block_mask.kv_num_blocks  # (B or 1, H or 1, Q blocks)
+    b, h = min(batch, kv_num.shape[0] - 1), min(head, kv_num.shape[1] - 1)
+    num_q, num_kv = block_mask.kv_indices.shape[-2:]
+    layout = torch.zeros(num_q, num_kv, dtype=torch.int8)
+    kinds = [(1, block_mask.kv_num_blocks, block_mask.kv_indices)]
+    if block_mask.full_kv_num_blocks is not None:
+        kinds.append((2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
+    for value, counts, indices in kinds:
+        counts, indices = counts[b, h].cpu(), indices[b, h].cpu().long()  # (Q blocks,), (Q blocks, KV blocks)
+        used = torch.arange(num_kv)[None, :] < counts[:, None]  # (Q blocks, KV blocks)
+        layout.scatter_reduce_(1, indices, (used * value).to(torch.int8), reduce="amax")
+    return layout
+
+
+def oracle_errors(module: AttentionBase, x: Tensor, *, document_ids: Tensor | None = None) -> dict[str, object]:
+    """``module(x)`` (no grad) against the float64 oracle: max and mean absolute error, the error
+    of the oracle's math run in ``x``'s dtype (the baseline) and the tolerance rule's verdict."""
+    with torch.no_grad():
+        out = module(x, document_ids=document_ids)  # (B, T, d_out)
+    oracle = reference_forward(module, x, document_ids=document_ids)  # (B, T, d_out), float64
+    baseline = reference_forward(module, x, dtype=x.dtype, document_ids=document_ids)  # (B, T, d_out)
+    problem = ratio_rule_violation(out, oracle, baseline)
+    return {
+        "max_error": max_error(out, oracle),
+        "mean_error": mean_error(out, oracle),
+        "baseline_max_error": max_error(baseline, oracle),
+        "passes": problem is None,
+        "problem": problem,
+    }
+
+
+def build(
+    name: str, state_dict: dict[str, Tensor] | None, *, d_model: int, num_heads: int, seq_len: int, **kwargs
+) -> AttentionBase:
+    """Implementation ``name`` in eval mode, with the shared parameters ``state_dict`` if given."""
+    module = get(name)(d_model, d_model, num_heads, seq_len, **kwargs)
+    if state_dict is not None:
+        module.load_state_dict(state_dict)
+    return module.eval()
+
+
+@dataclass(frozen=True)
+class OpRow:
+    """One op in a profile: what ran, how often and how long, summed over calls."""
+
+    name: str
+    calls: int
+    self_us: float
+
+
+def profile_ops(fn, *, device: torch.device | str, top: int = 8, repeat: int = 3) -> list[OpRow]:
+    """The ``top`` ops by self time (device time on CUDA) while ``fn()`` runs ``repeat`` times,
+    after one unprofiled call (compilation, mask building)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+    fn()
+    with profile(activities=activities) as prof:
+        for _ in range(repeat):
+            fn()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for event in prof.key_averages():
+        self_us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        if self_us > 0:
+            rows.append(OpRow(event.key, event.count // repeat, self_us / repeat))
+    return sorted(rows, key=lambda row: row.self_us, reverse=True)[:top]

@@ -1,0 +1,70 @@
+"""The notebook's helpers (attention.inspection) on CPU, and the notebook itself where marimo is."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from attention import inspection, masks
+
+
+def test_block_layout_of_causal_mask_has_full_below_and_partial_on_the_diagonal():
+    block_mask = create_block_mask(masks.causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    layout = inspection.block_layout(block_mask)  # (4, 4)
+    expected = torch.tensor([[1, 0, 0, 0], [2, 1, 0, 0], [2, 2, 1, 0], [2, 2, 2, 1]], dtype=torch.int8)
+    assert torch.equal(layout, expected)
+
+
+def test_block_layout_matches_the_dense_mask_for_every_pattern():
+    for kind in inspection.PATTERNS:
+        pattern = inspection.make_pattern(kind, 48, batch=2, window=10, prefix_len=12, num_docs=3)
+        block_mask = create_block_mask(pattern.visible, 2, None, 48, 48, device="cpu", BLOCK_SIZE=8)
+        dense = masks.dense_mask(pattern.visible, 2, 1, 48, 48, "cpu")[0, 0]  # (48, 48)
+        blocks = dense.reshape(6, 8, 6, 8).permute(0, 2, 1, 3).reshape(6, 6, 64)  # (Q blocks, KV blocks, 64)
+        expected = torch.where(blocks.all(-1), 2, torch.where(blocks.any(-1), 1, 0)).to(torch.int8)
+        assert torch.equal(inspection.block_layout(block_mask), expected), kind
+
+
+def test_document_pattern_packs_the_requested_number_of_documents():
+    pattern = inspection.make_pattern("document", 40, batch=3, num_docs=4)
+    assert pattern.document_ids.shape == (3, 40)
+    assert pattern.document_ids[0].unique().tolist() == [0, 1, 2, 3]
+    assert (pattern.document_ids.diff(dim=-1) >= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"kind": "diagonal"}, "unknown pattern"), ({"kind": "document", "num_docs": 0}, "num_docs")],
+)
+def test_make_pattern_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        inspection.make_pattern(seq_len=16, **kwargs)
+
+
+def test_every_implementation_passes_the_oracle_and_reports_ops():
+    pattern = inspection.make_pattern("sliding_window", 32, window=5)
+    torch.manual_seed(0)
+    shared = inspection.build("from_scratch", None, d_model=32, num_heads=4, seq_len=32).state_dict()
+    x = torch.randn(2, 32, 32)  # (B, T, d_model)
+    for name in ("from_scratch", "sdpa", "flex"):
+        module = inspection.build(name, shared, d_model=32, num_heads=4, seq_len=32, mask_mod=pattern.mask_mod)
+        errors = inspection.oracle_errors(module, x)
+        assert errors["passes"], errors["problem"]
+        assert 0 <= errors["mean_error"] <= errors["max_error"] < 1e-5
+        with torch.no_grad():
+            ops = inspection.profile_ops(lambda m=module: m(x), device="cpu", top=3)
+        assert 1 <= len(ops) <= 3
+        assert all(op.calls >= 1 and math.isfinite(op.self_us) for op in ops)
+
+
+def test_notebook_runs_every_cell():
+    pytest.importorskip("marimo")
+    from attention.notebook import app
+
+    _, defs = app.run()
+    assert set(defs["errors"]) == {"from_scratch", "flex", "sdpa"}
+    assert all(e["passes"] for e in defs["errors"].values())
+    assert defs["weights"].shape == (4, 128, 128)
