@@ -50,6 +50,11 @@ class AttentionBase(nn.Module):
         """Whether gradients flow through this implementation on ``device`` (default: always)."""
         return True
 
+    @classmethod
+    def min_head_dim(cls, device: torch.device | str) -> int:
+        """The smallest ``d_out // num_heads`` this implementation runs on ``device``."""
+        return 1
+
     def __init__(
         self,
         d_in: int,

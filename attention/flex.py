@@ -46,16 +46,21 @@ def compiled_flex_attention(q: Tensor, k: Tensor) -> Callable[..., Tensor]:
 
     Prefill and training calls (``Tq > 1``) are compiled for their exact shapes, so kernels are
     specialised and each code object compiles once. One-token decode steps, whose key length
-    grows every step, share a dynamic-shape compile instead of compiling per step.
+    grows every step, share one code object per batch and head layout: dynamo's automatic
+    dynamic shapes make the key length symbolic at the second length seen, so decoding compiles
+    twice, not once per step, and batch and heads stay static, which the flex-decoding kernel
+    needs (with them symbolic it falls back to the main kernel, 10x slower for GQA).
     """
-    decode = q.shape[2] == 1
-    shapes = () if decode else (tuple(q.shape), tuple(k.shape))
-    key = (q.device, q.dtype, torch.is_grad_enabled() and q.requires_grad, decode, shapes)
+    if q.shape[2] == 1:
+        shapes = (tuple(q.shape), k.shape[0], k.shape[1], k.shape[3])
+    else:
+        shapes = (tuple(q.shape), tuple(k.shape))
+    key = (q.device, q.dtype, torch.is_grad_enabled() and q.requires_grad, shapes)
     fn = _compiled.get(key)
     if fn is None:
         code = _flex_attention.__code__.replace(co_name=f"flex_attention_{len(_compiled)}")
         fresh = types.FunctionType(code, _flex_attention.__globals__, code.co_name)
-        fn = torch.compile(fresh, dynamic=decode, fullgraph=True)
+        fn = torch.compile(fresh, dynamic=None if q.shape[2] == 1 else False, fullgraph=True)
         _compiled[key] = fn
     return fn
 
@@ -76,6 +81,11 @@ class MHAPyTorchFlexAttention(AttentionBase):
     def supports_backward(cls, device: torch.device | str) -> bool:
         # torch's flex_attention refuses backward on CPU, eager and compiled alike.
         return torch.device(device).type != "cpu"
+
+    @classmethod
+    def min_head_dim(cls, device: torch.device | str) -> int:
+        # The compiled Triton kernels need head_dim >= 16 (seen on an H100, torch 2.11).
+        return 16 if torch.device(device).type == "cuda" else 1
 
     def __init__(self, *args, kernel_options: dict[str, Any] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -113,8 +123,19 @@ class MHAPyTorchFlexAttention(AttentionBase):
                 f"{type(self).__name__} cannot compute gradients on {q.device.type}: torch's "
                 "flex_attention has no backward there. Run it under torch.no_grad() or on CUDA."
             )
+        if self.head_dim < self.min_head_dim(q.device):
+            raise ValueError(
+                f"{type(self).__name__} needs head_dim (d_out // num_heads) >= {self.min_head_dim(q.device)} "
+                f"on {q.device.type}, got {self.head_dim}"
+            )
         block_mask = self.block_mask(q, k, q_offset, document_ids)
-        args = (q, k, v, block_mask, self.scale, self.num_kv_heads != self.num_heads, self.kernel_options)
+        kernel_options = self.kernel_options
+        if q.shape[2] > 1 and not kernel_options:
+            # Inductor picks its decoding kernel for any query shorter than 128, and that kernel
+            # has no valid config for many chunk shapes (seen: 100 queries, GQA, fp32, H100).
+            # Multi-token chunks take the main kernel; only one-token decode takes decoding.
+            kernel_options = {"FORCE_USE_FLEX_ATTENTION": True}
+        args = (q, k, v, block_mask, self.scale, self.num_kv_heads != self.num_heads, kernel_options)
         if q.device.type != "cuda":
             return _flex_attention(*args)  # (B, H, Tq, hd)
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
