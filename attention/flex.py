@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .base import AttentionBase
+from .kv_cache import KVCache
 from .masks import dense_mask, offset_mask
 
 _compiled: dict[tuple, Callable[..., Tensor]] = {}
@@ -41,7 +42,31 @@ def _flex_attention(
     )
 
 
-def compiled_flex_attention(q: Tensor, k: Tensor) -> Callable[..., Tensor]:
+def pattern_key(mask_mod: Callable[..., Tensor]) -> tuple:
+    """What dynamo guards on in a ``mask_mod``: its code and its closure's constants, recursively.
+
+    Tensors in the closure (document ids) count by type only: dynamo guards on their metadata,
+    which the call's shapes already key on.
+    """
+    return _closure_key(mask_mod, depth=0)
+
+
+def _closure_key(value: object, depth: int) -> object:
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if depth > 8:  # a self-referencing closure: stop, its code was already counted
+        return type(value)
+    if isinstance(value, (tuple, list)):  # and_masks / or_masks hold their parts in a tuple
+        return tuple(_closure_key(v, depth + 1) for v in value)
+    code = getattr(value, "__code__", None)
+    if code is not None:
+        return (code, *(_closure_key(cell.cell_contents, depth + 1) for cell in value.__closure__ or ()))
+    if callable(value):
+        return (type(value), id(value))  # a callable object: no code to compare, so itself
+    return type(value)
+
+
+def compiled_flex_attention(q: Tensor, k: Tensor, pattern: tuple = ()) -> Callable[..., Tensor]:
     """The compiled ``flex_attention`` for this call's signature, compiled on first use.
 
     Prefill and training calls (``Tq > 1``) are compiled for their exact shapes, so kernels are
@@ -50,12 +75,14 @@ def compiled_flex_attention(q: Tensor, k: Tensor) -> Callable[..., Tensor]:
     dynamic shapes make the key length symbolic at the second length seen, so decoding compiles
     twice, not once per step, and batch and heads stay static, which the flex-decoding kernel
     needs (with them symbolic it falls back to the main kernel, 10x slower for GQA).
+    ``pattern`` (:func:`pattern_key` of the mask) keys them too: dynamo guards on the mask's code
+    and constants, so nine patterns sharing one code object would hit the recompile limit.
     """
     if q.shape[2] == 1:
         shapes = (tuple(q.shape), k.shape[0], k.shape[1], k.shape[3])
     else:
         shapes = (tuple(q.shape), tuple(k.shape))
-    key = (q.device, q.dtype, torch.is_grad_enabled() and q.requires_grad, shapes)
+    key = (q.device, q.dtype, torch.is_grad_enabled() and q.requires_grad, shapes, pattern)
     fn = _compiled.get(key)
     if fn is None:
         code = _flex_attention.__code__.replace(co_name=f"flex_attention_{len(_compiled)}")
@@ -97,7 +124,7 @@ class MHAPyTorchFlexAttention(AttentionBase):
     def block_mask(self, q: Tensor, k: Tensor, q_offset: int = 0, document_ids: Tensor | None = None) -> BlockMask:
         """The BlockMask for these queries and keys, cached unless ``document_ids`` vary per call."""
         batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-        key = (q_len, kv_len, q_offset, q.device)
+        key = (batch, q_len, kv_len, q_offset, q.device)  # batch: a mask that reads b is built per batch
         if document_ids is None and key in self._block_masks:
             return self._block_masks[key]
         pattern = offset_mask(self._pattern(document_ids), q_offset)
@@ -117,17 +144,26 @@ class MHAPyTorchFlexAttention(AttentionBase):
             self._block_masks[key] = mask
         return mask
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
-        if torch.is_grad_enabled() and q.requires_grad and not self.supports_backward(q.device):
+    def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
+        super()._check_input(x, kv_cache, document_ids)
+        # Refused here, before the cache is written, so a refused call leaves the cache as it was.
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.qkv.parameters()))
+        self._refuse_unsupported(x.device, wants_grad)
+
+    def _refuse_unsupported(self, device: torch.device, wants_grad: bool) -> None:
+        if wants_grad and not self.supports_backward(device):
             raise NotImplementedError(
-                f"{type(self).__name__} cannot compute gradients on {q.device.type}: torch's "
+                f"{type(self).__name__} cannot compute gradients on {device.type}: torch's "
                 "flex_attention has no backward there. Run it under torch.no_grad() or on CUDA."
             )
-        if self.head_dim < self.min_head_dim(q.device):
+        if self.head_dim < self.min_head_dim(device):
             raise ValueError(
-                f"{type(self).__name__} needs head_dim (d_out // num_heads) >= {self.min_head_dim(q.device)} "
-                f"on {q.device.type}, got {self.head_dim}"
+                f"{type(self).__name__} needs head_dim (d_out // num_heads) >= {self.min_head_dim(device)} "
+                f"on {device.type}, got {self.head_dim}"
             )
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        self._refuse_unsupported(q.device, torch.is_grad_enabled() and q.requires_grad)
         block_mask = self.block_mask(q, k, q_offset, document_ids)
         kernel_options = self.kernel_options
         if q.shape[2] > 1 and not kernel_options:
@@ -139,4 +175,5 @@ class MHAPyTorchFlexAttention(AttentionBase):
         if q.device.type != "cuda":
             return _flex_attention(*args)  # (B, H, Tq, hd)
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            return compiled_flex_attention(q, k)(*args)  # (B, H, Tq, hd)
+            pattern = (pattern_key(self.mask_mod), document_ids is not None)
+            return compiled_flex_attention(q, k, pattern)(*args)  # (B, H, Tq, hd)
