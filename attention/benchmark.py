@@ -1,0 +1,419 @@
+"""The benchmark report: time, throughput, peak memory and accuracy against sequence length.
+
+    python -m attention.benchmark                       # every implementation, defaults for this machine
+    python -m attention.benchmark --impl sdpa flex --seq-lens 1024 4096 --out report/
+
+For every registered implementation and every length it measures the attention core forward
+and forward+backward (median time, TFLOP/s, peak memory), and the whole module's error against
+the float64 oracle in float32 and in the chosen dtype. Cases come from
+:class:`attention.workload.Workload` (FLOPs, memory estimates, skip decisions) and are timed by
+:func:`attention.timing.measure`, the timer perf/ uses. A case that cannot run (no backward on
+this device, not enough memory) is reported with the reason instead of stopping the sweep.
+
+Writes ``report.json`` (every figure), ``table.txt`` and PNG plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import registry
+from .inspection import oracle_errors
+from .memory import method_for, peak_memory
+from .timing import clock_for, measure
+from .workload import DTYPES, Workload, dtype_name
+
+#: Defaults per device: the CPU sweep fits in well under two minutes on 2 cores (flex runs
+#: eager there, and materialises scores); on CUDA the full sweep, as in DESIGN.md's anchors.
+DEFAULTS = {
+    "cpu": {"dtype": "fp32", "seq_lens": (128, 256, 512, 1024, 2048), "batch": 1, "hidden": 256},
+    "cuda": {"dtype": "bf16", "seq_lens": (512, 1024, 2048, 4096, 8192, 16384), "batch": 1, "hidden": 2048},
+}
+DIRECTIONS = {"fwd": False, "fwd_bwd": True}
+#: Accuracy runs on one sequence with this many heads: errors do not depend on the head count,
+#: and the float64 oracle materialises T x T scores per head.
+ACCURACY_HEADS = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    device: str
+    dtype: torch.dtype
+    seq_lens: tuple[int, ...]
+    head_dim: int
+    impls: tuple[str, ...]
+    out: Path
+    batch: int
+    hidden: int
+    cell_seconds: float = 1.0  # timing budget per case; the round count adapts to it
+    min_rounds: int = 3
+    max_rounds: int = 20
+    warmup: int = 2  # untimed calls first: compilation, autotuning, BlockMask building
+    accuracy: bool = True
+    plots: bool = True
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden // self.head_dim
+
+    def workload(self, impl: str, seq_len: int, backward: bool) -> Workload:
+        return Workload(
+            impl, self.batch, seq_len, self.num_heads, self.head_dim, self.dtype, self.device, backward=backward
+        )
+
+
+@dataclass
+class Cell:
+    """One measurement: ``status`` is ok, skipped (with the reason), oom or error."""
+
+    status: str
+    reason: str | None = None
+    figures: dict[str, object] = field(default_factory=dict)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (try cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device must be cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("--device cuda: no CUDA GPU is available to this torch build")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) present")
+    return str(device)
+
+
+def _dtype(text: str) -> torch.dtype:
+    aliases = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if text not in aliases:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(aliases)}")
+    return aliases[text]
+
+
+def _impl(text: str) -> str:
+    known = registry.implementations()
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown implementation {text!r}; registered: {', '.join(known)}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    names = ", ".join(registry.implementations())
+    cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
+    parser = argparse.ArgumentParser(
+        prog="python -m attention.benchmark",
+        description=(
+            "Sweep sequence lengths over attention implementations: forward and forward+backward "
+            "time, TFLOP/s and peak memory of the attention core, and the module's error against "
+            "the float64 oracle. Prints a table; writes report.json, table.txt and PNG plots."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        type=_dtype,
+        default=None,
+        help=f"compute dtype: fp32, bf16 or fp16 (default: {cuda['dtype']} on CUDA, {cpu['dtype']} on CPU)",
+    )
+    parser.add_argument(
+        "--seq-lens",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="T",
+        help=f"sequence lengths to sweep (default: {' '.join(map(str, cuda['seq_lens']))} on CUDA, "
+        f"{' '.join(map(str, cpu['seq_lens']))} on CPU)",
+    )
+    parser.add_argument("--head-dim", type=_positive_int, default=64, help="features per head; must divide --hidden")
+    parser.add_argument(
+        "--impl", type=_impl, nargs="+", default=None, metavar="NAME", help=f"registry names (default: all: {names})"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmark-out"), help="folder for report.json, table.txt and the PNGs"
+    )
+    parser.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=None,
+        help=f"sequences per batch, the same at every length, so score memory shows as T^2 "
+        f"(default: {cuda['batch']} on CUDA, {cpu['batch']} on CPU)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=_positive_int,
+        default=None,
+        help=f"model width; heads = hidden / head-dim (default: {cuda['hidden']} on CUDA, {cpu['hidden']} on CPU)",
+    )
+    parser.add_argument(
+        "--cell-seconds",
+        type=_positive_float,
+        default=1.0,
+        help="timing budget per case; rounds adapt to it (at least 3, at most 20)",
+    )
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the comparison with the float64 oracle")
+    parser.add_argument("--no-plots", action="store_true", help="write the JSON and table only")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = DEFAULTS[torch.device(device).type]
+    hidden = args.hidden or defaults["hidden"]
+    if hidden % args.head_dim:
+        parser.error(f"--head-dim {args.head_dim} must divide --hidden {hidden} (heads = hidden / head-dim)")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
+    return Config(
+        device=device,
+        dtype=args.dtype or DTYPES[defaults["dtype"]],
+        seq_lens=tuple(sorted(set(args.seq_lens or defaults["seq_lens"]))),
+        head_dim=args.head_dim,
+        impls=tuple(dict.fromkeys(args.impl or registry.implementations())),
+        out=args.out,
+        batch=args.batch or defaults["batch"],
+        hidden=hidden,
+        cell_seconds=args.cell_seconds,
+        accuracy=not args.no_accuracy,
+        plots=not args.no_plots,
+    )
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _guarded(device: str, body: Callable[[], Cell]) -> Cell:
+    """``body()``, with running out of memory (or any other failure) recorded, not raised."""
+    try:
+        return body()
+    except Exception as error:
+        status = "oom" if _is_oom(error) else "error"
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return Cell(status, f"{type(error).__name__}: {message}"[:300])
+    finally:
+        _release(device)
+
+
+def time_cell(config: Config, workload: Workload) -> Cell:
+    """Median time, TFLOP/s and peak memory of one case, or why it did not run."""
+    reason = workload.skip_reason()
+    if reason is not None:
+        return Cell("skipped", reason)
+
+    def body() -> Cell:
+        fn, setup = workload.build()
+        probe = measure(fn, device=config.device, rounds=1, warmup=config.warmup, setup=setup)
+        rounds = int(min(config.max_rounds, max(config.min_rounds, config.cell_seconds / max(probe[0], 1e-9))))
+        times = sorted(measure(fn, device=config.device, rounds=rounds, warmup=0, setup=setup))
+        median = times[len(times) // 2] if len(times) % 2 else (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2
+        peak = peak_memory(fn, device=config.device, setup=setup)
+        flops = workload.flops()
+        return Cell(
+            "ok",
+            figures={
+                "time_s": median,
+                "min_s": times[0],
+                "max_s": times[-1],
+                "rounds": rounds,
+                "flops": flops,
+                "tflops": flops / median / 1e12,
+                "peak_bytes": peak.bytes,
+                "peak_total_bytes": peak.total_bytes,
+                "estimated_peak_bytes": workload.estimated_peak_bytes(),
+            },
+        )
+
+    return _guarded(config.device, body)
+
+
+def accuracy_cell(config: Config, impl: str, seq_len: int) -> Cell:
+    """Max and mean |attention - float64 oracle| on one sequence, in float32 and in ``config.dtype``.
+
+    The module gets identity projections and ``x = [q | k | v]``, so ``module(x)`` is exactly the
+    attention core over random ``q, k, v`` and :func:`attention.reference_forward` is its float64
+    oracle: the error is the attention's, not hidden under the projections' rounding.
+    """
+    heads = min(ACCURACY_HEADS, config.num_heads)
+    d_model = heads * config.head_dim
+    dtypes = list(dict.fromkeys([torch.float32, config.dtype]))
+    # The oracle materialises scores like the from-scratch path, in float64: same memory model.
+    for name, dtype in [("from_scratch", torch.float64), *((impl, d) for d in dtypes)]:
+        sizing = Workload(
+            name, 1, seq_len, heads, config.head_dim, dtype, config.device, level="module", d_in=3 * d_model
+        )
+        reason = sizing.skip_reason()
+        if reason is not None:
+            return Cell("skipped", f"{'float64 oracle' if dtype == torch.float64 else impl}: {reason}")
+
+    def body() -> Cell:
+        module = registry.get(impl)(3 * d_model, d_model, heads, seq_len).eval()
+        with torch.no_grad():
+            module.qkv.weight.copy_(torch.eye(3 * d_model))  # (3 d_model, 3 d_model): q, k, v = x
+            module.proj.weight.copy_(torch.eye(d_model))  # (d_model, d_model)
+            module.proj.bias.zero_()
+        module.to(config.device)
+        gen = torch.Generator(device=config.device).manual_seed(0)
+        x = torch.randn(1, seq_len, 3 * d_model, generator=gen, device=config.device)  # (1, T, [q | k | v])
+        figures: dict[str, object] = {"batch": 1, "num_heads": heads}
+        for dtype in dtypes:
+            errors = oracle_errors(module.to(dtype), x.to(dtype))
+            keep = ("max_error", "mean_error", "baseline_max_error", "passes")
+            figures[dtype_name(dtype)] = {k: errors[k] for k in keep}
+        return Cell("ok", figures=figures)
+
+    return _guarded(config.device, body)
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU: {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def metadata(config: Config) -> dict[str, object]:
+    return {
+        "device": config.device,
+        "device_name": device_name(config.device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "dtype": dtype_name(config.dtype),
+        "seq_lens": list(config.seq_lens),
+        "impls": list(config.impls),
+        "batch": config.batch,
+        "hidden": config.hidden,
+        "num_heads": config.num_heads,
+        "head_dim": config.head_dim,
+        "level": "core (time, memory); module (accuracy)",
+        "mask": "causal",
+        "timer": getattr(clock_for(config.device), "name", "clock"),
+        "memory_method": method_for(config.device),
+        "flops": "4*B*H*T^2*D/2 forward (causal), x3.5 forward+backward",
+        "accuracy": f"attention core (identity projections), batch 1, {min(ACCURACY_HEADS, config.num_heads)} "
+        "heads, vs float64 oracle",
+    }
+
+
+def run_sweep(config: Config, progress: Callable[[str], None] | None = None) -> dict[str, object]:
+    """Measure every (implementation, length); ``progress(label)`` is called before each step."""
+    started = time.perf_counter()
+    cells = []
+    for seq_len in config.seq_lens:
+        for impl in config.impls:
+            row: dict[str, object] = {"impl": impl, "seq_len": seq_len, "batch": config.batch}
+            for key, backward in DIRECTIONS.items():
+                if progress:
+                    progress(f"{impl} T={seq_len} {key.replace('_', '+')}")
+                row[key] = asdict(time_cell(config, config.workload(impl, seq_len, backward)))
+            if config.accuracy:
+                if progress:
+                    progress(f"{impl} T={seq_len} accuracy")
+                row["accuracy"] = asdict(accuracy_cell(config, impl, seq_len))
+            cells.append(row)
+    return {
+        "schema": 1,
+        "meta": {**metadata(config), "wall_s": time.perf_counter() - started},
+        "cells": cells,
+    }
+
+
+def steps(config: Config) -> int:
+    return len(config.seq_lens) * len(config.impls) * (len(DIRECTIONS) + int(config.accuracy))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    # flex runs eager off CUDA on purpose (compiling per shape on a CPU costs more than the sweep).
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import report
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    columns = [TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("starting", total=steps(config))
+        seen = [0]
+
+        def advance(label: str) -> None:
+            bar.update(task, completed=seen[0], description=label)
+            seen[0] += 1
+
+        result = run_sweep(config, advance)
+        bar.update(task, completed=seen[0], description="done")
+    paths = report.write(result, config.out, plots=config.plots)
+    console = Console(record=True, width=200)
+    report.print_table(result, console)
+    paths.append(report.save_table(console, config.out))
+    Console(stderr=True).print("wrote " + ", ".join(str(p) for p in paths))
+    failed = [
+        c for c in result["cells"] for k in ("fwd", "fwd_bwd", "accuracy") if c.get(k, {}).get("status") == "error"
+    ]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

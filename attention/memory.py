@@ -1,0 +1,72 @@
+"""Peak memory of one call, measured the same way on CUDA and on CPU.
+
+The figure is what the call allocates at its peak *above* what was allocated before it (its
+inputs, the weights): the score matrix of a from-scratch path, a fused kernel's output and
+statistics. That is the number that grows with ``T**2`` or with ``T``.
+
+* CUDA: the caching allocator's ``max_memory_allocated`` after ``reset_peak_memory_stats``.
+* CPU: torch's CPU allocator reports every allocation and free to the profiler when
+  ``profile_memory=True``; replaying those records in time order gives the peak. (Python-level
+  tools such as ``tracemalloc`` do not see torch's allocations, and RSS only ever grows.)
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+CUDA_METHOD = "torch.cuda.max_memory_allocated during the call, minus memory allocated before it"
+CPU_METHOD = "torch CPU allocator records (torch.profiler, profile_memory=True) replayed in order"
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """``bytes``: the call's peak allocation above its starting point; ``total_bytes``: the
+    device's peak including what was already allocated (CUDA only, else None)."""
+
+    bytes: int
+    total_bytes: int | None
+    method: str
+
+
+def method_for(device: torch.device | str) -> str:
+    """How :func:`peak_memory` measures on ``device``, in words (for reports)."""
+    return CUDA_METHOD if torch.device(device).type == "cuda" else CPU_METHOD
+
+
+def peak_memory(
+    fn: Callable[[], object], *, device: torch.device | str, setup: Callable[[], object] | None = None
+) -> PeakMemory:
+    """Run ``setup()`` then ``fn()`` once and return the peak memory ``fn`` allocated."""
+    device = torch.device(device)
+    if setup is not None:
+        setup()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        total = torch.cuda.max_memory_allocated(device)
+        return PeakMemory(total - before, total, CUDA_METHOD)
+    if device.type != "cpu":
+        raise ValueError(f"peak memory is measured on cuda or cpu, not {device.type}")
+    return PeakMemory(_cpu_peak(fn), None, CPU_METHOD)
+
+
+def _cpu_peak(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Raw allocator records: the per-op view nets allocations and frees inside each op out.
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        current += record.nbytes()
+        peak = max(peak, current)
+    return peak

@@ -1,0 +1,164 @@
+"""The benchmark report on CPU: a tiny sweep end to end, its CLI errors, and rendering cells
+that did not run (skipped, out of memory, failed)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from attention import benchmark, report
+from attention.memory import peak_memory
+
+TINY = ["--device", "cpu", "--seq-lens", "32", "64", "--hidden", "64", "--head-dim", "32", "--cell-seconds", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert benchmark.main([*TINY, "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_tiny_sweep_reports_every_cell(tiny_report):
+    _, result = tiny_report
+    meta = result["meta"]
+    assert meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["torch"] == torch.__version__
+    assert meta["seq_lens"] == [32, 64] and meta["num_heads"] == 2
+    assert {(c["impl"], c["seq_len"]) for c in result["cells"]} == {
+        (impl, t) for impl in ("from_scratch", "flex", "sdpa") for t in (32, 64)
+    }
+    for cell in result["cells"]:
+        for direction in ("fwd", "fwd_bwd"):
+            measured = cell[direction]
+            if cell["impl"] == "flex" and direction == "fwd_bwd":  # no backward on CPU: said, not crashed
+                assert measured["status"] == "skipped" and "backward" in measured["reason"]
+                continue
+            assert measured["status"] == "ok", measured
+            figures = measured["figures"]
+            assert 0 < figures["min_s"] <= figures["time_s"] <= figures["max_s"] < 10
+            assert figures["tflops"] > 0 and figures["flops"] > 0 and figures["peak_bytes"] > 0
+            assert figures["rounds"] >= 3
+        accuracy = cell["accuracy"]
+        assert accuracy["status"] == "ok", accuracy
+        errors = accuracy["figures"]["fp32"]
+        assert math.isfinite(errors["max_error"]) and 0 <= errors["mean_error"] <= errors["max_error"] < 1e-4
+        assert errors["passes"]
+
+
+def test_tiny_sweep_writes_plots_and_table(tiny_report):
+    out, _ = tiny_report
+    for name in ("time.png", "throughput.png", "memory.png", "accuracy.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    table = (out / "table.txt").read_text()
+    assert "from_scratch" in table and "flex has no backward on cpu" in table
+
+
+def test_from_scratch_memory_grows_faster_than_sdpa(tiny_report):
+    _, result = tiny_report
+    peak = {(c["impl"], c["seq_len"]): c["fwd"]["figures"]["peak_bytes"] for c in result["cells"]}
+    assert peak["from_scratch", 64] / peak["from_scratch", 32] > peak["sdpa", 64] / peak["sdpa", 32]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seq-lens", "0"], "positive integer"),
+        (["--seq-lens", "abc"], "positive integer"),
+        (["--seq-lens"], "expected at least one"),
+        (["--impl", "nope"], "registered: from_scratch, flex, sdpa"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["--device", "tpu"], "not a torch device"),
+        (["--head-dim", "48"], "must divide --hidden"),
+        (["--cell-seconds", "-1"], "positive number"),
+    ],
+)
+def test_bad_flags_give_clear_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--device", "cpu", *args] if "--device" not in args else args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--device", "cuda"])
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--device", "cpu", "--out", str(tmp_path / "file")])
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--device", "--dtype", "--seq-lens", "--head-dim", "--impl", "--out", "--batch", "--hidden"):
+        assert flag in text
+
+
+def test_cpu_defaults_fit_the_machine():
+    config = benchmark.parse_args(["--device", "cpu"])
+    assert config.dtype == torch.float32 and config.impls == ("from_scratch", "flex", "sdpa")
+    assert max(config.seq_lens) <= 2048
+
+
+class _Exploding:
+    """A workload whose build runs out of memory, as a too-large CUDA case would."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def skip_reason(self):
+        return None
+
+    def build(self):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "oom"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "oom"),
+        (ValueError("bad shape"), "error"),
+    ],
+)
+def test_a_failing_case_is_recorded_not_raised(error, status):
+    config = benchmark.parse_args(TINY)
+    cell = benchmark.time_cell(config, _Exploding(error))
+    assert cell.status == status and type(error).__name__ in cell.reason
+
+
+def test_report_renders_cells_that_did_not_run(tiny_report, tmp_path):
+    from rich.console import Console
+
+    _, result = tiny_report
+    result = copy.deepcopy(result)
+    result["cells"][0]["fwd_bwd"] = {"status": "oom", "reason": "OutOfMemoryError: CUDA out of memory", "figures": {}}
+    result["cells"][1]["fwd"] = {"status": "skipped", "reason": "needs ~90.0 GiB; 79.0 GiB free", "figures": {}}
+    result["cells"][2]["accuracy"] = {"status": "error", "reason": "RuntimeError: boom", "figures": {}}
+    console = Console(record=True, width=250)
+    report.print_table(result, console)
+    text = console.export_text()
+    assert "OOM [" in text and "ERROR [" in text and "needs ~90.0 GiB" in text
+    paths = report.write(result, tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_peak_memory_on_cpu_sees_a_temporary():
+    def allocate_and_free():
+        torch.empty(8 * 1024**2, dtype=torch.uint8).fill_(1)  # 8 MiB, freed before returning
+
+    peak = peak_memory(allocate_and_free, device="cpu")
+    assert 8 * 1024**2 <= peak.bytes < 9 * 1024**2
+    assert peak.total_bytes is None and "profiler" in peak.method
