@@ -108,4 +108,8 @@ def dense_mask(
     q_idx = torch.arange(q_offset, q_offset + q_len, device=device).view(1, 1, -1, 1)  # (1, 1, Tq, 1)
     kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)  # (1, 1, 1, Tk)
     mask = mask_mod(b, h, q_idx, kv_idx)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        # SDPA would read a float 0/1 mask as an additive bias and silently attend everywhere.
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask_mod must return a bool tensor, got {got}")
     return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
