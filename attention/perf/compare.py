@@ -1,0 +1,278 @@
+"""Regression verdicts: a baseline run, a current run, thresholds -> what got slower, faster, bigger.
+
+Threshold policy (perf/README.md has the why):
+
+* Time: a case regressed when its median is more than ``time`` (a fraction) above the baseline's
+  AND the shift is significant (one-sided Mann-Whitney U on the saved per-round samples,
+  ``p < ALPHA``) where both runs kept samples and scipy is installed. The ratio threshold carries
+  the run-to-run noise (measured by :func:`thresholds_from_spread`); the test keeps a noisy case's
+  unlucky run from being called a regression. Faster by the same margin: an improvement, reported
+  so the baseline can be refreshed.
+* Memory: peak memory is nearly deterministic, so more than ``memory`` (fraction) plus
+  ``memory_slack_mib`` above the baseline is a regression, no test needed.
+* Thresholds resolve per case: ``cases[key]``, else the first matching ``patterns`` entry (fnmatch
+  on the case key), else ``default``; never below ``floor``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import guards
+from .results import BadResultFile, Run
+
+ALPHA = 0.01
+DEFAULT_THRESHOLDS = {
+    "version": 1,
+    "floor": 0.05,
+    "default": {"time": 0.10, "memory": 0.10, "memory_slack_mib": 16.0},
+    "patterns": [],
+    "cases": {},
+}
+#: thresholds_from_spread: threshold = max(floor, SPREAD_K x worst relative deviation of a run's median).
+SPREAD_K = 3.0
+
+
+@dataclass
+class Verdict:
+    key: str
+    kind: str  # "slower", "faster", "memory_up", "memory_down", "timing_mode_changed"
+    message: str
+
+
+@dataclass
+class Comparison:
+    regressions: list[Verdict] = field(default_factory=list)
+    improvements: list[Verdict] = field(default_factory=list)
+    notes: list[Verdict] = field(default_factory=list)
+    guard_failures: list[Verdict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the baseline, not in this run
+    new: list[str] = field(default_factory=list)  # in this run, not in the baseline
+    warnings: list[str] = field(default_factory=list)
+    compared: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.regressions or self.guard_failures)
+
+
+def load_thresholds(path: str | Path | None) -> dict:
+    """The thresholds file, or the defaults if there is none; :class:`BadResultFile` if unreadable."""
+    if path is None or not Path(path).exists():
+        return json.loads(json.dumps(DEFAULT_THRESHOLDS))
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadResultFile(f"{path}: unreadable thresholds file ({exc}); fix or delete it") from None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("default", {}), dict):
+        raise BadResultFile(f"{path}: thresholds must be an object with a 'default' object")
+    merged = json.loads(json.dumps(DEFAULT_THRESHOLDS))
+    merged.update({k: v for k, v in loaded.items() if k != "default"})
+    merged["default"].update(loaded.get("default", {}))
+    return merged
+
+
+def threshold_for(thresholds: dict, key: str) -> dict:
+    """``{"time", "memory", "memory_slack_mib"}`` for case ``key`` (case > pattern > default, >= floor)."""
+    resolved = dict(thresholds["default"])
+    for entry in thresholds.get("patterns", []):
+        if fnmatch.fnmatchcase(key, entry.get("match", "")):
+            resolved.update({k: v for k, v in entry.items() if k != "match"})
+            break
+    resolved.update(thresholds.get("cases", {}).get(key, {}))
+    resolved["time"] = max(float(resolved["time"]), float(thresholds.get("floor", 0.0)))
+    return resolved
+
+
+def mann_whitney_p(baseline: list[float], current: list[float], alternative: str) -> float | None:
+    """One-sided Mann-Whitney U p-value (``alternative``: "less" or "greater" for current vs
+    baseline), or ``None`` when there are too few samples or no scipy."""
+    if len(baseline) < 3 or len(current) < 3:
+        return None
+    try:
+        from scipy.stats import mannwhitneyu
+    except ImportError:
+        return None
+    return float(mannwhitneyu(current, baseline, alternative=alternative).pvalue)
+
+
+def compare(baseline: Run, current: Run, thresholds: dict | None = None) -> Comparison:
+    """Every verdict for ``current`` against ``baseline`` (comparability is the caller's check)."""
+    thresholds = thresholds or load_thresholds(None)
+    result = Comparison()
+    result.missing = sorted(set(baseline.records) - set(current.records))
+    result.new = sorted(set(current.records) - set(baseline.records))
+    for key, rec in current.records.items():
+        recorded = list(rec.info.get("guard_failures") or [])
+        for problem in dict.fromkeys(recorded + guards.check(rec.info, current.machine)):
+            result.guard_failures.append(Verdict(key, "guard", problem))
+    for key in sorted(set(baseline.records) & set(current.records)):
+        base, cur = baseline.records[key], current.records[key]
+        limit = threshold_for(thresholds, key)
+        result.compared += 1
+        if base.info.get("timing_mode") != cur.info.get("timing_mode"):
+            result.notes.append(
+                Verdict(
+                    key,
+                    "timing_mode_changed",
+                    f"timed as {cur.info.get('timing_mode')!r}, baseline as {base.info.get('timing_mode')!r}: "
+                    "not compared (refresh the baseline)",
+                )
+            )
+            continue
+        _compare_time(key, base, cur, limit, result)
+        _compare_memory(key, base, cur, limit, result)
+    return result
+
+
+def _compare_time(key, base, cur, limit, result: Comparison) -> None:
+    if base.median <= 0:
+        return
+    ratio = cur.median / base.median
+    tol = limit["time"]
+    if ratio > 1 + tol:
+        p = mann_whitney_p(base.data, cur.data, "greater")
+        if p is None or p < ALPHA:
+            result.regressions.append(
+                Verdict(
+                    key,
+                    "slower",
+                    f"{_ms(base.median)} -> {_ms(cur.median)} ms ({ratio:.2f}x, limit {1 + tol:.2f}x{_p(p)})",
+                )
+            )
+        else:
+            result.notes.append(Verdict(key, "slower_not_significant", f"{ratio:.2f}x but p={p:.3f}: noise"))
+    elif ratio < 1 / (1 + tol):
+        p = mann_whitney_p(base.data, cur.data, "less")
+        if p is None or p < ALPHA:
+            result.improvements.append(
+                Verdict(key, "faster", f"{_ms(base.median)} -> {_ms(cur.median)} ms ({ratio:.2f}x{_p(p)})")
+            )
+
+
+def _compare_memory(key, base, cur, limit, result: Comparison) -> None:
+    b, c = base.peak_mib, cur.peak_mib
+    if b is None or c is None:
+        return
+    slack = float(limit["memory_slack_mib"])
+    if c > b * (1 + limit["memory"]) + slack:
+        result.regressions.append(
+            Verdict(
+                key,
+                "memory_up",
+                f"peak {b:.0f} -> {c:.0f} MiB ({c / max(b, 1e-9):.2f}x, limit +{limit['memory']:.0%} +{slack:g} MiB)",
+            )
+        )
+    elif c < (b - slack) / (1 + limit["memory"]):
+        result.improvements.append(Verdict(key, "memory_down", f"peak {b:.0f} -> {c:.0f} MiB"))
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.4g}"
+
+
+def _p(p: float | None) -> str:
+    return f", p={p:.1e}" if p is not None else ""
+
+
+def format_comparison(result: Comparison, baseline: Run, current: Run) -> str:
+    lines = [f"Compared {result.compared} cases of {current.path} against {baseline.path} ({current.gpu})."]
+    lines += [f"  warning: {w}" for w in result.warnings]
+    for title, items in (
+        ("GUARD FAILURES (silent fallback or broken harness)", result.guard_failures),
+        ("REGRESSIONS", result.regressions),
+        ("Improvements beyond threshold (refresh the baseline: nox -s perf -- --record)", result.improvements),
+        ("Notes", result.notes),
+    ):
+        if items:
+            lines.append(f"{title}: {len(items)}")
+            lines += [f"  {v.key}: {v.message}" for v in items]
+    if result.missing:
+        lines.append(f"In the baseline but not run (skipped, failed or filtered): {len(result.missing)}")
+        lines += [f"  {k}" for k in result.missing[:20]] + (["  ..."] if len(result.missing) > 20 else [])
+    if result.new:
+        lines.append(f"New cases, not in the baseline: {len(result.new)}")
+    verdict = "FAIL" if result.failed else "PASS"
+    lines.append(
+        f"{verdict}: {len(result.regressions)} regression(s), {len(result.guard_failures)} guard failure(s), "
+        f"{len(result.improvements)} improvement(s)"
+    )
+    return "\n".join(lines)
+
+
+def spread(runs: list[Run]) -> dict[str, dict]:
+    """Per case present in every run: run-to-run deviation of the median and within-run IQR."""
+    if len(runs) < 2:
+        raise ValueError("measuring spread takes at least two runs")
+    keys = set(runs[0].records).intersection(*(r.records for r in runs[1:]))
+    out = {}
+    for key in sorted(keys):
+        medians = [r.records[key].median for r in runs]
+        center = statistics.median(medians)
+        if center <= 0:
+            continue
+        iqrs = []
+        for r in runs:
+            data = r.records[key].data
+            if len(data) >= 4:
+                q = statistics.quantiles(data, n=4)
+                iqrs.append((q[2] - q[0]) / center)
+        peaks = [r.records[key].peak_mib for r in runs if r.records[key].peak_mib is not None]
+        out[key] = {
+            "medians_ms": [m * 1e3 for m in medians],
+            "max_rel_dev": max(abs(m / center - 1) for m in medians),
+            "rel_iqr": statistics.median(iqrs) if iqrs else None,
+            "peak_mib_range": [min(peaks), max(peaks)] if peaks else None,
+        }
+    return out
+
+
+def thresholds_from_spread(runs: list[Run], *, k: float = SPREAD_K, floor: float | None = None) -> dict:
+    """Per-case time thresholds from measured run-to-run spread: ``max(floor, k x max deviation)``.
+
+    Cases measured here get their own entry; the default for cases not measured is the 90th
+    percentile of the measured ones (never below the floor), so a new case is not held to a
+    tighter limit than its neighbours.
+    """
+    floor = DEFAULT_THRESHOLDS["floor"] if floor is None else floor
+    per_case = spread(runs)
+    cases = {key: {"time": round(max(floor, k * s["max_rel_dev"]), 4)} for key, s in per_case.items()}
+    times = sorted(c["time"] for c in cases.values())
+    default_time = times[int(0.9 * (len(times) - 1))] if times else DEFAULT_THRESHOLDS["default"]["time"]
+    thresholds = json.loads(json.dumps(DEFAULT_THRESHOLDS))
+    thresholds["floor"] = floor
+    thresholds["default"]["time"] = max(floor, default_time)
+    thresholds["cases"] = cases
+    thresholds["measured"] = {
+        "runs": len(runs),
+        "k": k,
+        "gpu": runs[0].gpu,
+        "torch": runs[0].machine.get("torch"),
+        "files": [r.path for r in runs],
+        "spread": per_case,
+    }
+    return thresholds
+
+
+def format_spread(thresholds: dict, planted: float = 0.15) -> str:
+    measured = thresholds.get("measured", {})
+    per_case = measured.get("spread", {})
+    cases = thresholds.get("cases", {})
+    lines = [
+        f"Run-to-run spread over {measured.get('runs')} runs ({measured.get('gpu')}); threshold = "
+        f"max(floor {thresholds['floor']:.0%}, {measured.get('k')} x max deviation of a run's median):"
+    ]
+    worst = sorted(per_case.items(), key=lambda kv: -kv[1]["max_rel_dev"])
+    for key, s in worst[:15]:
+        lines.append(f"  {s['max_rel_dev']:6.1%} dev  -> {cases[key]['time']:5.1%}  {key}")
+    blind = [k for k, c in cases.items() if c["time"] >= planted]
+    lines.append(
+        f"{len(cases)} cases; default threshold {thresholds['default']['time']:.1%}; "
+        f"{len(blind)} case(s) too noisy to catch a {planted:.0%} slowdown"
+        + (": " + ", ".join(blind[:10]) + (" ..." if len(blind) > 10 else "") if blind else "")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Which machine a perf run is on, the key its baseline is stored under, and its ceilings.
+
+Baselines are only comparable on the same GPU model and torch minor version, so the run's
+JSON carries both (``machine_info["attention_perf"]``), and the baseline directory is named after
+the GPU (:func:`slugify`). Ceilings (device copy bandwidth, bf16 matmul throughput) are
+measured in the same run, so GB/s and TFLOP/s can be read as fractions of what this device does.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+
+import torch
+
+from ..timing import L2Flusher, clock_for
+
+#: The key under which our fields sit in pytest-benchmark's ``machine_info``.
+KEY = "attention_perf"
+
+
+def slugify(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``: the baseline directory name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"cannot make a directory name out of {name!r}")
+    return slug
+
+
+def torch_minor(version: str) -> str:
+    """``"2.11.0+cu130"`` -> ``"2.11"``."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        raise ValueError(f"not a torch version: {version!r}")
+    return f"{match.group(1)}.{match.group(2)}"
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:  # not installed, or broken: either way no version to record
+        return None
+    return getattr(triton, "__version__", None)
+
+
+def machine_info(device: torch.device | str) -> dict:
+    """What a baseline must match (GPU, torch minor) and what it should mention (CUDA, cuDNN, triton)."""
+    device = torch.device(device)
+    info: dict = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "torch_minor": torch_minor(torch.__version__),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu_name=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 1024**3, 1),
+            gpu_count=torch.cuda.device_count(),
+            slug=slugify(props.name),
+        )
+    else:
+        info.update(gpu_name=None, cpu=platform.processor() or platform.machine(), slug="cpu")
+    return info
+
+
+def _median_seconds(fn, device: torch.device, rounds: int) -> float:
+    clock = clock_for(device)
+    flusher = L2Flusher(device)
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        flusher.flush()
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device | str, nbytes: int | None = None, rounds: int = 10) -> float:
+    """Device-to-device copy, GB/s counting bytes read plus bytes written (the decode ceiling)."""
+    device = torch.device(device)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), device, rounds)
+    return 2 * nbytes / seconds / 1e9
+
+
+def matmul_tflops(device: torch.device | str, n: int | None = None, rounds: int = 10) -> float:
+    """Square bf16 matmul throughput on CUDA (fp32 on CPU): the compute ceiling for TFLOP/s."""
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device, dtype=dtype)  # (n, n)
+    b = torch.randn(n, n, device=device, dtype=dtype)  # (n, n)
+    seconds = _median_seconds(lambda: a @ b, device, rounds)
+    return 2 * n**3 / seconds / 1e12

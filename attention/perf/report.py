@@ -1,0 +1,175 @@
+"""The tables a perf run prints: a compact matrix per group, the issue's targets, the anchors.
+
+Everything reads a :class:`~attention.perf.results.Run`, so the same tables come out of a live run
+and out of a JSON fetched from a GPU machine (``python -m attention.perf table RUN.json``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from . import guards
+from .results import Run
+
+
+def _short_len(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _value(info: dict) -> str:
+    if info.get("kind") == "decode":
+        frac = info.get("copy_fraction")
+        return f"{info.get('gbps', 0):.0f}" + (f"/{frac:.2f}" if frac else "")
+    tflops = info.get("tflops")
+    return f"{tflops:.3g}" if tflops is not None else "-"
+
+
+def _flag(info: dict) -> str:
+    mark = "" if info.get("timing_mode") == "cuda-graph" else "*"
+    backend = info.get("sdpa_backend")
+    if backend and backend not in ("cudnn", "none"):
+        mark += f"[{backend}]"
+    if info.get("flex_path") not in (None, "fused", "eager"):
+        mark += f"[{info['flex_path']}]"
+    if info.get("guard_failures"):
+        mark += "!"
+    return mark
+
+
+def matrix(run: Run) -> str:
+    """Per group: implementation x length -> TFLOP/s (decode: GB/s / fraction of copy bandwidth)."""
+    groups: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for rec in run.records.values():
+        info = rec.info
+        groups[rec.group or "?"][info.get("impl", rec.key)][info.get("seq_len", 0)] = info
+    m = run.machine
+    lines = [
+        f"{m.get('gpu_name') or m.get('device')} | torch {m.get('torch')} | CUDA {m.get('cuda')} | "
+        f"cuDNN {m.get('cudnn')} | triton {m.get('triton')} | copy {m.get('copy_gbps') or 0:.0f} GB/s | "
+        f"bf16 matmul {m.get('matmul_tflops') or 0:.0f} TFLOP/s",
+        "TFLOP/s (decode: GB/s of KV read / fraction of copy bandwidth); * = eager, includes dispatch; "
+        "[x] = SDPA backend other than cuDNN or flex not fused; ! = guard failed",
+    ]
+    for name in sorted(groups):
+        rows = groups[name]
+        lens = sorted({n for per in rows.values() for n in per})
+        lines.append(f"-- {name}")
+        lines.append(f"   {'T =':<18}" + " ".join(f"{_short_len(n):>12}" for n in lens))
+        for impl in sorted(rows):
+            cells = []
+            for n in lens:
+                info = rows[impl].get(n)
+                cells.append(f"{(_value(info) + _flag(info)) if info else '':>12}")
+            lines.append(f"   {impl:<18}" + " ".join(cells))
+    return "\n".join(lines)
+
+
+def cases_table(run: Run) -> str:
+    """Every case on one line: the long form (written to a file; too long for a terminal tail)."""
+    header = (
+        f"{'case':<64} {'median ms':>10} {'TFLOP/s':>8} {'GB/s':>7} {'peak MiB':>9} {'backend':>10} {'rounds':>6} mode"
+    )
+    lines = [header]
+    for key in sorted(run.records):
+        rec = run.records[key]
+        i = rec.info
+        backend = i.get("sdpa_backend") or i.get("flex_path") or ""
+        peak = i.get("peak_mem_mib")
+        lines.append(
+            f"{key:<64} {rec.median * 1e3:>10.4f} {i.get('tflops') or 0:>8.1f} {i.get('gbps') or 0:>7.0f} "
+            f"{peak if peak is not None else float('nan'):>9.1f} {backend:>10} {i.get('rounds', 0):>6} "
+            f"{i.get('timing_mode', '')}"
+        )
+    return "\n".join(lines)
+
+
+def _find(run: Run, **want) -> dict | None:
+    for rec in run.records.values():
+        if all(rec.info.get(k) == v for k, v in want.items()):
+            return dict(rec.info, median=rec.median)
+    return None
+
+
+def targets(run: Run) -> str:
+    """Issue 3 point 9, issue 4 and issue 5 targets, from this run's numbers."""
+    lines = ["Targets:"]
+    shapes = sorted(
+        {
+            (r.info["direction"], r.info["head_dim"], r.info["seq_len"], r.info["dtype"])
+            for r in run.records.values()
+            if r.info.get("kind") == "prefill" and r.info.get("level") == "core" and r.info.get("impl") == "sdpa"
+        }
+    )
+    for direction, d, t, dtype in shapes:
+        shape = dict(kind="prefill", direction=direction, head_dim=d, seq_len=t, dtype=dtype)
+        core = _find(run, impl="sdpa", level="core", **shape)
+        raws = [
+            _find(run, impl=impl, level="core", **shape) for impl in ("raw_sdpa", "raw_sdpa_flash", "raw_sdpa_cudnn")
+        ]
+        raws = [r for r in raws if r]
+        parts = [f"  {dtype} {direction:<7} D{d:<3} T{_short_len(t):>4}:"]
+        if core and raws:
+            best = min(raws, key=lambda r: r["median"])
+            ratio = core["median"] / best["median"]
+            parts.append(
+                f"sdpa core/best raw ({best['impl']}) {ratio:.3f} {'ok' if ratio <= 1.03 else 'MISS'} (<=1.03)"
+            )
+        module = _find(run, impl="sdpa", level="module", **shape)
+        gemms = (
+            _find(run, impl="gemms", level="module", direction=direction, dtype=dtype, d_in=module["d_in"])
+            if module
+            else None
+        )
+        if module and gemms and core:
+            ratio = module["median"] / (gemms["median"] + core["median"])
+            parts.append(f"| module/(gemms+core) {ratio:.3f} {'ok' if ratio <= 1.10 else 'MISS'} (<=1.10)")
+        flex = _find(run, impl="flex", level="core", **shape)
+        cudnn = next((r for r in raws if r.get("sdpa_backend") == "cudnn"), None)
+        if flex and cudnn and direction == "fwd" and t >= 4096:
+            ratio = cudnn["median"] / flex["median"]
+            parts.append(f"| flex/cuDNN {ratio:.2f} {'ok' if ratio >= 0.8 else 'MISS'} (>=0.8)")
+        if len(parts) > 1:
+            lines.append(" ".join(parts))
+    lines += _anchor_lines(run) + _decode_lines(run) + _mask_lines(run)
+    return "\n".join(lines)
+
+
+def _anchor_lines(run: Run) -> list[str]:
+    out = []
+    for rec in sorted(run.records.values(), key=lambda r: r.key):
+        anchor = guards.anchor_for(rec.info, run.machine)
+        if anchor and rec.info.get("tflops") and rec.info.get("impl") in ("sdpa", "flex"):
+            out.append(
+                f"  {rec.key}: {rec.info['tflops']:.0f} TFLOP/s = {rec.info['tflops'] / anchor:.2f}x anchor {anchor:g}"
+            )
+    return (["DESIGN.md anchors (same shapes, ours / anchor):", *out]) if out else []
+
+
+def _decode_lines(run: Run) -> list[str]:
+    out = []
+    for rec in sorted(run.records.values(), key=lambda r: r.key):
+        i = rec.info
+        if i.get("kind") == "decode" and i.get("impl") in ("sdpa", "flex") and i.get("context") in (4096, 16384):
+            goal = 0.85 if i["context"] == 4096 else 0.9
+            frac = i.get("copy_fraction")
+            verdict = "" if frac is None else ("ok" if frac >= goal else "MISS")
+            out.append(
+                f"  {rec.key}: {i.get('latency_us', 0):.1f} us/token, {i.get('gbps', 0):.0f} GB/s"
+                + (f" = {frac:.2f} of copy {verdict} (>={goal})" if frac is not None else "")
+            )
+    return (["Decode (issue 4):", *out]) if out else []
+
+
+def _mask_lines(run: Run) -> list[str]:
+    out = []
+    masks = sorted({r.info.get("mask") for r in run.records.values() if r.info.get("kind") == "mask"})
+    for mask in masks:
+        flex = _find(run, kind="mask", mask=mask, impl="flex")
+        sdpa = _find(run, kind="mask", mask=mask, impl="sdpa")
+        if flex and sdpa:
+            out.append(
+                f"  {mask}: flex {flex['median'] * 1e3:.3f} ms ({flex.get('peak_mem_mib')} MiB) vs SDPA dense mask "
+                f"{sdpa['median'] * 1e3:.3f} ms ({sdpa.get('peak_mem_mib')} MiB): "
+                f"SDPA/flex time {sdpa['median'] / flex['median']:.2f}x"
+            )
+    return (["Masks (issue 5), TFLOP/s on visible blocks:", *out]) if out else []

@@ -1,0 +1,213 @@
+"""Read perf runs and baselines (pytest-benchmark JSON) and decide whether two may be compared.
+
+A baseline lives at ``perf/baselines/<gpu-slug>/baseline.json`` (with ``thresholds.json`` beside
+it). Comparing across GPU models or torch minor versions is refused (:class:`Refused`), never
+reported as a regression; an unreadable file is a :class:`BadResultFile` that names the file
+and says how to regenerate it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .machine import KEY
+
+BASELINE_FILE = "baseline.json"
+THRESHOLDS_FILE = "thresholds.json"
+RECORD_HINT = "record one on that GPU with `nox -s perf -- --record` (or `python -m attention.perf record RUN.json`)"
+
+
+class PerfError(Exception):
+    """A perf file or comparison problem the user must act on (exit status 2, not a regression)."""
+
+
+class BadResultFile(PerfError):
+    pass
+
+
+class Refused(PerfError):
+    pass
+
+
+class NoBaseline(PerfError):
+    pass
+
+
+@dataclass
+class Record:
+    """One case of one run."""
+
+    key: str
+    median: float  # seconds
+    data: list[float] = field(default_factory=list)  # every timed round, seconds
+    info: dict = field(default_factory=dict)  # the case's extra_info
+    group: str | None = None
+
+    @property
+    def peak_mib(self) -> float | None:
+        return self.info.get("peak_mem_mib")
+
+
+@dataclass
+class Run:
+    path: str
+    machine: dict  # our machine_info fields (machine_info["attention_perf"])
+    records: dict[str, Record]
+    raw: dict  # the whole JSON, for re-writing
+
+    @property
+    def gpu(self) -> str:
+        return self.machine.get("gpu_name") or f"no GPU ({self.machine.get('device', '?')})"
+
+
+def _bad(path: str | Path, what: str) -> BadResultFile:
+    return BadResultFile(
+        f"{path}: {what}. It is not a complete pytest-benchmark JSON from this suite's perf run; "
+        "regenerate it (`nox -s perf`, or re-record the baseline with `nox -s perf -- --record`)."
+    )
+
+
+def parse_run(raw: object, path: str | Path = "<memory>") -> Run:
+    """Validate and index a decoded pytest-benchmark JSON document."""
+    if not isinstance(raw, dict):
+        raise _bad(path, f"top level is a {type(raw).__name__}, not an object")
+    machine_info = raw.get("machine_info")
+    if not isinstance(machine_info, dict):
+        raise _bad(path, "no 'machine_info' object")
+    machine = machine_info.get(KEY)
+    if not isinstance(machine, dict) or "torch" not in machine or "device" not in machine:
+        raise _bad(path, f"machine_info has no '{KEY}' section (written by perf/conftest.py)")
+    benches = raw.get("benchmarks")
+    if not isinstance(benches, list):
+        raise _bad(path, "no 'benchmarks' list")
+    records: dict[str, Record] = {}
+    for i, bench in enumerate(benches):
+        try:
+            info = bench.get("extra_info") or {}
+            key = info.get("case") or bench["name"]
+            stats = bench["stats"]
+            median = float(stats["median"])
+            data = [float(x) for x in stats.get("data") or []]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise _bad(path, f"benchmark #{i} is malformed ({type(exc).__name__}: {exc})") from None
+        if key in records:
+            raise _bad(path, f"case {key!r} appears twice")
+        records[key] = Record(key, median, data, info, bench.get("group"))
+    return Run(str(path), machine, records, raw)
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run or baseline file; :class:`BadResultFile` (saying what is wrong) if it is unusable."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise BadResultFile(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BadResultFile(f"{path}: cannot read it ({exc})") from None
+    if not text.strip():
+        raise _bad(path, "the file is empty")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _bad(path, f"invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}; truncated?)") from None
+    return parse_run(raw, path)
+
+
+def baseline_dir(root: str | Path, machine: dict) -> Path:
+    return Path(root) / machine["slug"]
+
+
+def find_baseline(root: str | Path, run: Run) -> Path:
+    """The baseline for the GPU ``run`` ran on; :class:`NoBaseline` saying how to record one."""
+    if run.machine.get("device") != "cuda":
+        raise NoBaseline(
+            f"{run.path} ran on {run.machine.get('device')}, not a CUDA GPU: CPU numbers are never baselined "
+            "(the CPU grid only shows the machinery working)"
+        )
+    path = baseline_dir(root, run.machine) / BASELINE_FILE
+    if not path.exists():
+        raise NoBaseline(f"no baseline for {run.gpu} at {path}: {RECORD_HINT}, then commit {path.parent}/")
+    return path
+
+
+def check_comparable(baseline: Run, current: Run) -> list[str]:
+    """Raise :class:`Refused` if the two runs must not be compared; return warnings otherwise."""
+    b, c = baseline.machine, current.machine
+    if b.get("device") != c.get("device") or b.get("gpu_name") != c.get("gpu_name"):
+        raise Refused(
+            f"refusing to compare: the baseline {baseline.path} was recorded on {baseline.gpu}, this run is on "
+            f"{current.gpu}. Baselines are per GPU model; {RECORD_HINT}."
+        )
+    if b.get("torch_minor") != c.get("torch_minor"):
+        raise Refused(
+            f"refusing to compare: the baseline was recorded with torch {b.get('torch')}, this run uses torch "
+            f"{c.get('torch')} (minor versions differ; kernels and backend choices change between them). "
+            f"Re-record the baseline with this torch: {RECORD_HINT}."
+        )
+    warnings = []
+    for name in ("torch", "cuda", "cudnn", "triton", "gpu_count"):
+        if b.get(name) != c.get(name):
+            warnings.append(f"{name} differs: baseline {b.get(name)}, now {c.get(name)}")
+    return warnings
+
+
+def merge_runs(runs: list[Run]) -> Run:
+    """One run made of the middle run of each case (by median): a steadier baseline than any one run."""
+    if not runs:
+        raise ValueError("no runs to merge")
+    for other in runs[1:]:
+        check_comparable(runs[0], other)
+    keys = list(dict.fromkeys(k for run in runs for k in run.records))
+    chosen, benches = {}, []
+    by_key = {id(r): {b.get("extra_info", {}).get("case") or b["name"]: b for b in r.raw["benchmarks"]} for r in runs}
+    for key in keys:
+        present = [r for r in runs if key in r.records]
+        present.sort(key=lambda r: r.records[key].median)
+        middle = present[(len(present) - 1) // 2]
+        chosen[key] = middle.records[key]
+        benches.append(by_key[id(middle)][key])
+    raw = dict(runs[-1].raw, benchmarks=benches)
+    raw["machine_info"] = dict(runs[-1].raw["machine_info"])
+    raw["machine_info"][KEY] = dict(runs[-1].machine, merged_from=len(runs))
+    return Run(f"merge of {len(runs)} runs", raw["machine_info"][KEY], chosen, raw)
+
+
+def write_run(run: Run, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(run.raw, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)  # never leave a half-written baseline behind
+    return path
+
+
+def salvage(jsonl: str | Path, run: str | None = None) -> dict:
+    """A pytest-benchmark-shaped document rebuilt from the per-case log (lines of ``run`` only, if
+    given), for a run whose process died before pytest-benchmark wrote its JSON. Lines that are
+    cut off are skipped."""
+    machine_info: dict = {}
+    benches = []
+    for line in Path(jsonl).read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict) or (run is not None and entry.get("run") != run):
+            continue
+        if entry.get("machine_info"):
+            machine_info = entry["machine_info"]
+        elif entry.get("status") == "passed" and entry.get("data"):
+            data = entry["data"]
+            benches.append(
+                {
+                    "name": entry["case"],
+                    "group": entry.get("group"),
+                    "extra_info": entry.get("extra_info", {}),
+                    "stats": {"median": statistics.median(data), "data": data, "rounds": len(data)},
+                }
+            )
+    return {"machine_info": machine_info, "benchmarks": benches, "salvaged_from": str(jsonl)}

@@ -1,0 +1,235 @@
+"""Time one case under pytest-benchmark and describe it in ``extra_info``.
+
+Order of events for one case, all outside the timed rounds except the timed call itself:
+
+1. build (modules, ``torch.randn`` inputs), then ``warmup`` calls: compilation, autotuning and
+   BlockMask creation happen here;
+2. one call from a peak-memory reset: ``peak_mem_mib`` is what the call adds on top of its inputs;
+3. one profiled call: the SDPA backend, whether flex ran fused (:mod:`.probe`);
+4. forward cases are captured in a CUDA graph, so launch overhead (which dominates small cases)
+   is not timed; where capture fails, or for backward (by default), the case runs eagerly and
+   says ``"eager: includes dispatch"``;
+5. ``benchmark.pedantic`` with the CUDA-event clock: before every round the grads are cleared and
+   the L2 cache flushed (cold-cache numbers, as the DESIGN.md anchors).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from .. import registry
+from ..flex import MHAPyTorchFlexAttention
+from ..from_scratch import MultiHeadAttentionCombinedQKV
+from ..sdpa import MHAPyTorchScaledDotProduct
+from ..timing import CudaEventClock, L2Flusher, cuda_graph
+from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, MiB, Workload, dtype_name
+from . import probe
+
+GRAPH_POLICIES = ("fwd", "all", "none")
+EAGER = "eager: includes dispatch"
+GRAPH = "cuda-graph"
+
+
+@dataclass
+class RunOptions:
+    device: str
+    graphs: str = "fwd"  # capture forward cases ("fwd"), every case ("all") or none
+    budget_s: float = 0.2  # timed seconds per case; rounds follow from it
+    min_rounds: int = 10
+    max_rounds: int = 100
+    warmup: int = 3
+    copy_gbps: float | None = None  # measured once per session (machine.copy_bandwidth_gbps)
+    matmul_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.graphs not in GRAPH_POLICIES:
+            raise ValueError(f"graphs must be one of {GRAPH_POLICIES}, got {self.graphs!r}")
+
+
+def family(impl: str) -> str:
+    """``"sdpa"``, ``"flex"``, ``"from_scratch"``, ``"reference"`` (projections only) or ``"other"``."""
+    if impl in CORE_REFERENCES:
+        return "sdpa"
+    if impl in MODULE_REFERENCES:
+        return "reference"
+    cls = registry.get(impl)
+    for base, name in (
+        (MHAPyTorchScaledDotProduct, "sdpa"),
+        (MHAPyTorchFlexAttention, "flex"),
+        (MultiHeadAttentionCombinedQKV, "from_scratch"),
+    ):
+        if issubclass(cls, base):
+            return name
+    return "other"
+
+
+def describe(w: Workload | DecodeWorkload) -> dict:
+    """The case's static description (everything but measurements)."""
+    info = {
+        "case": w.case_id,
+        "impl": w.impl,
+        "family": family(w.impl),
+        "device": torch.device(w.device).type,
+        "dtype": dtype_name(w.dtype),
+        "direction": w.direction,
+        "level": w.level,
+        "batch": w.batch,
+        "num_heads": w.num_heads,
+        "num_kv_heads": w.kv_heads,
+        "head_dim": w.head_dim,
+        "flops": w.flops(),
+        "min_bytes": w.min_bytes(),
+        "estimated_peak_mib": round(w.estimated_peak_bytes() / MiB, 1),
+    }
+    if isinstance(w, DecodeWorkload):
+        info.update(kind="decode", context=w.context, seq_len=w.context, kv_bytes=w.kv_bytes())
+    else:
+        scores = w.batch * w.num_heads * w.seq_len * w.seq_len * w.elt
+        info.update(
+            kind="prefill" if w.mask == "causal" else "mask",
+            seq_len=w.seq_len,
+            d_in=w.hidden,
+            mask=w.mask,
+            visible_block_fraction=w.visible_block_fraction(),
+            scores_mib=round(scores / MiB, 1),
+        )
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compile_count() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["frames"]["total"])
+    except Exception:  # private API: losing this check must not lose the case
+        return 0
+
+
+def free_cached_memory(device: torch.device | str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_memory_mib(fn, setup, device: torch.device) -> float | None:
+    """MiB one call allocates above what was allocated before it (inputs excluded)."""
+    if device.type != "cuda":
+        return None
+    setup()
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return round(peak / MiB, 2)
+
+
+def _probe(fn, w, device: torch.device) -> dict:
+    fam = family(w.impl)
+    if fam not in ("sdpa", "flex"):
+        return {}
+    seen = probe.profile_call(fn, device)
+    info: dict = {"kernels": _summarise(seen.kernels), "num_kernels": len(seen.kernels)}
+    if seen.error:
+        info["probe_error"] = seen.error
+    if fam == "sdpa":
+        info["sdpa_backend"] = probe.classify_sdpa(seen.ops, seen.kernels) if not seen.error else "unknown"
+    else:
+        info["flex_path"] = probe.classify_flex(seen.ops, seen.kernels, device.type) if not seen.error else "unknown"
+    return info
+
+
+def _summarise(kernels: list[str], top: int = 4, width: int = 60) -> list[str]:
+    counts: dict[str, int] = {}
+    for k in kernels:
+        counts[k] = counts.get(k, 0) + 1
+    return [f"{n}x {k[:width]}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
+    """Time ``w`` with the ``benchmark`` fixture; returns (and stores in ``benchmark.extra_info``) its info."""
+    device = torch.device(opts.device)
+    timer = getattr(benchmark, "_timer", None)
+    if device.type == "cuda" and not isinstance(timer, CudaEventClock):
+        raise RuntimeError(
+            f"the benchmark fixture times with {timer!r}, not the CUDA event clock; perf/conftest.py "
+            "must mark every case with pytest.mark.benchmark(timer=clock_for(device))"
+        )
+    info = describe(w)
+    info["timer"] = getattr(timer, "name", getattr(timer, "__name__", repr(timer)))
+    benchmark.extra_info.update(info)
+
+    fn, setup = w.build()
+    for _ in range(opts.warmup):
+        setup()
+        fn()
+    _sync(device)
+    info["peak_mem_mib"] = peak_memory_mib(fn, setup, device)
+    info.update(_probe(fn, w, device))
+
+    timed, mode = fn, EAGER
+    wants_graph = opts.graphs == "all" or (opts.graphs == "fwd" and not w.backward)
+    if device.type == "cuda" and wants_graph:
+        free_cached_memory(device)  # the graph's private pool cannot reuse eager cached blocks
+        try:
+            timed, mode = cuda_graph(fn, device, setup=setup), GRAPH
+        except Exception as exc:  # not capturable: time eagerly and say so
+            mode = f"{EAGER} (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
+            _sync(device)  # a capture that broke the context must fail here, loudly
+    info["timing_mode"] = mode
+
+    flusher = L2Flusher(device)
+
+    def before_round() -> None:
+        setup()
+        flusher.flush()
+
+    rounds = _rounds(timed, before_round, timer, opts)
+    compiles = _compile_count()
+    benchmark.pedantic(timed, setup=before_round, rounds=rounds, warmup_rounds=1, iterations=1)
+    info["compiles_while_timing"] = _compile_count() - compiles
+    info["rounds"] = rounds
+
+    median = benchmark.stats.stats.median
+    info["median_ms"] = median * 1e3
+    info["tflops"] = info["flops"] / median / 1e12 if median > 0 else None
+    info["gbps"] = info["min_bytes"] / median / 1e9 if median > 0 else None
+    if opts.copy_gbps:
+        info["copy_gbps"] = opts.copy_gbps
+        if info["gbps"]:
+            info["copy_fraction"] = info["gbps"] / opts.copy_gbps
+    if opts.matmul_tflops:
+        info["matmul_tflops"] = opts.matmul_tflops
+    if info["kind"] == "decode":
+        info["latency_us"] = median * 1e6  # one decode step: one new token for each sequence
+    benchmark.extra_info.update(info)
+    return info
+
+
+def _rounds(timed, before_round, timer, opts: RunOptions) -> int:
+    """Rounds that fit the per-case time budget, from three timed probe calls."""
+    clock = timer if callable(timer) else None
+    samples = []
+    for _ in range(3):
+        before_round()
+        if clock is None:
+            break
+        start = clock()
+        timed()
+        samples.append(clock() - start)
+    per_call = statistics.median(samples) if samples else opts.budget_s / opts.min_rounds
+    if per_call <= 0:
+        return opts.max_rounds
+    return max(opts.min_rounds, min(opts.max_rounds, math.ceil(opts.budget_s / per_call)))

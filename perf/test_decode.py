@@ -1,0 +1,7 @@
+"""One-token decode against a KV cache, MHA and GQA: latency and GB/s of KV read (issue 4)."""
+
+KIND = "decode"
+
+
+def test_decode(benchmark, case, run_case):
+    run_case(benchmark, case)

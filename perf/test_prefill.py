@@ -1,0 +1,7 @@
+"""Prefill and training: attention core and whole module, forward and forward+backward (issue 3)."""
+
+KIND = "prefill"
+
+
+def test_prefill(benchmark, case, run_case):
+    run_case(benchmark, case)
