@@ -48,5 +48,21 @@ __all__ = [
     "IMPL_NAMES",
     "OUTPUT_FACTOR",
     "assert_matches_oracle",
+    "assert_module_matches_oracle",
     "grad_context",
 ]
+
+
+def assert_module_matches_oracle(
+    module: attention.AttentionBase,
+    x: torch.Tensor,
+    actual: torch.Tensor,
+    *,
+    document_ids: torch.Tensor | None = None,
+    what: str = "output",
+) -> None:
+    """``actual`` (what ``module`` gave for the whole of ``x``) against the float64 oracle, by the
+    ratio rule; the baseline is the same reference math run in ``x``'s dtype."""
+    oracle = attention.reference_forward(module, x, document_ids=document_ids)  # (B, T, d_out) float64
+    baseline = attention.reference_forward(module, x, dtype=x.dtype, document_ids=document_ids)  # (B, T, d_out)
+    assert_matches_oracle(actual, oracle, baseline, what=what)
