@@ -356,10 +356,21 @@ def metadata(config: Config) -> dict[str, object]:
     }
 
 
-def run_sweep(config: Config, progress: Callable[[str], None] | None = None) -> dict[str, object]:
-    """Measure every (implementation, length); ``progress(label)`` is called before each step."""
+def run_sweep(
+    config: Config,
+    progress: Callable[[str], None] | None = None,
+    partial: Callable[[dict[str, object]], None] | None = None,
+) -> dict[str, object]:
+    """Measure every (implementation, length), shortest lengths first. ``progress(label)`` is
+    called before each step, ``partial(result_so_far)`` after each (implementation, length)."""
     started = time.perf_counter()
-    cells = []
+    meta = metadata(config)
+    cells: list[dict[str, object]] = []
+
+    def result(complete: bool) -> dict[str, object]:
+        wall = time.perf_counter() - started
+        return {"schema": 1, "meta": {**meta, "wall_s": wall, "complete": complete}, "cells": cells}
+
     for seq_len in config.seq_lens:
         for impl in config.impls:
             row: dict[str, object] = {"impl": impl, "seq_len": seq_len, "batch": config.batch}
@@ -372,11 +383,9 @@ def run_sweep(config: Config, progress: Callable[[str], None] | None = None) -> 
                     progress(f"{impl} T={seq_len} accuracy")
                 row["accuracy"] = asdict(accuracy_cell(config, impl, seq_len))
             cells.append(row)
-    return {
-        "schema": 1,
-        "meta": {**metadata(config), "wall_s": time.perf_counter() - started},
-        "cells": cells,
-    }
+            if partial:
+                partial(result(complete=False))
+    return result(complete=True)
 
 
 def steps(config: Config) -> int:
@@ -396,23 +405,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     columns = [TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("starting", total=steps(config))
-        seen = [0]
+        done = 0
 
         def advance(label: str) -> None:
-            bar.update(task, completed=seen[0], description=label)
-            seen[0] += 1
+            nonlocal done
+            bar.update(task, completed=done, description=label)
+            done += 1
 
-        result = run_sweep(config, advance)
-        bar.update(task, completed=seen[0], description="done")
+        # report.json after every row: a run cut short still leaves its figures, and
+        # `python -m attention.report report.json` renders them.
+        result = run_sweep(config, advance, partial=lambda r: report.write(r, config.out, plots=False))
+        bar.update(task, completed=done, description="done")
     paths = report.write(result, config.out, plots=config.plots)
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=max(Console().width, 180))
     report.print_table(result, console)
     paths.append(report.save_table(console, config.out))
     Console(stderr=True).print("wrote " + ", ".join(str(p) for p in paths))
-    failed = [
-        c for c in result["cells"] for k in ("fwd", "fwd_bwd", "accuracy") if c.get(k, {}).get("status") == "error"
-    ]
-    return 1 if failed else 0
+    statuses = [row.get(key, {}).get("status") for row in result["cells"] for key in ("fwd", "fwd_bwd", "accuracy")]
+    return 1 if "error" in statuses else 0
 
 
 if __name__ == "__main__":

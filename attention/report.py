@@ -36,6 +36,11 @@ def _series(result: dict, impl: str, direction: str, key: str) -> tuple[list[int
     return xs, ys
 
 
+def _style(i: int) -> dict[str, object]:
+    """Distinct markers, shrinking, so implementations with equal figures stay visible."""
+    return {"marker": "osD^v<>p"[i % 8], "markersize": max(3.0, 8.0 - 1.5 * i), "lw": max(1.0, 2.2 - 0.4 * i)}
+
+
 def _impls(result: dict) -> list[str]:
     return list(dict.fromkeys(row["impl"] for row in result["cells"]))
 
@@ -118,10 +123,10 @@ def _loglog_panels(result: dict, key: str, ylabel: str, scale: float, fig_title:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, direction in zip(axes, ("fwd", "fwd_bwd"), strict=True):
         missing = []
-        for impl in _impls(result):
+        for i, impl in enumerate(_impls(result)):
             xs, ys = _series(result, impl, direction, key)
-            if xs:
-                ax.plot(xs, [y * scale for y in ys], marker="o", label=impl)
+            if xs:  # one colour per implementation in every panel and plot
+                ax.plot(xs, [y * scale for y in ys], color=f"C{i}", label=impl, **_style(i))
             not_run = [r["seq_len"] for r in result["cells"] if r["impl"] == impl and r[direction]["status"] != "ok"]
             if not_run:
                 missing.append(f"{impl}: not run at T={', '.join(map(str, not_run))}")
@@ -197,8 +202,8 @@ def plot_accuracy(result: dict, path: Path) -> Path:
                         means.append(errors["mean_error"])
             if xs:
                 color = f"C{i}"
-                ax.plot(xs, maxes, marker="o", color=color, label=f"{impl} max")
-                ax.plot(xs, means, marker=".", ls="--", color=color, label=f"{impl} mean")
+                ax.plot(xs, maxes, color=color, label=f"{impl} max", **_style(i))
+                ax.plot(xs, means, ls="--", color=color, label=f"{impl} mean", **_style(i))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
