@@ -3,8 +3,12 @@ oracle check. Everything iterates over the registry, so a registered plugin is t
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import attention
 from attention.accuracy import GRAD_FACTOR, OUTPUT_FACTOR, assert_matches_oracle
@@ -66,3 +70,96 @@ def assert_module_matches_oracle(
     oracle = attention.reference_forward(module, x, document_ids=document_ids)  # (B, T, d_out) float64
     baseline = attention.reference_forward(module, x, dtype=x.dtype, document_ids=document_ids)  # (B, T, d_out)
     assert_matches_oracle(actual, oracle, baseline, what=what)
+
+
+# -- drawn configurations (shapes and seeds; tensor values come from seeded generators) -----
+
+#: Token counts worth hitting on purpose: one token, and either side of the 128-wide blocks
+#: that fused kernels and flex's BlockMask tile by.
+EDGE_TOKENS = (1, 127, 128, 129, 255, 257, 300)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One drawn attention problem: sizes, layout options and the seed for weights and inputs."""
+
+    batch: int
+    tokens: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_in: int
+    qkv_bias: bool
+    seed: int
+
+    @property
+    def d_out(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@st.composite
+def configs(draw: st.DrawFn, *, min_tokens: int = 1, max_tokens: int = 300, gqa: bool = True) -> Config:
+    """Batch 1..4, ``min_tokens..max_tokens`` tokens (block edges favoured), 1..8 heads, head_dim
+    8..64, ``d_in != d_out``, a KV head count dividing the heads (when ``gqa``), bias or not."""
+    num_heads = draw(st.integers(1, 8))
+    divisors = [n for n in range(1, num_heads + 1) if num_heads % n == 0]
+    head_dim = draw(st.integers(8, 64))
+    d_out = num_heads * head_dim
+    edges = [t for t in EDGE_TOKENS if min_tokens <= t <= max_tokens]
+    return Config(
+        batch=draw(st.integers(1, 4)),
+        tokens=draw(st.one_of(st.sampled_from(edges), st.integers(min_tokens, max_tokens))),
+        num_heads=num_heads,
+        num_kv_heads=draw(st.sampled_from(divisors[::-1])) if gqa else num_heads,  # plain MHA first
+        head_dim=head_dim,
+        d_in=draw(st.integers(1, 96).filter(lambda d: d != d_out)),
+        qkv_bias=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def build_module(
+    impl: type[attention.AttentionBase],
+    cfg: Config,
+    device: str,
+    dtype: torch.dtype,
+    *,
+    seed: int | None = None,
+    **kwargs,
+) -> attention.AttentionBase:
+    """``impl`` for ``cfg`` with weights drawn from ``seed`` (default ``cfg.seed``), then moved.
+
+    Weights are N(0, 1/fan_in), so queries and keys are O(1) and softmax is neither flat nor
+    one-hot; they are drawn in float32 on the CPU, so every device and dtype sees the same ones.
+    """
+    module = impl(
+        cfg.d_in,
+        cfg.d_out,
+        cfg.num_heads,
+        kwargs.pop("context_length", cfg.tokens),
+        qkv_bias=cfg.qkv_bias,
+        num_kv_heads=cfg.num_kv_heads,
+        **kwargs,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    with torch.no_grad():
+        for linear in (module.qkv, module.proj):
+            std = 1.0 / math.sqrt(linear.in_features)
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) * std)
+            if linear.bias is not None:
+                linear.bias.copy_(torch.randn(linear.bias.shape, generator=gen) * std)
+    return module.to(device=device, dtype=dtype)
+
+
+def seeded_randn(*shape: int, seed: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.randn(shape)`` from ``seed``, drawn in float32 on the CPU so every device agrees."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def make_input(cfg: Config, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """The input ``(B, T, d_in)`` for ``cfg``, from a seed distinct from the weights'."""
+    return seeded_randn(cfg.batch, cfg.tokens, cfg.d_in, seed=cfg.seed + 1, device=device, dtype=dtype)
+
+
+__all__ += ["EDGE_TOKENS", "Config", "build_module", "configs", "make_input", "seeded_randn"]

@@ -1,0 +1,68 @@
+"""Equivalence: every implementation against the float64 oracle, by the ratio rule.
+
+The oracle is :func:`attention.reference_mha` in float64 on the module's own (already rounded)
+weights; the baseline is the same function run in the test dtype. An implementation's error
+against the oracle may be at most ``OUTPUT_FACTOR`` (outputs) or ``GRAD_FACTOR`` (gradients)
+times the baseline's, plus a floor of a few ulps (see :mod:`attention.accuracy`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+
+import attention
+from attention.reference import module_params
+from tests.support import (
+    DEVICE_DTYPES,
+    GRAD_FACTOR,
+    IMPL_NAMES,
+    Config,
+    assert_matches_oracle,
+    build_module,
+    configs,
+    make_input,
+    seeded_randn,
+)
+
+
+def _reference(
+    module: attention.AttentionBase, x: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The reference output in ``dtype`` and the leaves it was computed from: ``x``, then the
+    parameters in ``module.named_parameters()`` order."""
+    x_leaf = x.detach().to(dtype).requires_grad_()  # (B, T, d_in)
+    params = module_params(module, dtype, requires_grad=True)
+    y = attention.reference_mha(x_leaf, params, num_heads=module.num_heads, num_kv_heads=module.num_kv_heads)
+    return y, [x_leaf, *params.values()]  # y: (B, T, d_out)
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+@given(cfg=configs())
+def test_output_and_gradients_match_float64_oracle(
+    impl_name: str, device: str, dtype: torch.dtype, cfg: Config
+) -> None:
+    impl = attention.get(impl_name)
+    backward = impl.supports_backward(device)  # flex on CPU: outputs only
+    module = build_module(impl, cfg, device, dtype)
+    x = make_input(cfg, device, dtype).requires_grad_(backward)  # (B, T, d_in)
+
+    with torch.set_grad_enabled(backward):
+        y = module(x)  # (B, T, d_out)
+    oracle, oracle_leaves = _reference(module, x, torch.float64)  # (B, T, d_out) float64
+    baseline, baseline_leaves = _reference(module, x, dtype)  # (B, T, d_out)
+    assert_matches_oracle(y, oracle, baseline, what=f"{impl_name} output")
+
+    if not backward:
+        return
+    upstream = seeded_randn(*y.shape, seed=cfg.seed + 2, device=device, dtype=dtype)  # (B, T, d_out)
+    names = ["x", *(name for name, _ in module.named_parameters())]
+    grads = torch.autograd.grad(y, [x, *module.parameters()], upstream)
+    oracle_grads = torch.autograd.grad(oracle, oracle_leaves, upstream.double())
+    baseline_grads = torch.autograd.grad(baseline, baseline_leaves, upstream)
+    for name, grad, oracle_grad, baseline_grad in zip(names, grads, oracle_grads, baseline_grads, strict=True):
+        assert_matches_oracle(
+            grad, oracle_grad, baseline_grad, factor=GRAD_FACTOR, what=f"{impl_name} gradient of {name}"
+        )
