@@ -94,20 +94,22 @@ MASK_KINDS = ["causal", "sliding_window", "prefix_lm"]
 
 @st.composite
 def generation_cases(draw: st.DrawFn, device: str) -> dict:
-    if device == "cuda":  # fixed shapes: compiled flex kernels are reused across examples
-        batch, prompt_len, new_tokens, num_kv_heads = 2, 5, 6, 2
+    if device == "cuda":  # fixed shapes and patterns: compiled flex kernels are reused across examples
+        batch, prompt_len, new_tokens, num_kv_heads, window, prefix_len = 2, 5, 6, 2, 3, 3
     else:
         batch = draw(st.integers(1, 3))
         prompt_len = draw(st.integers(1, 8))
         new_tokens = draw(st.integers(1, 8))
         num_kv_heads = draw(st.sampled_from([NUM_HEADS, 2, 1]))
+        window = draw(st.integers(1, 4))
+        prefix_len = draw(st.integers(0, prompt_len))  # a bidirectional prefix lies inside the prompt
     return dict(
         batch=batch,
         prompt_len=prompt_len,
         new_tokens=new_tokens,
         num_kv_heads=num_kv_heads,
-        window=draw(st.integers(1, 4)),
-        prefix_len=draw(st.integers(0, prompt_len)),  # a bidirectional prefix lies inside the prompt
+        window=window,
+        prefix_len=prefix_len,
         seed=draw(st.integers(0, 2**16)),
     )
 

@@ -22,10 +22,11 @@ NUM_HEADS = 4
 KV_HEADS = [pytest.param(NUM_HEADS, id="mha"), pytest.param(2, id="gqa"), pytest.param(1, id="mqa")]
 MASK_KINDS = ["causal", "sliding_window", "prefix_lm", "document"]
 
-#: On CUDA, flex compiles once per chunk shape, so CUDA cases come from a small fixed menu of
-#: shapes and splits (compiles are reused); on CPU everything is drawn freely.
-CUDA_LENGTH = 24
-CUDA_SPLITS = [(CUDA_LENGTH,), (7, 1, 1, 5, 1, 9), (13, *([1] * 11))]
+#: On CUDA, flex compiles once per chunk shape and pattern, so CUDA cases use one fixed split
+#: (a prefill, one-token steps and a multi-token chunk) and fixed pattern parameters, and skip
+#: fp16 (bf16 covers half precision): about a hundred compiles in all. On CPU all is drawn freely.
+CUDA_SPLITS = (9, 1, 1, 6, 1, 1, 1, 1, 1, 1, 1)  # 24 tokens
+CACHE_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.id != "cuda-fp16"]
 
 
 def random_document_ids(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,9 +48,7 @@ def cache_cases(draw: st.DrawFn, device: str, mask_kind: str) -> dict:
     """Shapes, mask parameters and a split of the sequence into a prefill and chunks."""
     if device == "cuda":
         batch, head_dim, d_in = 2, 16, 16
-        splits = list(draw(st.sampled_from(CUDA_SPLITS)))
-        window = draw(st.sampled_from([3, 8]))
-        prefix_len = draw(st.sampled_from([0, 7]))
+        splits, window, prefix_len = list(CUDA_SPLITS), 3, 7
     else:
         batch = draw(st.integers(1, 3))
         head_dim = draw(st.sampled_from([8, 16]))
@@ -108,7 +107,7 @@ def run_chunks(
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("num_kv_heads", KV_HEADS)
 @pytest.mark.parametrize("impl_name", IMPL_NAMES)
-@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize(("device", "dtype"), CACHE_DEVICE_DTYPES)
 @settings(max_examples=max(2, settings.default.max_examples // 3))  # 36 cases per device already
 @given(data=st.data())
 def test_chunked_decoding_matches_one_forward(data, device, dtype, impl_name, num_kv_heads, mask_kind):
