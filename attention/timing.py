@@ -40,6 +40,13 @@ class CudaEventClock:
         self._total_s = 0.0
         self._start: torch.cuda.Event | None = None
 
+    def __repr__(self) -> str:
+        return f"CudaEventClock({self.device})"
+
+    def reset(self) -> None:
+        """Forget a start reading left unpaired (a timed call raised): the next reading starts a pair."""
+        self._start = None
+
     def __call__(self) -> float:
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))

@@ -23,6 +23,7 @@ Conventions:
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -484,10 +485,32 @@ def _common_skip_reason(w: Workload | DecodeWorkload, peak: Callable[[], int]) -
     return None
 
 
+#: JSON ``kernel_options`` for flex prefill cases (block sizes, num_warps...): the tuning lever
+#: of issue 3 point 9, set by ``pytest perf --perf-flex-kernel-options``. Decode keeps flex's own.
+FLEX_KERNEL_OPTIONS_ENV = "ATTENTION_FLEX_KERNEL_OPTIONS"
+
+
+def flex_kernel_options() -> dict | None:
+    raw = os.environ.get(FLEX_KERNEL_OPTIONS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{FLEX_KERNEL_OPTIONS_ENV} is not JSON ({exc}): {raw!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{FLEX_KERNEL_OPTIONS_ENV} must be a JSON object, got {raw!r}")
+    return options
+
+
 def _module(
     impl: str, w: Workload | DecodeWorkload, d_in: int, context_length: int, mask_mod: masks.MaskMod
 ) -> AttentionBase:
     cls = MHAPyTorchScaledDotProduct if impl in CORE_REFERENCES or impl in MODULE_REFERENCES else registry.get(impl)
+    extra = {}
+    options = flex_kernel_options()
+    if options and issubclass(cls, MHAPyTorchFlexAttention) and isinstance(w, Workload):
+        extra["kernel_options"] = options
     module = cls(
         d_in,
         w.num_heads * w.head_dim,
@@ -495,6 +518,7 @@ def _module(
         context_length,
         num_kv_heads=w.kv_heads,
         mask_mod=mask_mod,
+        **extra,
     )
     return module.to(device=w.device, dtype=w.dtype).eval()  # eval: no dropout kernels
 
@@ -520,6 +544,12 @@ def _seeded(device: torch.device | str) -> torch.Generator:
 def _randn(shape: tuple[int, ...], w: Workload | DecodeWorkload, g: torch.Generator, grad: bool = False) -> Tensor:
     t = torch.randn(shape, generator=g, device=w.device, dtype=torch.float32).to(w.dtype)
     return t.requires_grad_(grad)
+
+
+def _tag(fn: Callable[[], object], **tensors: object) -> Callable[[], object]:
+    """Expose what ``fn`` runs on as ``fn.inputs`` (for tests and the benchmark report)."""
+    fn.inputs = tensors  # type: ignore[attr-defined]
+    return fn
 
 
 def _inference(fn: Callable[[], object]) -> Callable[[], object]:
@@ -561,12 +591,12 @@ def _build_prefill(w: Workload) -> tuple[Callable[[], object], Callable[[], None
         q.grad = k.grad = v.grad = None
 
     if not w.backward:
-        return _inference(attend), setup
+        return _tag(_inference(attend), module=module, q=q, k=k, v=v), setup
 
     def forward_backward() -> None:
         attend().backward(grad_core)
 
-    return forward_backward, setup
+    return _tag(forward_backward, module=module, q=q, k=k, v=v), setup
 
 
 def _build_module_level(
@@ -599,7 +629,7 @@ def _build_module_level(
             module.zero_grad(set_to_none=True)
             x.grad = None
 
-    return (forward_backward if w.backward else _inference(forward)), setup
+    return _tag(forward_backward if w.backward else _inference(forward), module=module, x=x), setup
 
 
 def _build_decode(w: DecodeWorkload) -> tuple[Callable[[], object], Callable[[], None]]:
@@ -629,7 +659,7 @@ def _build_decode(w: DecodeWorkload) -> tuple[Callable[[], object], Callable[[],
     def setup() -> None:
         return None
 
-    return _inference(step), setup
+    return _tag(_inference(step), module=module, q=q, k=k, v=v), setup
 
 
 __all__ = [

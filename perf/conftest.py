@@ -13,6 +13,7 @@ baseline; plain ``pytest perf`` works too. Options (all optional):
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention import flex
+from attention import flex, workload
 from attention.perf import grid as perf_grid
 from attention.perf import guards, machine, runner
 from attention.timing import clock_for
@@ -57,12 +58,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--perf-budget", type=float, default=0.2, help="timed seconds per case")
     group.addoption("--perf-log", default=None, help="append one JSON line per finished case to this file")
     group.addoption("--perf-run-label", default="run", help="label of this run in the --perf-log file")
+    group.addoption(
+        "--perf-flex-kernel-options",
+        default=None,
+        metavar="JSON",
+        help='kernel_options for flex prefill cases, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\' (a tuning lever)',
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     device = config.getoption("--perf-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--perf-device=cuda but this machine has no CUDA GPU")
+    options = config.getoption("--perf-flex-kernel-options")
+    if options is not None:
+        os.environ[workload.FLEX_KERNEL_OPTIONS_ENV] = options
+    try:
+        workload.flex_kernel_options()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     log = config.getoption("--perf-log")
     state = PerfState(
         device=device,
@@ -111,6 +125,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     state = config.stash[_STATE]
     info = dict(state.machine, **state.ceilings, grid=state.grid, graphs=state.opts.graphs)
     info["wall_s"] = round(time.time() - state.started, 1)
+    info["flex_kernel_options"] = workload.flex_kernel_options()
     info["flex_compiled_signatures"] = len(flex._compiled)  # one per shape/dtype/grad: no recompiles
     machine_info[machine.KEY] = info
     machine_info["gpu"] = info.get("gpu_name")

@@ -149,7 +149,7 @@ def check_comparable(baseline: Run, current: Run) -> list[str]:
             f"Re-record the baseline with this torch: {RECORD_HINT}."
         )
     warnings = []
-    for name in ("torch", "cuda", "cudnn", "triton", "gpu_count"):
+    for name in ("torch", "cuda", "cudnn", "triton", "gpu_count", "graphs", "flex_kernel_options"):
         if b.get(name) != c.get(name):
             warnings.append(f"{name} differs: baseline {b.get(name)}, now {c.get(name)}")
     return warnings

@@ -167,6 +167,8 @@ def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
             f"the benchmark fixture times with {timer!r}, not the CUDA event clock; perf/conftest.py "
             "must mark every case with pytest.mark.benchmark(timer=clock_for(device))"
         )
+    if isinstance(timer, CudaEventClock):
+        timer.reset()  # a previous case that raised mid-round must not shift this one's pairs
     info = describe(w)
     info["timer"] = getattr(timer, "name", getattr(timer, "__name__", repr(timer)))
     benchmark.extra_info.update(info)

@@ -1,0 +1,82 @@
+"""Synthetic perf runs for the CPU tests of attention.perf: pytest-benchmark-shaped JSON documents."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+from attention.perf.machine import KEY
+from attention.perf.results import parse_run
+
+H100 = {
+    "device": "cuda",
+    "gpu_name": "NVIDIA H100 80GB HBM3",
+    "slug": "nvidia-h100-80gb-hbm3",
+    "torch": "2.11.0+cu130",
+    "torch_minor": "2.11",
+    "cuda": "13.0",
+    "cudnn": 91300,
+    "triton": "3.6.0",
+    "gpu_count": 1,
+    "copy_gbps": 3000.0,
+    "matmul_tflops": 790.0,
+}
+
+
+def case_info(key: str, **extra) -> dict:
+    info = {
+        "case": key,
+        "kind": "prefill",
+        "level": "core",
+        "impl": "sdpa",
+        "family": "sdpa",
+        "device": "cuda",
+        "dtype": "bf16",
+        "direction": "fwd",
+        "head_dim": 64,
+        "seq_len": 4096,
+        "mask": "causal",
+        "timer": "cuda-event",
+        "timing_mode": "cuda-graph",
+        "sdpa_backend": "cudnn",
+        "tflops": 400.0,
+        "peak_mem_mib": 64.0,
+        "scores_mib": 4096.0,
+        "compiles_while_timing": 0,
+    }
+    info.update(extra)
+    return info
+
+
+def samples(median: float, noise: float = 0.005, n: int = 30, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [median * (1 + rng.uniform(-noise, noise)) for _ in range(n)]
+
+
+def make_raw(cases: dict[str, dict], machine: dict | None = None) -> dict:
+    """``cases``: key -> {"median": s, "data": [...], **extra_info fields}."""
+    benches = []
+    for key, spec in cases.items():
+        spec = dict(spec)
+        median = spec.pop("median")
+        data = spec.pop("data", None) or samples(median, seed=hash(key) % 1000)
+        benches.append(
+            {
+                "group": "g",
+                "name": f"test_prefill[{key}]",
+                "fullname": f"perf/test_prefill.py::test_prefill[{key}]",
+                "extra_info": case_info(key, **spec),
+                "stats": {"median": median, "data": data, "rounds": len(data)},
+            }
+        )
+    return {"machine_info": {"node": "x", KEY: dict(machine or H100)}, "benchmarks": benches, "version": "5.2.3"}
+
+
+def make_run(cases: dict[str, dict], machine: dict | None = None, path: str = "run.json"):
+    return parse_run(make_raw(cases, machine), path)
+
+
+def with_machine(**changes) -> dict:
+    m = copy.deepcopy(H100)
+    m.update(changes)
+    return m

@@ -1,0 +1,153 @@
+"""attention.workload and the perf grid: FLOP and byte counts, memory-based skips, builds (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention import AttentionBase, registry, workload
+from attention.perf import grid as perf_grid
+from attention.sdpa import MHAPyTorchScaledDotProduct
+from attention.workload import DecodeWorkload, Workload, attention_flops, decode, visible_counts
+
+
+def test_flops_follow_flashattention_convention():
+    assert attention_flops(2, 3, 8, 8, 4, causal=False) == 4 * 2 * 3 * 8 * 8 * 4
+    assert attention_flops(2, 3, 8, 8, 4) == 4 * 2 * 3 * 8 * 8 * 4 / 2
+    assert attention_flops(2, 3, 8, 8, 4, backward=True) == 3.5 * attention_flops(2, 3, 8, 8, 4)
+
+
+def test_workload_flops_core_and_module():
+    core = Workload("sdpa", 4, 4096, 32, 64, torch.bfloat16, "cpu")
+    assert core.flops() == attention_flops(4, 32, 4096, 4096, 64)
+    both = Workload("sdpa", 4, 4096, 32, 64, torch.bfloat16, "cpu", backward=True)
+    assert both.flops() == 3.5 * core.flops()
+    module = Workload("sdpa", 4, 4096, 32, 64, torch.bfloat16, "cpu", level="module")
+    tokens, d = 4 * 4096, 2048
+    assert module.flops() == core.flops() + 2 * tokens * d * 3 * d + 2 * tokens * d * d
+    gemms = Workload("gemms", 4, 4096, 32, 64, torch.bfloat16, "cpu", level="module")
+    assert gemms.flops() == module.flops() - core.flops()
+
+
+@pytest.mark.parametrize("t,w", [(64, 16), (100, 7), (128, 128)])
+def test_visible_counts_sliding_window_exact(t, w):
+    pairs, block_pairs = visible_counts(f"sliding_window:{w}", 1, t, block=16)
+    assert pairs == sum(min(i + 1, w) for i in range(t))
+    assert pairs <= block_pairs <= t * t
+
+
+def test_visible_counts_causal_and_documents():
+    assert visible_counts("causal", 2, 50)[0] == 2 * 50 * 51 // 2
+    lengths = workload.document_lengths(300, 4)
+    assert sum(lengths) == 300 and min(lengths) > 0 and lengths == workload.document_lengths(300, 4)
+    assert visible_counts("document:4", 1, 300)[0] == sum(n * (n + 1) // 2 for n in lengths)
+
+
+def test_mask_workload_counts_visible_blocks_only():
+    dense = Workload("flex", 1, 1024, 2, 16, torch.float32, "cpu")
+    window = Workload("flex", 1, 1024, 2, 16, torch.float32, "cpu", mask="sliding_window:128")
+    assert window.flops() < dense.flops() / 2
+    assert window.visible_block_fraction() == pytest.approx(visible_counts("sliding_window:128", 1, 1024)[1] / 1024**2)
+
+
+def test_decode_bytes_are_the_kv_read():
+    mha, gqa = decode("sdpa", 4096, device="cpu"), decode("sdpa", 4096, gqa=True, device="cpu")
+    assert mha.kv_bytes() == 2 * 8 * 16 * 4096 * 128 * 2
+    assert gqa.kv_bytes() == mha.kv_bytes() // 4
+    assert mha.min_bytes() > mha.kv_bytes() and mha.flops() == 4 * 8 * 16 * 4096 * 128
+
+
+def test_skip_is_decided_by_memory_not_by_name(monkeypatch):
+    monkeypatch.setattr(workload, "free_memory_bytes", lambda device: 40 * 2**30)
+    big = dict(batch=1, seq_len=16384, num_heads=32, head_dim=64, dtype=torch.bfloat16, device="cpu")
+    reason = Workload("from_scratch", **big).skip_reason()
+    assert reason and "GiB" in reason and "O(T^2)" in reason
+    assert Workload("sdpa", **big).skip_reason() is None
+    small = dict(big, seq_len=1024, batch=16)
+    assert Workload("from_scratch", **small).skip_reason() is None
+
+
+def test_unknown_plugin_is_assumed_quadratic_until_it_registers_a_model(monkeypatch):
+    monkeypatch.setattr(workload, "free_memory_bytes", lambda device: 40 * 2**30)
+    monkeypatch.setattr(workload, "_SCORE_COPIES", dict(workload._SCORE_COPIES))
+
+    class Mine(AttentionBase):
+        def _attend(self, q, k, v, *, q_offset, document_ids):
+            return q
+
+    monkeypatch.setitem(registry._registry, "mine_perf_test", Mine)
+    case = Workload("mine_perf_test", 1, 16384, 32, 64, torch.bfloat16, "cpu")
+    assert "no memory model registered" in case.skip_reason()
+    workload.register_memory_model(Mine, 0, 0)
+    assert case.skip_reason() is None
+
+
+def test_other_skip_reasons():
+    assert "no backward" in Workload("flex", 1, 64, 2, 16, torch.float32, "cpu", backward=True).skip_reason()
+    assert "module-level" in Workload("gemms", 1, 64, 2, 16, torch.float32, "cpu").skip_reason()
+    assert "core-level" in Workload("raw_sdpa", 1, 64, 2, 16, torch.float32, "cpu", level="module").skip_reason()
+    assert "CUDA" in Workload("raw_sdpa_flash", 1, 64, 2, 16, torch.float32, "cpu").skip_reason()
+    if not torch.cuda.is_available():
+        assert "no CUDA" in Workload("sdpa", 1, 64, 2, 16, torch.float32, "cuda").skip_reason()
+
+
+@pytest.mark.parametrize("level", ["core", "module"])
+def test_build_backward_clears_grads_and_uses_random_inputs(level):
+    fn, setup = Workload("sdpa", 2, 32, 2, 8, torch.float32, "cpu", backward=True, level=level).build()
+    leaf = fn.inputs["q"] if level == "core" else fn.inputs["module"].qkv.weight
+    setup()
+    fn()
+    first = leaf.grad.clone()
+    setup()
+    fn()
+    assert torch.equal(leaf.grad, first)  # cleared between calls, not accumulated
+    inputs = fn.inputs["q"] if level == "core" else fn.inputs["x"]
+    assert (inputs != 0).float().mean() > 0.99  # torch.randn, never zeros
+
+
+@pytest.mark.parametrize("impl", ["from_scratch", "flex", "sdpa", "raw_sdpa"])
+def test_every_kind_builds_and_runs_on_cpu(impl):
+    for case in [
+        Workload(impl, 2, 32, 2, 8, torch.float32, "cpu"),
+        Workload(impl, 1, 64, 2, 8, torch.float32, "cpu", mask="document:3"),
+        DecodeWorkload(impl, 48, batch=2, num_heads=4, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu"),
+    ]:
+        if case.skip_reason():
+            continue
+        fn, setup = case.build()
+        setup()
+        assert torch.isfinite(fn()).all()
+
+
+def test_flex_kernel_options_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv(workload.FLEX_KERNEL_OPTIONS_ENV, '{"BLOCK_M": 64}')
+    assert workload.flex_kernel_options() == {"BLOCK_M": 64}
+    monkeypatch.setenv(workload.FLEX_KERNEL_OPTIONS_ENV, "[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        workload.flex_kernel_options()
+
+
+@pytest.mark.parametrize("name", perf_grid.GRIDS)
+def test_grids_have_unique_ids_and_cover_every_kind(name):
+    cases = perf_grid.grid(name, "cuda")
+    ids = [c.case_id for c in cases]
+    assert len(ids) == len(set(ids))
+    assert {perf_grid.kind(c) for c in cases} == {"prefill", "decode", "mask"}
+    assert set(registry.implementations()) <= {c.impl for c in cases}
+
+
+def test_full_grid_holds_the_issue_shapes():
+    cases = perf_grid.grid("full", "cuda")
+    prefill = [c for c in cases if perf_grid.kind(c) == "prefill" and c.d_in is None]
+    assert {c.seq_len for c in prefill} >= {512, 1024, 4096, 16384}
+    assert all(c.batch * c.seq_len == 16384 and c.num_heads * c.head_dim == 2048 for c in prefill)
+    llm = [c for c in cases if isinstance(c, Workload) and c.d_in == 768]
+    assert {(c.batch, c.seq_len, c.num_heads, c.dtype) for c in llm} == {
+        (8, 1024, 12, torch.float32),
+        (8, 1024, 12, torch.bfloat16),
+    }
+    contexts = {c.context for c in cases if isinstance(c, DecodeWorkload)}
+    assert min(contexts) == 1024 and max(contexts) == 32768
+    assert any(
+        issubclass(registry.get(c.impl), MHAPyTorchScaledDotProduct) for c in llm if c.impl in registry._registry
+    )
