@@ -26,8 +26,11 @@ class MHAPyTorchScaledDotProduct(AttentionBase):
                 q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale, enable_gqa=enable_gqa
             )  # (B, H, Tq, hd)
         visible = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)
+        empty = ~visible.any(dim=-1, keepdim=True)  # (B or 1, H or 1, Tq, 1) rows with no visible key
+        # SDPA leaves an all-masked row NaN or garbage, per backend, and a NaN there would reach
+        # every key's gradient through dK and dV even after the row is zeroed. So such rows attend
+        # to everything (finite everywhere) and are zeroed afterwards, which also zeroes their grads.
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible, dropout_p=dropout_p, scale=self.scale, enable_gqa=enable_gqa
+            q, k, v, attn_mask=visible | empty, dropout_p=dropout_p, scale=self.scale, enable_gqa=enable_gqa
         )  # (B, H, Tq, hd)
-        # SDPA leaves rows with no visible key as NaN (or garbage, per backend): make them zeros.
-        return out.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+        return out.masked_fill(empty, 0.0)  # (B, H, Tq, hd)
