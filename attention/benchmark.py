@@ -139,10 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m attention.benchmark",
         description=(
             "Sweep sequence lengths over attention implementations: forward and forward+backward "
-            "time, TFLOP/s and peak memory of the attention core, and the module's error against "
-            "the float64 oracle. Prints a table; writes report.json, table.txt and PNG plots."
+            "time, TFLOP/s and peak memory of the attention core, and its error against "
+            "the float64 oracle. Prints a table; writes report.json, table.txt and PNG plots. Cases "
+            "that cannot run (no backward on the device, not enough memory) are reported, not fatal."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=(
+            "examples: python -m attention.benchmark --device cuda --out report/ | "
+            "python -m attention.benchmark --impl sdpa flex --seq-lens 1024 4096 --dtype fp16"
+        ),
     )
     parser.add_argument(
         "--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
@@ -162,12 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sequence lengths to sweep (default: {' '.join(map(str, cuda['seq_lens']))} on CUDA, "
         f"{' '.join(map(str, cpu['seq_lens']))} on CPU)",
     )
-    parser.add_argument("--head-dim", type=_positive_int, default=64, help="features per head; must divide --hidden")
+    parser.add_argument(
+        "--head-dim", type=_positive_int, default=64, help="features per head; must divide --hidden (default: 64)"
+    )
     parser.add_argument(
         "--impl", type=_impl, nargs="+", default=None, metavar="NAME", help=f"registry names (default: all: {names})"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("benchmark-out"), help="folder for report.json, table.txt and the PNGs"
+        "--out",
+        type=Path,
+        default=Path("benchmark-out"),
+        help="folder for report.json, table.txt and the PNGs, created if missing (default: benchmark-out)",
     )
     parser.add_argument(
         "--batch",
@@ -186,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cell-seconds",
         type=_positive_float,
         default=1.0,
-        help="timing budget per case; rounds adapt to it (at least 3, at most 20)",
+        help="timing budget per case in seconds; rounds adapt to it, at least 3, at most 20 (default: 1)",
     )
     parser.add_argument("--no-accuracy", action="store_true", help="skip the comparison with the float64 oracle")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON and table only")
