@@ -229,6 +229,15 @@ class AttentionBase(nn.Module):
                 )
             kv_cache.check_compatible(x, t)
             past = kv_cache.pos
+            # A bidirectional prefix lets early queries see later prefix keys; the queries already
+            # run could not, so continuing a cache that ends inside the prefix would silently differ
+            # from one call on the whole sequence.
+            prefix_len = getattr(self.mask_mod, "prefix_len", 0)
+            if 0 < past < prefix_len:
+                raise ValueError(
+                    f"mask_mod {getattr(self.mask_mod, '__name__', '')} shows keys before prefix_len={prefix_len} "
+                    f"to every query, but the cache ends at {past}: put the whole prefix in the first chunk"
+                )
         if past + t > self.context_length:
             raise ValueError(
                 f"{past + t} positions ({past} cached + {t} new) exceed context_length={self.context_length}"

@@ -62,6 +62,7 @@ def prefix_lm(prefix_len: int) -> MaskMod:
         return (kv_idx < prefix_len) | (q_idx >= kv_idx)
 
     prefix_lm_mask.__name__ = f"prefix_lm_{prefix_len}"
+    prefix_lm_mask.prefix_len = prefix_len  # read by the KV cache: the first chunk must hold the prefix
     return prefix_lm_mask
 
 

@@ -255,6 +255,23 @@ def test_bad_document_ids_leave_cache_unchanged(impl_name):
     assert_unchanged(cache, before)
 
 
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+def test_prefix_split_across_chunks_rejected(impl_name):
+    """Prefix queries see later prefix keys: a cache continued inside the prefix would differ
+    from one call, so it is refused; the prefix whole in the first chunk is fine."""
+    module = cpu_module(impl_name, mask_mod=masks.prefix_lm(5))
+    x = torch.randn(1, 8, 8)  # (B, T, d_in)
+    cache = module.make_kv_cache(1, 8)
+    run_chunks(module, x[:, :3], [3], cache)
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match=r"prefix_len=5.*cache ends at 3.*whole prefix in the first chunk"):
+        run_chunks(module, x[:, 3:4], [1], cache)
+    assert_unchanged(cache, before)
+    cache.reset()
+    out = run_chunks(module, x, [5, 1, 2], cache)  # (B, T, d_out)
+    assert_module_matches_oracle(module, x, out, what="prefix_lm output, prefix in the prefill")
+
+
 def test_flex_without_backward_leaves_cache_unchanged():
     """flex has no backward on CPU: asking for one fails before the cache is written."""
     module = cpu_module("flex")
