@@ -107,7 +107,7 @@ def _sdpa_math(info: dict, machine: dict) -> str | None:
 
 def _flex_unfused(info: dict, machine: dict) -> str | None:
     if _on_cuda(info) and info.get("family") == FLEX_FAMILY and info.get("flex_path") == "unfused":
-        return "compiled flex_attention ran unfused (separate score matmul/softmax kernels): fallback path"
+        return "compiled flex_attention ran unfused (a separate softmax over materialised scores): fallback path"
     return None
 
 
@@ -155,7 +155,7 @@ def _ceilings(info: dict, machine: dict) -> str | None:
 
 def _anchors(info: dict, machine: dict) -> str | None:
     row = anchor_row(info)
-    if row is None or not is_h100(machine) or not info.get("tflops"):
+    if row is None or not _on_cuda(info) or not is_h100(machine) or not info.get("tflops"):
         return None
     by_len = H100_ANCHORS.get((row, info.get("direction"), info.get("head_dim")))
     if not by_len:

@@ -33,8 +33,9 @@ SDPA_KERNELS = (
     ("flash_bwd", "flash"),
     ("pytorch_flash", "flash"),
 )
-#: Ops an unfused attention runs: a score matrix multiplied and softmaxed in separate kernels.
-UNFUSED_OPS = {"bmm", "baddbmm", "matmul", "softmax", "_softmax", "_safe_softmax", "log_softmax"}
+#: Ops only an unfused attention runs: a softmax over a materialised score matrix. (Matmuls are
+#: no evidence: a module's projections run them either way.)
+UNFUSED_OPS = {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax", "logsumexp"}
 
 
 @dataclass
@@ -89,14 +90,12 @@ def classify_sdpa(ops: Iterable[str], kernels: Iterable[str] = ()) -> str:
 
 
 def classify_flex(ops: Iterable[str], kernels: Iterable[str], device_type: str) -> str:
-    """``"fused"`` (a Triton template kernel and no separate score matmul/softmax), ``"unfused"``,
+    """``"fused"`` (Triton kernels and no separate softmax), ``"unfused"`` (a softmax op ran),
     or ``"eager"`` off CUDA, where flex is never compiled."""
     if device_type != "cuda":
         return "eager"
     ops = {_op_name(op) for op in ops}
     triton = any(k.startswith("triton") for k in kernels)
-    if triton and not (ops & UNFUSED_OPS):
-        return "fused"
     if ops & UNFUSED_OPS:
         return "unfused"
-    return "unknown"
+    return "fused" if triton else "unknown"

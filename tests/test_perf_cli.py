@@ -1,0 +1,111 @@
+"""python -m attention.perf: exit codes and messages of compare/record/spread/table, and a CPU run (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention.perf import cli
+from attention.perf.results import write_run
+
+from .perf_support import H100, make_run, samples, with_machine
+
+KEY = "core-sdpa-bf16-fwd-B4-T4096-H32-D64"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, name: str, median: float = 1e-3, machine: dict | None = None, **info) -> str:
+    run = make_run({KEY: {"median": median, "data": samples(median), **info}}, machine, path=name)
+    return str(write_run(run, tmp_path / name))
+
+
+def test_compare_exit_codes(tmp_path, capsys):
+    base = write(tmp_path, "base.json")
+    assert cli.main(["compare", write(tmp_path, "same.json"), "--baseline", base]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert cli.main(["compare", write(tmp_path, "slow.json", 1.2e-3), "--baseline", base]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSIONS: 1" in out and KEY in out and "FAIL" in out
+    a100 = with_machine(gpu_name="NVIDIA A100-SXM4-80GB", slug="nvidia-a100-sxm4-80gb")
+    assert cli.main(["compare", write(tmp_path, "a100.json", machine=a100), "--baseline", base]) == 2
+    out = capsys.readouterr().out
+    assert "refusing to compare" in out and "REGRESSION" not in out
+
+
+def test_compare_finds_the_baseline_by_gpu_and_explains_a_missing_one(tmp_path, capsys):
+    run = write(tmp_path, "run.json")
+    assert cli.main(["compare", run, "--baselines", str(tmp_path / "baselines")]) == 2
+    assert "no baseline for NVIDIA H100" in capsys.readouterr().out
+    write_run(make_run({KEY: {"median": 1e-3}}), tmp_path / "baselines" / H100["slug"] / "baseline.json")
+    assert cli.main(["compare", run, "--baselines", str(tmp_path / "baselines")]) == 0
+
+
+def test_corrupt_baseline_is_exit_2_with_the_file_named(tmp_path, capsys):
+    bad = tmp_path / "baseline.json"
+    bad.write_text('{"machine_info": {"attention_perf": {"torch"')
+    assert cli.main(["compare", write(tmp_path, "run.json"), "--baseline", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert str(bad) in out and "truncated" in out
+
+
+def test_record_merges_runs_and_writes_thresholds(tmp_path, capsys):
+    runs = [write(tmp_path, f"run-{i}.json", m) for i, m in enumerate((1.0e-3, 1.02e-3, 0.99e-3))]
+    assert cli.main(["record", *runs, "--baselines", str(tmp_path / "b")]) == 0
+    target = tmp_path / "b" / H100["slug"]
+    assert json.loads((target / "baseline.json").read_text())["benchmarks"][0]["stats"]["median"] == 1.0e-3
+    assert KEY in json.loads((target / "thresholds.json").read_text())["cases"]
+    assert "Commit" in capsys.readouterr().out
+    assert cli.main(["compare", runs[1], "--baselines", str(tmp_path / "b")]) == 0
+
+
+def test_record_refuses_cpu_runs_and_guard_failures(tmp_path, capsys):
+    cpu = with_machine(device="cpu", gpu_name=None, slug="cpu")
+    assert cli.main(["record", write(tmp_path, "cpu.json", machine=cpu), "--baselines", str(tmp_path)]) == 2
+    broken = write(tmp_path, "broken.json", guard_failures=["sdpa_math: ..."])
+    assert cli.main(["record", broken, "--baselines", str(tmp_path)]) == 2
+    assert "guard failures" in capsys.readouterr().out
+
+
+def test_spread_and_table(tmp_path, capsys):
+    runs = [write(tmp_path, f"run-{i}.json", m) for i, m in enumerate((1.0e-3, 1.1e-3))]
+    assert cli.main(["spread", *runs, "--write", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["cases"][KEY]["time"] > 0.1
+    assert cli.main(["table", runs[0]]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H100" in out and "Targets" in out
+
+
+def test_run_arguments_pass_through_to_pytest():
+    args, extra = cli.parser().parse_known_args(["run", "--benchmark-compare", "-k", "flex", "--perf-graphs=all"])
+    assert args.benchmark_compare is True and extra == ["-k", "flex", "--perf-graphs=all"]
+    args, _ = cli.parser().parse_known_args(["run", "--benchmark-compare=perf/x.json", "--repeat", "3"])
+    assert args.benchmark_compare == "perf/x.json" and args.repeat == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "attention.perf", "--benchmark-compare", "--out", str(tmp_path), "--quiet-pytest"]
+    cmd += ["-k", "core-sdpa-fp32-fwd-B4-T64 or decode-sdpa", "--perf-budget=0.02"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No CUDA GPU here" in done.stdout and "skipped: no CUDA GPU" in done.stdout
+    raw = json.loads((tmp_path / "run-1.json").read_text())
+    assert raw["machine_info"]["attention_perf"]["slug"] == "cpu"
+    assert raw["machine_info"]["attention_perf"]["copy_gbps"] > 0
+    infos = {b["extra_info"]["case"]: b for b in raw["benchmarks"]}
+    assert set(infos) == {"core-sdpa-fp32-fwd-B4-T64-H4-D16", "decode-sdpa-fp32-B2-N256-H4-KV1-D16-GQA4"}
+    for bench in infos.values():
+        info = bench["extra_info"]
+        assert info["tflops"] > 0 and info["gbps"] > 0 and info["timer"] == "perf-counter"
+        assert info["sdpa_backend"] == "flash_cpu" and info["guard_failures"] == []
+        assert len(bench["stats"]["data"]) == info["rounds"]
+    log = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert sum(entry.get("status") == "passed" for entry in log) == 2
+    assert (tmp_path / "summary.txt").exists()

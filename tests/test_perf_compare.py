@@ -1,0 +1,118 @@
+"""attention.perf.compare: regression, improvement and memory verdicts; thresholds from spread (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from attention.perf import compare as cmp
+from attention.perf.results import merge_runs
+
+from .perf_support import make_run, samples
+
+A, B, C = "core-sdpa-bf16-fwd-B4-T4096-H32-D64", "core-flex-bf16-fwd-B4-T4096-H32-D64", "decode-sdpa-bf16-B8-N4096"
+
+
+def base_cases(**overrides):
+    cases = {
+        A: {"median": 1.0e-3},
+        B: {"median": 2.0e-3, "family": "flex", "impl": "flex", "flex_path": "fused", "sdpa_backend": None},
+        C: {"median": 1.0e-4, "kind": "decode"},
+    }
+    for key, change in overrides.items():
+        cases[key] = dict(cases[key], **change)
+    return cases
+
+
+def test_identical_runs_pass():
+    result = cmp.compare(make_run(base_cases()), make_run(base_cases()))
+    assert not result.failed and result.compared == 3 and not result.improvements
+
+
+def test_planted_slowdown_is_flagged_by_name():
+    slow = base_cases(**{B: {"median": 2.36e-3, "data": samples(2.36e-3, seed=5)}})  # +18%
+    result = cmp.compare(make_run(base_cases()), make_run(slow))
+    assert result.failed
+    assert [v.key for v in result.regressions] == [B] and result.regressions[0].kind == "slower"
+    assert "1.18x" in result.regressions[0].message
+
+
+def test_slowdown_within_threshold_passes():
+    result = cmp.compare(make_run(base_cases()), make_run(base_cases(**{A: {"median": 1.07e-3}})))
+    assert not result.failed
+
+
+def test_large_but_insignificant_shift_is_noise():
+    pytest.importorskip("scipy")
+    noisy_base = base_cases(**{A: {"median": 1.0e-3, "data": samples(1.0e-3, noise=0.9, n=5, seed=1)}})
+    noisy_now = base_cases(**{A: {"median": 1.2e-3, "data": samples(1.0e-3, noise=0.9, n=5, seed=2)}})
+    result = cmp.compare(make_run(noisy_base), make_run(noisy_now))
+    assert not result.regressions
+    assert any(v.kind == "slower_not_significant" for v in result.notes)
+
+
+def test_improvement_is_reported_not_failed():
+    result = cmp.compare(make_run(base_cases()), make_run(base_cases(**{A: {"median": 0.7e-3}})))
+    assert not result.failed and [v.key for v in result.improvements] == [A]
+    assert "refresh the baseline" in cmp.format_comparison(result, make_run(base_cases()), make_run(base_cases()))
+
+
+def test_memory_doubling_is_a_regression_and_small_noise_is_not():
+    doubled = cmp.compare(make_run(base_cases()), make_run(base_cases(**{A: {"peak_mem_mib": 128.0}})))
+    assert [(v.key, v.kind) for v in doubled.regressions] == [(A, "memory_up")]
+    jitter = cmp.compare(make_run(base_cases()), make_run(base_cases(**{A: {"peak_mem_mib": 70.0}})))
+    assert not jitter.failed
+
+
+def test_timing_mode_change_is_not_compared():
+    changed = base_cases(**{A: {"timing_mode": "eager: includes dispatch", "median": 5e-3}})
+    result = cmp.compare(make_run(base_cases()), make_run(changed))
+    assert not result.regressions and [v.kind for v in result.notes] == ["timing_mode_changed"]
+
+
+def test_missing_and_new_cases_are_listed():
+    current = base_cases()
+    del current[C]
+    current["new-case"] = {"median": 1e-3}
+    result = cmp.compare(make_run(base_cases()), make_run(current))
+    assert result.missing == [C] and result.new == ["new-case"] and not result.failed
+
+
+def test_guard_failures_in_the_run_fail_the_comparison():
+    broken = base_cases(**{A: {"sdpa_backend": "math"}})
+    result = cmp.compare(make_run(base_cases()), make_run(broken))
+    assert result.failed and result.guard_failures[0].key == A and "math" in result.guard_failures[0].message
+
+
+def test_threshold_resolution_case_pattern_default_and_floor():
+    t = cmp.load_thresholds(None)
+    t["patterns"] = [{"match": "decode-*", "time": 0.2}]
+    t["cases"] = {A: {"time": 0.01}}
+    assert cmp.threshold_for(t, C)["time"] == 0.2
+    assert cmp.threshold_for(t, A)["time"] == t["floor"]  # never below the floor
+    assert cmp.threshold_for(t, B)["time"] == t["default"]["time"]
+
+
+def test_thresholds_file_errors_are_clear(tmp_path):
+    bad = tmp_path / "thresholds.json"
+    bad.write_text("{not json")
+    with pytest.raises(cmp.BadResultFile, match="thresholds"):
+        cmp.load_thresholds(bad)
+    assert cmp.load_thresholds(tmp_path / "absent.json")["default"]["time"] == 0.10
+
+
+def test_thresholds_from_spread():
+    runs = [make_run(base_cases(**{A: {"median": m}, B: {"median": 2e-3}})) for m in (1.0e-3, 1.03e-3, 0.99e-3)]
+    t = cmp.thresholds_from_spread(runs, k=3.0, floor=0.05)
+    assert t["cases"][A]["time"] == pytest.approx(3 * 0.03, abs=1e-3)  # worst run 3% off the middle
+    assert t["cases"][B]["time"] == 0.05
+    assert t["measured"]["runs"] == 3 and t["default"]["time"] >= 0.05
+    assert "too noisy" in cmp.format_spread(t)
+    with pytest.raises(ValueError):
+        cmp.spread(runs[:1])
+
+
+def test_merge_takes_the_middle_run_of_each_case():
+    runs = [make_run(base_cases(**{A: {"median": m}}), path=f"r{i}") for i, m in enumerate((3e-3, 1e-3, 2e-3))]
+    merged = merge_runs(runs)
+    assert merged.records[A].median == 2e-3 and merged.machine["merged_from"] == 3
+    assert len(merged.raw["benchmarks"]) == 3
