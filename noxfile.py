@@ -63,3 +63,18 @@ def notebook(session: nox.Session) -> None:
     # marimo puts the notebook's folder on sys.path, not the repo root: under --no-venv nothing
     # is installed, so point Python at the checkout.
     session.run("marimo", "export", "html", "attention/notebook.py", "-o", out, "-f", env={"PYTHONPATH": str(HERE)})
+
+
+@nox.session(default=False)
+def perf(session: nox.Session) -> None:
+    """GPU perf grid (pytest-benchmark), JSON under .benchmarks/attention-perf/ (or --out DIR).
+
+    -- --benchmark-compare: compare with perf/baselines/<this GPU>/ and fail on regressions.
+    -- --record: make this run the baseline for this GPU (commit perf/baselines/<gpu>/).
+    -- --repeat 3: run three times and derive per-case thresholds from the spread.
+    Other args go to pytest (-k flex, --perf-grid=quick, --perf-graphs=all). Without CUDA it runs
+    a tiny CPU grid to show the machinery working and compares nothing. See perf/README.md.
+    """
+    install(session, "perf")
+    # Under --no-venv nothing is installed: the checkout must be importable as is.
+    session.run("python", "-m", "attention.perf", "run", *session.posargs, env={"PYTHONPATH": str(HERE)})
