@@ -102,7 +102,8 @@ def print_table(result: dict, console) -> None:
     console.print(
         f"time: median, {meta['timer']} timer; TFLOP/s: {meta['flops']}; peak: memory the call allocates "
         f"above its inputs ({meta['memory_method']}); errors: {meta['accuracy']}, FAIL = outside the "
-        f"tolerance rule. Sweep took {meta['wall_s']:.1f} s.",
+        f"tolerance rule. Sweep took {meta['wall_s']:.1f} s"
+        + ("." if meta.get("complete", True) else ", and was cut short: lengths or implementations are missing."),
         highlight=False,
         markup=False,
     )
@@ -254,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = json.loads(Path(argv[0]).read_text())
     out = Path(argv[1]) if len(argv) > 1 else Path(argv[0]).parent
     write(result, out)
-    print_table(result, Console(width=200))
+    console = Console(record=True, width=max(Console().width, 180))
+    print_table(result, console)
+    save_table(console, out)
     return 0
 
 
