@@ -9,7 +9,8 @@
   (``-k flex``, ``--perf-graphs=all``...). No CUDA GPU: the tiny CPU grid runs to show the
   machinery working, nothing is compared or recorded, and the exit status is pytest's.
 * ``compare RUN``, ``record RUN...``, ``spread RUN...``, ``table RUN``: the same steps on JSON
-  files already made, e.g. fetched from a GPU machine (no GPU needed).
+  files already made, e.g. fetched from a GPU machine (no GPU needed); ``salvage LOG -o RUN``
+  rebuilds a run's JSON from its per-case log if the run died before writing it.
 
 Exit status: 0 pass; 1 regressions, guard failures or failed cases; 2 the comparison was
 refused or impossible (other GPU or torch minor, no baseline, unreadable file).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +43,7 @@ from .results import (
     write_run,
 )
 
-SUBCOMMANDS = ("run", "compare", "record", "spread", "table")
+SUBCOMMANDS = ("run", "compare", "record", "spread", "salvage", "table")
 DEFAULT_BASELINES = Path("perf") / "baselines"
 MAX_OUT_FILES = 8  # the GPU machine's $OUT brings back at most 8 files
 NO_CUDA = (
@@ -102,7 +104,9 @@ def record(runs: list[Run], baselines: Path, *, with_thresholds: bool) -> Path:
     return target
 
 
-def _pytest_run(label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool) -> tuple[int, Run | None]:
+def _pytest_run(
+    label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool, limit: float | None
+) -> tuple[int, Run | None]:
     json_path = out / f"{label}.json"
     json_path.unlink(missing_ok=True)
     cmd = [
@@ -130,11 +134,11 @@ def _pytest_run(label: str, args: argparse.Namespace, extra: list[str], out: Pat
         with (out / "pytest.log").open("a") as log:
             log.write(f"\n== {label}: {' '.join(cmd)}\n")
             log.flush()
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            rc = _call(cmd, limit, stdout=log)
         tail = (out / "pytest.log").read_text().splitlines()[-6:]
         _say("\n".join(f"   {line}" for line in tail))
     else:
-        rc = subprocess.call(cmd)
+        rc = _call(cmd, limit)
     _say(f"== {label}: pytest exit {rc}, {time.time() - start:.0f} s wall")
     if not json_path.exists() and (out / "cases.jsonl").exists():
         _say(f"{json_path} missing (the run died?): salvaging finished cases from cases.jsonl")
@@ -149,6 +153,22 @@ def _pytest_run(label: str, args: argparse.Namespace, extra: list[str], out: Pat
         return rc, None
 
 
+def _call(cmd: list[str], time_limit: float | None, stdout=None) -> int:
+    """Run ``cmd``; past ``time_limit`` seconds interrupt it like Ctrl-C, so pytest still ends its
+    session and pytest-benchmark writes the JSON of the cases already timed."""
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
+    try:
+        return proc.wait(timeout=time_limit)
+    except subprocess.TimeoutExpired:
+        _say(f"time limit ({time_limit:.0f} s) reached: interrupting pytest; finished cases are kept")
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
@@ -159,9 +179,12 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         _say(f"note: {args.repeat} runs + 4 files may exceed the {MAX_OUT_FILES} files $OUT brings back")
     if cpu:
         _say(NO_CUDA)
-    status, runs = 0, []
+    status, runs, started = 0, [], time.time()
     for i in range(1, args.repeat + 1):
-        rc, run = _pytest_run(f"run-{i}", args, extra, out, cpu)
+        limit = None
+        if args.time_budget:  # what is left, shared by the runs still to go
+            limit = max(30.0, (args.time_budget - (time.time() - started)) / (args.repeat - i + 1))
+        rc, run = _pytest_run(f"run-{i}", args, extra, out, cpu, limit)
         status = max(status, 1 if rc != 0 else 0)
         if run is not None:
             runs.append(run)
@@ -220,6 +243,13 @@ def cmd_spread(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_salvage(args: argparse.Namespace) -> int:
+    Path(args.output).write_text(json.dumps(salvage(args.log, args.run)))
+    run = load_run(args.output)
+    _say(f"salvaged {len(run.records)} cases of {args.run} into {args.output}")
+    return 0
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     run = load_run(args.run)
     _say(report.cases_table(run) if args.full else report.matrix(run))
@@ -246,6 +276,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--baselines", default=str(DEFAULT_BASELINES), help="baseline root (default perf/baselines)")
     run.add_argument("--thresholds", default=None, help="thresholds JSON (default: beside the baseline)")
     run.add_argument("--quiet-pytest", action="store_true", help="pytest output to OUT/pytest.log")
+    run.add_argument(
+        "--time-budget", type=float, default=None, metavar="SECONDS",
+        help="wall time for all runs together; a run past its share is interrupted, its finished cases kept",
+    )  # fmt: skip
     c = sub.add_parser("compare", allow_abbrev=False, help="compare a run JSON with the baseline for its GPU")
     c.add_argument("run")
     c.add_argument("--baseline", default=None)
@@ -262,6 +296,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--write", default=None, help="write the thresholds JSON here")
     s.add_argument("--k", type=float, default=cmp.SPREAD_K)
     s.add_argument("--floor", type=float, default=None)
+    v = sub.add_parser("salvage", allow_abbrev=False, help="rebuild a run JSON from OUT/cases.jsonl after a crash")
+    v.add_argument("log")
+    v.add_argument("--run", default="run-1", help="run label in the log (run-1, run-2...)")
+    v.add_argument("-o", "--output", required=True)
     t = sub.add_parser("table", allow_abbrev=False, help="print a run's tables")
     t.add_argument("run")
     t.add_argument("--full", action="store_true", help="one line per case")
@@ -284,9 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args, extra)
-        return {"compare": cmd_compare, "record": cmd_record, "spread": cmd_spread, "table": cmd_table}[args.command](
-            args
-        )
+        commands = {
+            "compare": cmd_compare,
+            "record": cmd_record,
+            "spread": cmd_spread,
+            "salvage": cmd_salvage,
+            "table": cmd_table,
+        }
+        return commands[args.command](args)
     except PerfError as exc:
         _say(f"ERROR: {exc}")
         return 2

@@ -46,7 +46,7 @@ def matrix(run: Run) -> str:
     lines = [
         f"{m.get('gpu_name') or m.get('device')} | torch {m.get('torch')} | CUDA {m.get('cuda')} | "
         f"cuDNN {m.get('cudnn')} | triton {m.get('triton')} | copy {m.get('copy_gbps') or 0:.0f} GB/s | "
-        f"bf16 matmul {m.get('matmul_tflops') or 0:.0f} TFLOP/s",
+        f"bf16 matmul {m.get('matmul_tflops') or 0:.3g} TFLOP/s",
         "TFLOP/s (decode: GB/s of KV read / fraction of copy bandwidth); * = eager, includes dispatch; "
         "[x] = SDPA backend other than cuDNN or flex not fused; ! = guard failed",
     ]
@@ -131,6 +131,8 @@ def targets(run: Run) -> str:
         if len(parts) > 1:
             lines.append(" ".join(parts))
     lines += _anchor_lines(run) + _decode_lines(run) + _mask_lines(run)
+    if len(lines) == 1:
+        lines.append("  (none of the target cases ran)")
     return "\n".join(lines)
 
 
