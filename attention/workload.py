@@ -169,7 +169,8 @@ def visible_counts(mask: str, batch: int, tokens: int, device: str = "cpu", bloc
         dense = masks.dense_mask(mask_mod, batch, 1, rows, tokens, device, q_offset=start)  # (B|1, 1, rows, T)
         dense = dense.expand(batch, 1, rows, tokens).reshape(batch, rows, tokens)  # (B, rows, T)
         pairs += int(dense.sum())
-        padded = F.pad(dense, (0, n_blocks * block - tokens, 0, -rows % block))  # (B, rows+, nb * block)
+        padded = dense.new_zeros((batch, rows + -rows % block, n_blocks * block))  # (B, rows+, nb * block)
+        padded[:, :rows, :tokens] = dense
         blocks = padded.reshape(batch, -1, block, n_blocks, block).any(dim=4).any(dim=2)  # (B, row blocks, nb)
         heights = torch.tensor(
             [min(block, rows - i * block) for i in range(blocks.shape[1])], device=device

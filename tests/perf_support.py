@@ -33,6 +33,8 @@ def case_info(key: str, **extra) -> dict:
         "device": "cuda",
         "dtype": "bf16",
         "direction": "fwd",
+        "batch": 4,
+        "num_heads": 32,
         "head_dim": 64,
         "seq_len": 4096,
         "mask": "causal",

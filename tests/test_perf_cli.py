@@ -109,3 +109,46 @@ def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
     assert sum(entry.get("status") == "passed" for entry in log) == 2
     assert (tmp_path / "summary.txt").exists()
+
+
+def test_targets_report_the_issue_ratios():
+    from attention.perf import report
+
+    shape = dict(direction="fwd", head_dim=64, seq_len=4096, dtype="bf16", batch=4, num_heads=32)
+    cases = {
+        "core-sdpa": dict(median=1.01e-3, impl="sdpa", **shape),
+        "core-raw": dict(median=1.0e-3, impl="raw_sdpa", **shape),
+        "core-raw-flash": dict(median=1.5e-3, impl="raw_sdpa_flash", sdpa_backend="flash", **shape),
+        "core-flex": dict(median=1.2e-3, impl="flex", family="flex", flex_path="fused", sdpa_backend=None, **shape),
+        "module-sdpa": dict(median=2.5e-3, impl="sdpa", level="module", d_in=2048, **shape),
+        "module-gemms": dict(median=1.4e-3, impl="gemms", level="module", d_in=2048, **dict(shape, seq_len=1024)),
+        "decode-sdpa": dict(
+            median=1e-4, impl="sdpa", kind="decode", context=4096, latency_us=100.0, gbps=2700.0, copy_fraction=0.9
+        ),
+    }
+    text = report.targets(make_run(cases))
+    assert "sdpa core/best raw (raw_sdpa) 1.010 ok" in text
+    assert "module/(gemms+core) 1.037 ok" in text
+    assert "flex/cuDNN 0.83 ok" in text
+    assert "0.90 of copy ok" in text
+    assert "x anchor 414" in text
+
+
+def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "cases.jsonl"
+    log.write_text(
+        json.dumps({"run": "run-1", "machine_info": {"attention_perf": H100}})
+        + "\n"
+        + json.dumps({"run": "run-1", "case": KEY, "status": "passed", "extra_info": {"case": KEY}, "data": [1e-3]})
+        + "\n"
+    )
+
+    def dead_pytest(cmd, limit, stdout=None):
+        (tmp_path / "run-1.json").write_text("")  # pytest-benchmark opens it at start
+        return 2
+
+    monkeypatch.setattr(cli, "_call", dead_pytest)
+    args, extra = cli.parser().parse_known_args(["run", "--out", str(tmp_path)])
+    rc, run = cli._pytest_run("run-1", args, extra, tmp_path, cpu=False, limit=None)
+    assert rc == 2 and list(run.records) == [KEY]
+    assert "rebuilding" in capsys.readouterr().out

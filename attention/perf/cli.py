@@ -140,17 +140,18 @@ def _pytest_run(
     else:
         rc = _call(cmd, limit)
     _say(f"== {label}: pytest exit {rc}, {time.time() - start:.0f} s wall")
-    if not json_path.exists() and (out / "cases.jsonl").exists():
-        _say(f"{json_path} missing (the run died?): salvaging finished cases from cases.jsonl")
-        json_path.write_text(json.dumps(salvage(out / "cases.jsonl", label)))
-    if not json_path.exists():
-        _say(f"no results from {label}")
-        return rc, None
     try:
         return rc, load_run(json_path)
-    except PerfError as exc:
-        _say(str(exc))
-        return rc, None
+    except PerfError as exc:  # pytest-benchmark creates the file at start: a dead run leaves it empty
+        _say(f"{label}: {exc}")
+    if (out / "cases.jsonl").exists():
+        _say(f"{label}: rebuilding its JSON from the finished cases in cases.jsonl")
+        json_path.write_text(json.dumps(salvage(out / "cases.jsonl", label)))
+        try:
+            return rc, load_run(json_path)
+        except PerfError as exc:
+            _say(f"{label}: nothing to salvage ({exc})")
+    return rc, None
 
 
 def _call(cmd: list[str], time_limit: float | None, stdout=None) -> int:

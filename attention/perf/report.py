@@ -95,13 +95,21 @@ def targets(run: Run) -> str:
     lines = ["Targets:"]
     shapes = sorted(
         {
-            (r.info["direction"], r.info["head_dim"], r.info["seq_len"], r.info["dtype"])
+            (
+                r.info["direction"],
+                r.info["head_dim"],
+                r.info["seq_len"],
+                r.info["dtype"],
+                r.info["batch"],
+                r.info["num_heads"],
+            )
             for r in run.records.values()
             if r.info.get("kind") == "prefill" and r.info.get("level") == "core" and r.info.get("impl") == "sdpa"
-        }
+        },
+        key=str,
     )
-    for direction, d, t, dtype in shapes:
-        shape = dict(kind="prefill", direction=direction, head_dim=d, seq_len=t, dtype=dtype)
+    for direction, d, t, dtype, b, h in shapes:
+        shape = dict(kind="prefill", direction=direction, head_dim=d, seq_len=t, dtype=dtype, batch=b, num_heads=h)
         core = _find(run, impl="sdpa", level="core", **shape)
         raws = [
             _find(run, impl=impl, level="core", **shape) for impl in ("raw_sdpa", "raw_sdpa_flash", "raw_sdpa_cudnn")
