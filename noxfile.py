@@ -75,6 +75,10 @@ def perf(session: nox.Session) -> None:
     Other args go to pytest (-k flex, --perf-grid=quick, --perf-graphs=all). Without CUDA it runs
     a tiny CPU grid to show the machinery working and compares nothing. See perf/README.md.
     """
+    import sys
+
     install(session, "perf")
-    # Under --no-venv nothing is installed: the checkout must be importable as is.
-    session.run("python", "-m", "attention.perf", "run", *session.posargs, env={"PYTHONPATH": str(HERE)})
+    # Under --no-venv nothing is installed: the checkout must be importable as is, and the
+    # interpreter running nox (the one with torch) runs the grid.
+    python = sys.executable if session.venv_backend == "none" else "python"
+    session.run(python, "-m", "attention.perf", "run", *session.posargs, env={"PYTHONPATH": str(HERE)})

@@ -118,6 +118,7 @@ def cuda_graph(
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # the graph's private pool cannot reuse blocks the warm-up cached
     if setup is not None:
         setup()
     graph = torch.cuda.CUDAGraph()

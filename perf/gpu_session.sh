@@ -34,7 +34,7 @@ PY
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv 2>/dev/null || true
 
 if ! python -c "import nox" 2>/dev/null && [ -d .whl ]; then
-    python -m pip install -q --no-index --find-links .whl nox 2>&1 | tail -2 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install -q --no-index --find-links .whl nox 2>&1 | tail -2 \
         || echo "nox wheels incomplete here: running python -m attention.perf directly (what nox -s perf runs)"
 fi
 

@@ -27,12 +27,14 @@ from ..flex import MHAPyTorchFlexAttention
 from ..from_scratch import MultiHeadAttentionCombinedQKV
 from ..sdpa import MHAPyTorchScaledDotProduct
 from ..timing import CudaEventClock, L2Flusher, cuda_graph
-from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, MiB, Workload, dtype_name
+from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, MiB, Workload, dtype_name, free_memory_bytes
 from . import probe
 
 GRAPH_POLICIES = ("fwd", "all", "none")
 EAGER = "eager: includes dispatch"
 GRAPH = "cuda-graph"
+#: Capture only cases whose estimated peak fits this share of free memory (see run_case).
+GRAPH_MEMORY_SHARE = 0.4
 
 
 @dataclass
@@ -183,6 +185,10 @@ def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
 
     timed, mode = fn, EAGER
     wants_graph = opts.graphs == "all" or (opts.graphs == "fwd" and not w.backward)
+    free = free_memory_bytes(device)
+    if wants_graph and free is not None and w.estimated_peak_bytes() > GRAPH_MEMORY_SHARE * free:
+        # Warm-up and graph pools would hold the case twice; at this size dispatch is noise anyway.
+        wants_graph, mode = False, f"{EAGER} (too large to capture)"
     if device.type == "cuda" and wants_graph:
         free_cached_memory(device)  # the graph's private pool cannot reuse eager cached blocks
         try:
