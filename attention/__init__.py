@@ -1,6 +1,6 @@
 """Causal multi-head attention implementations and the suite that keeps them honest and fast."""
 
-from . import masks
+from . import masks, score_mods
 from .base import AttentionBase
 from .flex import MHAPyTorchFlexAttention
 from .from_scratch import MultiHeadAttentionCombinedQKV
@@ -21,4 +21,5 @@ __all__ = [
     "reference_forward",
     "reference_mha",
     "register",
+    "score_mods",
 ]

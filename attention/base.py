@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .kv_cache import KVCache
 from .masks import MaskMod, and_masks, causal, dense_mask, document
+from .score_mods import ScoreMod
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -39,6 +40,9 @@ class AttentionBase(nn.Module):
             (default ``num_heads``: plain MHA; ``1``: multi-query).
         mask_mod: the attention pattern, a ``mask_mod(b, h, q_idx, kv_idx)`` from
             :mod:`attention.masks` or your own (default :func:`attention.masks.causal`).
+        score_mod: an optional ``score_mod(score, b, h, q_idx, kv_idx)`` from
+            :mod:`attention.score_mods` (ALiBi, soft-capping), applied to the scaled scores
+            before masking; an implementation that cannot express it rejects it here.
     """
 
     #: Whether ``dropout > 0`` is honoured; an implementation that cannot sets this False and
@@ -49,6 +53,15 @@ class AttentionBase(nn.Module):
     def supports_backward(cls, device: torch.device | str) -> bool:
         """Whether gradients flow through this implementation on ``device`` (default: always)."""
         return True
+
+    #: Why :meth:`supports_score_mod` said no, for the error message.
+    score_mod_limits: str = "it does not apply score mods (override supports_score_mod once it does)"
+
+    @classmethod
+    def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
+        """Whether this implementation can apply ``score_mod`` (default: no, so a subclass that
+        attends its own way never silently ignores one)."""
+        return False
 
     @classmethod
     def min_head_dim(cls, device: torch.device | str) -> int:
@@ -66,6 +79,7 @@ class AttentionBase(nn.Module):
         *,
         num_kv_heads: int | None = None,
         mask_mod: MaskMod = causal,
+        score_mod: ScoreMod | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -92,6 +106,15 @@ class AttentionBase(nn.Module):
             raise TypeError(f"qkv_bias must be a bool, got {type(qkv_bias).__name__}")
         if not callable(mask_mod):
             raise TypeError(f"mask_mod must be callable(b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
+        if score_mod is not None:
+            name = getattr(score_mod, "__name__", type(score_mod).__name__)
+            if not callable(score_mod):
+                raise TypeError(f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {name}")
+            if not self.supports_score_mod(score_mod):
+                raise ValueError(f"{type(self).__name__} cannot express score_mod={name}: {self.score_mod_limits}")
+            heads = getattr(score_mod, "num_heads", num_heads)
+            if heads != num_heads:
+                raise ValueError(f"score_mod={name} was made for num_heads={heads}, this module has {num_heads}")
 
         self.d_in = d_in
         self.d_out = d_out
@@ -102,6 +125,7 @@ class AttentionBase(nn.Module):
         self.context_length = context_length
         self.dropout = float(dropout)
         self.mask_mod = mask_mod
+        self.score_mod = score_mod
         self.qkv = nn.Linear(d_in, d_out + 2 * self.kv_dim, bias=qkv_bias)  # q, k, v stacked
         self.proj = nn.Linear(d_out, d_out)
 
@@ -111,11 +135,14 @@ class AttentionBase(nn.Module):
 
     def extra_repr(self) -> str:
         mask = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
-        return (
+        text = (
             f"d_in={self.d_in}, d_out={self.d_out}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, context_length={self.context_length}, "
             f"dropout={self.dropout}, mask_mod={mask}"
         )
+        if self.score_mod is not None:
+            text += f", score_mod={getattr(self.score_mod, '__name__', type(self.score_mod).__name__)}"
+        return text
 
     def make_kv_cache(
         self,
@@ -189,7 +216,7 @@ class AttentionBase(nn.Module):
         return and_masks(self.mask_mod, document(document_ids))
 
     def _is_plain_causal(self, document_ids: Tensor | None) -> bool:
-        return self.mask_mod is causal and document_ids is None
+        return self.mask_mod is causal and document_ids is None and self.score_mod is None
 
     def _dense_mask(self, q: Tensor, k: Tensor, q_offset: int, document_ids: Tensor | None) -> Tensor:
         """Bool mask broadcastable to ``(B, H, Tq, Tk)``: True where a query sees a key."""

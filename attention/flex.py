@@ -23,6 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from .base import AttentionBase
 from .kv_cache import KVCache
 from .masks import dense_mask, offset_mask
+from .score_mods import ScoreMod, offset_score_mod
 
 _compiled: dict[tuple, Callable[..., Tensor]] = {}
 _MAX_CACHED_BLOCK_MASKS = 64
@@ -36,9 +37,17 @@ def _flex_attention(
     scale: float,
     enable_gqa: bool,
     kernel_options: dict[str, Any] | None,
+    score_mod: ScoreMod | None = None,
 ) -> Tensor:
     return flex_attention(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        kernel_options=kernel_options,
     )
 
 
@@ -110,6 +119,10 @@ class MHAPyTorchFlexAttention(AttentionBase):
         return torch.device(device).type != "cpu"
 
     @classmethod
+    def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
+        return True  # flex_attention takes score_mod natively
+
+    @classmethod
     def min_head_dim(cls, device: torch.device | str) -> int:
         # The compiled Triton kernels need head_dim >= 16 (seen on an H100, torch 2.11).
         return 16 if torch.device(device).type == "cuda" else 1
@@ -171,9 +184,10 @@ class MHAPyTorchFlexAttention(AttentionBase):
             # has no valid config for many chunk shapes (seen: 100 queries, GQA, fp32, H100).
             # Multi-token chunks take the main kernel; only one-token decode takes decoding.
             kernel_options = {"FORCE_USE_FLEX_ATTENTION": True}
-        args = (q, k, v, block_mask, self.scale, self.num_kv_heads != self.num_heads, kernel_options)
+        score_mod = None if self.score_mod is None else offset_score_mod(self.score_mod, q_offset)
+        args = (q, k, v, block_mask, self.scale, self.num_kv_heads != self.num_heads, kernel_options, score_mod)
         if q.device.type != "cuda":
             return _flex_attention(*args)  # (B, H, Tq, hd)
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            pattern = (pattern_key(self.mask_mod), document_ids is not None)
+            pattern = (pattern_key(self.mask_mod), document_ids is not None, pattern_key(self.score_mod))
             return compiled_flex_attention(q, k, pattern)(*args)  # (B, H, Tq, hd)

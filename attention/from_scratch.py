@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import AttentionBase
+from .score_mods import ScoreMod, apply_dense
 
 
 class MultiHeadAttentionCombinedQKV(AttentionBase):
@@ -14,6 +15,10 @@ class MultiHeadAttentionCombinedQKV(AttentionBase):
     Materialises the ``(B, H, T, T)`` score matrix, so memory grows as ``T**2``; its value is
     that every step is visible, and :meth:`attention_weights` returns the softmax weights.
     """
+
+    @classmethod
+    def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
+        return True  # any elementwise function of the dense scores
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -24,6 +29,8 @@ class MultiHeadAttentionCombinedQKV(AttentionBase):
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
         scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Tq, Tk)
+        if self.score_mod is not None:
+            scores = apply_dense(self.score_mod, scores, q_offset)  # (B, H, Tq, Tk)
         visible = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)
         scores = scores.masked_fill(~visible, float("-inf"))
         weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)

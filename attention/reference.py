@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .base import AttentionBase
 from .masks import MaskMod, and_masks, causal, dense_mask, document
+from .score_mods import ScoreMod, apply_dense
 
 
 def reference_mha(
@@ -25,6 +26,7 @@ def reference_mha(
     num_kv_heads: int | None = None,
     mask_mod: MaskMod = causal,
     document_ids: Tensor | None = None,
+    score_mod: ScoreMod | None = None,
 ) -> Tensor:
     """``(B, T, d_in) -> (B, T, d_out)`` with the shared layout's ``params`` (state_dict keys:
     ``qkv.weight``, optional ``qkv.bias``, ``proj.weight``, ``proj.bias``)."""
@@ -48,6 +50,8 @@ def reference_mha(
     pattern = mask_mod if document_ids is None else and_masks(mask_mod, document(document_ids))
     visible = dense_mask(pattern, b, num_heads, t, t, x.device)  # broadcasts to (B, H, T, T)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)  # (B, H, T, T)
+    if score_mod is not None:
+        scores = apply_dense(score_mod, scores)  # (B, H, T, T)
     scores = scores.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key -> zeros
     context = weights @ v  # (B, H, T, hd)
@@ -71,4 +75,5 @@ def reference_forward(
         num_kv_heads=module.num_kv_heads,
         mask_mod=module.mask_mod,
         document_ids=document_ids,
+        score_mod=getattr(module, "score_mod", None),
     )

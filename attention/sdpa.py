@@ -7,14 +7,28 @@ mask top-left, which is wrong for a query chunk that continues a KV cache.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import AttentionBase
+from .score_mods import ScoreMod, dense_bias, is_additive
 
 
 class MHAPyTorchScaledDotProduct(AttentionBase):
-    """Causal MHA on ``F.scaled_dot_product_attention``; dropout only in training."""
+    """Causal MHA on ``F.scaled_dot_product_attention``; dropout only in training.
+
+    A ``score_mod`` runs only if it is additive (ALiBi), as a float ``attn_mask`` bias.
+    """
+
+    score_mod_limits = (
+        "F.scaled_dot_product_attention takes only an additive bias (score mods marked additive, "
+        "such as generate_alibi); use flex or from_scratch for this one"
+    )
+
+    @classmethod
+    def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
+        return is_additive(score_mod)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
         dropout_p = self.dropout if self.training else 0.0
@@ -30,7 +44,12 @@ class MHAPyTorchScaledDotProduct(AttentionBase):
         # SDPA leaves an all-masked row NaN or garbage, per backend, and a NaN there would reach
         # every key's gradient through dK and dV even after the row is zeroed. So such rows attend
         # to everything (finite everywhere) and are zeroed afterwards, which also zeroes their grads.
+        attn_mask = visible | empty  # broadcasts to (B, H, Tq, Tk)
+        if self.score_mod is not None:
+            b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            bias = dense_bias(self.score_mod, b, h, tq, tk, q.device, q_offset)  # broadcasts to (B, H, Tq, Tk)
+            attn_mask = torch.where(attn_mask, bias.to(q.dtype), float("-inf"))  # broadcasts to (B, H, Tq, Tk)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible | empty, dropout_p=dropout_p, scale=self.scale, enable_gqa=enable_gqa
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=self.scale, enable_gqa=enable_gqa
         )  # (B, H, Tq, hd)
         return out.masked_fill(empty, 0.0)  # (B, H, Tq, hd)

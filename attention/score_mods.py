@@ -1,0 +1,108 @@
+"""Score modifiers, each defined once as a flex-style ``score_mod``.
+
+A ``score_mod(score, b, h, q_idx, kv_idx) -> score`` rewrites the scaled score ``q·k * scale``
+before masking and softmax; ``h`` is the query head, ``q_idx`` and ``kv_idx`` are absolute
+positions. FlexAttention takes these natively; the from-scratch path and the oracle apply the
+same function to the dense score matrix (:func:`apply_dense`). SDPA takes only an additive
+bias, so it runs the score mods marked ``additive`` (ALiBi) and rejects the others (soft-capping)
+at construction. Factories follow attention-gym's ``generate_<name>`` style.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+__all__ = [
+    "ScoreMod",
+    "apply_dense",
+    "dense_bias",
+    "generate_alibi",
+    "generate_tanh_softcap",
+    "is_additive",
+    "offset_score_mod",
+]
+
+
+def generate_alibi(num_heads: int) -> ScoreMod:
+    """ALiBi (Press et al.): add ``slope_h * (kv_idx - q_idx)``, slopes ``2**(-8 (h+1) / num_heads)``.
+
+    Additive (the bias does not depend on the score), so every implementation can run it;
+    ``num_heads`` must be the module's query head count.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+
+    def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        slope = torch.exp2((h + 1).to(score.dtype) * (-8.0 / num_heads))  # in the score's precision
+        return score + slope * (kv_idx - q_idx)
+
+    alibi.__name__ = f"alibi_{num_heads}"
+    alibi.additive = True  # score_mod(s, ...) == s + score_mod(0, ...): an SDPA attn_mask can carry it
+    alibi.num_heads = num_heads  # checked against the module's num_heads
+    return alibi
+
+
+def generate_tanh_softcap(cap: float) -> ScoreMod:
+    """Soft-capping (Gemma 2): ``cap * tanh(score / cap)`` keeps every score inside ``(-cap, cap)``."""
+    if isinstance(cap, bool) or not isinstance(cap, Real):
+        raise TypeError(f"cap must be a float, got {type(cap).__name__}")
+    if not (cap > 0 and math.isfinite(cap)):
+        raise ValueError(f"cap must be a finite number > 0, got {cap}")
+    cap = float(cap)
+
+    def tanh_softcap(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return cap * torch.tanh(score / cap)
+
+    tanh_softcap.__name__ = f"tanh_softcap_{cap:g}"
+    return tanh_softcap
+
+
+def is_additive(score_mod: ScoreMod) -> bool:
+    """Whether ``score_mod`` only adds a bias that does not depend on the score."""
+    return bool(getattr(score_mod, "additive", False))
+
+
+def _grids(batch: int, heads: int, q_len: int, kv_len: int, device: torch.device, q_offset: int):
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)  # (1, H, 1, 1)
+    q_idx = torch.arange(q_offset, q_offset + q_len, device=device).view(1, 1, -1, 1)  # (1, 1, Tq, 1)
+    kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)  # (1, 1, 1, Tk)
+    return b, h, q_idx, kv_idx
+
+
+def apply_dense(score_mod: ScoreMod, scores: Tensor, q_offset: int = 0) -> Tensor:
+    """``score_mod`` on a dense ``(B, H, Tq, Tk)`` score matrix whose first row sits at ``q_offset``."""
+    grids = _grids(*scores.shape, scores.device, q_offset)
+    # At least float32, as flex computes scores: a bias rounded to bf16 would be off by whole units.
+    work = scores if scores.dtype == torch.float64 else scores.float()  # (B, H, Tq, Tk)
+    return score_mod(work, *grids).to(scores.dtype)  # (B, H, Tq, Tk)
+
+
+def dense_bias(
+    score_mod: ScoreMod, batch: int, heads: int, q_len: int, kv_len: int, device: torch.device, q_offset: int = 0
+) -> Tensor:
+    """An additive ``score_mod``'s bias in float32, broadcastable to ``(B, H, Tq, Tk)``;
+    dimensions it ignores stay of size 1 (ALiBi: ``(1, H, Tq, Tk)``)."""
+    zero = torch.zeros((), dtype=torch.float32, device=device)  # the score the bias is added to
+    bias = score_mod(zero, *_grids(batch, heads, q_len, kv_len, device, q_offset))
+    return torch.broadcast_to(bias, torch.broadcast_shapes(bias.shape, (1, 1, q_len, kv_len)))
+
+
+def offset_score_mod(score_mod: ScoreMod, q_offset: int) -> ScoreMod:
+    """``score_mod`` for a query chunk whose first row sits at absolute position ``q_offset``."""
+    if q_offset == 0:
+        return score_mod
+
+    def shifted(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score_mod(score, b, h, q_idx + q_offset, kv_idx)
+
+    return shifted
