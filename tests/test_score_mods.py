@@ -25,11 +25,13 @@ SCORE_MODS = {
     "softcap": lambda: score_mods.generate_tanh_softcap(2.0),  # small enough to bind: scores reach ~±4
 }
 PATTERNS = ["causal", "sliding_window", "prefix_lm", "document"]
+#: fp16 skipped on CUDA (bf16 covers half precision): each pattern is several flex compiles there.
+SCORE_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.id != "cuda-fp16"]
 
 
 @pytest.mark.parametrize("score_name", list(SCORE_MODS))
 @pytest.mark.parametrize("impl_name", IMPL_NAMES)
-@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize(("device", "dtype"), SCORE_DEVICE_DTYPES)
 @settings(max_examples=max(2, settings.default.max_examples // 3))
 @given(data=st.data())
 def test_score_mod_matches_oracle_with_and_without_cache(data, device, dtype, impl_name, score_name):
