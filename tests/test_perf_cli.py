@@ -152,3 +152,37 @@ def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, mo
     rc, run = cli._pytest_run("run-1", args, extra, tmp_path, cpu=False, limit=None)
     assert rc == 2 and list(run.records) == [KEY]
     assert "rebuilding" in capsys.readouterr().out
+
+
+def fake_gpu_runs(monkeypatch, tmp_path, medians):
+    """cmd_run as on a GPU machine, with pytest replaced by synthetic runs of the given medians."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    queue = list(medians)
+
+    def fake(label, args, extra, out, cpu, limit):
+        assert not cpu
+        path = write(tmp_path, f"{label}.json", queue.pop(0))
+        return 0, cli.load_run(path)
+
+    monkeypatch.setattr(cli, "_pytest_run", fake)
+
+
+def test_gpu_run_records_then_compares(tmp_path, monkeypatch, capsys):
+    base = ["--out", str(tmp_path), "--baselines", str(tmp_path / "b")]
+    fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3, 1.01e-3, 0.99e-3])
+    assert cli.main(["--repeat", "3", "--record", *base]) == 0
+    out = capsys.readouterr().out
+    assert "Recorded 1 cases from 3 run(s)" in out and (tmp_path / "thresholds.json").exists()
+    fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3, 1.0e-3])
+    assert cli.main(["--repeat", "2", "--benchmark-compare", *base]) == 0
+    assert capsys.readouterr().out.count(": PASS (0 regressions") == 2
+    fake_gpu_runs(monkeypatch, tmp_path, [1.3e-3])
+    assert cli.main(["--benchmark-compare", *base]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].startswith("FAIL") and KEY in out
+
+
+def test_gpu_run_without_a_baseline_says_how_to_record(tmp_path, monkeypatch, capsys):
+    fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
+    assert cli.main(["--benchmark-compare", "--out", str(tmp_path), "--baselines", str(tmp_path / "none")]) == 2
+    assert "ERROR: no baseline for NVIDIA H100" in capsys.readouterr().out

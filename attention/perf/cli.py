@@ -193,31 +193,37 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         _say("FAIL: no run produced results")
         return 1
     summary = [report.matrix(runs[-1]), report.targets(runs[-1])]
-    (out / "summary.txt").write_text("\n\n".join([*summary, report.cases_table(runs[-1])]) + "\n")
     if len(runs) >= 2:
         thresholds = cmp.thresholds_from_spread(runs)
         (out / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1) + "\n")
         summary.append(cmp.format_spread(thresholds))
+    (out / "summary.txt").write_text("\n\n".join([*summary, report.cases_table(runs[-1])]) + "\n")
+    _say("\n\n".join(summary))  # the tables first: verdicts, the part to read, come last
     if cpu:
         if args.benchmark_compare or args.record:
             _say("--benchmark-compare / --record skipped: no CUDA GPU (CPU runs are never baselined).")
-        _say("\n\n".join(summary))
         return status
+    verdicts = []
     try:
         if args.benchmark_compare:
             for run in runs:
                 path = Path(args.benchmark_compare) if isinstance(args.benchmark_compare, str) else None
                 path = path or find_baseline(args.baselines, run)
                 result = compare_one(run, path, _thresholds_path(args.thresholds, path))
-                summary.append(f"{Path(run.path).name} vs {path}: {'FAIL' if result.failed else 'PASS'}")
+                verdicts.append(
+                    f"{Path(run.path).name} vs {path}: {'FAIL' if result.failed else 'PASS'} "
+                    f"({len(result.regressions)} regressions, {len(result.guard_failures)} guard failures, "
+                    f"{len(result.improvements)} improvements)"
+                )
                 status = max(status, 1 if result.failed else 0)
         if args.record:
             record(runs, Path(args.baselines), with_thresholds=len(runs) >= 2)
     except PerfError as exc:
-        _say("\n\n".join(summary))
         _say(f"ERROR: {exc}")
         return 2
-    _say("\n\n".join(summary))
+    finally:
+        if verdicts:
+            _say("\n".join(verdicts))
     _say(f"{'FAIL' if status else 'PASS'}: results in {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return status
 
