@@ -127,7 +127,7 @@ def test_targets_report_the_issue_ratios():
         ),
     }
     text = report.targets(make_run(cases))
-    assert "sdpa core/best raw (raw_sdpa) 1.010 ok" in text
+    assert "sdpa/best raw (raw_sdpa) 1.010 ok" in text
     assert "module/(gemms+core) 1.037 ok" in text
     assert "flex/cuDNN 0.83 ok" in text
     assert "0.90 of copy ok" in text
