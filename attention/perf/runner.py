@@ -185,7 +185,7 @@ def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
 
     timed, mode = fn, EAGER
     wants_graph = opts.graphs == "all" or (opts.graphs == "fwd" and not w.backward)
-    free = free_memory_bytes(device)
+    free = free_memory_bytes(device) if device.type == "cuda" else None
     if wants_graph and free is not None and w.estimated_peak_bytes() > GRAPH_MEMORY_SHARE * free:
         # Warm-up and graph pools would hold the case twice; at this size dispatch is noise anyway.
         wants_graph, mode = False, f"{EAGER} (too large to capture)"
@@ -194,7 +194,8 @@ def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
         try:
             timed, mode = cuda_graph(fn, device, setup=setup), GRAPH
         except Exception as exc:  # not capturable: time eagerly and say so
-            mode = f"{EAGER} (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
+            mode = f"{EAGER} (graph capture failed)"  # stable text: baselines compare on it
+            info["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             _sync(device)  # a capture that broke the context must fail here, loudly
     info["timing_mode"] = mode
 
