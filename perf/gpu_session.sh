@@ -6,7 +6,7 @@
 #   GRID=quick bash perf/gpu_session.sh -k flex   # other args go to `python -m attention.perf run`
 #
 # Env: OUT (default .benchmarks/attention-perf), REPEAT (1), GRID (full), BUDGET_S (total seconds for the grid runs,
-# default 540: the device call's limit is 600), COMPARE (auto | 0 | 1). Files in OUT: run-N.json,
+# default 500: the device call's limit is 600), COMPARE (auto | 0 | 1). Files in OUT: run-N.json,
 # cases.jsonl, pytest.log, summary.txt, thresholds.json (REPEAT >= 2): at most 8 with REPEAT <= 4.
 # A run cut short by the time limit keeps the cases it finished (pytest is interrupted, not killed).
 set -uo pipefail
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-.benchmarks/attention-perf}"
 REPEAT="${REPEAT:-1}"
 GRID="${GRID:-full}"
-BUDGET_S="${BUDGET_S:-540}"
+BUDGET_S="${BUDGET_S:-500}"
 COMPARE="${COMPARE:-auto}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
