@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from . import compare as cmp
-from . import report
+from . import guards, report
 from .results import (
     BASELINE_FILE,
     THRESHOLDS_FILE,
@@ -86,7 +86,8 @@ def record(runs: list[Run], baselines: Path, *, with_thresholds: bool) -> Path:
     merged = merge_runs(runs) if len(runs) > 1 else runs[0]
     if merged.machine.get("device") != "cuda":
         raise PerfError("refusing to record a CPU run as a baseline: baselines are per GPU")
-    failures = [k for k, r in merged.records.items() if r.info.get("guard_failures")]
+    # Guards are re-read from the recorded numbers, so a guard fixed since the run applies to it.
+    failures = [k for k, r in merged.records.items() if guards.check(r.info, merged.machine)]
     if failures:
         raise PerfError(
             f"refusing to record a baseline with guard failures ({', '.join(failures[:5])}): fix them first"

@@ -107,8 +107,9 @@ def compare(baseline: Run, current: Run, thresholds: dict | None = None) -> Comp
     result.missing = sorted(set(baseline.records) - set(current.records))
     result.new = sorted(set(current.records) - set(baseline.records))
     for key, rec in current.records.items():
-        recorded = list(rec.info.get("guard_failures") or [])
-        for problem in dict.fromkeys(recorded + guards.check(rec.info, current.machine)):
+        # Re-read from the recorded numbers rather than trusted from the run, so a guard fixed
+        # since the run applies to it.
+        for problem in guards.check(rec.info, current.machine):
             result.guard_failures.append(Verdict(key, "guard", problem))
     for key in sorted(set(baseline.records) & set(current.records)):
         base, cur = baseline.records[key], current.records[key]
