@@ -19,6 +19,11 @@ from .masks import MaskMod, and_masks, causal, dense_mask, document
 from .score_mods import ScoreMod
 
 
+def _fn_name(fn: object) -> str:
+    """A mask or score mod's name for messages: its ``__name__``, else its type's."""
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
@@ -107,7 +112,7 @@ class AttentionBase(nn.Module):
         if not callable(mask_mod):
             raise TypeError(f"mask_mod must be callable(b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
         if score_mod is not None:
-            name = getattr(score_mod, "__name__", type(score_mod).__name__)
+            name = _fn_name(score_mod)
             if not callable(score_mod):
                 raise TypeError(f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {name}")
             if not self.supports_score_mod(score_mod):
@@ -134,14 +139,13 @@ class AttentionBase(nn.Module):
         return 1.0 / math.sqrt(self.head_dim)
 
     def extra_repr(self) -> str:
-        mask = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
         text = (
             f"d_in={self.d_in}, d_out={self.d_out}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, context_length={self.context_length}, "
-            f"dropout={self.dropout}, mask_mod={mask}"
+            f"dropout={self.dropout}, mask_mod={_fn_name(self.mask_mod)}"
         )
         if self.score_mod is not None:
-            text += f", score_mod={getattr(self.score_mod, '__name__', type(self.score_mod).__name__)}"
+            text += f", score_mod={_fn_name(self.score_mod)}"
         return text
 
     def make_kv_cache(
@@ -262,7 +266,7 @@ class AttentionBase(nn.Module):
             prefix_len = getattr(self.mask_mod, "prefix_len", 0)
             if 0 < past < prefix_len:
                 raise ValueError(
-                    f"mask_mod {getattr(self.mask_mod, '__name__', '')} shows keys before prefix_len={prefix_len} "
+                    f"mask_mod {_fn_name(self.mask_mod)} shows keys before prefix_len={prefix_len} "
                     f"to every query, but the cache ends at {past}: put the whole prefix in the first chunk"
                 )
         if past + t > self.context_length:

@@ -133,6 +133,8 @@ class MHAPyTorchFlexAttention(AttentionBase):
             raise TypeError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
         self.kernel_options = kernel_options
         self._block_masks: dict[tuple, BlockMask] = {}
+        # What dynamo guards on in this module's patterns, worked out once, not on every call.
+        self._pattern_keys = (pattern_key(self.mask_mod), pattern_key(self.score_mod))
 
     def block_mask(self, q: Tensor, k: Tensor, q_offset: int = 0, document_ids: Tensor | None = None) -> BlockMask:
         """The BlockMask for these queries and keys, cached unless ``document_ids`` vary per call."""
@@ -189,5 +191,5 @@ class MHAPyTorchFlexAttention(AttentionBase):
         if q.device.type != "cuda":
             return _flex_attention(*args)  # (B, H, Tq, hd)
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            pattern = (pattern_key(self.mask_mod), document_ids is not None, pattern_key(self.score_mod))
+            pattern = (*self._pattern_keys, document_ids is not None)
             return compiled_flex_attention(q, k, pattern)(*args)  # (B, H, Tq, hd)
