@@ -25,6 +25,7 @@ import torch
 from .. import registry
 from ..flex import MHAPyTorchFlexAttention
 from ..from_scratch import MultiHeadAttentionCombinedQKV
+from ..memory import peak_memory
 from ..sdpa import MHAPyTorchScaledDotProduct
 from ..timing import CudaEventClock, L2Flusher, cuda_graph
 from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, MiB, Workload, dtype_name, free_memory_bytes
@@ -124,18 +125,10 @@ def free_cached_memory(device: torch.device | str) -> None:
 
 
 def peak_memory_mib(fn, setup, device: torch.device) -> float | None:
-    """MiB one call allocates above what was allocated before it (inputs excluded)."""
+    """MiB one call allocates above what was allocated before it (inputs excluded); CUDA only."""
     if device.type != "cuda":
         return None
-    setup()
-    _sync(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del out
-    return round(peak / MiB, 2)
+    return round(peak_memory(fn, device=device, setup=setup).bytes / MiB, 2)
 
 
 def _probe(fn, w, device: torch.device) -> dict:
