@@ -289,11 +289,16 @@ class Workload:
         if self.impl in MODULE_REFERENCES:
             core = 0.0
         else:
-            core = (
-                attention_flops(self.batch, self.num_heads, self.seq_len, self.seq_len, self.head_dim, causal=False)
-                * self.visible_block_fraction()
+            square = attention_flops(
+                self.batch,
+                self.num_heads,
+                self.seq_len,
+                self.seq_len,
+                self.head_dim,
+                causal=False,
+                backward=self.backward,
             )
-            core *= 3.5 if self.backward else 1.0
+            core = square * self.visible_block_fraction()
         if self.level == "core":
             return core
         return core + self.gemm_flops() * (3.0 if self.backward else 1.0)
