@@ -16,8 +16,8 @@ Writes ``report.json`` (every figure), ``table.txt`` and PNG plots to ``--out``.
 from __future__ import annotations
 
 import argparse
-import gc
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -29,7 +29,7 @@ import torch
 
 from . import registry
 from .inspection import oracle_errors
-from .memory import method_for, peak_memory
+from .memory import free_cached_memory, method_for, peak_memory
 from .timing import clock_for, measure
 from .workload import DTYPES, Workload, dtype_name
 
@@ -237,12 +237,6 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _release(device: str) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _guarded(device: str, body: Callable[[], Cell]) -> Cell:
     """``body()``, with running out of memory (or any other failure) recorded, not raised."""
     try:
@@ -252,7 +246,7 @@ def _guarded(device: str, body: Callable[[], Cell]) -> Cell:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return Cell(status, f"{type(error).__name__}: {message}"[:300])
     finally:
-        _release(device)
+        free_cached_memory(device)
 
 
 def time_cell(config: Config, workload: Workload) -> Cell:
@@ -266,7 +260,7 @@ def time_cell(config: Config, workload: Workload) -> Cell:
         probe = measure(fn, device=config.device, rounds=1, warmup=config.warmup, setup=setup)
         rounds = int(min(config.max_rounds, max(config.min_rounds, config.cell_seconds / max(probe[0], 1e-9))))
         times = sorted(measure(fn, device=config.device, rounds=rounds, warmup=0, setup=setup))
-        median = times[len(times) // 2] if len(times) % 2 else (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2
+        median = statistics.median(times)
         peak = peak_memory(fn, device=config.device, setup=setup)
         flops = workload.flops()
         return Cell(

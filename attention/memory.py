@@ -70,3 +70,11 @@ def _cpu_peak(fn: Callable[[], object]) -> int:
         current += record.nbytes()
         peak = max(peak, current)
     return peak
+
+
+def free_cached_memory(device: torch.device | str) -> None:
+    """Drop unreachable tensors and return the CUDA caching allocator's free blocks, so one
+    case's leftovers neither count toward nor crowd out the next case's memory."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

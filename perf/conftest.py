@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from attention import flex, workload
+from attention.memory import free_cached_memory
 from attention.perf import grid as perf_grid
 from attention.perf import guards, machine, runner
 from attention.timing import clock_for
@@ -156,7 +157,7 @@ def perf_state(request: pytest.FixtureRequest) -> PerfState:
         state.opts.matmul_tflops = state.ceilings["matmul_tflops"]
         state.machine.update(state.ceilings)
         state.write({"machine_info": {machine.KEY: state.machine}})
-        runner.free_cached_memory(state.device)
+        free_cached_memory(state.device)
     return state
 
 
@@ -195,4 +196,4 @@ def run_case(perf_state: PerfState):
         return info
 
     yield run
-    runner.free_cached_memory(state.device)
+    free_cached_memory(state.device)

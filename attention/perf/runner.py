@@ -15,7 +15,6 @@ Order of events for one case, all outside the timed rounds except the timed call
 
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 from .. import registry
 from ..flex import MHAPyTorchFlexAttention
 from ..from_scratch import MultiHeadAttentionCombinedQKV
-from ..memory import peak_memory
+from ..memory import free_cached_memory, peak_memory
 from ..sdpa import MHAPyTorchScaledDotProduct
 from ..timing import CudaEventClock, L2Flusher, cuda_graph
 from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, MiB, Workload, dtype_name, free_memory_bytes
@@ -116,12 +115,6 @@ def _compile_count() -> int:
         return int(counters["frames"]["total"])
     except Exception:  # private API: losing this check must not lose the case
         return 0
-
-
-def free_cached_memory(device: torch.device | str) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def peak_memory_mib(fn, setup, device: torch.device) -> float | None:
