@@ -474,8 +474,8 @@ def _common_skip_reason(w: Workload | DecodeWorkload, peak: Callable[[], int]) -
         return f"{w.impl} is a core-level reference (raw scaled_dot_product_attention)"
     if w.impl in MODULE_REFERENCES and w.level != "module":
         return f"{w.impl} is a module-level reference (the two projections)"
-    if w.impl in CORE_REFERENCES and getattr(w, "mask", "causal") != "causal":
-        return f"{w.impl} is a plain-causal reference"
+    if w.impl in CORE_REFERENCES and RAW_SDPA_BACKENDS[w.impl] and getattr(w, "mask", "causal") != "causal":
+        return f"{w.impl} is a plain-causal reference (raw_sdpa takes a prebuilt dense mask)"
     backend = RAW_SDPA_BACKENDS.get(w.impl)
     if backend and device.type != "cuda":
         return f"{w.impl} forces a CUDA backend"
@@ -517,26 +517,35 @@ def _module(
     options = flex_kernel_options()
     if options and issubclass(cls, MHAPyTorchFlexAttention) and isinstance(w, Workload):
         extra["kernel_options"] = options
-    module = cls(
-        d_in,
-        w.num_heads * w.head_dim,
-        w.num_heads,
-        context_length,
-        num_kv_heads=w.kv_heads,
-        mask_mod=mask_mod,
-        **extra,
-    )
-    return module.to(device=w.device, dtype=w.dtype).eval()  # eval: no dropout kernels
+    with torch.device(w.device):  # weights initialised where they run: no host-side init and copy
+        module = cls(
+            d_in,
+            w.num_heads * w.head_dim,
+            w.num_heads,
+            context_length,
+            num_kv_heads=w.kv_heads,
+            mask_mod=mask_mod,
+            **extra,
+        )
+    return module.to(dtype=w.dtype).eval()  # eval: no dropout kernels
 
 
-def raw_sdpa(backend: str | None, scale: float, gqa: bool, causal: bool = True) -> Callable[..., Tensor]:
-    """``F.scaled_dot_product_attention`` with the default backend choice or one forced."""
+def raw_sdpa(
+    backend: str | None, scale: float, gqa: bool, causal: bool = True, attn_mask: Tensor | None = None
+) -> Callable[..., Tensor]:
+    """``F.scaled_dot_product_attention`` with the default backend choice or one forced; with
+    ``attn_mask`` (a dense mask built once, outside the timed call) instead of ``is_causal``."""
+    causal = causal and attn_mask is None
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=gqa
+            )
         with sdpa_kernel([getattr(SDPBackend, backend)]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=gqa
+            )
 
     return attend
 
@@ -583,7 +592,12 @@ def _build_prefill(w: Workload) -> tuple[Callable[[], object], Callable[[], None
     q, k, v = (t.detach().requires_grad_(w.backward) for t in (q, k, v))
     grad_core = grad_out.view(w.batch, w.seq_len, w.num_heads, w.head_dim).transpose(1, 2)  # (B, H, T, hd)
     if w.impl in CORE_REFERENCES:
-        sdpa = raw_sdpa(RAW_SDPA_BACKENDS[w.impl], module.scale, w.kv_heads != w.num_heads)
+        # A masked case gets its dense mask prebuilt: the floor for SDPA with that mask, beside
+        # the SDPA module, which builds it in every call.
+        attn_mask = (
+            None if w.mask == "causal" else masks.dense_mask(mask_mod, w.batch, 1, w.seq_len, w.seq_len, w.device)
+        )
+        sdpa = raw_sdpa(RAW_SDPA_BACKENDS[w.impl], module.scale, w.kv_heads != w.num_heads, attn_mask=attn_mask)
 
         def attend() -> Tensor:
             return sdpa(q, k, v)  # (B, H, T, hd)

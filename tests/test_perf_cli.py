@@ -90,7 +90,9 @@ def test_run_arguments_pass_through_to_pytest():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # Not the xdist worker's variables: pytest-benchmark would think the inner run is distributed too.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = str(ROOT)
     cmd = [sys.executable, "-m", "attention.perf", "--benchmark-compare", "--out", str(tmp_path), "--quiet-pytest"]
     cmd += ["-k", "core-sdpa-fp32-fwd-B4-T64 or decode-sdpa", "--perf-budget=0.02"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -186,3 +188,12 @@ def test_gpu_run_without_a_baseline_says_how_to_record(tmp_path, monkeypatch, ca
     fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
     assert cli.main(["--benchmark-compare", "--out", str(tmp_path), "--baselines", str(tmp_path / "none")]) == 2
     assert "ERROR: no baseline for NVIDIA H100" in capsys.readouterr().out
+
+
+def test_the_first_run_gets_twice_a_later_runs_share_of_the_budget():
+    assert cli.run_time_limit(600, 1, 1) == 600
+    assert cli.run_time_limit(600, 1, 2) == pytest.approx(400)  # it compiles; the second finds the cache
+    assert cli.run_time_limit(200, 2, 2) == pytest.approx(200)
+    assert cli.run_time_limit(600, 1, 3) == pytest.approx(300)
+    assert cli.run_time_limit(300, 2, 3) == pytest.approx(150)
+    assert cli.run_time_limit(10, 3, 3) == 30.0  # never less than 30 s

@@ -116,3 +116,12 @@ def test_merge_takes_the_middle_run_of_each_case():
     merged = merge_runs(runs)
     assert merged.records[A].median == 2e-3 and merged.machine["merged_from"] == 3
     assert len(merged.raw["benchmarks"]) == 3
+
+
+def test_spread_counts_cases_a_cut_run_missed():
+    full = [make_run(base_cases(**{A: {"median": m}})) for m in (1.0e-3, 1.02e-3)]
+    cut = make_run({k: v for k, v in base_cases(**{A: {"median": 0.98e-3}}).items() if k != C})  # stopped before C
+    per_case = cmp.spread([cut, *full])
+    assert per_case[A]["runs"] == 3 and per_case[C]["runs"] == 2
+    only_one = make_run({A: {"median": 1e-3}, "core-new-case": {"median": 1e-3}})
+    assert "core-new-case" not in cmp.spread([only_one, full[0]])  # one sample is no spread

@@ -206,24 +206,29 @@ def format_comparison(result: Comparison, baseline: Run, current: Run) -> str:
 
 
 def spread(runs: list[Run]) -> dict[str, dict]:
-    """Per case present in every run: run-to-run deviation of the median and within-run IQR."""
+    """Per case present in at least two runs (a run cut short by its time limit still counts for
+    the cases it finished): run-to-run deviation of the median and within-run IQR."""
     if len(runs) < 2:
         raise ValueError("measuring spread takes at least two runs")
-    keys = set(runs[0].records).intersection(*(r.records for r in runs[1:]))
+    keys = {key for run in runs for key in run.records}
     out = {}
     for key in sorted(keys):
-        medians = [r.records[key].median for r in runs]
+        present = [r for r in runs if key in r.records]
+        if len(present) < 2:
+            continue
+        medians = [r.records[key].median for r in present]
         center = statistics.median(medians)
         if center <= 0:
             continue
         iqrs = []
-        for r in runs:
+        for r in present:
             data = r.records[key].data
             if len(data) >= 4:
                 q = statistics.quantiles(data, n=4)
                 iqrs.append((q[2] - q[0]) / center)
-        peaks = [r.records[key].peak_mib for r in runs if r.records[key].peak_mib is not None]
+        peaks = [r.records[key].peak_mib for r in present if r.records[key].peak_mib is not None]
         out[key] = {
+            "runs": len(present),
             "medians_ms": [m * 1e3 for m in medians],
             "max_rel_dev": max(abs(m / center - 1) for m in medians),
             "rel_iqr": statistics.median(iqrs) if iqrs else None,

@@ -82,7 +82,7 @@ def grid(name: str, device: str) -> list[Case]:
             for impl in [*impls, "raw_sdpa"]:
                 cases.append(decode(impl, n, gqa=gqa, device=device))
     for mask in masks or ("sliding_window:4096", "document:8"):
-        for impl in impls:
+        for impl in [*impls, "raw_sdpa"]:  # raw_sdpa: SDPA on a dense mask built outside the timing
             cases.append(Workload(impl, 1, TOKENS, HIDDEN // 128, 128, bf16, device, mask=mask))
     return cases
 
@@ -99,7 +99,7 @@ def _tiny(impls: list[str], device: str) -> list[Case]:
     for impl in [*impls, "raw_sdpa"]:
         cases.append(decode(impl, 256, gqa=True, batch=2, num_heads=4, head_dim=16, dtype=f32, device=device))
     for mask in ("sliding_window:64", "document:3"):
-        for impl in impls:
+        for impl in [*impls, "raw_sdpa"]:
             cases.append(Workload(impl, 1, 256, 4, 16, f32, device, mask=mask))
     return cases
 

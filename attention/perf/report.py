@@ -83,6 +83,29 @@ def cases_table(run: Run) -> str:
     return "\n".join(lines)
 
 
+def wall_time(run: Run) -> str:
+    """Where the run's wall time went: seconds per phase (warmup holds compilation), per family."""
+    per_family: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for rec in run.records.values():
+        for phase, seconds in (rec.info.get("wall_s") or {}).items():
+            per_family[rec.info.get("family", "?")][phase] += seconds
+    if not per_family:
+        return "Wall time: not recorded in this run"
+    phases = list(dict.fromkeys(p for per in per_family.values() for p in per))
+    lines = [
+        f"Wall time of the cases, seconds ({len(run.records)} cases; warmup holds compilation):",
+        f"   {'family':<14}" + "".join(f"{p:>14}" for p in phases) + f"{'total':>10}",
+    ]
+    for fam in sorted(per_family):
+        per = per_family[fam]
+        lines.append(
+            f"   {fam:<14}" + "".join(f"{per.get(p, 0.0):>14.1f}" for p in phases) + f"{sum(per.values()):>10.1f}"
+        )
+    totals = [sum(per.get(p, 0.0) for per in per_family.values()) for p in phases]
+    lines.append(f"   {'all':<14}" + "".join(f"{t:>14.1f}" for t in totals) + f"{sum(totals):>10.1f}")
+    return "\n".join(lines)
+
+
 def _find(run: Run, **want) -> dict | None:
     for rec in run.records.values():
         if all(rec.info.get(k) == v for k, v in want.items()):
@@ -174,10 +197,17 @@ def _mask_lines(run: Run) -> list[str]:
     for mask in masks:
         flex = _find(run, kind="mask", mask=mask, impl="flex")
         sdpa = _find(run, kind="mask", mask=mask, impl="sdpa")
+        raw = _find(run, kind="mask", mask=mask, impl="raw_sdpa")
         if flex and sdpa:
-            out.append(
-                f"  {mask}: flex {flex['median'] * 1e3:.3f} ms ({flex.get('peak_mem_mib')} MiB) vs SDPA dense mask "
-                f"{sdpa['median'] * 1e3:.3f} ms ({sdpa.get('peak_mem_mib')} MiB): "
+            line = (
+                f"  {mask}: flex {flex['median'] * 1e3:.3f} ms ({flex.get('peak_mem_mib')} MiB) vs SDPA module, "
+                f"dense mask built per call, {sdpa['median'] * 1e3:.3f} ms ({sdpa.get('peak_mem_mib')} MiB): "
                 f"SDPA/flex time {sdpa['median'] / flex['median']:.2f}x"
             )
+            if raw:
+                line += (
+                    f"; raw SDPA on a prebuilt mask {raw['median'] * 1e3:.3f} ms ({raw.get('peak_mem_mib')} MiB), "
+                    f"{raw['median'] / flex['median']:.2f}x"
+                )
+            out.append(line)
     return (["Masks (issue 5), TFLOP/s on visible blocks:", *out]) if out else []

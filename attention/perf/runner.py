@@ -11,12 +11,17 @@ Order of events for one case, all outside the timed rounds except the timed call
    says ``"eager: includes dispatch"``;
 5. ``benchmark.pedantic`` with the CUDA-event clock: before every round the grads are cleared and
    the L2 cache flushed (cold-cache numbers, as the DESIGN.md anchors).
+
+``extra_info["wall_s"]`` says how many wall seconds each of these phases took (:data:`PHASES`),
+so a slow grid shows whether compilation, probing or timing is to blame.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +151,19 @@ def _summarise(kernels: list[str], top: int = 4, width: int = 60) -> list[str]:
     return [f"{n}x {k[:width]}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
 
 
+#: The phases of one case whose wall seconds ``extra_info["wall_s"]`` records (see the module doc).
+PHASES = ("build", "warmup", "memory_probe", "capture", "timing")
+
+
+@contextmanager
+def _phase(wall: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        wall[name] = round(time.perf_counter() - start, 3)
+
+
 def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
     """Time ``w`` with the ``benchmark`` fixture; returns (and stores in ``benchmark.extra_info``) its info."""
     device = torch.device(opts.device)
@@ -161,13 +179,19 @@ def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
     info["timer"] = getattr(timer, "name", getattr(timer, "__name__", repr(timer)))
     benchmark.extra_info.update(info)
 
-    fn, setup = w.build()
-    for _ in range(opts.warmup):
-        setup()
-        fn()
-    _sync(device)
-    info["peak_mem_mib"] = peak_memory_mib(fn, setup, device)
-    info.update(_probe(fn, w, device))
+    wall: dict[str, float] = {}  # where a case's wall time goes: warmup holds compilation
+    info["wall_s"] = wall
+    with _phase(wall, "build"):
+        fn, setup = w.build()
+        _sync(device)
+    with _phase(wall, "warmup"):
+        for _ in range(opts.warmup):
+            setup()
+            fn()
+        _sync(device)
+    with _phase(wall, "memory_probe"):
+        info["peak_mem_mib"] = peak_memory_mib(fn, setup, device)
+        info.update(_probe(fn, w, device))
 
     timed, mode = fn, EAGER
     wants_graph = opts.graphs == "all" or (opts.graphs == "fwd" and not w.backward)
@@ -175,14 +199,15 @@ def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
     if wants_graph and free is not None and w.estimated_peak_bytes() > GRAPH_MEMORY_SHARE * free:
         # Warm-up and graph pools would hold the case twice; at this size dispatch is noise anyway.
         wants_graph, mode = False, f"{EAGER} (too large to capture)"
-    if device.type == "cuda" and wants_graph:
-        free_cached_memory(device)  # the graph's private pool cannot reuse eager cached blocks
-        try:
-            timed, mode = cuda_graph(fn, device, setup=setup), GRAPH
-        except Exception as exc:  # not capturable: time eagerly and say so
-            mode = f"{EAGER} (graph capture failed)"  # stable text: baselines compare on it
-            info["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            _sync(device)  # a capture that broke the context must fail here, loudly
+    with _phase(wall, "capture"):
+        if device.type == "cuda" and wants_graph:
+            free_cached_memory(device)  # the graph's private pool cannot reuse eager cached blocks
+            try:
+                timed, mode = cuda_graph(fn, device, setup=setup), GRAPH
+            except Exception as exc:  # not capturable: time eagerly and say so
+                mode = f"{EAGER} (graph capture failed)"  # stable text: baselines compare on it
+                info["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                _sync(device)  # a capture that broke the context must fail here, loudly
     info["timing_mode"] = mode
 
     flusher = L2Flusher(device)
@@ -191,10 +216,11 @@ def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
         setup()
         flusher.flush()
 
-    rounds = _rounds(timed, before_round, timer, opts)
-    compiles = _compile_count()
-    benchmark.pedantic(timed, setup=before_round, rounds=rounds, warmup_rounds=1, iterations=1)
-    info["compiles_while_timing"] = _compile_count() - compiles
+    with _phase(wall, "timing"):
+        rounds = _rounds(timed, before_round, timer, opts)
+        compiles = _compile_count()
+        benchmark.pedantic(timed, setup=before_round, rounds=rounds, warmup_rounds=1, iterations=1)
+        info["compiles_while_timing"] = _compile_count() - compiles
     info["rounds"] = rounds
 
     median = benchmark.stats.stats.median
