@@ -130,7 +130,7 @@ def _quadratic_memory(info: dict, machine: dict) -> str | None:
     if peak >= scores:
         return (
             f"peak memory {peak:.0f} MiB >= one (B, H, T, T) score matrix ({scores:.0f} MiB): a fused kernel "
-            "never holds one, so this ran an unfused fallback"
+            "never holds one, so this ran an unfused fallback (or its memory grew by about a score matrix)"
         )
     return None
 
