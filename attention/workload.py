@@ -26,6 +26,7 @@ import functools
 import json
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -474,9 +475,9 @@ def _common_skip_reason(w: Workload | DecodeWorkload, peak: Callable[[], int]) -
         return f"{w.impl} is a core-level reference (raw scaled_dot_product_attention)"
     if w.impl in MODULE_REFERENCES and w.level != "module":
         return f"{w.impl} is a module-level reference (the two projections)"
-    if w.impl in CORE_REFERENCES and RAW_SDPA_BACKENDS[w.impl] and getattr(w, "mask", "causal") != "causal":
-        return f"{w.impl} is a plain-causal reference (raw_sdpa takes a prebuilt dense mask)"
     backend = RAW_SDPA_BACKENDS.get(w.impl)
+    if backend and getattr(w, "mask", "causal") != "causal":
+        return f"{w.impl} is a plain-causal reference (raw_sdpa takes a prebuilt dense mask)"
     if backend and device.type != "cuda":
         return f"{w.impl} forces a CUDA backend"
     if backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION") and w.dtype == torch.float32:
@@ -538,14 +539,10 @@ def raw_sdpa(
     causal = causal and attn_mask is None
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if backend is None:
+        with sdpa_kernel([getattr(SDPBackend, backend)]) if backend else nullcontext():
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=gqa
-            )
-        with sdpa_kernel([getattr(SDPBackend, backend)]):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=gqa
-            )
+            )  # (B, H, Tq, hd)
 
     return attend
 

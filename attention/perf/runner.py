@@ -12,8 +12,9 @@ Order of events for one case, all outside the timed rounds except the timed call
 5. ``benchmark.pedantic`` with the CUDA-event clock: before every round the grads are cleared and
    the L2 cache flushed (cold-cache numbers, as the DESIGN.md anchors).
 
-``extra_info["wall_s"]`` says how many wall seconds each of these phases took (:data:`PHASES`),
-so a slow grid shows whether compilation, probing or timing is to blame.
+``extra_info["wall_s"]`` says how many wall seconds each of these phases took (``build``,
+``warmup``, ``memory_probe``, ``capture``, ``timing``), so a slow grid shows whether
+compilation, probing or timing is to blame.
 """
 
 from __future__ import annotations
@@ -149,10 +150,6 @@ def _summarise(kernels: list[str], top: int = 4, width: int = 60) -> list[str]:
     for k in kernels:
         counts[k] = counts.get(k, 0) + 1
     return [f"{n}x {k[:width]}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
-
-
-#: The phases of one case whose wall seconds ``extra_info["wall_s"]`` records (see the module doc).
-PHASES = ("build", "warmup", "memory_probe", "capture", "timing")
 
 
 @contextmanager
