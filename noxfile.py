@@ -33,7 +33,7 @@ def install(session: nox.Session, *groups: str, package: bool = True, extras: st
 @nox.session
 def tests(session: nox.Session) -> None:
     """Property tests on CPU, and on CUDA where present. Args go to pytest."""
-    install(session, "test")
+    install(session, "test", extras="[bench]")
     session.run("pytest", *session.posargs)
 
 
@@ -48,21 +48,21 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def benchmark(session: nox.Session) -> None:
     """The benchmark report (time, memory, accuracy vs sequence length). Args go to it: -- --help."""
-    install(session)
-    session.run("python", "-m", "attention.benchmark", *session.posargs)
+    install(session, extras="[bench]")
+    session.run("python", "-m", "attention.bench", *session.posargs)
 
 
 @nox.session
 def notebook(session: nox.Session) -> None:
-    """Run attention/notebook.py headless and export it to HTML; any cell error fails the session.
+    """Run notebooks/attention.py headless and export it to HTML; any cell error fails the session.
 
     Arg: the output file (default out/notebook.html).
     """
-    install(session, "notebook")
+    install(session, "notebook", extras="[bench]")
     out = session.posargs[0] if session.posargs else "out/notebook.html"
     # marimo puts the notebook's folder on sys.path, not the repo root: under --no-venv nothing
     # is installed, so point Python at the checkout.
-    session.run("marimo", "export", "html", "attention/notebook.py", "-o", out, "-f", env={"PYTHONPATH": str(HERE)})
+    session.run("marimo", "export", "html", "notebooks/attention.py", "-o", out, "-f", env={"PYTHONPATH": str(HERE)})
 
 
 @nox.session(default=False)
@@ -77,8 +77,8 @@ def perf(session: nox.Session) -> None:
     """
     import sys
 
-    install(session, "perf")
+    install(session, "perf", extras="[bench]")
     # Under --no-venv nothing is installed: the checkout must be importable as is, and the
     # interpreter running nox (the one with torch) runs the grid.
     python = sys.executable if session.venv_backend == "none" else "python"
-    session.run(python, "-m", "attention.perf", "run", *session.posargs, env={"PYTHONPATH": str(HERE)})
+    session.run(python, "-m", "attention.bench.perf", "run", *session.posargs, env={"PYTHONPATH": str(HERE)})

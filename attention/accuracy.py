@@ -9,8 +9,13 @@ and with the problem. NaN never passes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from .base import AttentionBase
+from .reference import reference_forward
 
 #: Output errors may be this many times the baseline's; gradients (longer chains) a bit more.
 OUTPUT_FACTOR = 2.0
@@ -56,3 +61,43 @@ def assert_matches_oracle(
     problem = ratio_rule_violation(actual, oracle, baseline, factor=factor, what=what)
     if problem is not None:
         raise AssertionError(problem)
+
+
+@dataclass(frozen=True)
+class OracleCheck:
+    """A module's output against the float64 oracle: errors, the baseline's error (the oracle's
+    math run in the input's dtype) and the rule's verdict (``problem`` is ``None`` when it passes)."""
+
+    max_error: float
+    mean_error: float
+    baseline_max_error: float
+    problem: str | None
+
+    @property
+    def passes(self) -> bool:
+        return self.problem is None
+
+
+def check_module(
+    module: AttentionBase,
+    x: Tensor,
+    actual: Tensor | None = None,
+    *,
+    document_ids: Tensor | None = None,
+    what: str = "output",
+) -> OracleCheck:
+    """``actual`` (default: ``module(x)`` without grad) against the float64 oracle, by the ratio rule.
+
+    The one comparison the tests, the benchmark report and the notebook all make.
+    """
+    if actual is None:
+        with torch.no_grad():
+            actual = module(x, document_ids=document_ids)  # (B, T, d_out)
+    oracle = reference_forward(module, x, document_ids=document_ids)  # (B, T, d_out), float64
+    baseline = reference_forward(module, x, dtype=x.dtype, document_ids=document_ids)  # (B, T, d_out)
+    return OracleCheck(
+        max_error=max_error(actual, oracle),
+        mean_error=mean_error(actual, oracle),
+        baseline_max_error=max_error(baseline, oracle),
+        problem=ratio_rule_violation(actual, oracle, baseline, what=what),
+    )

@@ -4,31 +4,28 @@
 parameter layout (``qkv`` and ``proj``), the head split and merge, grouped-query heads and the
 KV cache. A subclass overrides one small method, :meth:`AttentionBase._attend`, which maps
 per-head queries, keys and values to per-head context vectors; that is the part that differs.
+
+Shapes in comments: ``B`` batch, ``T`` new tokens, ``Tq``/``Tk`` query and key lengths (``Tk``
+includes cached keys), ``H`` query heads, ``H_kv`` key/value heads, ``hd`` head dim,
+``d_in``/``d_out`` features per token.
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor, nn
 
+from . import checks
 from .kv_cache import KVCache
-from .masks import MaskMod, and_masks, causal, dense_mask, document
+from .masks import MaskMod, and_masks, causal, dense_mask, document, prefix_length
 from .score_mods import ScoreMod
 
 
 def _fn_name(fn: object) -> str:
     """A mask or score mod's name for messages: its ``__name__``, else its type's."""
     return getattr(fn, "__name__", type(fn).__name__)
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 class AttentionBase(nn.Module):
@@ -50,29 +47,6 @@ class AttentionBase(nn.Module):
             before masking; an implementation that cannot express it rejects it here.
     """
 
-    #: Whether ``dropout > 0`` is honoured; an implementation that cannot sets this False and
-    #: rejects such a ``dropout`` at construction instead of silently ignoring it.
-    supports_dropout: bool = True
-
-    @classmethod
-    def supports_backward(cls, device: torch.device | str) -> bool:
-        """Whether gradients flow through this implementation on ``device`` (default: always)."""
-        return True
-
-    #: Why :meth:`supports_score_mod` said no, for the error message.
-    score_mod_limits: str = "it does not apply score mods (override supports_score_mod once it does)"
-
-    @classmethod
-    def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
-        """Whether this implementation can apply ``score_mod`` (default: no, so a subclass that
-        attends its own way never silently ignores one)."""
-        return False
-
-    @classmethod
-    def min_head_dim(cls, device: torch.device | str) -> int:
-        """The smallest ``d_out // num_heads`` this implementation runs on ``device``."""
-        return 1
-
     def __init__(
         self,
         d_in: int,
@@ -87,40 +61,8 @@ class AttentionBase(nn.Module):
         score_mod: ScoreMod | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("d_in", d_in),
-            ("d_out", d_out),
-            ("num_heads", num_heads),
-            ("context_length", context_length),
-        ):
-            _check_positive_int(name, value)
-        if d_out % num_heads != 0:
-            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
-        if num_kv_heads is None:
-            num_kv_heads = num_heads
-        _check_positive_int("num_kv_heads", num_kv_heads)
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
-        if isinstance(dropout, bool) or not isinstance(dropout, Real):
-            raise TypeError(f"dropout must be a float, got {type(dropout).__name__} ({dropout!r})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if dropout > 0 and not self.supports_dropout:
-            raise ValueError(f"{type(self).__name__} does not support dropout; got dropout={dropout}")
-        if not isinstance(qkv_bias, bool):
-            raise TypeError(f"qkv_bias must be a bool, got {type(qkv_bias).__name__}")
-        if not callable(mask_mod):
-            raise TypeError(f"mask_mod must be callable(b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
-        if score_mod is not None:
-            name = _fn_name(score_mod)
-            if not callable(score_mod):
-                raise TypeError(f"score_mod must be callable(score, b, h, q_idx, kv_idx), got {name}")
-            if not self.supports_score_mod(score_mod):
-                raise ValueError(f"{type(self).__name__} cannot express score_mod={name}: {self.score_mod_limits}")
-            heads = getattr(score_mod, "num_heads", num_heads)
-            if heads != num_heads:
-                raise ValueError(f"score_mod={name} was made for num_heads={heads}, this module has {num_heads}")
-
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self._check_config(d_in, d_out, num_heads, context_length, dropout, qkv_bias, num_kv_heads, mask_mod, score_mod)
         self.d_in = d_in
         self.d_out = d_out
         self.num_heads = num_heads
@@ -133,6 +75,76 @@ class AttentionBase(nn.Module):
         self.score_mod = score_mod
         self.qkv = nn.Linear(d_in, d_out + 2 * self.kv_dim, bias=qkv_bias)  # q, k, v stacked
         self.proj = nn.Linear(d_out, d_out)
+
+    # -- the hot path: forward -> projections -> _attend -> merge ---------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Attend over ``x`` ``(B, T, d_in)``; with ``kv_cache``, ``x`` continues the cached
+        sequence. ``document_ids`` ``(B, cached + T)`` confines attention to each document."""
+        q, k, v, q_offset = self._project(x, kv_cache, document_ids)
+        context = self._attend(q, k, v, q_offset=q_offset, document_ids=document_ids)  # (B, H, T, hd)
+        return self._merge(context)  # (B, T, d_out)
+
+    def _project(
+        self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Validate, project and split heads; append to ``kv_cache``. Returns ``q, k, v, q_offset``."""
+        self._check_input(x, kv_cache, document_ids)
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.d_out, self.kv_dim, self.kv_dim], dim=-1)  # (B, T, d_out | kv_dim)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        q_offset = 0
+        if kv_cache is not None:
+            q_offset = kv_cache.pos
+            k, v = kv_cache.update(k, v)  # (B, H_kv, q_offset + T, hd) each
+        return q, k, v, q_offset
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        """Per-head attention: ``q`` ``(B, H, Tq, hd)``, ``k, v`` ``(B, H_kv, Tk, hd)`` ->
+        ``(B, H, Tq, hd)``. Query row ``i`` sits at absolute position ``q_offset + i``; keys at
+        ``0 .. Tk-1``. Rows with no visible key must come out as zeros."""
+        raise NotImplementedError
+
+    def _merge(self, context: Tensor) -> Tensor:
+        b, _, t, _ = context.shape
+        context = context.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
+        return self.proj(context)  # (B, T, d_out)
+
+    # -- what an implementation can do: class methods it overrides --------------------------
+
+    @classmethod
+    def supports_dropout(cls) -> bool:
+        """Whether ``dropout > 0`` is honoured; one that is not is rejected at construction."""
+        return True
+
+    @classmethod
+    def supports_backward(cls, device: torch.device | str) -> bool:
+        """Whether gradients flow through this implementation on ``device``."""
+        return True
+
+    @classmethod
+    def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
+        """Whether this implementation can apply ``score_mod`` (default: no, so a subclass that
+        attends its own way never silently ignores one)."""
+        return False
+
+    #: Why :meth:`supports_score_mod` said no, for the error message.
+    score_mod_limits: str = "it does not apply score mods (override supports_score_mod once it does)"
+
+    @classmethod
+    def min_head_dim(cls, device: torch.device | str) -> int:
+        """The smallest ``d_out // num_heads`` this implementation runs on ``device``."""
+        return 1
+
+    # -- the rest of the public surface ----------------------------------------------------
 
     @property
     def scale(self) -> float:
@@ -158,7 +170,7 @@ class AttentionBase(nn.Module):
     ) -> KVCache:
         """A cache for ``batch_size`` sequences of up to ``max_tokens`` positions (default dtype
         and device: the weights')."""
-        _check_positive_int("max_tokens", max_tokens)
+        checks.integer("max_tokens", max_tokens)
         if max_tokens > self.context_length:
             raise ValueError(f"max_tokens ({max_tokens}) exceeds context_length ({self.context_length})")
         weight = self.qkv.weight
@@ -170,46 +182,6 @@ class AttentionBase(nn.Module):
             dtype=dtype or weight.dtype,
             device=device or weight.device,
         )
-
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        kv_cache: KVCache | None = None,
-        document_ids: Tensor | None = None,
-    ) -> Tensor:
-        """Attend over ``x`` ``(B, T, d_in)``; with ``kv_cache``, ``x`` continues the cached
-        sequence. ``document_ids`` ``(B, cached + T)`` confines attention to each document."""
-        q, k, v, q_offset = self._project(x, kv_cache, document_ids)
-        context = self._attend(q, k, v, q_offset=q_offset, document_ids=document_ids)  # (B, H, T, hd)
-        return self._merge(context)
-
-    def _project(
-        self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Validate, project and split heads; append to ``kv_cache``. Returns ``q, k, v, q_offset``."""
-        self._check_input(x, kv_cache, document_ids)
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).split([self.d_out, self.kv_dim, self.kv_dim], dim=-1)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        q_offset = 0
-        if kv_cache is not None:
-            q_offset = kv_cache.pos
-            k, v = kv_cache.update(k, v)  # (B, H_kv, q_offset + T, hd) each
-        return q, k, v, q_offset
-
-    def _merge(self, context: Tensor) -> Tensor:
-        b, _, t, _ = context.shape
-        context = context.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
-        return self.proj(context)  # (B, T, d_out)
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
-        """Per-head attention: ``q`` ``(B, H, Tq, hd)``, ``k, v`` ``(B, H_kv, Tk, hd)`` ->
-        ``(B, H, Tq, hd)``. Query row ``i`` sits at absolute position ``q_offset + i``; keys at
-        ``0 .. Tk-1``. Rows with no visible key must come out as zeros."""
-        raise NotImplementedError
 
     # -- helpers the implementations share -------------------------------------------------
 
@@ -234,6 +206,46 @@ class AttentionBase(nn.Module):
             q_offset=q_offset,
         )
 
+    # -- validation: everything is refused here, before any work or cache write ------------
+
+    def _check_config(
+        self,
+        d_in: int,
+        d_out: int,
+        num_heads: int,
+        context_length: int,
+        dropout: float,
+        qkv_bias: bool,
+        num_kv_heads: int,
+        mask_mod: MaskMod,
+        score_mod: ScoreMod | None,
+    ) -> None:
+        for name, value in (
+            ("d_in", d_in),
+            ("d_out", d_out),
+            ("num_heads", num_heads),
+            ("context_length", context_length),
+            ("num_kv_heads", num_kv_heads),
+        ):
+            checks.integer(name, value)
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        checks.real("dropout", dropout, lambda p: 0.0 <= p < 1.0, "in [0, 1)")
+        if dropout > 0 and not self.supports_dropout():
+            raise ValueError(f"{type(self).__name__} does not support dropout; got dropout={dropout}")
+        checks.boolean("qkv_bias", qkv_bias)
+        checks.function("mask_mod", mask_mod, "(b, h, q_idx, kv_idx)")
+        if score_mod is not None:
+            checks.function("score_mod", score_mod, "(score, b, h, q_idx, kv_idx)")
+            name = _fn_name(score_mod)
+            if not self.supports_score_mod(score_mod):
+                raise ValueError(f"{type(self).__name__} cannot express score_mod={name}: {self.score_mod_limits}")
+            heads = getattr(score_mod, "num_heads", num_heads)
+            if heads != num_heads:
+                raise ValueError(f"score_mod={name} was made for num_heads={heads}, this module has {num_heads}")
+
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -249,43 +261,45 @@ class AttentionBase(nn.Module):
             raise TypeError(f"x is {x.dtype} but the weights are {weight.dtype}; cast one to match")
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the weights are on {weight.device}")
-        past = 0
-        if kv_cache is not None:
-            if not isinstance(kv_cache, KVCache):
-                raise TypeError(f"kv_cache must be a KVCache from make_kv_cache(), got {type(kv_cache).__name__}")
-            if kv_cache.k_cache.shape[1] != self.num_kv_heads or kv_cache.k_cache.shape[3] != self.head_dim:
-                raise ValueError(
-                    f"kv_cache holds {kv_cache.k_cache.shape[1]} heads of dim {kv_cache.k_cache.shape[3]}, "
-                    f"this module has {self.num_kv_heads} KV heads of dim {self.head_dim}"
-                )
-            kv_cache.check_compatible(x, t)
-            past = kv_cache.pos
-            # A bidirectional prefix lets early queries see later prefix keys; the queries already
-            # run could not, so continuing a cache that ends inside the prefix would silently differ
-            # from one call on the whole sequence.
-            prefix_len = getattr(self.mask_mod, "prefix_len", 0)
-            if 0 < past < prefix_len:
-                raise ValueError(
-                    f"mask_mod {_fn_name(self.mask_mod)} shows keys before prefix_len={prefix_len} "
-                    f"to every query, but the cache ends at {past}: put the whole prefix in the first chunk"
-                )
+        past = 0 if kv_cache is None else self._check_cache(kv_cache, x)
         if past + t > self.context_length:
             raise ValueError(
                 f"{past + t} positions ({past} cached + {t} new) exceed context_length={self.context_length}"
             )
         if document_ids is not None:
-            if not isinstance(document_ids, Tensor):
-                raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
-            if (
-                document_ids.dtype.is_floating_point
-                or document_ids.dtype.is_complex
-                or document_ids.dtype == torch.bool
-            ):
-                raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
-            if tuple(document_ids.shape) != (b, past + t):
-                raise ValueError(
-                    f"document_ids must have shape (batch, cached + tokens) = {(b, past + t)}, "
-                    f"got {tuple(document_ids.shape)}"
-                )
-            if document_ids.device != x.device:
-                raise ValueError(f"document_ids is on {document_ids.device}, x is on {x.device}")
+            self._check_document_ids(document_ids, x, (b, past + t))
+
+    def _check_cache(self, kv_cache: KVCache, x: Tensor) -> int:
+        """Refuse a cache this call cannot extend; returns the positions already cached."""
+        if not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache must be a KVCache from make_kv_cache(), got {type(kv_cache).__name__}")
+        if (kv_cache.num_kv_heads, kv_cache.head_dim) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"kv_cache holds {kv_cache.num_kv_heads} heads of dim {kv_cache.head_dim}, "
+                f"this module has {self.num_kv_heads} KV heads of dim {self.head_dim}"
+            )
+        kv_cache.check_compatible(x, x.shape[1])
+        past = kv_cache.pos
+        # A bidirectional prefix lets early queries see later prefix keys; the queries already
+        # run could not, so continuing a cache that ends inside the prefix would silently differ
+        # from one call on the whole sequence.
+        prefix_len = prefix_length(self.mask_mod)
+        if 0 < past < prefix_len:
+            raise ValueError(
+                f"mask_mod {_fn_name(self.mask_mod)} shows keys before prefix_len={prefix_len} "
+                f"to every query, but the cache ends at {past}: put the whole prefix in the first chunk"
+            )
+        return past
+
+    @staticmethod
+    def _check_document_ids(document_ids: Tensor, x: Tensor, shape: tuple[int, int]) -> None:
+        if not isinstance(document_ids, Tensor):
+            raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
+        if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+            raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
+        if tuple(document_ids.shape) != shape:
+            raise ValueError(
+                f"document_ids must have shape (batch, cached + tokens) = {shape}, got {tuple(document_ids.shape)}"
+            )
+        if document_ids.device != x.device:
+            raise ValueError(f"document_ids is on {document_ids.device}, x is on {x.device}")

@@ -1,6 +1,6 @@
 """Attention through FlexAttention: ``flex_attention`` with a ``create_block_mask`` BlockMask.
 
-Two traps shape this module (both measured, see DESIGN.md):
+Two costs shape this module (the second is docs/design.md#recompile-limit):
 
 * A BlockMask is costly to build, so it is built once per (lengths, offset, device) and reused.
 * One compiled ``flex_attention`` reused across shapes, dtypes and grad modes hits dynamo's
@@ -128,7 +128,9 @@ class MHAPyTorchFlexAttention(AttentionBase):
     backward on CPU, so gradients there raise a clear error.
     """
 
-    supports_dropout = False
+    @classmethod
+    def supports_dropout(cls) -> bool:
+        return False  # flex_attention has no dropout
 
     @classmethod
     def supports_backward(cls, device: torch.device | str) -> bool:

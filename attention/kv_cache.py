@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import checks
+
 
 class KVCache(nn.Module):
     """Keys and values of ``num_kv_heads`` heads for up to ``max_tokens`` positions.
@@ -38,26 +40,36 @@ class KVCache(nn.Module):
             ("max_tokens", max_tokens),
             ("head_dim", head_dim),
         ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            checks.integer(name, value)
         shape = (batch_size, num_kv_heads, max_tokens, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.pos = 0  # positions filled so far; a Python int, so reading it never syncs the GPU
+        self._pos = 0  # a Python int, so reading it never syncs the GPU
+
+    @property
+    def pos(self) -> int:
+        """Positions filled so far; only :meth:`update` and :meth:`reset` move it."""
+        return self._pos
 
     @property
     def batch_size(self) -> int:
         return self.k_cache.shape[0]
 
     @property
+    def num_kv_heads(self) -> int:
+        return self.k_cache.shape[1]
+
+    @property
     def max_tokens(self) -> int:
         return self.k_cache.shape[2]
 
+    @property
+    def head_dim(self) -> int:
+        return self.k_cache.shape[3]
+
     def reset(self) -> None:
         """Empty the cache; the buffers are kept and overwritten by the next sequence."""
-        self.pos = 0
+        self._pos = 0
 
     def check_compatible(self, x: Tensor, num_new: int) -> None:
         """Raise before anything is written if ``x`` (the chunk's input) cannot extend the cache."""
@@ -70,17 +82,17 @@ class KVCache(nn.Module):
         self._check_room(num_new)
 
     def _check_room(self, num_new: int) -> None:
-        if self.pos + num_new > self.max_tokens:
+        if self._pos + num_new > self.max_tokens:
             raise ValueError(
-                f"kv_cache overflow: {self.pos} positions filled + {num_new} new tokens "
+                f"kv_cache overflow: {self._pos} positions filled + {num_new} new tokens "
                 f"> max_tokens={self.max_tokens}; make a larger cache or reset() it"
             )
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append ``k, v`` ``(B, H_kv, T_new, D)``; return all filled keys and values ``(B, H_kv, pos, D)``."""
         self._check_room(k.shape[2])
-        start, end = self.pos, self.pos + k.shape[2]
+        start, end = self._pos, self._pos + k.shape[2]
         self.k_cache[:, :, start:end] = k
         self.v_cache[:, :, start:end] = v
-        self.pos = end
+        self._pos = end
         return self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # (B, H_kv, pos, D) each

@@ -12,20 +12,29 @@ tensor values), the same rule flex's ``vmap`` imposes. Parameterised patterns co
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import and_masks
 
+from . import checks
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 __all__ = [
+    "SPEC_KINDS",
     "MaskMod",
+    "Pattern",
     "and_masks",
     "causal",
     "dense_mask",
     "document",
+    "from_spec",
     "offset_mask",
+    "packed_document_ids",
+    "parse_spec",
+    "prefix_length",
     "prefix_lm",
     "sliding_window",
 ]
@@ -38,10 +47,7 @@ def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
 
 def sliding_window(window: int) -> MaskMod:
     """Causal with exactly ``window`` keys visible, the query's own included."""
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"window must be an int, got {type(window).__name__}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    checks.integer("window", window)
 
     def sliding_window_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         distance = q_idx - kv_idx
@@ -53,17 +59,24 @@ def sliding_window(window: int) -> MaskMod:
 
 def prefix_lm(prefix_len: int) -> MaskMod:
     """Keys before ``prefix_len`` are visible to every query; causal after them."""
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
-        raise TypeError(f"prefix_len must be an int, got {type(prefix_len).__name__}")
-    if prefix_len < 0:
-        raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
+    checks.integer("prefix_len", prefix_len, minimum=0)
 
     def prefix_lm_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (kv_idx < prefix_len) | (q_idx >= kv_idx)
 
     prefix_lm_mask.__name__ = f"prefix_lm_{prefix_len}"
-    prefix_lm_mask.prefix_len = prefix_len  # read by the KV cache: the first chunk must hold the prefix
+    prefix_lm_mask.prefix_len = prefix_len  # see prefix_length
     return prefix_lm_mask
+
+
+def prefix_length(mask_mod: MaskMod) -> int:
+    """How many leading keys ``mask_mod`` shows to *every* query, later ones included.
+
+    A pattern with such a bidirectional prefix declares it as a ``prefix_len`` attribute (as
+    :func:`prefix_lm` does): a KV cache must then receive the whole prefix in its first chunk,
+    since queries already run could not see prefix keys that came after them. 0 for the rest.
+    """
+    return getattr(mask_mod, "prefix_len", 0)
 
 
 def document(document_ids: Tensor) -> MaskMod:
@@ -114,3 +127,96 @@ def dense_mask(
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"mask_mod must return a bool tensor, got {got}")
     return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
+
+
+def packed_document_ids(
+    batch: int,
+    tokens: int,
+    docs: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """``(batch, tokens)`` sorted integer ids of ``docs`` documents packed into each row.
+
+    With a ``generator`` each row gets its own random boundaries (property tests); without, every
+    row has the same fixed, uneven split (weights 1, 3, 5, 2, 4, ...), so a benchmark does the
+    same work on every run and machine.
+    """
+    checks.integer("batch", batch)
+    checks.integer("tokens", tokens)
+    checks.integer("docs", docs)
+    if docs > tokens:
+        raise ValueError(f"cannot pack {docs} documents into {tokens} tokens")
+    if generator is None:
+        weights = [(i * 7) % 5 + 1 for i in range(docs)]  # 1, 3, 5, 2, 4, 1, ...
+        lengths = [max(1, tokens * w // sum(weights)) for w in weights[:-1]]
+        if sum(lengths) >= tokens:
+            raise ValueError(f"cannot pack {docs} documents into {tokens} tokens")
+        cuts = torch.tensor(lengths, dtype=torch.long).cumsum(0).expand(batch, docs - 1)  # (B, docs - 1)
+    else:
+        order = torch.rand(batch, tokens - 1, generator=generator).argsort(dim=-1)  # (B, T - 1)
+        cuts = (order[:, : docs - 1] + 1).sort(dim=-1).values  # (B, docs - 1) distinct starts in [1, T)
+    positions = torch.arange(tokens)  # (T,)
+    ids = (positions[None, :, None] >= cuts[:, None, :]).sum(-1)  # (B, T)
+    return ids.to(device=device, dtype=torch.int32)
+
+
+#: What :func:`parse_spec` accepts: ``kind`` or ``kind:N``.
+SPEC_KINDS = {
+    "causal": "causal",
+    "sliding_window": "sliding_window:W (W keys visible, the query's own included)",
+    "prefix_lm": "prefix_lm:P (the first P keys visible to every query)",
+    "document": "document:N (causal within N packed documents)",
+}
+
+
+def parse_spec(spec: str) -> tuple[str, int]:
+    """``"causal"``, ``"sliding_window:W"``, ``"prefix_lm:P"`` or ``"document:N"`` -> ``(kind, N)``."""
+    if not isinstance(spec, str):
+        raise TypeError(f"mask spec must be a str, got {type(spec).__name__} ({spec!r})")
+    kind, sep, arg = spec.partition(":")
+    if kind == "causal" and not sep:
+        return kind, 0
+    if kind in SPEC_KINDS and kind != "causal" and arg.isdigit() and (int(arg) > 0 or kind == "prefix_lm"):
+        return kind, int(arg)
+    raise ValueError(f"unknown mask {spec!r}: use {', '.join(repr(v) for v in SPEC_KINDS.values())}")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """What a spec stands for: the module's ``mask_mod``, the ``document_ids`` its forward
+    takes (``None`` unless documents are packed) and :attr:`visible`, both combined."""
+
+    spec: str
+    mask_mod: MaskMod
+    document_ids: Tensor | None
+
+    @property
+    def visible(self) -> MaskMod:
+        """Whether a query sees a key, documents included: one ``mask_mod`` for dense masks and
+        block counting."""
+        if self.document_ids is None:
+            return self.mask_mod
+        return and_masks(self.mask_mod, document(self.document_ids))
+
+
+def from_spec(
+    spec: str,
+    *,
+    batch: int = 1,
+    tokens: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Pattern:
+    """The :class:`Pattern` for ``spec`` (see :func:`parse_spec`) over ``batch`` rows of
+    ``tokens`` tokens; documents as in :func:`packed_document_ids`."""
+    kind, arg = parse_spec(spec)
+    if kind == "sliding_window":
+        return Pattern(spec, sliding_window(arg), None)
+    if kind == "prefix_lm":
+        return Pattern(spec, prefix_lm(arg), None)
+    if kind == "document":
+        ids = packed_document_ids(batch, tokens, arg, generator=generator, device=device)  # (B, T)
+        return Pattern(spec, causal, ids)
+    return Pattern(spec, causal, None)

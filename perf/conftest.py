@@ -1,9 +1,9 @@
 """pytest-benchmark setup for the perf suite: the cases, the GPU timer, machine info, guards.
 
-Run through ``nox -s perf`` (or ``python -m attention.perf``), which also compares against the
+Run through ``nox -s perf`` (or ``python -m attention.bench.perf``), which also compares against the
 baseline; plain ``pytest perf`` works too. Options (all optional):
 
-* ``--perf-grid full|quick|tiny``: default ``full`` on CUDA, ``tiny`` on CPU (:mod:`attention.perf.grid`).
+* ``--perf-grid full|quick|tiny``: default ``full`` on CUDA, ``tiny`` on CPU (:mod:`attention.bench.perf.grid`).
 * ``--perf-device``: default ``cuda`` when present.
 * ``--perf-graphs fwd|all|none``: which cases are timed as CUDA-graph replays (default forward only).
 * ``--perf-budget SECONDS``: timed seconds per case (rounds follow, 10..100).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention import flex, workload
-from attention.memory import free_cached_memory
-from attention.perf import grid as perf_grid
-from attention.perf import guards, machine, runner
-from attention.timing import clock_for
+from attention import flex
+from attention.bench.memory import free_cached_memory
+from attention.bench.perf import grid as perf_grid
+from attention.bench.perf import guards, machine, runner
+from attention.bench.timing import clock_for
 
 
 @dataclass
@@ -38,6 +37,7 @@ class PerfState:
     log: Path | None
     label: str
     machine: dict
+    flex_kernel_options: dict | None = None
     ceilings: dict = field(default_factory=dict)
     cases: dict = field(default_factory=dict)  # case_id -> Workload | DecodeWorkload
     started: float = field(default_factory=time.time)
@@ -50,6 +50,18 @@ class PerfState:
 
 
 _STATE = pytest.StashKey[PerfState]()
+
+
+def _kernel_options(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise pytest.UsageError(f"--perf-flex-kernel-options is not JSON ({exc}): {text!r}") from None
+    if not isinstance(options, dict):
+        raise pytest.UsageError(f"--perf-flex-kernel-options must be a JSON object, got {text!r}")
+    return options
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -72,13 +84,6 @@ def pytest_configure(config: pytest.Config) -> None:
     device = config.getoption("--perf-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--perf-device=cuda but this machine has no CUDA GPU")
-    options = config.getoption("--perf-flex-kernel-options")
-    if options is not None:
-        os.environ[workload.FLEX_KERNEL_OPTIONS_ENV] = options
-    try:
-        workload.flex_kernel_options()
-    except ValueError as exc:
-        raise pytest.UsageError(str(exc)) from None
     log = config.getoption("--perf-log")
     state = PerfState(
         device=device,
@@ -90,6 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
         log=Path(log) if log else None,
         label=config.getoption("--perf-run-label"),
         machine=machine.machine_info(device),
+        flex_kernel_options=_kernel_options(config.getoption("--perf-flex-kernel-options")),
     )
     if state.log:
         state.log.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +115,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     state = metafunc.config.stash[_STATE]
     kind = getattr(metafunc.module, "KIND", None)
-    cases = {c.case_id: c for c in perf_grid.grid(state.grid, state.device) if perf_grid.kind(c) == kind}
+    every = perf_grid.grid(state.grid, state.device, flex_kernel_options=state.flex_kernel_options)
+    cases = {c.case_id: c for c in every if perf_grid.kind(c) == kind}
     state.cases.update(cases)
     # Parametrised by id (plain strings in the JSON); the ``case`` fixture turns it into the workload.
     metafunc.parametrize("case", list(cases), ids=list(cases), indirect=True)
@@ -140,7 +147,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     state = config.stash[_STATE]
     info = dict(state.machine, **state.ceilings, grid=state.grid, graphs=state.opts.graphs)
     info["wall_s"] = round(time.time() - state.started, 1)
-    info["flex_kernel_options"] = workload.flex_kernel_options()
+    info["flex_kernel_options"] = state.flex_kernel_options
     info["flex_compiled_signatures"] = len(flex._compiled)  # one per shape/dtype/grad: no recompiles
     machine_info[machine.KEY] = info
     machine_info["gpu"] = info.get("gpu_name")

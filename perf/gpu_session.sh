@@ -3,7 +3,7 @@
 #
 #   bash perf/gpu_session.sh                      # one full run (compared if this GPU has a baseline)
 #   REPEAT=3 bash perf/gpu_session.sh             # three runs: spread -> OUT/thresholds.json
-#   GRID=quick bash perf/gpu_session.sh -k flex   # other args go to `python -m attention.perf run`
+#   GRID=quick bash perf/gpu_session.sh -k flex   # other args go to `python -m attention.bench.perf run`
 #
 # Env: OUT (default .benchmarks/attention-perf), REPEAT (1), GRID (full), BUDGET_S (total seconds for the grid runs,
 # default 500: the device call's limit is 600), COMPARE (auto | 0 | 1). Files in OUT: run-N.json,
@@ -35,11 +35,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
 
 if ! python -c "import nox" 2>/dev/null && [ -d .whl ]; then
     PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install -q --no-index --find-links .whl nox 2>&1 | tail -2 \
-        || echo "nox wheels incomplete here: running python -m attention.perf directly (what nox -s perf runs)"
+        || echo "nox wheels incomplete here: running python -m attention.bench.perf directly (what nox -s perf runs)"
 fi
 
 if [ "$COMPARE" = auto ]; then
-    slug=$(python -c "import torch; from attention.perf.machine import machine_info; print(machine_info('cuda')['slug'] if torch.cuda.is_available() else 'cpu')")
+    slug=$(python -c "import torch; from attention.bench.perf.machine import machine_info; print(machine_info('cuda')['slug'] if torch.cuda.is_available() else 'cpu')")
     if [ -f "perf/baselines/$slug/baseline.json" ]; then COMPARE=1; else COMPARE=0; echo "no baseline for $slug yet: not comparing"; fi
 fi
 args=(--out "$OUT" --repeat "$REPEAT" --grid "$GRID" --quiet-pytest --time-budget "$BUDGET_S")
@@ -50,7 +50,7 @@ start=$SECONDS
 if python -c "import nox" 2>/dev/null; then
     python -m nox --no-venv -s perf -- "${args[@]}"
 else
-    python -m attention.perf run "${args[@]}"
+    python -m attention.bench.perf run "${args[@]}"
 fi
 rc=$?
 echo "perf: exit $rc after $((SECONDS - start)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

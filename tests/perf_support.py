@@ -1,12 +1,12 @@
-"""Synthetic perf runs for the CPU tests of attention.perf: pytest-benchmark-shaped JSON documents."""
+"""Synthetic perf runs for the CPU tests of attention.bench.perf: pytest-benchmark-shaped JSON documents."""
 
 from __future__ import annotations
 
 import copy
 import random
 
-from attention.perf.machine import KEY
-from attention.perf.results import parse_run
+from attention.bench.perf.machine import KEY
+from attention.bench.perf.results import parse_run
 
 H100 = {
     "device": "cuda",

@@ -12,7 +12,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import attention
-from attention.accuracy import GRAD_FACTOR, OUTPUT_FACTOR, assert_matches_oracle
+from attention.accuracy import GRAD_FACTOR, OUTPUT_FACTOR, assert_matches_oracle, check_module
 
 CUDA = torch.cuda.is_available()
 
@@ -68,9 +68,9 @@ def assert_module_matches_oracle(
 ) -> None:
     """``actual`` (what ``module`` gave for the whole of ``x``) against the float64 oracle, by the
     ratio rule; the baseline is the same reference math run in ``x``'s dtype."""
-    oracle = attention.reference_forward(module, x, document_ids=document_ids)  # (B, T, d_out) float64
-    baseline = attention.reference_forward(module, x, dtype=x.dtype, document_ids=document_ids)  # (B, T, d_out)
-    assert_matches_oracle(actual, oracle, baseline, what=what)
+    problem = check_module(module, x, actual, document_ids=document_ids, what=what).problem
+    if problem is not None:
+        raise AssertionError(problem)
 
 
 # -- drawn configurations (shapes and seeds; tensor values come from seeded generators) -----

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from attention import benchmark, report
-from attention.memory import peak_memory
+from attention.bench import report, sweep
+from attention.bench.memory import peak_memory
 
 TINY = ["--device", "cpu", "--seq-lens", "32", "64", "--hidden", "64", "--head-dim", "32", "--cell-seconds", "0.01"]
 
@@ -19,7 +19,7 @@ TINY = ["--device", "cpu", "--seq-lens", "32", "64", "--hidden", "64", "--head-d
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert benchmark.main([*TINY, "--out", str(out)]) == 0
+    assert sweep.main([*TINY, "--out", str(out)]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -78,7 +78,7 @@ def test_from_scratch_memory_grows_faster_than_sdpa(tiny_report):
 )
 def test_bad_flags_give_clear_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        benchmark.parse_args(["--device", "cpu", *args] if "--device" not in args else args)
+        sweep.parse_args(["--device", "cpu", *args] if "--device" not in args else args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -86,20 +86,20 @@ def test_bad_flags_give_clear_errors(args, message, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
-        benchmark.parse_args(["--device", "cuda"])
+        sweep.parse_args(["--device", "cuda"])
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_out_must_be_a_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):
-        benchmark.parse_args(["--device", "cpu", "--out", str(tmp_path / "file")])
+        sweep.parse_args(["--device", "cpu", "--out", str(tmp_path / "file")])
     assert "is not a folder" in capsys.readouterr().err
 
 
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        benchmark.parse_args(["--help"])
+        sweep.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--device", "--dtype", "--seq-lens", "--head-dim", "--impl", "--out", "--batch", "--hidden"):
@@ -107,7 +107,7 @@ def test_help_explains_every_flag(capsys):
 
 
 def test_cpu_defaults_fit_the_machine():
-    config = benchmark.parse_args(["--device", "cpu"])
+    config = sweep.parse_args(["--device", "cpu"])
     assert config.dtype == torch.float32 and config.impls == ("from_scratch", "flex", "sdpa")
     assert max(config.seq_lens) <= 2048
 
@@ -134,8 +134,8 @@ class _Exploding:
     ],
 )
 def test_a_failing_case_is_recorded_not_raised(error, status):
-    config = benchmark.parse_args(TINY)
-    cell = benchmark.time_cell(config, _Exploding(error))
+    config = sweep.parse_args(TINY)
+    cell = sweep.time_cell(config, _Exploding(error))
     assert cell.status == status and type(error).__name__ in cell.reason
 
 

@@ -74,7 +74,7 @@ def test_dropout_not_a_number(impl_name: str, dropout: object) -> None:
 @pytest.mark.parametrize("impl_name", IMPL_NAMES)
 def test_dropout_is_rejected_where_unsupported_and_kept_elsewhere(impl_name: str) -> None:
     impl = attention.get(impl_name)
-    if impl.supports_dropout:
+    if impl.supports_dropout():
         assert _build(impl_name, dropout=0.25).dropout == 0.25
     else:
         with pytest.raises(ValueError, match=re.escape(f"{impl.__name__} does not support dropout; got dropout=0.25")):

@@ -1,14 +1,20 @@
-"""The notebook's helpers (attention.inspection) on CPU, and the notebook itself where marimo is."""
+"""The notebook's helpers (attention.bench.inspection) on CPU, and the notebook itself where marimo is."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from attention import inspection, masks
+from attention import masks
+from attention.accuracy import check_module
+from attention.bench import inspection
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "attention.py"
 
 
 def test_block_layout_of_causal_mask_has_full_below_and_partial_on_the_diagonal():
@@ -19,7 +25,7 @@ def test_block_layout_of_causal_mask_has_full_below_and_partial_on_the_diagonal(
 
 
 def test_block_layout_matches_the_dense_mask_for_every_pattern():
-    for kind in inspection.PATTERNS:
+    for kind in masks.SPEC_KINDS:
         pattern = inspection.make_pattern(kind, 48, batch=2, window=10, prefix_len=12, num_docs=3)
         block_mask = create_block_mask(pattern.visible, 2, None, 48, 48, device="cpu", BLOCK_SIZE=8)
         dense = masks.dense_mask(pattern.visible, 2, 1, 48, 48, "cpu")[0, 0]  # (48, 48)
@@ -37,7 +43,7 @@ def test_document_pattern_packs_the_requested_number_of_documents():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"kind": "diagonal"}, "unknown pattern"), ({"kind": "document", "num_docs": 0}, "num_docs")],
+    [({"kind": "diagonal"}, "unknown pattern"), ({"kind": "document", "num_docs": 0}, "unknown mask 'document:0'")],
 )
 def test_make_pattern_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -51,9 +57,9 @@ def test_every_implementation_passes_the_oracle_and_reports_ops():
     x = torch.randn(2, 32, 32)  # (B, T, d_model)
     for name in ("from_scratch", "sdpa", "flex"):
         module = inspection.build(name, shared, d_model=32, num_heads=4, seq_len=32, mask_mod=pattern.mask_mod)
-        errors = inspection.oracle_errors(module, x)
-        assert errors["passes"], errors["problem"]
-        assert 0 <= errors["mean_error"] <= errors["max_error"] < 1e-5
+        check = check_module(module, x)
+        assert check.passes, check.problem
+        assert 0 <= check.mean_error <= check.max_error < 1e-5
         with torch.no_grad():
             ops = inspection.profile_ops(lambda m=module: m(x), device="cpu", top=3)
         assert 1 <= len(ops) <= 3
@@ -62,9 +68,12 @@ def test_every_implementation_passes_the_oracle_and_reports_ops():
 
 def test_notebook_runs_every_cell():
     pytest.importorskip("marimo")
-    from attention.notebook import app
+    spec = importlib.util.spec_from_file_location("attention_notebook", NOTEBOOK)
+    notebook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(notebook)
+    app = notebook.app
 
     _, defs = app.run()
     assert set(defs["errors"]) == {"from_scratch", "flex", "sdpa"}
-    assert all(e["passes"] for e in defs["errors"].values())
+    assert all(e.passes for e in defs["errors"].values())
     assert defs["weights"].shape == (4, 128, 128)

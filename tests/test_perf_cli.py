@@ -1,4 +1,4 @@
-"""python -m attention.perf: exit codes and messages of compare/record/spread/table, and a CPU run (CPU)."""
+"""python -m attention.bench.perf: exit codes and messages of compare/record/spread/table, and a CPU run (CPU)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention.perf import cli
-from attention.perf.results import write_run
+from attention.bench.perf import cli
+from attention.bench.perf.results import write_run
 
 from .perf_support import H100, make_run, samples, with_machine
 
@@ -93,7 +93,7 @@ def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
     # Not the xdist worker's variables: pytest-benchmark would think the inner run is distributed too.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "-m", "attention.perf", "--benchmark-compare", "--out", str(tmp_path), "--quiet-pytest"]
+    cmd = [sys.executable, "-m", "attention.bench.perf", "--benchmark-compare", "--out", str(tmp_path), "--quiet-pytest"]
     cmd += ["-k", "core-sdpa-fp32-fwd-B4-T64 or decode-sdpa", "--perf-budget=0.02"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -114,7 +114,7 @@ def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
 
 
 def test_targets_report_the_issue_ratios():
-    from attention.perf import report
+    from attention.bench.perf import report
 
     shape = dict(direction="fwd", head_dim=64, seq_len=4096, dtype="bf16", batch=4, num_heads=32)
     cases = {

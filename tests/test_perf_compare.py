@@ -1,11 +1,11 @@
-"""attention.perf.compare: regression, improvement and memory verdicts; thresholds from spread (CPU)."""
+"""attention.bench.perf.compare: regression, improvement and memory verdicts; thresholds from spread (CPU)."""
 
 from __future__ import annotations
 
 import pytest
 
-from attention.perf import compare as cmp
-from attention.perf.results import merge_runs
+from attention.bench.perf import compare as cmp
+from attention.bench.perf.results import merge_runs
 
 from .perf_support import make_run, samples
 

@@ -1,4 +1,4 @@
-"""attention.perf.probe and guards: backend detection and the fallback detectors (CPU)."""
+"""attention.bench.perf.probe and guards: backend detection and the fallback detectors (CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attention.perf import guards, probe
+from attention.bench.perf import guards, probe
 
 from .perf_support import H100, case_info
 

@@ -1,4 +1,4 @@
-"""attention.perf.results and machine: baseline keying, refusals, corrupt files, salvage (CPU)."""
+"""attention.bench.perf.results and machine: baseline keying, refusals, corrupt files, salvage (CPU)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from attention.perf import machine
-from attention.perf.results import (
+from attention.bench.perf import machine
+from attention.bench.perf.results import (
     BadResultFile,
     NoBaseline,
     Refused,

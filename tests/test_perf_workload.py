@@ -1,14 +1,16 @@
-"""attention.workload and the perf grid: FLOP and byte counts, memory-based skips, builds (CPU)."""
+"""attention.bench.workload and the perf grid: FLOP and byte counts, memory-based skips, builds (CPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attention import AttentionBase, registry, workload
-from attention.perf import grid as perf_grid
+from attention import AttentionBase, masks, registry
+from attention.bench import cost, workload
+from attention.bench.cost import attention_flops, visible_counts
+from attention.bench.perf import grid as perf_grid
+from attention.bench.workload import DecodeWorkload, Workload, decode
 from attention.sdpa import MHAPyTorchScaledDotProduct
-from attention.workload import DecodeWorkload, Workload, attention_flops, decode, visible_counts
 
 
 def test_flops_follow_flashattention_convention():
@@ -38,8 +40,8 @@ def test_visible_counts_sliding_window_exact(t, w):
 
 def test_visible_counts_causal_and_documents():
     assert visible_counts("causal", 2, 50)[0] == 2 * 50 * 51 // 2
-    lengths = workload.document_lengths(300, 4)
-    assert sum(lengths) == 300 and min(lengths) > 0 and lengths == workload.document_lengths(300, 4)
+    lengths = torch.bincount(masks.packed_document_ids(1, 300, 4)[0]).tolist()
+    assert sum(lengths) == 300 and min(lengths) > 0 and lengths == [27, 81, 136, 56]  # weights 1:3:5:2
     assert visible_counts("document:4", 1, 300)[0] == sum(n * (n + 1) // 2 for n in lengths)
 
 
@@ -69,7 +71,7 @@ def test_skip_is_decided_by_memory_not_by_name(monkeypatch):
 
 def test_unknown_plugin_is_assumed_quadratic_until_it_registers_a_model(monkeypatch):
     monkeypatch.setattr(workload, "free_memory_bytes", lambda device: 40 * 2**30)
-    monkeypatch.setattr(workload, "_SCORE_COPIES", dict(workload._SCORE_COPIES))
+    monkeypatch.setattr(cost, "_SCORE_COPIES", dict(cost._SCORE_COPIES))
 
     class Mine(AttentionBase):
         def _attend(self, q, k, v, *, q_offset, document_ids):
@@ -78,7 +80,7 @@ def test_unknown_plugin_is_assumed_quadratic_until_it_registers_a_model(monkeypa
     monkeypatch.setitem(registry._registry, "mine_perf_test", Mine)
     case = Workload("mine_perf_test", 1, 16384, 32, 64, torch.bfloat16, "cpu")
     assert "no memory model registered" in case.skip_reason()
-    workload.register_memory_model(Mine, 0, 0)
+    cost.register_memory_model(Mine, 0, 0)
     assert case.skip_reason() is None
 
 
@@ -119,12 +121,18 @@ def test_every_kind_builds_and_runs_on_cpu(impl):
         assert torch.isfinite(fn()).all()
 
 
-def test_flex_kernel_options_come_from_the_environment(monkeypatch):
-    monkeypatch.setenv(workload.FLEX_KERNEL_OPTIONS_ENV, '{"BLOCK_M": 64}')
-    assert workload.flex_kernel_options() == {"BLOCK_M": 64}
-    monkeypatch.setenv(workload.FLEX_KERNEL_OPTIONS_ENV, "[1, 2]")
-    with pytest.raises(ValueError, match="JSON object"):
-        workload.flex_kernel_options()
+def test_flex_kernel_options_reach_prefill_modules_through_the_grid_not_the_environment():
+    options = {"BLOCK_M": 64}
+    cases = perf_grid.grid("tiny", "cpu", flex_kernel_options=options)
+    assert all(c.kernel_options == options for c in cases if isinstance(c, Workload))
+    assert not any(getattr(c, "kernel_options", None) for c in perf_grid.grid("tiny", "cpu"))
+    flex_case = next(c for c in cases if isinstance(c, Workload) and c.impl == "flex" and c.level == "core")
+    fn, _ = flex_case.build()
+    assert fn.inputs["module"].kernel_options == options
+    sdpa_case = next(c for c in cases if isinstance(c, Workload) and c.impl == "sdpa")
+    assert not hasattr(sdpa_case.build()[0].inputs["module"], "kernel_options")
+    with pytest.raises(TypeError, match="kernel_options must be a mapping"):
+        Workload("flex", 1, 64, 2, 16, torch.float32, "cpu", kernel_options=[("BLOCK_M", 64)])
 
 
 @pytest.mark.parametrize("name", perf_grid.GRIDS)

@@ -35,7 +35,9 @@ PLUGIN_SOURCE = textwrap.dedent(
 
 
     class EinsumAttention(attention.AttentionBase):
-        supports_dropout = False  # keeps the example short; the base class rejects dropout > 0
+        @classmethod
+        def supports_dropout(cls):
+            return False  # keeps the example short; the base class rejects dropout > 0
 
         def _attend(self, q, k, v, *, q_offset, document_ids):
             b, h, t_q, _ = q.shape

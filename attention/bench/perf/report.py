@@ -1,7 +1,7 @@
 """The tables a perf run prints: a compact matrix per group, the issue's targets, the anchors.
 
-Everything reads a :class:`~attention.perf.results.Run`, so the same tables come out of a live run
-and out of a JSON fetched from a GPU machine (``python -m attention.perf table RUN.json``).
+Everything reads a :class:`~attention.bench.perf.results.Run`, so the same tables come out of a live run
+and out of a JSON fetched from a GPU machine (``python -m attention.bench.perf table RUN.json``).
 """
 
 from __future__ import annotations

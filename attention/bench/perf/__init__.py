@@ -1,12 +1,12 @@
 """The perf suite's machinery, importable (and tested) without a GPU.
 
 * :mod:`.machine`: which GPU and software a run is on, the baseline key, measured ceilings.
-* :mod:`.grid`: the cases (:mod:`attention.workload`) a perf run times.
+* :mod:`.grid`: the cases (:mod:`attention.bench.workload`) a perf run times.
 * :mod:`.runner`: time one case under pytest-benchmark and fill its ``extra_info``.
 * :mod:`.probe`: which SDPA backend ran, whether flex ran fused.
 * :mod:`.guards`: turn silent fallbacks and impossible numbers into failures.
 * :mod:`.results`: read run and baseline JSON (clear errors on corrupt files), refuse mismatches.
 * :mod:`.compare`: thresholds, regression/improvement verdicts, spread -> thresholds.
 * :mod:`.report`: the tables a run prints.
-* :mod:`.cli`: ``python -m attention.perf`` (what ``nox -s perf`` runs).
+* :mod:`.cli`: ``python -m attention.bench.perf`` (what ``nox -s perf`` runs).
 """

@@ -1,6 +1,6 @@
-"""Turn a benchmark result (the dict :func:`attention.benchmark.run_sweep` returns, also saved
+"""Turn a benchmark result (the dict :func:`attention.bench.sweep.run_sweep` returns, also saved
 as ``report.json``) into a terminal table and PNG plots. Pure functions of that dict, so a
-report from a GPU can be re-rendered anywhere: ``python -m attention.report report.json``."""
+report from a GPU can be re-rendered anywhere: ``python -m attention.bench.report report.json``."""
 
 from __future__ import annotations
 
@@ -245,12 +245,12 @@ def write(result: dict, out: Path, *, plots: bool = True) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Re-render a saved report: ``python -m attention.report report.json [out_folder]``."""
+    """Re-render a saved report: ``python -m attention.bench.report report.json [out_folder]``."""
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not 1 <= len(argv) <= 2:
-        print("usage: python -m attention.report REPORT.json [OUT_FOLDER]", file=sys.stderr)
+        print("usage: python -m attention.bench.report REPORT.json [OUT_FOLDER]", file=sys.stderr)
         return 2
     result = json.loads(Path(argv[0]).read_text())
     out = Path(argv[1]) if len(argv) > 1 else Path(argv[0]).parent

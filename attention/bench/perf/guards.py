@@ -93,7 +93,7 @@ def _timer(info: dict, machine: dict) -> str | None:
     if _on_cuda(info) and info.get("timer") != "cuda-event":
         return (
             f"timed with {info.get('timer')!r} on CUDA: a wall clock around an asynchronous call times "
-            "the launch, not the kernel (DESIGN.md: 26x too fast). Use attention.timing.clock_for(device)."
+            "the launch, not the kernel (DESIGN.md: 26x too fast). Use attention.bench.timing.clock_for(device)."
         )
     return None
 

@@ -1,6 +1,6 @@
-"""``python -m attention.perf``: run the perf grid, compare with the baseline, record, measure spread.
+"""``python -m attention.bench.perf``: run the perf grid, compare with the baseline, record, measure spread.
 
-``nox -s perf -- ARGS`` runs ``python -m attention.perf run ARGS``. Subcommands:
+``nox -s perf -- ARGS`` runs ``python -m attention.bench.perf run ARGS``. Subcommands:
 
 * ``run`` (default): the perf grid under pytest (``perf/``), JSON to ``--out``, tables printed;
   ``--benchmark-compare[=BASELINE]`` compares each run with the baseline for this GPU and fails
@@ -277,7 +277,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m attention.perf", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        prog="python -m attention.bench.perf", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     sub = p.add_subparsers(dest="command")
     run = sub.add_parser(

@@ -10,53 +10,22 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from . import masks
-from .accuracy import max_error, mean_error, ratio_rule_violation
-from .base import AttentionBase
-from .reference import reference_forward
-from .registry import get
-
-#: The patterns the notebook offers; ``document`` is causal within packed documents.
-PATTERNS = ("causal", "sliding_window", "prefix_lm", "document")
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """A module's ``mask_mod``, the ``document_ids`` its forward takes (or None), and the
-    combined ``mask_mod`` that says what each query sees."""
-
-    name: str
-    mask_mod: masks.MaskMod
-    document_ids: Tensor | None
-
-    @property
-    def visible(self) -> masks.MaskMod:
-        if self.document_ids is None:
-            return self.mask_mod
-        return masks.and_masks(self.mask_mod, masks.document(self.document_ids))
+from .. import masks
+from ..base import AttentionBase
+from ..registry import get
 
 
 def make_pattern(
     kind: str, seq_len: int, *, batch: int = 1, window: int = 16, prefix_len: int = 16, num_docs: int = 3
-) -> Pattern:
-    """The pattern ``kind`` (one of :data:`PATTERNS`) for ``batch`` sequences of ``seq_len`` tokens.
-
-    ``document`` packs ``num_docs`` documents of uneven, seeded lengths into each sequence.
-    """
-    if kind == "causal":
-        return Pattern(kind, masks.causal, None)
-    if kind == "sliding_window":
-        return Pattern(kind, masks.sliding_window(window), None)
-    if kind == "prefix_lm":
-        return Pattern(kind, masks.prefix_lm(prefix_len), None)
-    if kind == "document":
-        if not 1 <= num_docs <= seq_len:
-            raise ValueError(f"num_docs must be in [1, seq_len={seq_len}], got {num_docs}")
-        gen = torch.Generator().manual_seed(0)
-        cuts = (torch.randperm(seq_len - 1, generator=gen)[: num_docs - 1] + 1).sort().values  # (num_docs - 1,)
-        ids = (torch.arange(seq_len)[:, None] >= cuts[None, :]).sum(-1)  # (T,)
-        return Pattern(kind, masks.causal, ids.expand(batch, seq_len).contiguous())  # (B, T)
-    raise ValueError(f"unknown pattern {kind!r}; choose one of {', '.join(PATTERNS)}")
+) -> masks.Pattern:
+    """The notebook's widgets as a mask spec: ``kind`` (one of :data:`attention.masks.SPEC_KINDS`)
+    with its parameter, for ``batch`` sequences of ``seq_len`` tokens; documents get random
+    (seeded) boundaries, different in each row."""
+    params = {"causal": None, "sliding_window": window, "prefix_lm": prefix_len, "document": num_docs}
+    if kind not in params:
+        raise ValueError(f"unknown pattern {kind!r}; choose one of {', '.join(params)}")
+    spec = kind if params[kind] is None else f"{kind}:{params[kind]}"
+    return masks.from_spec(spec, batch=batch, tokens=seq_len, generator=torch.Generator().manual_seed(0))
 
 
 def block_layout(block_mask: BlockMask, batch: int = 0, head: int = 0) -> Tensor:
@@ -74,23 +43,6 @@ def block_layout(block_mask: BlockMask, batch: int = 0, head: int = 0) -> Tensor
         used = torch.arange(num_kv)[None, :] < counts[:, None]  # (Q blocks, KV blocks)
         layout.scatter_reduce_(1, indices, (used * value).to(torch.int8), reduce="amax")
     return layout
-
-
-def oracle_errors(module: AttentionBase, x: Tensor, *, document_ids: Tensor | None = None) -> dict[str, object]:
-    """``module(x)`` (no grad) against the float64 oracle: max and mean absolute error, the error
-    of the oracle's math run in ``x``'s dtype (the baseline) and the tolerance rule's verdict."""
-    with torch.no_grad():
-        out = module(x, document_ids=document_ids)  # (B, T, d_out)
-    oracle = reference_forward(module, x, document_ids=document_ids)  # (B, T, d_out), float64
-    baseline = reference_forward(module, x, dtype=x.dtype, document_ids=document_ids)  # (B, T, d_out)
-    problem = ratio_rule_violation(out, oracle, baseline)
-    return {
-        "max_error": max_error(out, oracle),
-        "mean_error": mean_error(out, oracle),
-        "baseline_max_error": max_error(baseline, oracle),
-        "passes": problem is None,
-        "problem": problem,
-    }
 
 
 def build(

@@ -1,6 +1,6 @@
 """Look inside the attention implementations: weights, masks, BlockMasks, errors, ops.
 
-Open it with ``marimo edit attention/notebook.py``; ``nox -s notebook`` runs it headless and
+Open it with ``marimo edit notebooks/attention.py``; ``nox -s notebook`` runs it headless and
 exports HTML. Works on CPU (flex runs eager there, without gradients).
 """
 
@@ -24,7 +24,7 @@ def _():
     from torch.nn.attention.flex_attention import create_block_mask
 
     import attention
-    from attention import inspection
+    from attention.bench import inspection
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Eager flex on CPU is the point here (see what it runs), not a mistake to warn about.
@@ -52,7 +52,7 @@ def _(device, mo, torch):
 @app.cell
 def _(attention, inspection, mo):
     impl = mo.ui.dropdown(list(attention.implementations()), value="flex", label="implementation")
-    pattern_kind = mo.ui.dropdown(list(inspection.PATTERNS), value="document", label="mask")
+    pattern_kind = mo.ui.dropdown(list(attention.masks.SPEC_KINDS), value="document", label="mask")
     seq_len = mo.ui.slider(16, 512, step=16, value=128, show_value=True, label="tokens T")
     batch = mo.ui.slider(1, 4, value=1, show_value=True, label="batch")
     num_heads = mo.ui.slider(1, 8, value=4, show_value=True, label="heads")
@@ -120,7 +120,7 @@ def _(H, PowerNorm, doc_ids, mo, modules, pattern, plt, x):
         if _h < H:
             _ax.imshow(weights[_h].numpy(), cmap="magma", norm=PowerNorm(0.4, vmin=0, vmax=1), interpolation="nearest")
             _ax.set_title(f"head {_h}")
-    _fig.suptitle(f"attention weights, batch 0, mask {pattern.name} (query rows, key columns)")
+    _fig.suptitle(f"attention weights, batch 0, mask {pattern.spec} (query rows, key columns)")
     _fig.tight_layout()
     mo.vstack(
         [
@@ -179,15 +179,17 @@ def _(B, H, ListedColormap, T, block_size, create_block_mask, device, inspection
 
 
 @app.cell
-def _(doc_ids, inspection, mo, modules, x):
-    errors = {name: inspection.oracle_errors(module, x, document_ids=doc_ids) for name, module in modules.items()}
+def _(doc_ids, mo, modules, x):
+    from attention.accuracy import check_module
+
+    errors = {name: check_module(module, x, document_ids=doc_ids) for name, module in modules.items()}
     _rows = [
         {
             "implementation": name,
-            "max |error|": f"{e['max_error']:.3e}",
-            "mean |error|": f"{e['mean_error']:.3e}",
-            "same-dtype baseline max": f"{e['baseline_max_error']:.3e}",
-            "tolerance rule": "pass" if e["passes"] else e["problem"],
+            "max |error|": f"{e.max_error:.3e}",
+            "mean |error|": f"{e.mean_error:.3e}",
+            "same-dtype baseline max": f"{e.baseline_max_error:.3e}",
+            "tolerance rule": "pass" if e.passes else e.problem,
         }
         for name, e in errors.items()
     ]

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import registry
-from ..flex import MHAPyTorchFlexAttention
-from ..from_scratch import MultiHeadAttentionCombinedQKV
-from ..memory import free_cached_memory, peak_memory
-from ..sdpa import MHAPyTorchScaledDotProduct
+from ... import registry
+from ...flex import MHAPyTorchFlexAttention
+from ...from_scratch import MultiHeadAttentionCombinedQKV
+from ...sdpa import MHAPyTorchScaledDotProduct
+from ..cost import MiB, dtype_name
+from ..memory import free_cached_memory, free_memory_bytes, peak_memory
 from ..timing import CudaEventClock, L2Flusher, cuda_graph
-from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, MiB, Workload, dtype_name, free_memory_bytes
+from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, Workload
 from . import probe
 
 GRAPH_POLICIES = ("fwd", "all", "none")

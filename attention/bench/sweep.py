@@ -1,13 +1,13 @@
 """The benchmark report: time, throughput, peak memory and accuracy against sequence length.
 
-    python -m attention.benchmark                       # every implementation, defaults for this machine
-    python -m attention.benchmark --impl sdpa flex --seq-lens 1024 4096 --out report/
+    python -m attention.bench                       # every implementation, defaults for this machine
+    python -m attention.bench --impl sdpa flex --seq-lens 1024 4096 --out report/
 
 For every registered implementation and every length it measures the attention core forward
 and forward+backward (median time, TFLOP/s, peak memory), and the whole module's error against
 the float64 oracle in float32 and in the chosen dtype. Cases come from
-:class:`attention.workload.Workload` (FLOPs, memory estimates, skip decisions) and are timed by
-:func:`attention.timing.measure`, the timer perf/ uses. A case that cannot run (no backward on
+:class:`attention.bench.workload.Workload` (FLOPs, memory estimates, skip decisions) and are timed by
+:func:`attention.bench.timing.measure`, the timer perf/ uses. A case that cannot run (no backward on
 this device, not enough memory) is reported with the reason instead of stopping the sweep.
 
 Writes ``report.json`` (every figure), ``table.txt`` and PNG plots to ``--out``.
@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from . import registry
-from .inspection import oracle_errors
+from .. import registry
+from ..accuracy import check_module
+from .cost import DTYPES, dtype_name
 from .memory import free_cached_memory, method_for, peak_memory
 from .timing import clock_for, measure
-from .workload import DTYPES, Workload, dtype_name
+from .workload import Workload
 
 #: Defaults per device: the CPU sweep fits in well under two minutes on 2 cores (flex runs
 #: eager there, and materialises scores); on CUDA the full sweep, as in DESIGN.md's anchors.
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(registry.implementations())
     cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
     parser = argparse.ArgumentParser(
-        prog="python -m attention.benchmark",
+        prog="python -m attention.bench",
         description=(
             "Sweep sequence lengths over attention implementations: forward and forward+backward "
             "time, TFLOP/s and peak memory of the attention core, and its error against "
@@ -144,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
             "that cannot run (no backward on the device, not enough memory) are reported, not fatal."
         ),
         epilog=(
-            "examples: python -m attention.benchmark --device cuda --out report/ | "
-            "python -m attention.benchmark --impl sdpa flex --seq-lens 1024 4096 --dtype fp16"
+            "examples: python -m attention.bench --device cuda --out report/ | "
+            "python -m attention.bench --impl sdpa flex --seq-lens 1024 4096 --dtype fp16"
         ),
     )
     parser.add_argument(
@@ -311,9 +312,13 @@ def accuracy_cell(config: Config, impl: str, seq_len: int) -> Cell:
         x = torch.randn(1, seq_len, 3 * d_model, generator=gen, device=config.device)  # (1, T, [q | k | v])
         figures: dict[str, object] = {"batch": 1, "num_heads": heads}
         for dtype in dtypes:
-            errors = oracle_errors(module.to(dtype), x.to(dtype))
-            keep = ("max_error", "mean_error", "baseline_max_error", "passes")
-            figures[dtype_name(dtype)] = {k: errors[k] for k in keep}
+            check = check_module(module.to(dtype), x.to(dtype))
+            figures[dtype_name(dtype)] = {
+                "max_error": check.max_error,
+                "mean_error": check.mean_error,
+                "baseline_max_error": check.baseline_max_error,
+                "passes": check.passes,
+            }
         return Cell("ok", figures=figures)
 
     return _guarded(config.device, body)
@@ -416,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             done += 1
 
         # report.json after every row: a run cut short still leaves its figures, and
-        # `python -m attention.report report.json` renders them.
+        # `python -m attention.bench.report report.json` renders them.
         result = run_sweep(config, advance, partial=lambda r: report.write(r, config.out, plots=False))
         bar.update(task, completed=done, description="done")
     paths = report.write(result, config.out, plots=config.plots)

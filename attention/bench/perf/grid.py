@@ -1,24 +1,27 @@
 """The cases a perf run times, by grid name.
 
-* ``full``: the issue-3 grid on a GPU: core and module, forward and forward+backward, bf16,
-  head dim 64 and 128, 512..16k tokens per sequence with batch x tokens = 16k and hidden 2048
-  (heads = 2048 / D), raw-SDPA references, a few fp32 cases, the LLMs-from-scratch module
-  configuration, decode against 1k..32k-token caches (issue 4) and masked cases (issue 5).
+* ``full``: the grid of docs/design.md#prefill-grid on a GPU: core and module, forward and
+  forward+backward, bf16, head dim 64 and 128, 512..16k tokens per sequence with batch x tokens
+  = 16k and hidden 2048 (heads = 2048 / D), raw-SDPA references, a few fp32 cases, the
+  LLMs-from-scratch module configuration, decode against 1k..32k-token caches
+  (docs/design.md#decode-case) and masked cases (docs/design.md#mask-cases).
 * ``quick``: the same kinds at fewer shapes, for iterating on one lever.
 * ``tiny``: CPU-sized shapes of every kind, so the machinery can be seen working without a GPU.
 
 Every registered implementation is included, plugins too; cases it cannot run skip themselves
-(:meth:`attention.workload.Workload.skip_reason`).
+(:meth:`attention.bench.workload.Workload.skip_reason`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from .. import registry
-from ..workload import DecodeWorkload, Workload, decode, dtype_name
+from ... import registry
+from ..cost import dtype_name
+from ..workload import DecodeWorkload, Workload, decode
 
 Case = Workload | DecodeWorkload
 GRIDS = ("full", "quick", "tiny")
@@ -50,8 +53,22 @@ def _prefill(
     ]
 
 
-def grid(name: str, device: str) -> list[Case]:
-    """The cases of grid ``name`` on ``device``, in run order (unique ``case_id``)."""
+def grid(name: str, device: str, *, flex_kernel_options: Mapping[str, object] | None = None) -> list[Case]:
+    """The cases of grid ``name`` on ``device``, in run order (unique ``case_id``).
+
+    ``flex_kernel_options`` go to every prefill case (flex modules take them; decode keeps
+    flex's own split-KV choice).
+    """
+    cases = _cases(name, device)
+    if flex_kernel_options:
+        cases = [
+            dataclasses.replace(c, kernel_options=dict(flex_kernel_options)) if isinstance(c, Workload) else c
+            for c in cases
+        ]
+    return cases
+
+
+def _cases(name: str, device: str) -> list[Case]:
     if name not in GRIDS:
         raise ValueError(f"unknown perf grid {name!r}; choose one of {', '.join(GRIDS)}")
     impls = list(registry.implementations())

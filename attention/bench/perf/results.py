@@ -17,7 +17,9 @@ from .machine import KEY
 
 BASELINE_FILE = "baseline.json"
 THRESHOLDS_FILE = "thresholds.json"
-RECORD_HINT = "record one on that GPU with `nox -s perf -- --record` (or `python -m attention.perf record RUN.json`)"
+RECORD_HINT = (
+    "record one on that GPU with `nox -s perf -- --record` (or `python -m attention.bench.perf record RUN.json`)"
+)
 
 
 class PerfError(Exception):

@@ -1,0 +1,46 @@
+"""Argument checks with one wording and one exception type per kind of mistake.
+
+The wrong *type* raises ``TypeError`` ("``name`` must be an int, got float (2.0)"); the right type
+with a wrong *value* raises ``ValueError`` ("``name`` must be >= 1, got 0"). ``bool`` is refused
+where a number is expected: ``True`` is an ``int`` to Python, never what the caller meant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from numbers import Real
+
+
+def _got(value: object) -> str:
+    return f"{type(value).__name__} ({value!r})"
+
+
+def integer(name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` as an ``int`` of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {_got(value)}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def real(name: str, value: object, allowed: Callable[[float], bool], rule: str) -> float:
+    """``value`` as a ``float`` for which ``allowed`` holds; ``rule`` says which in the message."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float, got {_got(value)}")
+    value = float(value)
+    if not allowed(value):
+        raise ValueError(f"{name} must be {rule}, got {value}")
+    return value
+
+
+def boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_got(value)}")
+    return value
+
+
+def function(name: str, value: object, signature: str) -> None:
+    """``value`` must be callable as ``signature`` (named in the message)."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable{signature}, got {_got(value)}")
