@@ -1,4 +1,4 @@
-"""One-token decode against a KV cache, MHA and GQA: latency and GB/s of KV read (issue 4)."""
+"""One-token decode against a KV cache, MHA and GQA: latency and GB/s of KV read (docs/design.md#decode-case)."""
 
 KIND = "decode"
 

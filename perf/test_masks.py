@@ -1,4 +1,4 @@
-"""Sliding-window and document masks: flex's block sparsity against SDPA's dense mask (issue 5)."""
+"""Sliding-window and document masks: flex's block sparsity against SDPA's dense mask (docs/design.md#mask-cases)."""
 
 KIND = "mask"
 

@@ -1,4 +1,4 @@
-"""Prefill and training: attention core and whole module, forward and forward+backward (issue 3)."""
+"""Prefill and training: attention core and whole module, forward and forward+backward (docs/design.md#prefill-grid)."""
 
 KIND = "prefill"
 

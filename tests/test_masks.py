@@ -6,7 +6,7 @@
   may see it (nothing leaks out of a window, across a document boundary, or between sequences
   of a batch), and prefix tokens see each other both ways.
 * Rows with no visible key give zeros (the module output is then ``proj.bias``), never NaN.
-* ``dense_mask`` has the documented shapes and the issue's literal definitions; the factories
+* ``dense_mask`` has the documented shapes and the literal definitions of docs/design.md#mask-definitions; the factories
   validate their arguments.
 """
 
@@ -289,7 +289,7 @@ def test_rows_with_no_visible_key_are_zero(data, device, dtype, impl_name):
 
 
 def literal(kind: str, q: int, kv: int, window: int, prefix_len: int) -> bool:
-    """The issue's words, one pair at a time."""
+    """docs/design.md#mask-definitions, one pair at a time."""
     if kind == "causal":
         return kv <= q
     if kind == "sliding_window":

@@ -93,7 +93,15 @@ def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
     # Not the xdist worker's variables: pytest-benchmark would think the inner run is distributed too.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "-m", "attention.bench.perf", "--benchmark-compare", "--out", str(tmp_path), "--quiet-pytest"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attention.bench.perf",
+        "--benchmark-compare",
+        "--out",
+        str(tmp_path),
+        "--quiet-pytest",
+    ]
     cmd += ["-k", "core-sdpa-fp32-fwd-B4-T64 or decode-sdpa", "--perf-budget=0.02"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -113,7 +121,7 @@ def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
     assert (tmp_path / "summary.txt").exists()
 
 
-def test_targets_report_the_issue_ratios():
+def test_targets_report_the_design_ratios():
     from attention.bench.perf import report
 
     shape = dict(direction="fwd", head_dim=64, seq_len=4096, dtype="bf16", batch=4, num_heads=32)

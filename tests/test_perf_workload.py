@@ -144,7 +144,7 @@ def test_grids_have_unique_ids_and_cover_every_kind(name):
     assert set(registry.implementations()) <= {c.impl for c in cases}
 
 
-def test_full_grid_holds_the_issue_shapes():
+def test_full_grid_holds_the_design_shapes():
     cases = perf_grid.grid("full", "cuda")
     prefill = [c for c in cases if perf_grid.kind(c) == "prefill" and c.d_in is None]
     assert {c.seq_len for c in prefill} >= {512, 1024, 4096, 16384}

@@ -35,7 +35,7 @@ from .timing import clock_for, measure
 from .workload import Workload
 
 #: Defaults per device: the CPU sweep fits in well under two minutes on 2 cores (flex runs
-#: eager there, and materialises scores); on CUDA the full sweep, as in DESIGN.md's anchors.
+#: eager there, and materialises scores); on CUDA the full sweep, as in docs/design.md#method.
 DEFAULTS = {
     "cpu": {"dtype": "fp32", "seq_lens": (128, 256, 512, 1024, 2048), "batch": 1, "hidden": 256},
     "cuda": {"dtype": "bf16", "seq_lens": (512, 1024, 2048, 4096, 8192, 16384), "batch": 1, "hidden": 2048},

@@ -1,12 +1,12 @@
 """The one timer: perf/ hands it to pytest-benchmark, the benchmark report calls :func:`measure`.
 
 CUDA work is asynchronous, so a wall clock around a call times the launch, not the kernel
-(DESIGN.md: 0.020 ms read for a 0.528 ms call). :class:`CudaEventClock` reads time off the GPU
+(docs/design.md#wall-clock-timer: 0.020 ms read for a 0.528 ms call). :class:`CudaEventClock` reads time off the GPU
 instead, from CUDA events recorded around the call. Its readings are plain seconds, so it slots
 in where pytest-benchmark expects a ``time.perf_counter``-style ``timer``.
 
 Between timed rounds :class:`L2Flusher` overwrites a buffer twice the L2 size, so every round
-starts with a cold cache, as triton's ``do_bench`` does and as the DESIGN.md anchors were taken.
+starts with a cold cache, as triton's ``do_bench`` does and as the anchors of docs/design.md#method were taken.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def cuda_graph(
 
     Replaying launches the whole call at once, so the GPU time measured around it is the
     kernels' time, not the CPU's launch and dispatch overhead, which dominates small cases
-    (DESIGN.md: a 67% spread at the LLMs-from-scratch size without graphs). Inputs must stay
+    (docs/design.md#module-level: a 67% spread at the LLMs-from-scratch size without graphs). Inputs must stay
     the same tensors between replays; ``setup`` (clearing grads) runs before each warm-up call
     and before the capture. Raises whatever capture raises when ``fn`` cannot be captured (a
     host sync inside it, a non-capturable kernel); callers fall back to eager.

@@ -45,7 +45,6 @@ from .results import (
 
 SUBCOMMANDS = ("run", "compare", "record", "spread", "salvage", "table")
 DEFAULT_BASELINES = Path("perf") / "baselines"
-MAX_OUT_FILES = 8  # the GPU machine's $OUT brings back at most 8 files
 NO_CUDA = (
     "No CUDA GPU here: running the tiny CPU grid so the perf machinery can be seen working. "
     "CPU numbers are not baselines: nothing is compared or recorded."
@@ -187,8 +186,6 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     cpu = not torch.cuda.is_available()
     out = Path(args.out or _default_out())
     out.mkdir(parents=True, exist_ok=True)
-    if args.repeat + 4 > MAX_OUT_FILES and os.environ.get("OUT"):
-        _say(f"note: {args.repeat} runs + 4 files may exceed the {MAX_OUT_FILES} files $OUT brings back")
     if cpu:
         _say(NO_CUDA)
     status, runs, started = 0, [], time.time()

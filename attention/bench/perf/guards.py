@@ -7,7 +7,7 @@ with synthetic records).
 
 from __future__ import annotations
 
-#: DESIGN.md anchors, one H100 80GB HBM3, torch 2.11, bf16, causal core, 16k tokens, hidden 2048.
+#: docs/design.md#h100-anchors: one H100 80GB HBM3, torch 2.11, bf16, causal core, 16k tokens, hidden 2048.
 #: (row, direction, head_dim) -> {seq_len: TFLOP/s}
 H100_ANCHORS: dict[tuple[str, str, int], dict[int, float]] = {
     ("sdpa_cudnn", "fwd", 64): {1024: 332, 4096: 414, 16384: 445},
@@ -52,7 +52,7 @@ def is_h100(machine: dict) -> bool:
 
 
 def anchor_row(info: dict) -> str | None:
-    """Which DESIGN.md row a case is comparable with, if any (core level, bf16, causal)."""
+    """Which docs/design.md#h100-anchors row a case is comparable with, if any (core level, bf16, causal)."""
     if info.get("kind") != "prefill" or info.get("level") != "core":
         return None
     if info.get("dtype") != "bf16" or info.get("mask", "causal") != "causal":
@@ -68,7 +68,7 @@ def anchor_row(info: dict) -> str | None:
 
 
 def anchor_for(info: dict, machine: dict) -> float | None:
-    """The DESIGN.md TFLOP/s anchor at exactly this case's shape, if there is one."""
+    """The docs/design.md#h100-anchors TFLOP/s anchor at exactly this case's shape, if there is one."""
     row = anchor_row(info)
     if row is None or not is_h100(machine):
         return None
@@ -93,7 +93,8 @@ def _timer(info: dict, machine: dict) -> str | None:
     if _on_cuda(info) and info.get("timer") != "cuda-event":
         return (
             f"timed with {info.get('timer')!r} on CUDA: a wall clock around an asynchronous call times "
-            "the launch, not the kernel (DESIGN.md: 26x too fast). Use attention.bench.timing.clock_for(device)."
+            "the launch, not the kernel (docs/design.md#wall-clock-timer: 26x too fast). "
+            "Use attention.bench.timing.clock_for(device)."
         )
     return None
 
@@ -143,7 +144,7 @@ def _recompiled(info: dict, machine: dict) -> str | None:
 
 def _ceilings(info: dict, machine: dict) -> str | None:
     tflops, gbps = info.get("tflops"), info.get("gbps")
-    # The larger of the measured and the DESIGN.md ceiling: a badly measured ceiling must not
+    # The larger of the measured and the docs/design.md#h100-anchors ceiling: a badly measured ceiling must not
     # turn good numbers into "harness broken".
     known = H100_CEILINGS if is_h100(machine) else {}
     matmul = max(machine.get("matmul_tflops") or 0, known.get("matmul_tflops", 0)) or None
@@ -171,7 +172,7 @@ def _anchors(info: dict, machine: dict) -> str | None:
     if not by_len:
         return None
     low, high, tflops = min(by_len.values()), max(by_len.values()), info["tflops"]
-    where = f"DESIGN.md H100 anchors for {row} {info.get('direction')} D={info.get('head_dim')}: {low:g}-{high:g}"
+    where = f"docs/design.md#h100-anchors for {row} {info.get('direction')} D={info.get('head_dim')}: {low:g}-{high:g}"
     if tflops > ANCHOR_TOO_FAST * high:
         return f"{tflops:.1f} TFLOP/s is far above the {where}: the harness is broken (timer or FLOP count)"
     if tflops < low / ANCHOR_TOO_SLOW:

@@ -1,4 +1,4 @@
-"""The tables a perf run prints: a compact matrix per group, the issue's targets, the anchors.
+"""The tables a perf run prints: a compact matrix per group, the targets (docs/design.md#perf-targets), the anchors.
 
 Everything reads a :class:`~attention.bench.perf.results.Run`, so the same tables come out of a live run
 and out of a JSON fetched from a GPU machine (``python -m attention.bench.perf table RUN.json``).
@@ -114,7 +114,7 @@ def _find(run: Run, **want) -> dict | None:
 
 
 def targets(run: Run) -> str:
-    """Issue 3 point 9, issue 4 and issue 5 targets, from this run's numbers."""
+    """The targets of docs/design.md#perf-targets, from this run's numbers."""
     lines = ["Targets (sdpa/best raw <= 1.03, module/(gemms+core) <= 1.10, flex/cuDNN fwd >= 0.8 from 4k):"]
     shapes = sorted(
         {
@@ -173,7 +173,7 @@ def _anchor_lines(run: Run) -> list[str]:
             out.append(
                 f"  {rec.key}: {rec.info['tflops']:.0f} TFLOP/s = {rec.info['tflops'] / anchor:.2f}x anchor {anchor:g}"
             )
-    return (["DESIGN.md anchors (same shapes, ours / anchor):", *out]) if out else []
+    return (["H100 anchors, docs/design.md#h100-anchors (same shapes, ours / anchor):", *out]) if out else []
 
 
 def _decode_lines(run: Run) -> list[str]:
@@ -188,7 +188,7 @@ def _decode_lines(run: Run) -> list[str]:
                 f"  {rec.key}: {i.get('latency_us', 0):.1f} us/token, {i.get('gbps', 0):.0f} GB/s"
                 + (f" = {frac:.2f} of copy {verdict} (>={goal})" if frac is not None else "")
             )
-    return (["Decode (issue 4):", *out]) if out else []
+    return (["Decode (docs/design.md#decode-case):", *out]) if out else []
 
 
 def _mask_lines(run: Run) -> list[str]:
@@ -210,4 +210,4 @@ def _mask_lines(run: Run) -> list[str]:
                     f"{raw['median'] / flex['median']:.2f}x"
                 )
             out.append(line)
-    return (["Masks (issue 5), TFLOP/s on visible blocks:", *out]) if out else []
+    return (["Masks (docs/design.md#mask-cases), TFLOP/s on visible blocks:", *out]) if out else []

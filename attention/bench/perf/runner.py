@@ -10,7 +10,7 @@ Order of events for one case, all outside the timed rounds except the timed call
    is not timed; where capture fails, or for backward (by default), the case runs eagerly and
    says ``"eager: includes dispatch"``;
 5. ``benchmark.pedantic`` with the CUDA-event clock: before every round the grads are cleared and
-   the L2 cache flushed (cold-cache numbers, as the DESIGN.md anchors).
+   the L2 cache flushed (cold-cache numbers, as docs/design.md#method).
 
 ``extra_info["wall_s"]`` says how many wall seconds each of these phases took (``build``,
 ``warmup``, ``memory_probe``, ``capture``, ``timing``), so a slow grid shows whether
