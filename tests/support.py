@@ -40,6 +40,14 @@ DEVICES = [
 IMPL_NAMES = list(attention.implementations())
 
 
+def random_document_ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    """``(B, T)`` ids of packed documents with random boundaries, about one document per four
+    tokens (at least one), each row its own split."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = int(torch.randint(1, max(1, length // 4) + 1, (), generator=gen))
+    return attention.masks.packed_document_ids(batch, length, docs, generator=gen)  # (B, T)
+
+
 def grad_context(impl: type[attention.AttentionBase], device: str):
     """``torch.no_grad()`` where the implementation has no backward on ``device`` (flex on CPU)."""
     return torch.enable_grad() if impl.supports_backward(device) else torch.no_grad()
@@ -55,6 +63,7 @@ __all__ = [
     "assert_matches_oracle",
     "assert_module_matches_oracle",
     "grad_context",
+    "random_document_ids",
 ]
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import attention
 from attention import masks
 
-from .support import CUDA, DEVICE_DTYPES, DEVICES, IMPL_NAMES, assert_module_matches_oracle
+from .support import CUDA, DEVICE_DTYPES, DEVICES, IMPL_NAMES, assert_module_matches_oracle, random_document_ids
 
 NUM_HEADS = 4
 #: num_kv_heads for plain MHA, grouped-query (a proper divisor) and multi-query attention.
@@ -27,12 +27,6 @@ MASK_KINDS = ["causal", "sliding_window", "prefix_lm", "document"]
 #: fp16 (bf16 covers half precision): about a hundred compiles in all. On CPU all is drawn freely.
 CUDA_SPLITS = (9, 1, 1, 6, 1, 1, 1, 1, 1, 1, 1)  # 24 tokens
 CACHE_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.id != "cuda-fp16"]
-
-
-def random_document_ids(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """Sorted per-token document ids ``(B, T)`` with random boundaries (packed sequences)."""
-    starts = torch.rand(batch, length, generator=generator) < 0.25  # (B, T) True where a document starts
-    return starts.long().cumsum(dim=-1)  # (B, T)
 
 
 def make_mask(kind: str, window: int, prefix_len: int) -> masks.MaskMod:
@@ -129,7 +123,7 @@ def test_chunked_decoding_matches_one_forward(data, device, dtype, impl_name, nu
     x = torch.randn(case["batch"], length, case["d_in"], generator=generator).to(device, dtype)  # (B, T, d_in)
     document_ids = None
     if mask_kind == "document":
-        document_ids = random_document_ids(case["batch"], length, generator).to(device)  # (B, T)
+        document_ids = random_document_ids(case["batch"], length, case["seed"]).to(device)  # (B, T)
     cache = module.make_kv_cache(case["batch"], case["max_tokens"])
 
     cached = run_chunks(module, x, splits, cache, document_ids)  # (B, T, d_out)

@@ -22,7 +22,15 @@ import attention
 from attention import masks
 from attention.masks import and_masks, dense_mask
 
-from .support import CUDA, DEVICE_DTYPES, DEVICES, IMPL_NAMES, assert_module_matches_oracle, grad_context
+from .support import (
+    CUDA,
+    DEVICE_DTYPES,
+    DEVICES,
+    IMPL_NAMES,
+    assert_module_matches_oracle,
+    grad_context,
+    random_document_ids,
+)
 
 PATTERNS = [
     "causal",
@@ -55,13 +63,6 @@ def pattern_parts(kind: str, window: int, prefix_len: int) -> tuple[masks.MaskMo
         "sliding_window|sinks": or_masks(masks.sliding_window(window), sinks(prefix_len)),
     }[base]
     return mask_mod, kind.startswith("document")
-
-
-def random_document_ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    """Sorted per-token document ids ``(B, T)``: packed sequences with random boundaries."""
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.rand(batch, length, generator=gen) < 4.0 / max(length, 1)  # (B, T) ~4 documents a row
-    return starts.long().cumsum(dim=-1)  # (B, T)
 
 
 @st.composite

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import attention
 from attention import masks, score_mods
 
-from .support import DEVICE_DTYPES, IMPL_NAMES, assert_module_matches_oracle
+from .support import DEVICE_DTYPES, IMPL_NAMES, assert_module_matches_oracle, random_document_ids
 
 NUM_HEADS = 4
 SCORE_MODS = {
@@ -63,8 +63,7 @@ def test_score_mod_matches_oracle_with_and_without_cache(data, device, dtype, im
     x = (2 * torch.randn(batch, length, 12)).to(device, dtype)  # (B, T, d_in); scaled up so the cap binds
     ids = None
     if kind == "document":
-        gen = torch.Generator().manual_seed(seed)
-        ids = (torch.rand(batch, length, generator=gen) < 0.15).long().cumsum(-1).to(device)  # (B, T)
+        ids = random_document_ids(batch, length, seed).to(device)  # (B, T)
     with torch.no_grad():
         out = module(x, document_ids=ids)  # (B, T, d_out)
         cache = module.make_kv_cache(batch, length)
