@@ -1,0 +1,273 @@
+"""The git half of ``--benchmark-compare=REV``: check REV out beside the working tree, import it under another name.
+
+A same-run A/B comparison times both revisions in one process, on one warmed-up GPU, so clock
+and thermal drift between two separate runs cannot pass for a regression. To get the base
+revision without touching the user's checkout, REV goes into a temporary *detached* git worktree
+(no branch is created; HEAD, the index and the working tree stay as they are), which is removed
+afterwards, also on Ctrl-C, SIGTERM or an exception. :func:`load_package` then imports that
+revision's ``attention`` package as ``attention_base``, which works because the package only
+uses relative imports.
+
+Standard library only, so it is importable (and tested) without torch or a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import types
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+#: Variables that make git ignore ``cwd`` for the repository or index. Set while running from a
+#: git hook (a pre-commit hook sets GIT_INDEX_FILE), they would aim the temporary checkout at the
+#: user's own index, so every git call here drops them.
+_REPO_ENV = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_PREFIX")
+
+#: A full object name: SHA-1, or SHA-256 in a repository that uses it.
+_FULL_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+
+#: The longest commit subject :func:`describe` shows, so labels fit in a table header.
+SUBJECT_MAX = 50
+
+_FETCH_HINT = "fetch it (CI: actions/checkout with fetch-depth: 0)"
+
+
+class RevisionError(Exception):
+    """REV cannot be used (no git, not a repo, unknown revision, worktree failure); the CLI maps it to exit status 2."""
+
+
+def _git(repo: Path | str, *args: str, detach: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``git ARGS`` in ``repo``; ``detach`` puts git in its own session so a second Ctrl-C spares the cleanup."""
+    env = {key: value for key, value in os.environ.items() if key not in _REPO_ENV}
+    try:
+        return subprocess.run(
+            ["git", *args],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            check=False,
+            env=env,
+            start_new_session=detach,
+        )
+    except FileNotFoundError as exc:
+        if not Path(repo).is_dir():
+            raise RevisionError(f"{repo} is not a directory") from exc
+        raise RevisionError("git is not installed (or not on PATH); --benchmark-compare needs it") from exc
+
+
+def _stderr(proc: subprocess.CompletedProcess[str]) -> str:
+    return " ".join(proc.stderr.split()) or f"git exited with status {proc.returncode}"
+
+
+def repo_root(start: Path | str = ".") -> Path:
+    """The top of the git working tree holding ``start``: REV is looked up there, not in the installed package."""
+    start = Path(start)
+    if not start.is_dir():
+        raise RevisionError(f"{start} is not a directory")
+    proc = _git(start, "rev-parse", "--show-toplevel")
+    top = proc.stdout.strip()
+    if proc.returncode != 0 or not top:
+        raise RevisionError(f"{start.resolve()} is not inside a git repository's working tree ({_stderr(proc)})")
+    return Path(top).resolve()
+
+
+def _reject_option(rev: str) -> None:
+    # "--output=FILE" and friends would reach git as options, not revisions.
+    if not rev or rev.startswith("-"):
+        raise RevisionError(f"invalid git revision {rev!r}: it must name a commit and not start with '-'")
+
+
+def _is_shallow(repo: Path) -> bool:
+    proc = _git(repo, "rev-parse", "--is-shallow-repository")
+    return proc.returncode == 0 and proc.stdout.strip() == "true"
+
+
+def resolve(rev: str, repo: Path) -> str:
+    """The full SHA of the commit ``rev`` names, so labels and the worktree stay fixed even if the ref moves."""
+    _reject_option(rev)
+    root = repo_root(repo)
+    proc = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    sha = proc.stdout.strip()
+    if proc.returncode != 0 or not _FULL_SHA.fullmatch(sha):
+        shallow = " (this clone is shallow)" if _is_shallow(root) else ""
+        raise RevisionError(f"unknown git revision {rev!r} in {root}{shallow}: {_FETCH_HINT}")
+    return sha
+
+
+def describe(sha: str, repo: Path) -> str:
+    """``"a1b2c3d (subject line)"``: a label a reader recognises, where a bare SHA says nothing."""
+    _reject_option(sha)
+    # log.showSignature would mix gpg output into stdout.
+    proc = _git(repo, "-c", "log.showSignature=false", "log", "-1", "--format=%h%x1f%s", sha, "--")
+    short, sep, subject = proc.stdout.strip().partition("\x1f")
+    if proc.returncode != 0 or not sep:
+        raise RevisionError(f"cannot describe git revision {sha!r} in {repo}: {_stderr(proc)}")
+    subject = subject.strip()
+    if len(subject) > SUBJECT_MAX:
+        subject = subject[: SUBJECT_MAX - 1] + "…"
+    return f"{short} ({subject})" if subject else short
+
+
+def is_dirty(repo: Path) -> bool:
+    """Whether tracked files differ from HEAD (staged or not), so the head side is labelled "working tree (dirty)"."""
+    # --no-optional-locks: a status refresh must not rewrite the user's index.
+    proc = _git(repo, "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+    if proc.returncode != 0:
+        raise RevisionError(f"git status failed in {repo}: {_stderr(proc)}")
+    return bool(proc.stdout.strip())
+
+
+class _Unwind:
+    """A signal handler that raises, so a ``finally`` (the worktree cleanup) runs on SIGINT/SIGTERM.
+
+    While held (during the cleanup itself) a signal is remembered, not raised, so a second
+    Ctrl-C cannot cut the cleanup short; :meth:`release` raises it once the cleanup is done.
+    """
+
+    def __init__(self) -> None:
+        self.previous: dict[int, object] = {}
+        self.held = False
+        self.pending: int | None = None
+
+    def __call__(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.held:
+            self.pending = signum
+            return
+        raise _signal_exception(signum)
+
+    def hold(self) -> None:
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            raise _signal_exception(pending)
+
+
+def _signal_exception(signum: int) -> BaseException:
+    # What the default handlers amount to: Ctrl-C -> KeyboardInterrupt; SIGTERM -> exit status 128+N.
+    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+@contextmanager
+def _unwinding_signals() -> Iterator[_Unwind]:
+    """Install :class:`_Unwind` for SIGINT and SIGTERM for the block; restore the previous handlers afterwards."""
+    unwind = _Unwind()
+    try:
+        # Python only lets the main thread set handlers; elsewhere the cleanup covers exceptions only.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.getsignal(signum)
+                # Ignored on purpose (nohup, a background job) or set outside Python (cannot be restored): leave it.
+                if previous is None or previous == signal.SIG_IGN:
+                    continue
+                try:
+                    unwind.previous[signum] = signal.signal(signum, unwind)
+                except ValueError:  # not the main interpreter
+                    break
+        yield unwind
+    finally:
+        for signum, previous in unwind.previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+
+
+def _remove_worktree(repo: Path, path: Path, tmp: Path) -> None:
+    """Undo ``git worktree add``, also a half-done one (killed mid-checkout, still locked as "initializing")."""
+    _git(repo, "worktree", "unlock", str(path), detach=True)
+    _git(repo, "worktree", "remove", "--force", str(path), detach=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _git(repo, "worktree", "prune", detach=True)  # after the rmtree, so an entry whose directory is gone goes too
+    if tmp.exists():
+        warnings.warn(f"could not remove the temporary worktree {tmp}; delete it by hand", RuntimeWarning, stacklevel=3)
+
+
+@contextmanager
+def worktree(rev: str, repo: Path, *, parent: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary detached worktree of ``rev``: the base side of the A/B, without touching the user's checkout.
+
+    ``git worktree add --detach`` creates no branch and leaves HEAD, the index and the working
+    tree alone; on exit the worktree is removed (``git worktree remove --force``, the temporary
+    directory, ``git worktree prune``), also on SIGINT/SIGTERM, which raise KeyboardInterrupt /
+    SystemExit(128+signum) for the duration so this ``finally`` runs. Hooks are off for the
+    checkout, so a user's post-checkout hook does not run against a throwaway tree.
+    """
+    root = repo_root(repo)
+    sha = resolve(rev, root)
+    with _unwinding_signals() as unwind:
+        tmp: Path | None = None
+        path = Path()
+        try:
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix="attention-compare-", dir=parent)).resolve()
+            except OSError as exc:
+                raise RevisionError(f"cannot create a temporary directory for the worktree of {rev!r}: {exc}") from exc
+            path = tmp / f"base-{sha[:12]}"
+            proc = _git(root, "-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", str(path), sha)
+            if proc.returncode != 0:
+                raise RevisionError(f"cannot check out {rev!r} ({sha[:12]}) into a worktree: {_stderr(proc)}")
+            yield path
+        finally:
+            if tmp is not None:
+                unwind.hold()
+                try:
+                    _remove_worktree(root, path, tmp)
+                finally:
+                    unwind.release()
+
+
+def forget_package(name: str) -> None:
+    """Drop package ``name`` and its submodules from ``sys.modules`` (after its files are gone)."""
+    for key in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+        del sys.modules[key]
+
+
+def load_package(path: Path, name: str = "attention_base") -> types.ModuleType:
+    """Import the package directory ``path`` as top-level module ``name``, so two revisions coexist in one process.
+
+    Submodules resolve from ``path`` (``name.sub``), which holds as long as the package imports
+    itself relatively: an absolute ``import attention`` inside it would silently get the head's
+    package. Import everything the caller needs before the worktree is removed: a later lazy
+    import would find no files. Loading ``name`` again from the same path returns the loaded module.
+    """
+    path = Path(path).resolve()
+    init = path / "__init__.py"
+    if not name.isidentifier():
+        raise RevisionError(f"{name!r} is not a valid top-level module name")
+    if not init.is_file():
+        raise RevisionError(
+            f"{path} has no __init__.py: the revision must have its package at <repo>/{path.name}/ "
+            "(the layout of this tree); an older layout cannot be compared"
+        )
+    existing = sys.modules.get(name)
+    if existing is not None:
+        origin = getattr(existing, "__file__", None)
+        if origin is not None and Path(origin).resolve() == init:
+            return existing
+        raise RevisionError(f"module {name!r} is already loaded from {origin}, not from {path}")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(path)])
+    if spec is None or spec.loader is None:
+        raise RevisionError(f"cannot import {path} as {name!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before exec: relative imports and dataclasses look the package up there
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        forget_package(name)
+        raise RevisionError(f"cannot import {path} as {name!r}: {type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        forget_package(name)
+        raise
+    return module
