@@ -25,12 +25,18 @@ from .sdpa import MHAPyTorchScaledDotProduct
 
 ENTRY_POINT_GROUP = "attention.implementations"
 
-_registry: dict[str, type[AttentionBase]] = {
+_BUILTINS: dict[str, type[AttentionBase]] = {
     "from_scratch": MultiHeadAttentionCombinedQKV,
     "flex": MHAPyTorchFlexAttention,
     "sdpa": MHAPyTorchScaledDotProduct,
 }
+_registry: dict[str, type[AttentionBase]] = dict(_BUILTINS)
 _entry_points_loaded = False
+
+
+def builtin_implementations() -> dict[str, type[AttentionBase]]:
+    """The implementations this package ships, without plugins."""
+    return dict(_BUILTINS)
 
 
 def register(name: str, cls: type[AttentionBase]) -> type[AttentionBase]:

@@ -8,6 +8,14 @@ baseline; plain ``pytest perf`` works too. Options (all optional):
 * ``--perf-graphs fwd|all|none``: which cases are timed as CUDA-graph replays (default forward only).
 * ``--perf-budget SECONDS``: timed seconds per case (rounds follow, 10..100).
 * ``--perf-log FILE``: one JSON line per case as it finishes, so a crash loses nothing already run.
+* ``--perf-compare-rev REV``: the same-run A/B: each case is also timed as git revision ``REV``
+  builds it, rounds interleaved, and the run fails on a regression beyond the case's minimum
+  effect (``--perf-min-effects FILE``, default ``perf/min_effects.json``); ``summary.md``,
+  ``ab.json`` and ``ab.png`` go to ``--perf-ab-out`` (default ``.benchmarks/attention-perf``).
+
+pytest-benchmark's own ``--benchmark-*`` flags work, are applied the suite's way
+(``--benchmark-min-rounds``, ``--benchmark-max-time``, ``--benchmark-warmup-iterations``) or
+are refused at once with the reason (:mod:`attention.bench.perf.flags`).
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ import pytest
 import torch
 
 from attention import flex
-from attention.bench.memory import free_cached_memory
+from attention.bench.memory import free_cached_memory, free_memory_bytes
+from attention.bench.perf import ab, flags, guards, machine, runner
 from attention.bench.perf import grid as perf_grid
-from attention.bench.perf import guards, machine, runner
+from attention.bench.perf.base_revision import BaseRevision, head_label
+from attention.bench.perf.revision import RevisionError
 from attention.bench.timing import clock_for
+
+HERE = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -41,6 +53,14 @@ class PerfState:
     ceilings: dict = field(default_factory=dict)
     cases: dict = field(default_factory=dict)  # case_id -> Workload | DecodeWorkload
     started: float = field(default_factory=time.time)
+    gpu_start: dict | None = None  # nvidia-smi's view of the GPU when the run began
+    notes: list[str] = field(default_factory=list)
+    base: BaseRevision | None = None  # the A/B's other side
+    min_effects: ab.MinEffects | None = None
+    ab_out: Path | None = None
+    ab_cases: list = field(default_factory=list)  # (case, head samples, extra_info) per timed case
+    ab_refused: list = field(default_factory=list)  # (case, why) the base revision could not build
+    ab_report: ab.ABReport | None = None
 
     def write(self, entry: dict) -> None:
         if self.log is None:
@@ -50,6 +70,7 @@ class PerfState:
 
 
 _STATE = pytest.StashKey[PerfState]()
+_NOTES = pytest.StashKey[list]()
 
 
 def _kernel_options(text: str | None) -> dict | None:
@@ -72,6 +93,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--perf-budget", type=float, default=0.2, help="timed seconds per case")
     group.addoption("--perf-log", default=None, help="append one JSON line per finished case to this file")
     group.addoption("--perf-run-label", default="run", help="label of this run in the --perf-log file")
+    group.addoption("--perf-compare-rev", default=None, metavar="REV", help="A/B: also time git revision REV")
+    group.addoption("--perf-min-effects", default=None, metavar="FILE", help="A/B minimum effects per case")
+    group.addoption("--perf-min-effect", type=float, default=None, help="A/B minimum effect for every case")
+    group.addoption("--perf-ab-out", default=None, metavar="DIR", help="where the A/B summary, JSON and plot go")
     group.addoption(
         "--perf-flex-kernel-options",
         default=None,
@@ -80,34 +105,87 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def _run_options(config: pytest.Config, device: str) -> runner.RunOptions:
+    """The runner's options, with pytest-benchmark's own flags applied the perf suite's way."""
+    args = [str(a) for a in config.invocation_params.args]
+    try:
+        notes = flags.check_native(args)
+    except flags.FlagRefused as exc:
+        raise pytest.UsageError(str(exc)) from None
+    opts = runner.RunOptions(
+        device, graphs=config.getoption("--perf-graphs"), budget_s=config.getoption("--perf-budget")
+    )
+    for flag, field_name in flags.APPLIED.items():
+        if flags.given(args, flag):
+            value = config.getoption(flag.removeprefix("--").replace("-", "_"))
+            setattr(opts, field_name, type(getattr(opts, field_name))(value))
+            notes.append(f"{flag}={value} sets the perf runner's {field_name}")
+    opts.max_rounds = max(opts.max_rounds, opts.min_rounds)
+    config.stash[_NOTES] = notes
+    return opts
+
+
 def pytest_configure(config: pytest.Config) -> None:
     device = config.getoption("--perf-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--perf-device=cuda but this machine has no CUDA GPU")
+    opts = _run_options(config, device)
     log = config.getoption("--perf-log")
     state = PerfState(
         device=device,
         grid=config.getoption("--perf-grid") or ("full" if torch.device(device).type == "cuda" else "tiny"),
-        opts=runner.RunOptions(
-            device, graphs=config.getoption("--perf-graphs"), budget_s=config.getoption("--perf-budget")
-        ),
+        opts=opts,
         clock=clock_for(device),
         log=Path(log) if log else None,
         label=config.getoption("--perf-run-label"),
         machine=machine.machine_info(device),
         flex_kernel_options=_kernel_options(config.getoption("--perf-flex-kernel-options")),
     )
+    state.notes = config.stash[_NOTES]
+    state.gpu_start = machine.gpu_state(device)
     if state.log:
         state.log.parent.mkdir(parents=True, exist_ok=True)
+    rev = config.getoption("--perf-compare-rev")
+    if rev is not None:
+        _open_base(config, state, rev)
     state.write({"machine_info": {machine.KEY: state.machine}})
     config.stash[_STATE] = state
+
+
+def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
+    effects = config.getoption("--perf-min-effects") or HERE / "min_effects.json"
+    try:
+        state.min_effects = ab.load_min_effects(effects)
+    except (OSError, ValueError) as exc:
+        raise pytest.UsageError(f"--perf-min-effects: {exc}") from None
+    if (override := config.getoption("--perf-min-effect")) is not None:
+        if not 0 <= override < 1:
+            raise pytest.UsageError(f"--perf-min-effect must be in [0, 1), got {override}")
+        state.min_effects = ab.MinEffects(override)
+    state.ab_out = Path(config.getoption("--perf-ab-out") or Path(".benchmarks") / "attention-perf")
+    try:
+        state.base = BaseRevision(rev, HERE)
+    except RevisionError as exc:
+        raise pytest.UsageError(f"--perf-compare-rev: {exc}") from None
+    state.machine["ab_base"] = state.base.label
+    state.machine["ab_head"] = head_label(HERE)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None and state.base is not None:
+        state.base.close()  # the worktree goes, on success, failure and Ctrl-C alike
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     s = config.stash[_STATE]
     m = s.machine
     device = m.get("gpu_name") or s.device
-    return f"attention perf: grid={s.grid} device={device} torch={m['torch']} graphs={s.opts.graphs}"
+    lines = [f"attention perf: grid={s.grid} device={device} torch={m['torch']} graphs={s.opts.graphs}"]
+    if s.base is not None:
+        lines.append(f"A/B: base {s.base.label} vs head {m['ab_head']}, rounds interleaved")
+    lines += [f"note: {n}" for n in s.notes]
+    return lines
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -149,8 +227,62 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     info["wall_s"] = round(time.time() - state.started, 1)
     info["flex_kernel_options"] = state.flex_kernel_options
     info["flex_compiled_signatures"] = len(flex._compiled)  # one per shape/dtype/grad: no recompiles
+    info["gpu_state"] = {"start": state.gpu_start, "end": machine.gpu_state(state.device)}
     machine_info[machine.KEY] = info
     machine_info["gpu"] = info.get("gpu_name")
+
+
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark) -> None:
+    """Saved runs compare only where GPU model and torch minor match: per-run figures (wall time,
+    ceilings, clocks) differ on every run and say nothing about comparability."""
+    ours = machine_info.get(machine.KEY, {})
+    theirs = compared_benchmark.get("machine_info", {}).get(machine.KEY, {})
+    for key in machine.STABLE_KEYS:
+        if ours.get(key) != theirs.get(key):
+            benchmarksession.logger.warning(
+                f"comparing runs of different {key}: {theirs.get(key)!r} (saved) vs {ours.get(key)!r} (this run)"
+            )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = session.config.stash.get(_STATE, None)
+    if state is None or state.base is None:
+        return
+    warnings = machine.noise_warnings(state.gpu_start, machine.gpu_state(state.device))
+    report = ab.report_from_cases(
+        state.ab_cases,
+        base_rev=state.base.label,
+        head_rev=state.machine["ab_head"],
+        gpu=state.machine.get("gpu_name") or state.device,
+        min_effects=state.min_effects,
+        base_only=state.base.only_in_base(),
+        refused=state.ab_refused,
+        warnings=warnings,
+    )
+    ab.write_outputs(report, state.ab_out)
+    state.ab_report = report
+    if report.failed and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is None or state.ab_report is None:
+        return
+    terminalreporter.section("same-run A/B")
+    for line in ab.verdict_lines(state.ab_report):
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"summary: {state.ab_out / 'summary.md'}")
+
+
+def _ab_memory_reason(case) -> str | None:
+    """An A/B holds both revisions' inputs and outputs at once."""
+    free = free_memory_bytes(case.device)
+    need = 2 * case.estimated_peak_bytes()
+    if free is not None and need > 0.92 * free:
+        return f"A/B needs both revisions' copies, ~{need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free"
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -181,12 +313,19 @@ def run_case(perf_state: PerfState):
 
     def run(benchmark, case) -> dict:
         entry = {"case": case.case_id, "group": perf_grid.group(case)}
-        reason = case.skip_reason()
+        reason = case.skip_reason() or (_ab_memory_reason(case) if state.base else None)
         if reason:
             state.write(dict(entry, status="skipped", reason=reason))
             pytest.skip(reason)
         try:
-            info = runner.run_case(benchmark, case, state.opts)
+            if state.base is None:
+                info = runner.run_case(benchmark, case, state.opts)
+            else:
+                info = runner.run_ab_case(benchmark, case, state.base.implementations, state.opts)
+        except runner.BaseCannotBuild as exc:
+            state.ab_refused.append((case.case_id, f"the base revision cannot build it: {exc}"))
+            state.write(dict(entry, status="refused", reason=str(exc)))
+            pytest.fail(f"the base revision cannot build this case: {exc}", pytrace=False)
         except torch.cuda.OutOfMemoryError as exc:
             est = case.estimated_peak_bytes() / 2**30
             state.write(dict(entry, status="failed", reason=f"out of memory: {exc}"))
@@ -199,6 +338,8 @@ def run_case(perf_state: PerfState):
         benchmark.extra_info["guard_failures"] = problems
         data = list(benchmark.stats.stats.data) if benchmark.stats else []
         state.write(dict(entry, status="passed", extra_info=info, data=data))
+        if state.base is not None and data:
+            state.ab_cases.append((case.case_id, data, info))
         if problems:
             pytest.fail("\n".join(problems), pytrace=False)
         return info

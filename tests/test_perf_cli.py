@@ -82,10 +82,12 @@ def test_spread_and_table(tmp_path, capsys):
 
 
 def test_run_arguments_pass_through_to_pytest():
-    args, extra = cli.parser().parse_known_args(["run", "--benchmark-compare", "-k", "flex", "--perf-graphs=all"])
+    args, extra = cli.run_parser().parse_known_args(["--benchmark-compare", "-k", "flex", "--perf-graphs=all"])
     assert args.benchmark_compare is True and extra == ["-k", "flex", "--perf-graphs=all"]
-    args, _ = cli.parser().parse_known_args(["run", "--benchmark-compare=perf/x.json", "--repeat", "3"])
+    args, _ = cli.run_parser().parse_known_args(["--benchmark-compare=perf/x.json", "--repeat", "3"])
     assert args.benchmark_compare == "perf/x.json" and args.repeat == 3
+    args, _ = cli.run_parser().parse_known_args(["--benchmark-compare=main", "--benchmark-compare-fail=median:3%"])
+    assert args.benchmark_compare == "main" and args.benchmark_compare_fail == ["median:3%"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -93,19 +95,11 @@ def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
     # Not the xdist worker's variables: pytest-benchmark would think the inner run is distributed too.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = str(ROOT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "attention.bench.perf",
-        "--benchmark-compare",
-        "--out",
-        str(tmp_path),
-        "--quiet-pytest",
-    ]
+    cmd = [sys.executable, "-m", "attention.bench.perf", "--out", str(tmp_path), "--quiet-pytest"]
     cmd += ["-k", "core-sdpa-fp32-fwd-B4-T64 or decode-sdpa", "--perf-budget=0.02"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "No CUDA GPU here" in done.stdout and "skipped: no CUDA GPU" in done.stdout
+    assert "No CUDA GPU here" in done.stdout
     raw = json.loads((tmp_path / "run-1.json").read_text())
     assert raw["machine_info"]["attention_perf"]["slug"] == "cpu"
     assert raw["machine_info"]["attention_perf"]["copy_gbps"] > 0
@@ -158,7 +152,7 @@ def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, mo
         return 2
 
     monkeypatch.setattr(cli, "_call", dead_pytest)
-    args, extra = cli.parser().parse_known_args(["run", "--out", str(tmp_path)])
+    args, extra = cli.run_parser().parse_known_args(["--out", str(tmp_path)])
     rc, run = cli._pytest_run("run-1", args, extra, tmp_path, cpu=False, limit=None)
     assert rc == 2 and list(run.records) == [KEY]
     assert "rebuilding" in capsys.readouterr().out
@@ -167,6 +161,7 @@ def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, mo
 def fake_gpu_runs(monkeypatch, tmp_path, medians):
     """cmd_run as on a GPU machine, with pytest replaced by synthetic runs of the given medians."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli.machine, "machine_info", lambda device: dict(H100))
     queue = list(medians)
 
     def fake(label, args, extra, out, cpu, limit):
@@ -175,6 +170,7 @@ def fake_gpu_runs(monkeypatch, tmp_path, medians):
         return 0, cli.load_run(path)
 
     monkeypatch.setattr(cli, "_pytest_run", fake)
+    return queue
 
 
 def test_gpu_run_records_then_compares(tmp_path, monkeypatch, capsys):
@@ -192,10 +188,22 @@ def test_gpu_run_records_then_compares(tmp_path, monkeypatch, capsys):
     assert out.rstrip().splitlines()[-1].startswith("FAIL") and KEY in out
 
 
-def test_gpu_run_without_a_baseline_says_how_to_record(tmp_path, monkeypatch, capsys):
-    fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
+def test_bare_compare_without_a_baseline_is_refused_before_any_case_runs(tmp_path, monkeypatch, capsys):
+    queue = fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
     assert cli.main(["--benchmark-compare", "--out", str(tmp_path), "--baselines", str(tmp_path / "none")]) == 2
-    assert "ERROR: no baseline for NVIDIA H100" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ERROR: no committed baseline for NVIDIA H100" in out
+    assert "--repeat 3 --record" in out and "--benchmark-compare=main" in out  # both ways on
+    assert queue == [1.0e-3]  # nothing ran
+
+
+def test_bare_compare_with_another_torch_minor_is_refused_before_any_case_runs(tmp_path, monkeypatch, capsys):
+    write_run(make_run({KEY: {"median": 1e-3}}), tmp_path / "b" / H100["slug"] / "baseline.json")
+    queue = fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
+    monkeypatch.setattr(cli.machine, "machine_info", lambda device: dict(H100, torch="2.15.0", torch_minor="2.15"))
+    assert cli.main(["--benchmark-compare", "--out", str(tmp_path), "--baselines", str(tmp_path / "b")]) == 2
+    out = capsys.readouterr().out
+    assert "recorded with torch 2.11" in out and "--benchmark-compare=main" in out and queue == [1.0e-3]
 
 
 def test_the_first_run_gets_twice_a_later_runs_share_of_the_budget():

@@ -9,6 +9,7 @@ revision's registry for an A/B comparison.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
@@ -20,7 +21,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import masks, registry
 from ..base import AttentionBase
-from ..flex import MHAPyTorchFlexAttention
 from ..sdpa import MHAPyTorchScaledDotProduct
 
 if TYPE_CHECKING:
@@ -63,10 +63,15 @@ def _module(
     w: Workload | DecodeWorkload,
     d_in: int,
     context_length: int,
-    mask_mod: masks.MaskMod,
+    mask_mod: masks.MaskMod | None,
 ) -> AttentionBase:
-    extra = {}
-    if getattr(w, "kernel_options", None) and issubclass(cls, MHAPyTorchFlexAttention):
+    """``cls`` with the case's sizes; ``mask_mod=None`` keeps the class's own default (causal).
+
+    Causal must come from ``cls``'s own package: implementations take their fast path when the
+    mask *is* their ``causal``, and another revision's classes (an A/B) would not recognise ours.
+    """
+    extra = {} if mask_mod is None else {"mask_mod": mask_mod}
+    if getattr(w, "kernel_options", None) and "kernel_options" in inspect.signature(cls).parameters:
         extra["kernel_options"] = dict(w.kernel_options)
     torch.manual_seed(0)  # module weights: identical for every build of the case
     with torch.device(w.device):  # weights initialised where they run: no host-side init and copy
@@ -76,7 +81,6 @@ def _module(
             w.num_heads,
             context_length,
             num_kv_heads=w.kv_heads,
-            mask_mod=mask_mod,
             **extra,
         )
     return module.to(dtype=w.dtype).eval()  # eval: no dropout kernels
@@ -106,7 +110,7 @@ def _inference(fn: Callable[[], object]) -> Callable[[], object]:
 def prefill(w: Workload, cls: type[AttentionBase]) -> Built:
     g = torch.Generator(device=w.device).manual_seed(w.seed)
     pattern = masks.from_spec(w.mask, batch=w.batch, tokens=w.seq_len, device=w.device)
-    module = _module(cls, w, w.hidden, w.seq_len, pattern.visible)
+    module = _module(cls, w, w.hidden, w.seq_len, None if w.mask == "causal" else pattern.visible)
     x = _randn((w.batch, w.seq_len, w.hidden), w, g, grad=w.backward and w.level == "module")  # (B, T, d_in)
     grad_out = _randn((w.batch, w.seq_len, w.d_out), w, g)  # (B, T, d_out)
     if w.level == "module":
@@ -178,7 +182,7 @@ def _module_level(w: Workload, module: AttentionBase, x: Tensor, grad_out: Tenso
 
 def decode(w: DecodeWorkload, cls: type[AttentionBase]) -> Built:
     g = torch.Generator(device=w.device).manual_seed(w.seed)
-    module = _module(cls, w, w.num_heads * w.head_dim, w.context, masks.causal)
+    module = _module(cls, w, w.num_heads * w.head_dim, w.context, None)
     cache = module.make_kv_cache(w.batch, w.context)
     shape = (w.batch, w.num_kv_heads, w.context, w.head_dim)
     k, v = cache.update(_randn(shape, w, g), _randn(shape, w, g))  # (B, H_kv, N, hd) each: a full cache

@@ -1,19 +1,30 @@
-"""``python -m attention.bench.perf``: run the perf grid, compare with the baseline, record, measure spread.
+"""``python -m attention.bench.perf``: run the perf grid and gate on it; record, compare and inspect runs.
 
-``nox -s perf -- ARGS`` runs ``python -m attention.bench.perf run ARGS``. Subcommands:
+``nox -s perf -- ARGS`` runs ``python -m attention.bench.perf run ARGS`` (``run`` is the default).
 
-* ``run`` (default): the perf grid under pytest (``perf/``), JSON to ``--out``, tables printed;
-  ``--benchmark-compare[=BASELINE]`` compares each run with the baseline for this GPU and fails
-  on regressions; ``--record`` writes the run(s) as this GPU's baseline; ``--repeat N`` runs the
-  grid N times and derives per-case thresholds from the spread. Other arguments go to pytest
-  (``-k flex``, ``--perf-graphs=all``...). No CUDA GPU: the tiny CPU grid runs to show the
-  machinery working, nothing is compared or recorded, and the exit status is pytest's.
+* ``run``: the perf grid under pytest (``perf/``), JSON and tables to ``--out``. Gates:
+
+  - ``--benchmark-compare=REV`` (any git revision): the same-run A/B. REV's implementations and
+    the working tree's are timed on this GPU in one process, rounds interleaved; a case fails
+    when the 99% interval of its median ratio lies above 1 + its minimum effect. Works on any
+    CUDA GPU and torch; writes ``summary.md``, ``ab.json``, ``ab.png``.
+  - bare ``--benchmark-compare``: this GPU's committed baseline (``perf/baselines/<gpu>/``,
+    thresholds from its recorded spread); refused at once where there is none for this GPU and
+    torch minor version.
+  - ``--benchmark-compare=NUM`` (a pytest-benchmark saved run) or ``=FILE.json``: see
+    :mod:`.flags` for the whole resolution order.
+
+  ``--record`` writes the run(s) as this GPU's baseline; ``--repeat N`` runs the grid N times and
+  derives per-case thresholds from the spread. Other arguments go to pytest (``-k flex``,
+  ``--perf-graphs=all``, pytest-benchmark's own flags). No CUDA GPU: the tiny CPU grid runs to show
+  the machinery working, nothing is compared or recorded, and the exit status is pytest's.
 * ``compare RUN``, ``record RUN...``, ``spread RUN...``, ``table RUN``: the same steps on JSON
-  files already made, e.g. fetched from a GPU machine (no GPU needed); ``salvage LOG -o RUN``
-  rebuilds a run's JSON from its per-case log if the run died before writing it.
+  files already made (no GPU needed); ``salvage LOG -o RUN`` rebuilds a run's JSON from its
+  per-case log if the run died before writing it.
 
 Exit status: 0 pass; 1 regressions, guard failures or failed cases; 2 the comparison was
-refused or impossible (other GPU or torch minor, no baseline, unreadable file).
+refused or impossible (no baseline for this GPU or torch, unknown revision, the base revision
+cannot build a case, no CUDA for an A/B, an unreadable file, a refused flag).
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import time
 from pathlib import Path
 
 from . import compare as cmp
-from . import guards, report
+from . import flags, guards, machine, report, revision
 from .results import (
     BASELINE_FILE,
     THRESHOLDS_FILE,
@@ -43,7 +54,6 @@ from .results import (
     write_run,
 )
 
-SUBCOMMANDS = ("run", "compare", "record", "spread", "salvage", "table")
 DEFAULT_BASELINES = Path("perf") / "baselines"
 NO_CUDA = (
     "No CUDA GPU here: running the tiny CPU grid so the perf machinery can be seen working. "
@@ -70,10 +80,17 @@ def _thresholds_path(explicit: str | None, baseline: Path) -> Path:
     return Path(explicit) if explicit else baseline.parent / THRESHOLDS_FILE
 
 
-def compare_one(run: Run, baseline_path: Path, thresholds_path: Path | None) -> cmp.Comparison:
+def compare_one(
+    run: Run, baseline_path: Path, thresholds_path: Path | None, *, time_threshold: float | None = None
+) -> cmp.Comparison:
+    """``run`` against a baseline; ``time_threshold`` (``--benchmark-compare-fail``) replaces every
+    case's time threshold."""
     baseline = load_run(baseline_path)
     warnings = check_comparable(baseline, run)
-    result = cmp.compare(baseline, run, cmp.load_thresholds(thresholds_path))
+    thresholds = cmp.load_thresholds(thresholds_path)
+    if time_threshold is not None:
+        thresholds = cmp.with_time_threshold(thresholds, time_threshold)
+    result = cmp.compare(baseline, run, thresholds)
     result.warnings += warnings
     where = thresholds_path if thresholds_path and thresholds_path.exists() else "defaults"
     _say(f"Thresholds: {where}")
@@ -180,60 +197,145 @@ def run_time_limit(remaining_s: float, run: int, repeat: int) -> float:
     return max(30.0, remaining_s * weights[0] / sum(weights))
 
 
+def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.CompareTarget | None:
+    """What ``--benchmark-compare`` means here, decided before any case runs (refusals are fast)."""
+    flags.check_native(extra)
+    if args.benchmark_disable and (args.benchmark_compare is not None or args.record):
+        raise flags.FlagRefused("--benchmark-disable times nothing: nothing to compare or record")
+    if args.benchmark_compare is None:
+        if args.benchmark_compare_fail:
+            raise flags.FlagRefused("--benchmark-compare-fail needs --benchmark-compare")
+        return None
+    value = None if args.benchmark_compare is True else args.benchmark_compare
+    info = machine.machine_info("cuda") if cuda else None
+    storage = Path(_storage(extra))
+    target = flags.resolve_compare(value, baselines=Path(args.baselines), storage=storage, machine=info)
+    if target.kind != "saved":
+        flags.compare_fail_fraction(args.benchmark_compare_fail)  # refuse what the perf gates cannot judge
+    if target.kind == "revision":
+        if not cuda:
+            raise PerfError(f"--benchmark-compare={value}: the A/B times both revisions on a CUDA GPU; none here")
+        if args.record or args.repeat > 1:
+            raise PerfError("--benchmark-compare=REV times two revisions: run it again for another A/B, record apart")
+        base = revision.resolve(value, revision.repo_root(_find_perf_dir()))
+        _say(f"A/B: {value} = {base[:12]} against the working tree, on {info['gpu_name']}")
+    elif target.kind == "baseline":
+        _say(f"Comparing with {target.path}")
+    return target
+
+
+def _storage(extra: list[str]) -> str:
+    given = flags.given(extra, "--benchmark-storage")
+    value = given[-1] if given and given[-1] else "file://./.benchmarks"
+    return value.removeprefix("file://")
+
+
+def _pytest_args(args: argparse.Namespace, target: flags.CompareTarget | None, out: Path) -> list[str]:
+    """What the CLI adds to the pytest command for the chosen gate."""
+    if target is None:
+        return []
+    fail = flags.compare_fail_fraction(args.benchmark_compare_fail)
+    if target.kind == "saved":  # pytest-benchmark's own comparison, as it means the flags
+        return [
+            f"--benchmark-compare={target.value}",
+            *(f"--benchmark-compare-fail={e}" for e in args.benchmark_compare_fail),
+        ]
+    if target.kind == "revision":
+        extra = [f"--perf-compare-rev={target.value}", f"--perf-ab-out={out}"]
+        return extra + ([f"--perf-min-effect={fail}"] if fail is not None else [])
+    return []
+
+
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    cpu = not torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
+    target = _resolve(args, extra, cuda)
     out = Path(args.out or _default_out())
     out.mkdir(parents=True, exist_ok=True)
-    if cpu:
+    for name in ("summary.md", "ab.json", "ab.png"):  # a previous run's verdicts must not pass for this one's
+        (out / name).unlink(missing_ok=True)
+    if not cuda:
         _say(NO_CUDA)
+    extra = [*extra, *_pytest_args(args, target, out)]
+    if args.benchmark_disable:
+        extra.append("--benchmark-disable")
     status, runs, started = 0, [], time.time()
     for i in range(1, args.repeat + 1):
         limit = None
         if args.time_budget:  # what is left, shared by the runs still to go
             limit = run_time_limit(args.time_budget - (time.time() - started), i, args.repeat)
-        rc, run = _pytest_run(f"run-{i}", args, extra, out, cpu, limit)
+        rc, run = _pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
         status = max(status, 1 if rc != 0 else 0)
         if run is not None:
             runs.append(run)
+    if args.benchmark_disable:
+        _say(f"--benchmark-disable: every case ran once as a smoke test; nothing was timed. pytest exit {status}")
+        return status
     if not runs:
         _say("FAIL: no run produced results")
         return 1
+    if args.benchmark_json:
+        write_run(runs[-1], args.benchmark_json)
     summary = [report.matrix(runs[-1]), report.wall_time(runs[-1]), report.targets(runs[-1])]
+    summary += [f"warning: {w}" for w in _noise(runs[-1])]
     if len(runs) >= 2:
         thresholds = cmp.thresholds_from_spread(runs)
         (out / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1) + "\n")
         summary.append(cmp.format_spread(thresholds))
     (out / "summary.txt").write_text("\n\n".join([*summary, report.cases_table(runs[-1])]) + "\n")
     _say("\n\n".join(summary))  # the tables first: verdicts, the part to read, come last
-    if cpu:
-        if args.benchmark_compare or args.record:
-            _say("--benchmark-compare / --record skipped: no CUDA GPU (CPU runs are never baselined).")
+    if not cuda:
+        if args.record:
+            _say("--record skipped: no CUDA GPU (CPU runs are never baselined).")
         return status
-    verdicts = []
     try:
-        if args.benchmark_compare:
-            for run in runs:
-                path = Path(args.benchmark_compare) if isinstance(args.benchmark_compare, str) else None
-                path = path or find_baseline(args.baselines, run)
-                result = compare_one(run, path, _thresholds_path(args.thresholds, path))
-                verdicts.append(
-                    f"{Path(run.path).name} vs {path}: {'FAIL' if result.failed else 'PASS'} "
-                    f"({len(result.regressions)} regressions, {len(result.guard_failures)} guard failures, "
-                    f"{len(result.improvements)} improvements)"
-                )
-                status = max(status, 1 if result.failed else 0)
+        if target is not None and target.kind in ("baseline", "file"):
+            status = max(status, _gate_on_baseline(args, runs, target.path))
+        elif target is not None and target.kind == "revision":
+            status = _gate_on_ab(out, status)
         if args.record:
             record(runs, Path(args.baselines), with_thresholds=len(runs) >= 2)
     except PerfError as exc:
         _say(f"ERROR: {exc}")
         return 2
-    finally:
-        if verdicts:
-            _say("\n".join(verdicts))
     _say(f"{'FAIL' if status else 'PASS'}: results in {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return status
+
+
+def _noise(run: Run) -> list[str]:
+    state = run.machine.get("gpu_state") or {}
+    return machine.noise_warnings(state.get("start"), state.get("end"))
+
+
+def _gate_on_baseline(args: argparse.Namespace, runs: list[Run], baseline: Path) -> int:
+    fail = flags.compare_fail_fraction(args.benchmark_compare_fail)
+    status, verdicts = 0, []
+    for run in runs:
+        result = compare_one(run, baseline, _thresholds_path(args.thresholds, baseline), time_threshold=fail)
+        verdicts.append(
+            f"{Path(run.path).name} vs {baseline}: {'FAIL' if result.failed else 'PASS'} "
+            f"({len(result.regressions)} regressions, {len(result.guard_failures)} guard failures, "
+            f"{len(result.improvements)} improvements)"
+        )
+        status = max(status, 1 if result.failed else 0)
+    _say("\n".join(verdicts))
+    return status
+
+
+def _gate_on_ab(out: Path, pytest_status: int) -> int:
+    """The A/B verdict pytest wrote (perf/conftest.py): 2 where the base could not build a case."""
+    path = out / "ab.json"
+    if not path.is_file():
+        raise PerfError(f"the A/B run wrote no {path}: see the pytest output above")
+    doc = json.loads(path.read_text())
+    _say((out / "summary.md").read_text() if (out / "summary.md").is_file() else "")
+    if doc.get("refused"):
+        raise PerfError(
+            f"the base revision cannot build {len(doc['refused'])} case(s): {'; '.join(doc['refused'][:3])}"
+        )
+    _say(f"A/B: {'FAIL' if doc['failed'] else 'PASS'} ({', '.join(f'{n} {k}' for k, n in doc['counts'].items() if n)})")
+    return max(pytest_status, 1 if doc["failed"] else 0)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -272,18 +374,23 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m attention.bench.perf", description=__doc__.split("\n\n")[0], allow_abbrev=False
-    )
-    sub = p.add_subparsers(dest="command")
-    run = sub.add_parser(
-        "run", allow_abbrev=False, help="run the perf grid (default command); unknown args go to pytest"
+def run_parser() -> argparse.ArgumentParser:
+    run = argparse.ArgumentParser(
+        prog="python -m attention.bench.perf [run]",
+        description="Run the perf grid; arguments it does not know go to pytest.",
+        allow_abbrev=False,
     )
     run.add_argument(
-        "--benchmark-compare", "--compare", nargs="?", const=True, default=None, metavar="BASELINE",
-        help="compare with the baseline for this GPU (or the given baseline JSON); fail on regressions",
+        "--benchmark-compare", "--compare", nargs="?", const=True, default=None, metavar="REV|NUM|FILE",
+        help="gate this run: a git revision (same-run A/B, any GPU), nothing (this GPU's committed baseline), "
+        "a pytest-benchmark saved run, or a run/baseline JSON; not pytest-benchmark's flag alone (see perf/README.md)",
     )  # fmt: skip
+    run.add_argument(
+        "--benchmark-compare-fail", action="append", default=[], metavar="median:X%",
+        help="fail a case whose median moved by more than X%% (A/B: its minimum effect; baseline: its threshold)",
+    )  # fmt: skip
+    run.add_argument("--benchmark-json", default=None, metavar="PATH", help="also write the run's JSON here")
+    run.add_argument("--benchmark-disable", action="store_true", help="run each case once, untimed (a smoke test)")
     run.add_argument("--record", action="store_true", help="write the run(s) as this GPU's baseline")
     run.add_argument("--repeat", type=int, default=1, help="run the grid N times; N >= 2 measures spread")
     run.add_argument("--grid", choices=("full", "quick", "tiny"), default=None, help="default: full on CUDA")
@@ -295,6 +402,15 @@ def parser() -> argparse.ArgumentParser:
         "--time-budget", type=float, default=None, metavar="SECONDS",
         help="wall time for all runs together; a run past its share is interrupted, its finished cases kept",
     )  # fmt: skip
+    return run
+
+
+def tools_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m attention.bench.perf", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the perf grid (the default command; see `run --help`)", add_help=False)
     c = sub.add_parser("compare", allow_abbrev=False, help="compare a run JSON with the baseline for its GPU")
     c.add_argument("run")
     c.add_argument("--baseline", default=None)
@@ -321,30 +437,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+TOOLS = {"compare": cmd_compare, "record": cmd_record, "spread": cmd_spread, "salvage": cmd_salvage, "table": cmd_table}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
-        argv.insert(0, "run")
-    p = parser()
-    if argv[0] == "run":
-        args, extra = p.parse_known_args(argv)
-        if extra and extra[0] == "--":
-            extra = extra[1:]
-    else:
-        args, extra = p.parse_args(argv), []
-    if args.command == "run" and args.repeat < 1:
-        p.error("--repeat must be >= 1")
     try:
-        if args.command == "run":
-            return cmd_run(args, extra)
-        commands = {
-            "compare": cmd_compare,
-            "record": cmd_record,
-            "spread": cmd_spread,
-            "salvage": cmd_salvage,
-            "table": cmd_table,
-        }
-        return commands[args.command](args)
-    except PerfError as exc:
+        if argv and argv[0] in TOOLS:
+            args = tools_parser().parse_args(argv)
+            return TOOLS[args.command](args)
+        if argv[:1] in (["-h"], ["--help"]):
+            tools_parser().print_help()
+            return 0
+        run = run_parser()
+        args, extra = run.parse_known_args(argv[1:] if argv[:1] == ["run"] else argv)
+        if extra[:1] == ["--"]:
+            extra = extra[1:]
+        if args.repeat < 1:
+            run.error("--repeat must be >= 1")
+        return cmd_run(args, extra)
+    except (PerfError, revision.RevisionError) as exc:
         _say(f"ERROR: {exc}")
         return 2

@@ -76,6 +76,17 @@ def load_thresholds(path: str | Path | None) -> dict:
     return merged
 
 
+def with_time_threshold(thresholds: dict, time: float) -> dict:
+    """``thresholds`` with every case's time threshold set to ``time`` (floor included), as
+    ``--benchmark-compare-fail=median:X%`` asks; memory thresholds stay."""
+    fixed = json.loads(json.dumps(thresholds))
+    fixed["floor"] = time
+    fixed["default"]["time"] = time
+    for entry in [*fixed.get("patterns", []), *fixed.get("cases", {}).values()]:
+        entry.pop("time", None)
+    return fixed
+
+
 def threshold_for(thresholds: dict, key: str) -> dict:
     """``{"time", "memory", "memory_slack_mib"}`` for case ``key`` (case > pattern > default, >= floor)."""
     resolved = dict(thresholds["default"])

@@ -8,9 +8,11 @@ measured in the same run, so GB/s and TFLOP/s can be read as fractions of what t
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import statistics
+import subprocess
 
 import torch
 
@@ -102,3 +104,84 @@ def matmul_tflops(device: torch.device | str, n: int | None = None, rounds: int 
     b = torch.randn(n, n, device=device, dtype=dtype)  # (n, n)
     seconds = _median_seconds(lambda: a @ b, device, rounds)
     return 2 * n**3 / seconds / 1e12
+
+
+#: nvidia-smi fields recorded at the start and end of a run: what the driver says about clocks,
+#: heat and throttling while the numbers were taken.
+GPU_STATE_FIELDS = (
+    "driver_version",
+    "clocks.sm",
+    "clocks.max.sm",
+    "clocks.applications.graphics",
+    "temperature.gpu",
+    "power.draw",
+    "utilization.gpu",
+    "clocks_event_reasons.active",
+)
+#: Bits of ``clocks_event_reasons.active`` (NVML's clocks event reasons) that slow the clock down.
+_THROTTLE_BITS = {
+    0x4: "software power cap",
+    0x8: "hardware slowdown",
+    0x20: "software thermal slowdown",
+    0x40: "hardware thermal slowdown",
+    0x80: "power brake",
+}
+_CLOCKS_SET_BIT = 0x2  # clocks held by an applications-clocks or locked-clocks setting
+
+
+def _nvidia_smi(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def gpu_state(device: torch.device | str) -> dict | None:
+    """Driver, clocks, temperature, power, utilisation and throttle reasons of ``device`` right
+    now, and how many other processes compute on it; ``None`` where nvidia-smi is unavailable."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = str(device.index if device.index is not None else torch.cuda.current_device())
+    fields = list(GPU_STATE_FIELDS)
+    out = _nvidia_smi(f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", index)
+    if out is None:  # drivers before 535 call the reasons "clocks_throttle_reasons"
+        fields[-1] = "clocks_throttle_reasons.active"
+        out = _nvidia_smi(f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", index)
+    if out is None:
+        return None
+    values = [v.strip() for v in out.splitlines()[0].split(",")]
+    state: dict = dict(zip(GPU_STATE_FIELDS, values, strict=False))
+    reasons = state.pop("clocks_event_reasons.active", "")
+    try:
+        bits = int(reasons, 16)
+    except ValueError:
+        bits = None
+    state["throttle_reasons"] = None if bits is None else [name for bit, name in _THROTTLE_BITS.items() if bits & bit]
+    state["clocks_locked"] = None if bits is None else bool(bits & _CLOCKS_SET_BIT)
+    uuid = _nvidia_smi("--query-gpu=uuid", "--format=csv,noheader", "-i", index)
+    apps = _nvidia_smi("--query-compute-apps=gpu_uuid,pid", "--format=csv,noheader") or ""
+    pids = {line.split(",")[1].strip() for line in apps.splitlines() if uuid and line.startswith(uuid)}
+    state["other_processes"] = len(pids - {str(os.getpid())})
+    return state
+
+
+def noise_warnings(start: dict | None, end: dict | None) -> list[str]:
+    """What in the GPU's state at the start and end of a run makes its timings less trustworthy."""
+    warnings = []
+    for when, state in (("at the start", start), ("at the end", end)):
+        if not state:
+            continue
+        if state.get("throttle_reasons"):
+            warnings.append(f"GPU throttling {when}: {', '.join(state['throttle_reasons'])}")
+        if state.get("other_processes"):
+            warnings.append(f"{state['other_processes']} other process(es) computing on this GPU {when}")
+    if start and start.get("utilization.gpu") not in (None, "", "0", "[N/A]"):
+        warnings.append(f"GPU {start['utilization.gpu']}% busy before the run started")
+    return warnings
+
+
+#: What must match for two runs to be comparable at all; everything else in machine info is
+#: per-run (wall time, measured ceilings, clocks) and differs every time.
+STABLE_KEYS = ("gpu_name", "torch_minor")

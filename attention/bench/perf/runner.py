@@ -15,6 +15,8 @@ Order of events for one case, all outside the timed rounds except the timed call
 ``extra_info["wall_s"]`` says how many wall seconds each of these phases took (``build``,
 ``warmup``, ``memory_probe``, ``capture``, ``timing``), so a slow grid shows whether
 compilation, probing or timing is to blame.
+
+:func:`run_ab_case` does the same for two revisions of a case, their rounds interleaved.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,9 +34,10 @@ from ... import registry
 from ...flex import MHAPyTorchFlexAttention
 from ...from_scratch import MultiHeadAttentionCombinedQKV
 from ...sdpa import MHAPyTorchScaledDotProduct
+from ..build import implementation
 from ..cost import MiB, dtype_name
 from ..memory import free_cached_memory, free_memory_bytes, peak_memory
-from ..timing import CudaEventClock, L2Flusher, cuda_graph
+from ..timing import CudaEventClock, L2Flusher, clock_for, cuda_graph
 from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, Workload
 from . import probe
 
@@ -162,9 +166,24 @@ def _phase(wall: dict[str, float], name: str):
         wall[name] = round(time.perf_counter() - start, 3)
 
 
-def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
-    """Time ``w`` with the ``benchmark`` fixture; returns (and stores in ``benchmark.extra_info``) its info."""
-    device = torch.device(opts.device)
+class BaseCannotBuild(Exception):
+    """The base revision's implementation fails on a case the working tree's runs: the A/B
+    cannot compare it (exit status 2, not a regression)."""
+
+
+@dataclass
+class Prepared:
+    """One side of a case, ready to time: the callable (a graph replay where captured), the
+    setup to run before each round, and how it is timed."""
+
+    timed: Callable[[], object]
+    setup: Callable[[], None]
+    mode: str
+    peak_mem_mib: float | None
+    graph_error: str | None = None
+
+
+def _check_timer(benchmark, device: torch.device):
     timer = getattr(benchmark, "_timer", None)
     if device.type == "cuda" and not isinstance(timer, CudaEventClock):
         raise RuntimeError(
@@ -173,54 +192,195 @@ def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
         )
     if isinstance(timer, CudaEventClock):
         timer.reset()  # a previous case that raised mid-round must not shift this one's pairs
-    info = describe(w)
-    info["timer"] = getattr(timer, "name", getattr(timer, "__name__", repr(timer)))
-    benchmark.extra_info.update(info)
+    return timer
 
-    wall: dict[str, float] = {}  # where a case's wall time goes: warmup holds compilation
-    info["wall_s"] = wall
-    with _phase(wall, "build"):
-        fn, setup = w.build()
-        _sync(device)
+
+def _prepare(
+    fn: Callable[[], object],
+    setup: Callable[[], None],
+    w: Workload | DecodeWorkload,
+    opts: RunOptions,
+    wall: dict[str, float],
+    *,
+    sides: int = 1,
+    probe_into: dict | None = None,
+) -> Prepared:
+    """Warm up (compilation happens here), measure peak memory, probe what ran (into
+    ``probe_into``), capture a CUDA graph where the policy asks and memory allows. ``sides``:
+    how many copies of the case live at once (2 in an A/B run), for the memory check."""
+    device = torch.device(opts.device)
     with _phase(wall, "warmup"):
         for _ in range(opts.warmup):
             setup()
             fn()
         _sync(device)
     with _phase(wall, "memory_probe"):
-        info["peak_mem_mib"] = peak_memory_mib(fn, setup, device)
-        info.update(_probe(fn, w, device))
+        peak = peak_memory_mib(fn, setup, device)
+        if probe_into is not None:
+            probe_into.update(_probe(fn, w, device))
 
-    timed, mode = fn, EAGER
+    prepared = Prepared(fn, setup, EAGER, peak)
     wants_graph = opts.graphs == "all" or (opts.graphs == "fwd" and not w.backward)
     free = free_memory_bytes(device) if device.type == "cuda" else None
-    if wants_graph and free is not None and w.estimated_peak_bytes() > GRAPH_MEMORY_SHARE * free:
+    if wants_graph and free is not None and sides * w.estimated_peak_bytes() > GRAPH_MEMORY_SHARE * free:
         # Warm-up and graph pools would hold the case twice; at this size dispatch is noise anyway.
-        wants_graph, mode = False, f"{EAGER} (too large to capture)"
+        wants_graph, prepared.mode = False, f"{EAGER} (too large to capture)"
     with _phase(wall, "capture"):
         if device.type == "cuda" and wants_graph:
             free_cached_memory(device)  # the graph's private pool cannot reuse eager cached blocks
             try:
-                timed, mode = cuda_graph(fn, device, setup=setup), GRAPH
+                prepared.timed, prepared.mode = cuda_graph(fn, device, setup=setup), GRAPH
             except Exception as exc:  # not capturable: time eagerly and say so
-                mode = f"{EAGER} (graph capture failed)"  # stable text: baselines compare on it
-                info["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                prepared.mode = f"{EAGER} (graph capture failed)"  # stable text: baselines compare on it
+                prepared.graph_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 _sync(device)  # a capture that broke the context must fail here, loudly
-    info["timing_mode"] = mode
+    return prepared
 
+
+def _start(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> tuple[dict, object]:
+    timer = _check_timer(benchmark, torch.device(opts.device))
+    info = describe(w)
+    info["timer"] = getattr(timer, "name", getattr(timer, "__name__", repr(timer)))
+    benchmark.extra_info.update(info)
+    return info, timer
+
+
+def _side_info(info: dict, prepared: Prepared) -> None:
+    info["peak_mem_mib"] = prepared.peak_mem_mib
+    info["timing_mode"] = prepared.mode
+    if prepared.graph_error:
+        info["graph_error"] = prepared.graph_error
+
+
+def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
+    """Time ``w`` with the ``benchmark`` fixture; returns (and stores in ``benchmark.extra_info``) its info."""
+    info, timer = _start(benchmark, w, opts)
+    wall: dict[str, float] = {}  # where a case's wall time goes: warmup holds compilation
+    info["wall_s"] = wall
+    with _phase(wall, "build"):
+        fn, setup = w.build()
+        _sync(torch.device(opts.device))
+    if benchmark.disabled:
+        return _smoke(benchmark, fn, setup, info)
+    return _time_alone(benchmark, fn, setup, w, opts, info, timer, wall)
+
+
+def run_ab_case(
+    benchmark, w: Workload | DecodeWorkload, base_impls: Mapping[str, type] | None, opts: RunOptions
+) -> dict:
+    """Time ``w`` as built by the working tree (head, timed by ``benchmark``) and by the base
+    revision's implementations ``base_impls`` in the same process, rounds interleaved
+    base-head-head-base (docs/design.md#same-machine-precision): drift in clocks, temperature or
+    neighbours hits both sides alike. The base's samples and peak memory go to
+    ``extra_info["ab"]``. ``base_impls`` lacking the case's implementation: only head is timed,
+    and ``ab`` says so."""
+    device = torch.device(opts.device)
+    info, timer = _start(benchmark, w, opts)
+    wall: dict[str, float] = {}
+    info["wall_s"] = wall
+    with _phase(wall, "build"):
+        fn, setup = w.build()
+        try:
+            base = w.build(base_impls) if implementation(w, base_impls) is not None else None
+        except Exception as exc:
+            raise BaseCannotBuild(f"{type(exc).__name__}: {exc}") from exc
+        _sync(device)
+    if benchmark.disabled:
+        return _smoke(benchmark, fn, setup, info)
+    if base is None:
+        info["ab"] = {"base": None, "reason": f"the base revision has no implementation {w.impl!r}"}
+        return _time_alone(benchmark, fn, setup, w, opts, info, timer, wall)
+
+    base_wall: dict[str, float] = {}
+    try:
+        base_side = _prepare(*base, w, opts, base_wall, sides=2)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        raise BaseCannotBuild(f"{type(exc).__name__}: {exc}") from exc
+    head = _prepare(fn, setup, w, opts, wall, sides=2, probe_into=info)
+    _side_info(info, head)
     flusher = L2Flusher(device)
+    base_clock = clock_for(device)
+    base_samples: list[float] = []
+    warmup_rounds = 1
+    calls = 0  # setup calls so far: warm-up rounds first, then one per timed round
+
+    def time_base() -> None:
+        base_side.setup()
+        flusher.flush()
+        start = base_clock()
+        base_side.timed()
+        base_samples.append(base_clock() - start)
 
     def before_round() -> None:
-        setup()
+        nonlocal calls
+        i, calls = calls - warmup_rounds, calls + 1
+        if i < 0:
+            base_side.setup()
+            base_side.timed()  # warm the base side's round too, untimed
+        elif i % 2 == 0:
+            time_base()  # even rounds: base, then head
+        head.setup()
+        flusher.flush()
+
+    def after_round() -> None:
+        i = calls - 1 - warmup_rounds
+        if i >= 0 and i % 2 == 1:
+            time_base()  # odd rounds: head, then base
+
+    def head_only() -> None:
+        head.setup()
         flusher.flush()
 
     with _phase(wall, "timing"):
-        rounds = _rounds(timed, before_round, timer, opts)
+        rounds = _rounds(head.timed, head_only, timer, opts)
         compiles = _compile_count()
-        benchmark.pedantic(timed, setup=before_round, rounds=rounds, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(
+            head.timed, setup=before_round, teardown=after_round, rounds=rounds, warmup_rounds=warmup_rounds
+        )
         info["compiles_while_timing"] = _compile_count() - compiles
     info["rounds"] = rounds
+    info["ab"] = {
+        "base": "timed",
+        "data": base_samples,
+        "median_ms": statistics.median(base_samples) * 1e3,
+        "peak_mem_mib": base_side.peak_mem_mib,
+        "timing_mode": base_side.mode,
+        "wall_s": base_wall,
+        "order": "base-head-head-base",
+    }
+    return _figures(benchmark, info, opts)
 
+
+def _time_alone(benchmark, fn, setup, w, opts: RunOptions, info: dict, timer, wall: dict) -> dict:
+    """Prepare and time one built side under ``benchmark``."""
+    head = _prepare(fn, setup, w, opts, wall, probe_into=info)
+    _side_info(info, head)
+    flusher = L2Flusher(torch.device(opts.device))
+
+    def before_round() -> None:
+        head.setup()
+        flusher.flush()
+
+    with _phase(wall, "timing"):
+        rounds = _rounds(head.timed, before_round, timer, opts)
+        compiles = _compile_count()
+        benchmark.pedantic(head.timed, setup=before_round, rounds=rounds, warmup_rounds=1, iterations=1)
+        info["compiles_while_timing"] = _compile_count() - compiles
+    info["rounds"] = rounds
+    return _figures(benchmark, info, opts)
+
+
+def _smoke(benchmark, fn, setup, info: dict) -> dict:
+    """``--benchmark-disable``: each case runs once, as a smoke test; nothing is timed."""
+    benchmark.pedantic(fn, setup=setup)
+    info["timing_mode"] = "disabled: ran once, not timed"
+    benchmark.extra_info.update(info)
+    return info
+
+
+def _figures(benchmark, info: dict, opts: RunOptions) -> dict:
     median = benchmark.stats.stats.median
     info["median_ms"] = median * 1e3
     info["tflops"] = info["flops"] / median / 1e12 if median > 0 else None
