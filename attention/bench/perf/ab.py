@@ -27,6 +27,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -424,10 +425,8 @@ def plot_ratios(report: ABReport, path: str | Path) -> Path:
     ax.set_ylim(max(len(cases), 1) - 0.5, -0.5)  # first key at the top
     ax.set_xlabel("median(head) / median(base)   (< 1: head faster)")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(
-        f"{report.base_rev} → {report.head_rev} on {report.gpu}: {report.level:.0%} intervals, dashed: ±min effect",
-        fontsize=10,
-    )
+    title = f"{report.base_rev} → {report.head_rev} on {report.gpu}: {report.level:.0%} intervals, dashed: ±min effect"
+    ax.set_title(textwrap.fill(title, 110), fontsize=9, loc="left")
     if not cases:
         ax.text(0.5, 0.5, "no compared cases", transform=ax.transAxes, ha="center", va="center")
     path.parent.mkdir(parents=True, exist_ok=True)

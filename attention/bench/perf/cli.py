@@ -367,6 +367,15 @@ def cmd_salvage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    """Exit 0 naming this GPU's committed baseline for this torch minor version; else 2 saying why."""
+    import torch
+
+    info = machine.machine_info("cuda") if torch.cuda.is_available() else None
+    _say(str(flags.resolve_compare(None, baselines=Path(args.baselines), storage=Path("."), machine=info).path))
+    return 0
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     run = load_run(args.run)
     _say(report.cases_table(run) if args.full else report.matrix(run))
@@ -431,13 +440,22 @@ def tools_parser() -> argparse.ArgumentParser:
     v.add_argument("log")
     v.add_argument("--run", default="run-1", help="run label in the log (run-1, run-2...)")
     v.add_argument("-o", "--output", required=True)
+    b = sub.add_parser("baseline", allow_abbrev=False, help="this GPU's committed baseline, or why there is none (2)")
+    b.add_argument("--baselines", default=str(DEFAULT_BASELINES))
     t = sub.add_parser("table", allow_abbrev=False, help="print a run's tables")
     t.add_argument("run")
     t.add_argument("--full", action="store_true", help="one line per case")
     return p
 
 
-TOOLS = {"compare": cmd_compare, "record": cmd_record, "spread": cmd_spread, "salvage": cmd_salvage, "table": cmd_table}
+TOOLS = {
+    "compare": cmd_compare,
+    "record": cmd_record,
+    "spread": cmd_spread,
+    "salvage": cmd_salvage,
+    "baseline": cmd_baseline,
+    "table": cmd_table,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
