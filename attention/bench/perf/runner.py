@@ -44,6 +44,8 @@ from . import probe
 GRAPH_POLICIES = ("fwd", "all", "none")
 EAGER = "eager: includes dispatch"
 GRAPH = "cuda-graph"
+#: Untimed pedantic rounds before the timed ones (after the warm-up calls that compile).
+WARMUP_ROUNDS = 1
 #: Capture only cases whose estimated peak fits this share of free memory (see run_case).
 GRAPH_MEMORY_SHARE = 0.4
 
@@ -303,7 +305,6 @@ def run_ab_case(
     flusher = L2Flusher(device)
     base_clock = clock_for(device)
     base_samples: list[float] = []
-    warmup_rounds = 1
     calls = 0  # setup calls so far: warm-up rounds first, then one per timed round
 
     def time_base() -> None:
@@ -315,7 +316,7 @@ def run_ab_case(
 
     def before_round() -> None:
         nonlocal calls
-        i, calls = calls - warmup_rounds, calls + 1
+        i, calls = calls - WARMUP_ROUNDS, calls + 1
         if i < 0:
             base_side.setup()
             base_side.timed()  # warm the base side's round too, untimed
@@ -325,22 +326,11 @@ def run_ab_case(
         flusher.flush()
 
     def after_round() -> None:
-        i = calls - 1 - warmup_rounds
+        i = calls - 1 - WARMUP_ROUNDS
         if i >= 0 and i % 2 == 1:
             time_base()  # odd rounds: head, then base
 
-    def head_only() -> None:
-        head.setup()
-        flusher.flush()
-
-    with _phase(wall, "timing"):
-        rounds = _rounds(head.timed, head_only, timer, opts)
-        compiles = _compile_count()
-        benchmark.pedantic(
-            head.timed, setup=before_round, teardown=after_round, rounds=rounds, warmup_rounds=warmup_rounds
-        )
-        info["compiles_while_timing"] = _compile_count() - compiles
-    info["rounds"] = rounds
+    _time_rounds(benchmark, head, flusher, timer, opts, wall, info, setup=before_round, teardown=after_round)
     info["ab"] = {
         "base": "timed",
         "data": base_samples,
@@ -357,19 +347,37 @@ def _time_alone(benchmark, fn, setup, w, opts: RunOptions, info: dict, timer, wa
     """Prepare and time one built side under ``benchmark``."""
     head = _prepare(fn, setup, w, opts, wall, probe_into=info)
     _side_info(info, head)
-    flusher = L2Flusher(torch.device(opts.device))
+    _time_rounds(benchmark, head, L2Flusher(torch.device(opts.device)), timer, opts, wall, info)
+    return _figures(benchmark, info, opts)
 
-    def before_round() -> None:
-        head.setup()
+
+def _time_rounds(
+    benchmark,
+    side: Prepared,
+    flusher: L2Flusher,
+    timer,
+    opts: RunOptions,
+    wall: dict,
+    info: dict,
+    *,
+    setup: Callable[[], None] | None = None,
+    teardown: Callable[[], None] | None = None,
+) -> None:
+    """Rounds from the time budget, then pytest-benchmark's pedantic loop over ``side``; each round
+    starts from ``setup`` (default: the side's setup and an L2 flush)."""
+
+    def alone() -> None:
+        side.setup()
         flusher.flush()
 
     with _phase(wall, "timing"):
-        rounds = _rounds(head.timed, before_round, timer, opts)
+        rounds = _rounds(side.timed, alone, timer, opts)
         compiles = _compile_count()
-        benchmark.pedantic(head.timed, setup=before_round, rounds=rounds, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(
+            side.timed, setup=setup or alone, teardown=teardown, rounds=rounds, warmup_rounds=WARMUP_ROUNDS
+        )
         info["compiles_while_timing"] = _compile_count() - compiles
     info["rounds"] = rounds
-    return _figures(benchmark, info, opts)
 
 
 def _smoke(benchmark, fn, setup, info: dict) -> dict:
