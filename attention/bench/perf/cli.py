@@ -50,7 +50,9 @@ from .results import (
     find_baseline,
     load_run,
     merge_runs,
+    parse_run,
     salvage,
+    write_atomically,
     write_run,
 )
 
@@ -251,8 +253,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
     cuda = torch.cuda.is_available()
     target = _resolve(args, extra, cuda)
-    out = Path(args.out or _default_out())
-    out.mkdir(parents=True, exist_ok=True)
+    out = _writable(Path(args.out or _default_out()))
     for name in ("summary.md", "ab.json", "ab.png"):  # a previous run's verdicts must not pass for this one's
         (out / name).unlink(missing_ok=True)
     if not cuda:
@@ -301,6 +302,18 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         return 2
     _say(f"{'FAIL' if status else 'PASS'}: results in {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return status
+
+
+def _writable(out: Path) -> Path:
+    """``out``, created and proven writable before any case runs."""
+    probe = out / ".write-probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise PerfError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
 
 
 def _noise(run: Run) -> list[str]:
@@ -352,6 +365,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_spread(args: argparse.Namespace) -> int:
+    if len(args.runs) < 2:
+        raise PerfError("spread needs at least two runs of the same grid: one run has no spread")
     thresholds = cmp.thresholds_from_spread([load_run(p) for p in args.runs], k=args.k, floor=args.floor)
     _say(cmp.format_spread(thresholds))
     if args.write:
@@ -361,9 +376,20 @@ def cmd_spread(args: argparse.Namespace) -> int:
 
 
 def cmd_salvage(args: argparse.Namespace) -> int:
-    Path(args.output).write_text(json.dumps(salvage(args.log, args.run)))
-    run = load_run(args.output)
-    _say(f"salvaged {len(run.records)} cases of {args.run} into {args.output}")
+    log, output = Path(args.log), Path(args.output)
+    if not log.is_file():
+        raise PerfError(f"{log}: no such log (OUT/cases.jsonl of a perf run)")
+    if output.resolve() == log.resolve():
+        raise PerfError(f"-o {output} is the log itself: write the run somewhere else")
+    if not output.parent.is_dir():
+        raise PerfError(f"-o {output}: folder {output.parent} does not exist")
+    doc = salvage(log, args.run)
+    # Checked before anything is written: a log without this run must not overwrite a good file.
+    if not doc["benchmarks"]:
+        raise PerfError(f"{log} holds no finished case of {args.run!r}: {output} left as it was")
+    run = parse_run(doc, log)
+    write_atomically(output, json.dumps(doc))
+    _say(f"salvaged {len(run.records)} cases of {args.run} into {output}")
     return 0
 
 

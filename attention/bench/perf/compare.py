@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,33 @@ def load_thresholds(path: str | Path | None) -> dict:
     merged = json.loads(json.dumps(DEFAULT_THRESHOLDS))
     merged.update({k: v for k, v in loaded.items() if k != "default"})
     merged["default"].update(loaded.get("default", {}))
+    _check_thresholds(merged, path)
     return merged
+
+
+def _check_thresholds(thresholds: dict, path: str | Path) -> None:
+    """Every threshold a finite number >= 0: a NaN would disable the gate, a negative one fail
+    an unchanged run, a string crash the comparison."""
+
+    def number(value: object, where: str) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < 0:
+            raise BadResultFile(f"{path}: {where} is {value!r}, not a finite number >= 0")
+
+    number(thresholds.get("floor"), "floor")
+    entries = [("default", thresholds["default"])]
+    patterns = thresholds.get("patterns", [])
+    cases = thresholds.get("cases", {})
+    if not isinstance(patterns, list) or not isinstance(cases, dict):
+        raise BadResultFile(f"{path}: 'patterns' must be a list and 'cases' an object")
+    entries += [(f"patterns[{i}]", entry) for i, entry in enumerate(patterns)]
+    entries += [(f"cases[{key!r}]", entry) for key, entry in cases.items()]
+    for where, entry in entries:
+        if not isinstance(entry, dict):
+            raise BadResultFile(f"{path}: {where} is a {type(entry).__name__}, not an object")
+        for name in ("time", "memory", "memory_slack_mib"):
+            if name in entry:
+                number(entry[name], f"{where}.{name}")
 
 
 def with_time_threshold(thresholds: dict, time: float) -> dict:

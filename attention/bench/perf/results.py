@@ -9,11 +9,13 @@ and says how to regenerate it.
 from __future__ import annotations
 
 import json
+import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .machine import KEY
+from .machine import KEY, slugify
 
 BASELINE_FILE = "baseline.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -72,6 +74,43 @@ def _bad(path: str | Path, what: str) -> BadResultFile:
     )
 
 
+#: Numbers a case's ``extra_info`` may carry that verdicts and tables read: each must be a finite
+#: number (or absent/null), never a string or NaN that would slip through a comparison.
+_INFO_NUMBERS = ("peak_mem_mib", "tflops", "gbps", "copy_fraction", "median_ms", "latency_us", "flops", "min_bytes")
+_SLUG = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_machine(machine: object, path: str | Path) -> dict:
+    if not isinstance(machine, dict) or "torch" not in machine or "device" not in machine:
+        raise _bad(path, f"machine_info has no '{KEY}' section (written by perf/conftest.py)")
+    slug = machine.get("slug")
+    # The slug names the baseline's folder: it must be one path component, derived from the GPU.
+    if not isinstance(slug, str) or not _SLUG.fullmatch(slug):
+        raise _bad(path, f"machine_info.{KEY}.slug is {slug!r}, not a GPU slug like 'nvidia-h200'")
+    if machine.get("device") == "cuda" and slug != slugify(str(machine.get("gpu_name"))):
+        raise _bad(path, f"machine_info.{KEY}.slug {slug!r} does not match gpu_name {machine.get('gpu_name')!r}")
+    return machine
+
+
+def _check_case(key: str, median: object, data: list, info: object, path: str | Path) -> None:
+    if not _positive(median):
+        raise _bad(path, f"case {key!r}: stats.median is {median!r}, not a positive number of seconds")
+    bad = next((x for x in data if not _positive(x)), None)
+    if bad is not None:
+        raise _bad(path, f"case {key!r}: stats.data holds {bad!r}, not a positive number of seconds")
+    if not isinstance(info, dict):
+        raise _bad(path, f"case {key!r}: extra_info is a {type(info).__name__}, not an object")
+    for field_name in _INFO_NUMBERS:
+        value = info.get(field_name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if value is not None and not ok:
+            raise _bad(path, f"case {key!r}: extra_info.{field_name} is {value!r}, not a finite number >= 0")
+
+
 def parse_run(raw: object, path: str | Path = "<memory>") -> Run:
     """Validate and index a decoded pytest-benchmark JSON document."""
     if not isinstance(raw, dict):
@@ -79,9 +118,7 @@ def parse_run(raw: object, path: str | Path = "<memory>") -> Run:
     machine_info = raw.get("machine_info")
     if not isinstance(machine_info, dict):
         raise _bad(path, "no 'machine_info' object")
-    machine = machine_info.get(KEY)
-    if not isinstance(machine, dict) or "torch" not in machine or "device" not in machine:
-        raise _bad(path, f"machine_info has no '{KEY}' section (written by perf/conftest.py)")
+    machine = _check_machine(machine_info.get(KEY), path)
     benches = raw.get("benchmarks")
     if not isinstance(benches, list):
         raise _bad(path, "no 'benchmarks' list")
@@ -91,10 +128,11 @@ def parse_run(raw: object, path: str | Path = "<memory>") -> Run:
             info = bench.get("extra_info") or {}
             key = info.get("case") or bench["name"]
             stats = bench["stats"]
-            median = float(stats["median"])
-            data = [float(x) for x in stats.get("data") or []]
+            median = stats["median"]
+            data = list(stats.get("data") or [])
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise _bad(path, f"benchmark #{i} is malformed ({type(exc).__name__}: {exc})") from None
+        _check_case(key, median, data, info, path)
         if key in records:
             raise _bad(path, f"case {key!r} appears twice")
         records[key] = Record(key, median, data, info, bench.get("group"))
@@ -120,7 +158,11 @@ def load_run(path: str | Path) -> Run:
 
 
 def baseline_dir(root: str | Path, machine: dict) -> Path:
-    return Path(root) / machine["slug"]
+    """``root/<slug>``: one folder under ``root``, never a path out of it (the slug was checked on reading)."""
+    slug = machine.get("slug")
+    if not isinstance(slug, str) or not _SLUG.fullmatch(slug):
+        raise BadResultFile(f"{slug!r} is not a GPU slug like 'nvidia-h200': refusing to use it as a folder name")
+    return Path(root) / slug
 
 
 def find_baseline(root: str | Path, run: Run) -> Path:
@@ -181,10 +223,19 @@ def merge_runs(runs: list[Run]) -> Run:
 def write_run(run: Run, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(run.raw, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)  # never leave a half-written baseline behind
+    write_atomically(path, json.dumps(run.raw, indent=1, sort_keys=False) + "\n")
     return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a crash or
+    a full disk never leaves ``path`` half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def salvage(jsonl: str | Path, run: str | None = None) -> dict:

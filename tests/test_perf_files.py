@@ -1,0 +1,149 @@
+"""The perf CLI under bad files and bad paths: nothing is overwritten with less, nothing escapes the
+baselines folder, every number read from a file is checked, and every mistake is exit 2 naming
+the file and the field (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from attention.bench.perf import cli
+
+from .perf_support import H100, make_raw, with_machine
+
+KEY = "core-sdpa-bf16-fwd-B4-T4096-H32-D64"
+
+
+def write_raw(path: Path, raw: dict) -> str:
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+def run_doc(median: float = 1e-3, machine: dict | None = None, **info) -> dict:
+    return make_raw({KEY: {"median": median, **info}}, machine)
+
+
+def log_with(tmp_path: Path, run: str) -> Path:
+    log = tmp_path / "cases.jsonl"
+    lines = [
+        {"run": run, "machine_info": {"attention_perf": H100}},
+        {"run": run, "case": KEY, "status": "passed", "extra_info": {"case": KEY}, "data": [1e-3, 1.1e-3]},
+    ]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return log
+
+
+def test_salvage_of_a_run_the_log_lacks_leaves_the_existing_file_alone(tmp_path, capsys):
+    log = log_with(tmp_path, "run-1")
+    existing = tmp_path / "run-1.json"
+    existing.write_text("precious")
+    assert cli.main(["salvage", str(log), "--run", "run-2", "-o", str(existing)]) == 2
+    assert "holds no finished case of 'run-2'" in capsys.readouterr().out
+    assert existing.read_text() == "precious"
+    assert cli.main(["salvage", str(log), "--run", "run-1", "-o", str(existing)]) == 0
+    assert json.loads(existing.read_text())["benchmarks"][0]["name"] == KEY
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [("log", "is the log itself"), ("missing_dir", "does not exist"), ("missing_log", "no such log")],
+)
+def test_salvage_refuses_bad_paths(tmp_path, capsys, target, message):
+    log = log_with(tmp_path, "run-1")
+    before = log.read_text()
+    args = {
+        "log": [str(log), "-o", str(log)],
+        "missing_dir": [str(log), "-o", str(tmp_path / "nope" / "run.json")],
+        "missing_log": [str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "run.json")],
+    }[target]
+    assert cli.main(["salvage", *args]) == 2
+    assert message in capsys.readouterr().out
+    assert log.read_text() == before
+
+
+@pytest.mark.parametrize("slug", ["../../x", "/tmp/abs", "a/b", "", "NVIDIA H100"])
+def test_record_never_writes_outside_the_baselines_folder(tmp_path, capsys, slug):
+    run = write_raw(tmp_path / "run.json", run_doc(machine=with_machine(slug=slug)))
+    baselines = tmp_path / "deep" / "baselines"
+    assert cli.main(["record", run, "--baselines", str(baselines)]) == 2
+    out = capsys.readouterr().out
+    assert "run.json" in out and "slug" in out
+    assert not any(p.name == "baseline.json" for p in tmp_path.rglob("*"))
+
+
+def test_a_slug_that_does_not_match_the_gpu_is_refused(tmp_path, capsys):
+    run = write_raw(tmp_path / "run.json", run_doc(machine=with_machine(slug="nvidia-a100")))
+    assert cli.main(["record", run, "--baselines", str(tmp_path / "b")]) == 2
+    assert "does not match gpu_name" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("median", [math.nan, 0.0, -1e-3, "fast", None])
+@pytest.mark.parametrize("command", ["compare-run", "compare-baseline", "record", "table"])
+def test_bad_medians_are_exit_2_naming_file_case_and_field(tmp_path, capsys, median, command):
+    good = write_raw(tmp_path / "good.json", run_doc())
+    bad = write_raw(tmp_path / "bad.json", run_doc(median=median, data=[1e-3] * 5))
+    argv = {
+        "compare-run": ["compare", bad, "--baseline", good],
+        "compare-baseline": ["compare", good, "--baseline", bad],
+        "record": ["record", bad, "--baselines", str(tmp_path / "b")],
+        "table": ["table", bad],
+    }[command]
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out
+    assert "bad.json" in out and KEY in out and "stats.median" in out
+    assert not (tmp_path / "b").exists()
+
+
+def test_bad_samples_and_info_numbers_are_refused(tmp_path, capsys):
+    bad_data = write_raw(tmp_path / "data.json", run_doc(data=[1e-3, math.nan, 1e-3]))
+    assert cli.main(["table", bad_data]) == 2
+    assert "stats.data holds nan" in capsys.readouterr().out
+    bad_tflops = write_raw(tmp_path / "tflops.json", run_doc(tflops="400"))
+    assert cli.main(["table", bad_tflops]) == 2
+    assert "extra_info.tflops is '400'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "field"),
+    [
+        ({"default": {"time": math.nan}}, "default.time"),
+        ({"default": {"time": -0.1}}, "default.time"),
+        ({"default": {"time": "5%"}}, "default.time"),
+        ({"floor": math.nan}, "floor"),
+        ({"cases": {KEY: {"time": -1}}}, f"cases['{KEY}'].time"),
+        ({"patterns": [{"match": "core-*", "memory": "x"}]}, "patterns[0].memory"),
+    ],
+)
+def test_bad_thresholds_are_exit_2_naming_the_field(tmp_path, capsys, thresholds, field):
+    run = write_raw(tmp_path / "run.json", run_doc())
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(thresholds))
+    assert cli.main(["compare", run, "--baseline", run, "--thresholds", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "thresholds.json" in out and field in out
+
+
+def test_spread_of_one_run_says_why(tmp_path, capsys):
+    run = write_raw(tmp_path / "run.json", run_doc())
+    assert cli.main(["spread", run]) == 2
+    assert "at least two runs" in capsys.readouterr().out
+
+
+def test_a_run_without_a_slug_is_refused(tmp_path, capsys):
+    machine = dict(H100)
+    del machine["slug"]
+    run = write_raw(tmp_path / "run.json", run_doc(machine=machine))
+    assert cli.main(["record", run, "--baselines", str(tmp_path)]) == 2
+    assert "slug is None" in capsys.readouterr().out
+
+
+def test_an_unwritable_out_is_refused_before_any_case_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["--out", str(blocker / "out")]) == 2
+    assert f"--out {blocker / 'out'}: cannot write there" in capsys.readouterr().out
