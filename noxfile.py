@@ -54,7 +54,7 @@ def benchmark(session: nox.Session) -> None:
 
 @nox.session
 def notebook(session: nox.Session) -> None:
-    """Run notebooks/attention.py headless and export it to HTML; any cell error fails the session.
+    """Run notebooks/explore_attention.py headless and export it to HTML; any cell error fails the session.
 
     Arg: the output file (default out/notebook.html).
     """
@@ -62,7 +62,9 @@ def notebook(session: nox.Session) -> None:
     out = session.posargs[0] if session.posargs else "out/notebook.html"
     # marimo puts the notebook's folder on sys.path, not the repo root: under --no-venv nothing
     # is installed, so point Python at the checkout.
-    session.run("marimo", "export", "html", "notebooks/attention.py", "-o", out, "-f", env={"PYTHONPATH": str(HERE)})
+    session.run(
+        "marimo", "export", "html", "notebooks/explore_attention.py", "-o", out, "-f", env={"PYTHONPATH": str(HERE)}
+    )
 
 
 @nox.session(default=False)

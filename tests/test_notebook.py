@@ -14,7 +14,7 @@ from attention import masks
 from attention.accuracy import check_module
 from attention.bench import inspection
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "attention.py"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_attention.py"
 
 
 def test_block_layout_of_causal_mask_has_full_below_and_partial_on_the_diagonal():

@@ -1,6 +1,6 @@
 """Look inside the attention implementations: weights, masks, BlockMasks, errors, ops.
 
-Open it with ``marimo edit notebooks/attention.py``; ``nox -s notebook`` runs it headless and
+Open it with ``marimo edit notebooks/explore_attention.py``; ``nox -s notebook`` runs it headless and
 exports HTML. Works on CPU (flex runs eager there, without gradients).
 """
 
