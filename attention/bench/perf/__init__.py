@@ -7,6 +7,11 @@
 * :mod:`.guards`: turn silent fallbacks and impossible numbers into failures.
 * :mod:`.results`: read run and baseline JSON (clear errors on corrupt files), refuse mismatches.
 * :mod:`.compare`: thresholds, regression/improvement verdicts, spread -> thresholds.
+* :mod:`.flags`: what ``--benchmark-compare[=X]`` means; pytest-benchmark's flags that work,
+  are applied or are refused.
+* :mod:`.revision`: a git revision in a temporary worktree, its package imported under another name.
+* :mod:`.base_revision`: the A/B's base side: another revision's implementations.
+* :mod:`.ab`: A/B verdicts (bootstrap interval of the median ratio), Markdown summary, plot.
 * :mod:`.report`: the tables a run prints.
 * :mod:`.cli`: ``python -m attention.bench.perf`` (what ``nox -s perf`` runs).
 """
