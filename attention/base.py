@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import checks
 from .kv_cache import KVCache
-from .masks import MaskMod, and_masks, causal, dense_mask, document, prefix_length
+from .masks import MaskMod, PerDocument, and_masks, causal, check_mask_mod, dense_mask, document, prefix_length
 from .score_mods import ScoreMod
 
 
@@ -45,6 +45,10 @@ class AttentionBase(nn.Module):
         score_mod: an optional ``score_mod(score, b, h, q_idx, kv_idx)`` from
             :mod:`attention.score_mods` (ALiBi, soft-capping), applied to the scaled scores
             before masking; an implementation that cannot express it rejects it here.
+
+    ``mask_mod`` and ``score_mod`` may be reassigned later (checked the same way); the next call
+    attends with the new ones. A call that raises, whatever the reason, leaves its ``kv_cache``
+    at the position it had before the call.
     """
 
     def __init__(
@@ -71,8 +75,9 @@ class AttentionBase(nn.Module):
         self.kv_dim = num_kv_heads * self.head_dim
         self.context_length = context_length
         self.dropout = float(dropout)
-        self.mask_mod = mask_mod
-        self.score_mod = score_mod
+        self._mask_mod = mask_mod  # checked above; the properties check later reassignments
+        self._score_mod = score_mod
+        self._patterns_changed()
         self.qkv = nn.Linear(d_in, d_out + 2 * self.kv_dim, bias=qkv_bias)  # q, k, v stacked
         self.proj = nn.Linear(d_out, d_out)
 
@@ -87,9 +92,18 @@ class AttentionBase(nn.Module):
     ) -> Tensor:
         """Attend over ``x`` ``(B, T, d_in)``; with ``kv_cache``, ``x`` continues the cached
         sequence. ``document_ids`` ``(B, cached + T)`` confines attention to each document."""
-        q, k, v, q_offset = self._project(x, kv_cache, document_ids)
-        context = self._attend(q, k, v, q_offset=q_offset, document_ids=document_ids)  # (B, H, T, hd)
-        return self._merge(context)  # (B, T, d_out)
+        # Transactional: the cache is written before attention runs, so a call that fails later
+        # (a mask_mod that raises, a transient error) would leave keys the caller never got output
+        # for, and every later chunk would sit one chunk too far. Roll the position back instead.
+        start = kv_cache.pos if isinstance(kv_cache, KVCache) else None
+        try:
+            q, k, v, q_offset = self._project(x, kv_cache, document_ids)
+            context = self._attend(q, k, v, q_offset=q_offset, document_ids=document_ids)  # (B, H, T, hd)
+            return self._merge(context)  # (B, T, d_out)
+        except BaseException:
+            if start is not None:
+                kv_cache.truncate(start)
+            raise
 
     def _project(
         self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None
@@ -145,6 +159,32 @@ class AttentionBase(nn.Module):
         return 1
 
     # -- the rest of the public surface ----------------------------------------------------
+
+    @property
+    def mask_mod(self) -> MaskMod:
+        """The attention pattern; assigning a new one checks it and drops what was built from the old."""
+        return self._mask_mod
+
+    @mask_mod.setter
+    def mask_mod(self, mask_mod: MaskMod) -> None:
+        check_mask_mod(mask_mod)
+        self._mask_mod = mask_mod
+        self._patterns_changed()
+
+    @property
+    def score_mod(self) -> ScoreMod | None:
+        """The score modifier or ``None``; assigning a new one checks it as the constructor does."""
+        return self._score_mod
+
+    @score_mod.setter
+    def score_mod(self, score_mod: ScoreMod | None) -> None:
+        self._check_score_mod(score_mod, self.num_heads)
+        self._score_mod = score_mod
+        self._patterns_changed()
+
+    def _patterns_changed(self) -> None:
+        """Called whenever ``mask_mod`` or ``score_mod`` is set: an implementation that caches
+        anything built from them (flex: BlockMasks, compile keys) drops it here."""
 
     @property
     def scale(self) -> float:
@@ -236,15 +276,19 @@ class AttentionBase(nn.Module):
         if dropout > 0 and not self.supports_dropout():
             raise ValueError(f"{type(self).__name__} does not support dropout; got dropout={dropout}")
         checks.boolean("qkv_bias", qkv_bias)
-        checks.function("mask_mod", mask_mod, "(b, h, q_idx, kv_idx)")
-        if score_mod is not None:
-            checks.function("score_mod", score_mod, "(score, b, h, q_idx, kv_idx)")
-            name = _fn_name(score_mod)
-            if not self.supports_score_mod(score_mod):
-                raise ValueError(f"{type(self).__name__} cannot express score_mod={name}: {self.score_mod_limits}")
-            heads = getattr(score_mod, "num_heads", num_heads)
-            if heads != num_heads:
-                raise ValueError(f"score_mod={name} was made for num_heads={heads}, this module has {num_heads}")
+        check_mask_mod(mask_mod)
+        self._check_score_mod(score_mod, num_heads)
+
+    def _check_score_mod(self, score_mod: ScoreMod | None, num_heads: int) -> None:
+        if score_mod is None:
+            return
+        checks.function("score_mod", score_mod, "(score, b, h, q_idx, kv_idx)")
+        name = _fn_name(score_mod)
+        if not self.supports_score_mod(score_mod):
+            raise ValueError(f"{type(self).__name__} cannot express score_mod={name}: {self.score_mod_limits}")
+        heads = getattr(score_mod, "num_heads", num_heads)
+        if heads != num_heads:
+            raise ValueError(f"score_mod={name} was made for num_heads={heads}, this module has {num_heads}")
 
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
         if not isinstance(x, Tensor):
@@ -268,6 +312,13 @@ class AttentionBase(nn.Module):
             )
         if document_ids is not None:
             self._check_document_ids(document_ids, x, (b, past + t))
+        if isinstance(self.mask_mod, PerDocument):
+            held = tuple(self.mask_mod.document_ids.shape)
+            if held[0] != b or held[1] < past + t:
+                raise ValueError(
+                    f"mask_mod {_fn_name(self.mask_mod)} holds document_ids of shape {held}; this call needs "
+                    f"(batch, cached + tokens) = {(b, past + t)} at least: assign a per_document mask for these ids"
+                )
 
     def _check_cache(self, kv_cache: KVCache, x: Tensor) -> int:
         """Refuse a cache this call cannot extend; returns the positions already cached."""
@@ -288,6 +339,12 @@ class AttentionBase(nn.Module):
             raise ValueError(
                 f"mask_mod {_fn_name(self.mask_mod)} shows keys before prefix_len={prefix_len} "
                 f"to every query, but the cache ends at {past}: put the whole prefix in the first chunk"
+            )
+        if isinstance(self.mask_mod, PerDocument) and self.mask_mod.prefix_split_at(past):
+            raise ValueError(
+                f"mask_mod {_fn_name(self.mask_mod)} shows each document's first "
+                f"{prefix_length(self.mask_mod.mask_mod)} keys to all its queries, but the cache ends at {past}, "
+                "inside a document's prefix: end each chunk outside every prefix"
             )
         return past
 

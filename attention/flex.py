@@ -2,7 +2,8 @@
 
 Two costs shape this module (the second is docs/design.md#recompile-limit):
 
-* A BlockMask is costly to build, so it is built once per (lengths, offset, device) and reused.
+* A BlockMask is costly to build, so it is built once per (lengths, offset, device) and reused
+  until ``mask_mod`` is reassigned.
 * One compiled ``flex_attention`` reused across shapes, dtypes and grad modes hits dynamo's
   recompile limit (8 per code object) and silently falls back to the unfused path, 50x slower.
   Dynamo keeps its cache on the *code object*, so wrapping the same function twice does not
@@ -70,8 +71,10 @@ def _flex_attention(
 def pattern_key(mask_mod: Callable[..., Tensor]) -> tuple:
     """What dynamo guards on in a ``mask_mod``: its code and its closure's constants, recursively.
 
-    Tensors in the closure (document ids) count by type only: dynamo guards on their metadata,
-    which the call's shapes already key on.
+    A callable object (the built-in patterns and score mods, ``per_document``) counts by its type
+    and its attributes, so two ``sliding_window(4)`` share compiled code and ``sliding_window(8)``
+    gets its own. Tensors in a closure or an object (document ids) count by type only: dynamo
+    guards on their metadata, which the call's shapes already key on.
     """
     return _closure_key(mask_mod, depth=0)
 
@@ -86,8 +89,11 @@ def _closure_key(value: object, depth: int) -> object:
     code = getattr(value, "__code__", None)
     if code is not None:
         return (code, *(_closure_key(cell.cell_contents, depth + 1) for cell in value.__closure__ or ()))
+    params = getattr(value, "__dict__", None)
+    if callable(value) and isinstance(params, dict):  # a callable object: its type and parameters
+        return (type(value), *((k, _closure_key(v, depth + 1)) for k, v in sorted(params.items())))
     if callable(value):
-        return (type(value), id(value))  # a callable object: no code to compare, so itself
+        return (type(value), id(value))  # no parameters to compare, so itself
     return type(value)
 
 
@@ -151,9 +157,25 @@ class MHAPyTorchFlexAttention(AttentionBase):
         if kernel_options is not None and not isinstance(kernel_options, dict):
             raise TypeError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
         self.kernel_options = kernel_options
+
+    def _patterns_changed(self) -> None:
+        # BlockMasks and compile keys are built from mask_mod and score_mod: a module given new
+        # ones must not attend with the old (so they are rebuilt here, on every assignment).
         self._block_masks: dict[tuple, BlockMask] = {}
         # What dynamo guards on in this module's patterns, worked out once, not on every call.
         self._pattern_keys = (pattern_key(self.mask_mod), pattern_key(self.score_mod))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # BlockMasks are a cache, and compile keys hold code objects, which cannot be pickled:
+        # both are left out of torch.save(module) / pickle and rebuilt on load.
+        state = super().__getstate__()
+        state.pop("_block_masks", None)
+        state.pop("_pattern_keys", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._patterns_changed()
 
     def block_mask(self, q: Tensor, k: Tensor, q_offset: int = 0, document_ids: Tensor | None = None) -> BlockMask:
         """The BlockMask for these queries and keys, cached unless ``document_ids`` vary per call."""

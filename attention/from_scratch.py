@@ -28,7 +28,9 @@ class MultiHeadAttentionCombinedQKV(AttentionBase):
         """Softmax attention weights ``(B, H, Tq, Tk)``; rows with no visible key are zeros."""
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
-        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Tq, Tk)
+        # Scale q, not the product: in fp16 q·k can overflow (inf, then NaN) where the scaled
+        # logits fit, as the fused kernels (which scale inside) never do.
+        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, Tq, Tk)
         if self.score_mod is not None:
             scores = apply_dense(self.score_mod, scores, q_offset)  # (B, H, Tq, Tk)
         visible = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)

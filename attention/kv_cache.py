@@ -2,7 +2,9 @@
 
 Buffers are sized once, so their shapes never change and compiled code keeps holding; the
 cache tracks how many positions are filled and hands back views of the filled prefix, so
-attention reads exactly the keys written so far and no more.
+attention reads exactly the keys written so far and no more. Only the first :attr:`KVCache.pos`
+positions mean anything: whatever the buffers hold after them (a rolled-back chunk, an earlier
+sequence) is overwritten before it is read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ class KVCache(nn.Module):
     """Keys and values of ``num_kv_heads`` heads for up to ``max_tokens`` positions.
 
     Made by ``module.make_kv_cache(batch_size, max_tokens)``; pass it as
-    ``module(x, kv_cache=cache)`` for each consecutive chunk of a sequence.
+    ``module(x, kv_cache=cache)`` for each consecutive chunk of a sequence. Gradients flow
+    through it, to the keys and values of every earlier chunk of the sequence.
     """
 
     k_cache: Tensor
@@ -48,7 +51,7 @@ class KVCache(nn.Module):
 
     @property
     def pos(self) -> int:
-        """Positions filled so far; only :meth:`update` and :meth:`reset` move it."""
+        """Positions filled so far; only :meth:`update`, :meth:`truncate` and :meth:`reset` move it."""
         return self._pos
 
     @property
@@ -69,7 +72,29 @@ class KVCache(nn.Module):
 
     def reset(self) -> None:
         """Empty the cache; the buffers are kept and overwritten by the next sequence."""
-        self._pos = 0
+        self.truncate(0)
+
+    def truncate(self, pos: int) -> None:
+        """Keep the first ``pos`` positions and forget the rest (``0 <= pos <= self.pos``).
+
+        Only the position moves: the buffers beyond ``pos`` keep stale keys and values, which
+        mean nothing and are overwritten by the next :meth:`update`. A module's forward calls
+        this to undo its own write when the call fails after writing.
+        """
+        checks.integer("pos", pos, minimum=0)
+        if pos > self._pos:
+            raise ValueError(f"cannot truncate kv_cache to {pos} positions: only {self._pos} are filled")
+        self._pos = pos
+        if pos == 0:
+            self._forget_graph()
+
+    def _forget_graph(self) -> None:
+        # A write from a grad-requiring chunk puts the buffers in that chunk's autograd graph. A
+        # new sequence must not hang on to it (memory), nor reach it when it backpropagates (a
+        # graph already freed by backward() would raise).
+        if self.k_cache.grad_fn is not None or self.v_cache.grad_fn is not None:
+            self.k_cache.detach_()
+            self.v_cache.detach_()
 
     def check_compatible(self, x: Tensor, num_new: int) -> None:
         """Raise before anything is written if ``x`` (the chunk's input) cannot extend the cache."""
@@ -89,10 +114,20 @@ class KVCache(nn.Module):
             )
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k, v`` ``(B, H_kv, T_new, D)``; return all filled keys and values ``(B, H_kv, pos, D)``."""
+        """Append ``k, v`` ``(B, H_kv, T_new, D)``; return all filled keys and values ``(B, H_kv, pos, D)``.
+
+        Without grad they are views of the buffers (no copy: decoding reads the cache once). With
+        grad they are copies: attention saves its inputs for backward, and the next chunk's write
+        into the buffers would change a saved view in place, which autograd refuses.
+        """
         self._check_room(k.shape[2])
         start, end = self._pos, self._pos + k.shape[2]
+        if start == 0:
+            self._forget_graph()
         self.k_cache[:, :, start:end] = k
         self.v_cache[:, :, start:end] = v
         self._pos = end
-        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # (B, H_kv, pos, D) each
+        keys, values = self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # (B, H_kv, pos, D) each
+        if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+            return keys.clone(), values.clone()  # (B, H_kv, pos, D) each
+        return keys, values

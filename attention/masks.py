@@ -11,6 +11,7 @@ tensor values), the same rule flex's ``vmap`` imposes. Parameterised patterns co
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,14 +27,20 @@ __all__ = [
     "SPEC_KINDS",
     "MaskMod",
     "Pattern",
+    "PerDocument",
+    "PrefixLM",
+    "SlidingWindow",
     "and_masks",
     "causal",
+    "check_mask_mod",
     "dense_mask",
     "document",
+    "document_starts",
     "from_spec",
     "offset_mask",
     "packed_document_ids",
     "parse_spec",
+    "per_document",
     "prefix_length",
     "prefix_lm",
     "sliding_window",
@@ -45,28 +52,95 @@ def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     return q_idx >= kv_idx
 
 
-def sliding_window(window: int) -> MaskMod:
-    """Causal with exactly ``window`` keys visible, the query's own included."""
-    checks.integer("window", window)
+class Parameterised:
+    """A built-in pattern (or score mod) with parameters: a small callable object instead of a
+    closure, so a module holding one pickles (``torch.save(module)``), two made alike compare
+    equal, and flex keys compiled code on its type and parameters (``attention.flex.pattern_key``).
+    A subclass sets ``_kind`` and its parameters in ``__init__`` (through ``_set``) and lists
+    them in ``_params``."""
 
-    def sliding_window_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    _kind = ""
+
+    def _params(self) -> tuple:
+        raise NotImplementedError
+
+    def _set(self, **params: object) -> None:
+        for name, value in params.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def __name__(self) -> str:  # as a function's, for messages and repr
+        return "_".join([self._kind, *(str(p) for p in self._params())])
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._params() == self._params()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._params()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(repr(p) for p in self._params())
+        return f"{self._kind}({args})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Frozen: flex keys cached BlockMasks and compiled code on these parameters.
+        raise AttributeError(f"{type(self).__name__} is immutable; make a new one")
+
+    def __reduce__(self):
+        return type(self), self._params()
+
+
+class SlidingWindow(Parameterised):
+    """What :func:`sliding_window` returns: ``window`` keys visible, the query's own included."""
+
+    _kind = "sliding_window"
+
+    def __init__(self, window: int) -> None:
+        self._set(window=checks.integer("window", window))
+
+    def _params(self) -> tuple:
+        return (self.window,)
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         distance = q_idx - kv_idx
-        return (distance >= 0) & (distance < window)
+        return (distance >= 0) & (distance < self.window)
 
-    sliding_window_mask.__name__ = f"sliding_window_{window}"
-    return sliding_window_mask
+
+class PrefixLM(Parameterised):
+    """What :func:`prefix_lm` returns: keys before ``prefix_len`` visible to every query."""
+
+    _kind = "prefix_lm"
+
+    def __init__(self, prefix_len: int) -> None:
+        self._set(prefix_len=checks.integer("prefix_len", prefix_len, minimum=0))
+
+    def _params(self) -> tuple:
+        return (self.prefix_len,)
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx < self.prefix_len) | (q_idx >= kv_idx)
+
+
+def sliding_window(window: int) -> MaskMod:
+    """Causal with exactly ``window`` keys visible, the query's own included: ``0 <= q - kv < window``.
+
+    Conventions differ by one. Here ``window`` counts the query's own key, so ``sliding_window(1)``
+    is the diagonal. attention-gym's ``generate_sliding_window(window_size)`` (``q - kv <=
+    window_size``) and FlashAttention's ``window_size=(left, 0)`` count only the keys *left* of
+    the query, showing ``window_size + 1`` keys: ``sliding_window(w)`` is their ``w - 1``.
+    """
+    return SlidingWindow(window)
 
 
 def prefix_lm(prefix_len: int) -> MaskMod:
-    """Keys before ``prefix_len`` are visible to every query; causal after them."""
-    checks.integer("prefix_len", prefix_len, minimum=0)
+    """Keys before ``prefix_len`` are visible to every query; causal after them.
 
-    def prefix_lm_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return (kv_idx < prefix_len) | (q_idx >= kv_idx)
-
-    prefix_lm_mask.__name__ = f"prefix_lm_{prefix_len}"
-    prefix_lm_mask.prefix_len = prefix_len  # see prefix_length
-    return prefix_lm_mask
+    Positions are absolute: combined with :func:`document` through :func:`and_masks`, only the
+    document that starts at position 0 gets a bidirectional prefix. For packed prefix-LM
+    training, where every document has its own prefix of its first ``prefix_len`` tokens, use
+    ``per_document(prefix_lm(prefix_len), document_ids)`` (:func:`per_document`).
+    """
+    return PrefixLM(prefix_len)
 
 
 def prefix_length(mask_mod: MaskMod) -> int:
@@ -83,13 +157,84 @@ def document(document_ids: Tensor) -> MaskMod:
     """Packed sequences: a query sees only keys of its own document.
 
     ``document_ids`` is ``(batch, tokens)`` of integer ids, one per position from the first
-    cached key to the last query. Combine with a pattern through :func:`and_masks`.
+    cached key to the last query. Combine with a pattern through :func:`and_masks`; the pattern
+    then sees absolute positions (see :func:`per_document` for document-local ones).
     """
 
     def document_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return document_ids[b, q_idx] == document_ids[b, kv_idx]
 
     return document_mask
+
+
+def document_starts(document_ids: Tensor) -> Tensor:
+    """``(batch, tokens)``: for each position, where its document begins (each document is one
+    contiguous run of equal ids, as packing makes them)."""
+    positions = torch.arange(document_ids.shape[1], device=document_ids.device).expand(document_ids.shape)  # (B, T)
+    begins = torch.ones(document_ids.shape, dtype=torch.bool, device=document_ids.device)  # (B, T)
+    begins[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.where(begins, positions, 0).cummax(dim=1).values  # (B, T)
+
+
+class PerDocument:
+    """What :func:`per_document` returns; pickles with its ids, equal only to itself (its ids
+    are a tensor, compared by identity, as flex's caches need)."""
+
+    def __init__(self, mask_mod: MaskMod, document_ids: Tensor) -> None:
+        checks.function("mask_mod", mask_mod, "(b, h, q_idx, kv_idx)")
+        if not isinstance(document_ids, Tensor):
+            raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
+        if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+            raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
+        if document_ids.dim() != 2 or document_ids.shape[1] < 1:
+            raise ValueError(f"document_ids must have shape (batch, tokens), got {tuple(document_ids.shape)}")
+        self.mask_mod = mask_mod
+        self.document_ids = document_ids  # (B, T)
+        self.starts = document_starts(document_ids)  # (B, T)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the ids live; :func:`check_mask_mod` probes there."""
+        return self.document_ids.device
+
+    @property
+    def __name__(self) -> str:
+        return f"per_document_{getattr(self.mask_mod, '__name__', type(self.mask_mod).__name__)}"
+
+    def __repr__(self) -> str:
+        return f"per_document({self.mask_mod!r}, document_ids of shape {tuple(self.document_ids.shape)})"
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        ids, starts = self.document_ids, self.starts
+        same = ids[b, q_idx] == ids[b, kv_idx]
+        return same & self.mask_mod(b, h, q_idx - starts[b, q_idx], kv_idx - starts[b, kv_idx])
+
+    def prefix_split_at(self, pos: int) -> bool:
+        """Whether a KV cache ending at ``pos`` cuts some document inside its bidirectional prefix
+        (see :func:`prefix_length`): a query before ``pos`` would have missed a prefix key after it."""
+        prefix_len = prefix_length(self.mask_mod)
+        if prefix_len == 0 or not 0 < pos < self.document_ids.shape[1]:
+            return False
+        local = pos - self.starts[:, pos]  # (B,) position of token pos within its document
+        return bool(((local > 0) & (local < prefix_len)).any())
+
+
+def per_document(mask_mod: MaskMod, document_ids: Tensor) -> MaskMod:
+    """Packed sequences, each document on its own positions: ``mask_mod`` evaluated on
+    document-local indices, and only within a document (attention-gym's document wrapper).
+
+    ``document_ids`` is ``(batch, tokens)``, one id per position from the first cached key to the
+    last query, each document one contiguous run. Query ``q`` sees key ``kv`` when both are in one
+    document and ``mask_mod(b, h, q - start, kv - start)`` holds, ``start`` being where that
+    document begins. So ``per_document(prefix_lm(p), ids)`` gives *every* document a bidirectional
+    prefix of its first ``p`` tokens, as packed prefix-LM training needs, whereas
+    ``and_masks(prefix_lm(p), document(ids))`` (a module's ``mask_mod`` with ``document_ids`` at
+    call time) keeps absolute positions: only the document at position 0 gets a prefix. For
+    causal and sliding windows, which depend on ``q - kv`` alone, the two agree. Use it as a
+    module's ``mask_mod`` (assign a new one for each batch of ids); with a KV cache, no chunk may
+    end inside a document's prefix.
+    """
+    return PerDocument(mask_mod, document_ids)
 
 
 def offset_mask(mask_mod: MaskMod, q_offset: int) -> MaskMod:
@@ -126,7 +271,55 @@ def dense_mask(
         # SDPA would read a float 0/1 mask as an additive bias and silently attend everywhere.
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"mask_mod must return a bool tensor, got {got}")
+    # Checked at construction on a tiny grid (check_mask_mod); a pattern may still misbehave on a
+    # real one, and a wrong shape would otherwise fail deep in torch or broadcast into nonsense.
+    grid = (batch, heads, q_len, kv_len)
+    shape = (*(1,) * (4 - mask.dim()), *mask.shape)  # right-aligned, as broadcasting reads it
+    if len(shape) != 4 or any(n not in (1, full) for n, full in zip(shape, grid, strict=True)):
+        raise ValueError(f"mask_mod must return a bool tensor broadcastable to {grid}, got shape {tuple(mask.shape)}")
     return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
+
+
+def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
+    """Refuse, before any work, a ``mask_mod`` that cannot be called as ``(b, h, q_idx, kv_idx)``
+    (``TypeError``) or whose result is no bool tensor (``TypeError``) broadcastable to the grid of
+    its index tensors (``ValueError``); otherwise it would fail deep inside torch at the first
+    forward (a broadcast error, or flex's "too many values to unpack").
+
+    It is called once on tiny index tensors, ``q_idx`` ``(1, 1, 2, 1)`` and ``kv_idx``
+    ``(1, 1, 1, 2)``, all zeros so that a pattern indexing a tensor by position stays in range,
+    on the CPU unless the pattern names another ``device`` (as :func:`per_document` does).
+    """
+    signature = "(b, h, q_idx, kv_idx)"
+    checks.function(name, mask_mod, signature)
+    label = getattr(mask_mod, "__name__", type(mask_mod).__name__)
+    try:
+        params = inspect.signature(mask_mod)
+    except (TypeError, ValueError):  # some builtins have no signature: the probe below still runs
+        params = None
+    if params is not None:
+        try:
+            params.bind(0, 0, 0, 0)
+        except TypeError:
+            raise TypeError(f"{name} must be callable{signature}, got {label}{params}") from None
+    device = getattr(mask_mod, "device", "cpu")
+    zero = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=device)  # (1, 1, 1, 1)
+    q_idx = torch.zeros((1, 1, 2, 1), dtype=torch.long, device=device)  # (1, 1, 2, 1)
+    kv_idx = torch.zeros((1, 1, 1, 2), dtype=torch.long, device=device)  # (1, 1, 1, 2)
+    result = mask_mod(zero, zero, q_idx, kv_idx)
+    if not isinstance(result, Tensor) or result.dtype != torch.bool:
+        got = result.dtype if isinstance(result, Tensor) else type(result).__name__
+        raise TypeError(f"{name} must return a bool tensor, got {got}")
+    grid = (1, 1, 2, 2)
+    try:
+        fits = torch.broadcast_shapes(result.shape, grid) == grid
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} must return a bool tensor broadcastable to the grid of its indices, {grid} for "
+            f"q_idx (1, 1, 2, 1) and kv_idx (1, 1, 1, 2); {label} returned shape {tuple(result.shape)}"
+        )
 
 
 def packed_document_ids(

@@ -5,7 +5,8 @@ before masking and softmax; ``h`` is the query head, ``q_idx`` and ``kv_idx`` ar
 positions. FlexAttention takes these natively; the from-scratch path and the oracle apply the
 same function to the dense score matrix (:func:`apply_dense`). SDPA takes only an additive
 bias, so it runs the score mods marked ``additive`` (ALiBi) and rejects the others (soft-capping)
-at construction. Factories follow attention-gym's ``generate_<name>`` style.
+at construction. Factories follow attention-gym's ``generate_<name>`` style and return small
+callable objects rather than closures, so a module holding one pickles.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from .masks import Parameterised
+
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 __all__ = [
+    "Alibi",
     "ScoreMod",
+    "TanhSoftcap",
     "apply_dense",
     "dense_bias",
     "generate_alibi",
@@ -30,40 +35,63 @@ __all__ = [
 ]
 
 
+class Alibi(Parameterised):
+    """What :func:`generate_alibi` returns (a picklable object, equal to another of its heads)."""
+
+    _kind = "alibi"
+    #: score_mod(s, ...) == s + score_mod(0, ...): an SDPA attn_mask can carry it.
+    additive = True
+
+    def __init__(self, num_heads: int) -> None:
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+            raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        self._set(num_heads=num_heads)  # checked against the module's num_heads
+
+    def _params(self) -> tuple:
+        return (self.num_heads,)
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        slope = torch.exp2((h + 1).to(score.dtype) * (-8.0 / self.num_heads))  # in the score's precision
+        return score + slope * (kv_idx - q_idx)
+
+
+class TanhSoftcap(Parameterised):
+    """What :func:`generate_tanh_softcap` returns (a picklable object, equal to another of its cap)."""
+
+    _kind = "tanh_softcap"
+
+    def __init__(self, cap: float) -> None:
+        if isinstance(cap, bool) or not isinstance(cap, Real):
+            raise TypeError(f"cap must be a float, got {type(cap).__name__}")
+        if not (cap > 0 and math.isfinite(cap)):
+            raise ValueError(f"cap must be a finite number > 0, got {cap}")
+        self._set(cap=float(cap))
+
+    def _params(self) -> tuple:
+        return (self.cap,)
+
+    @property
+    def __name__(self) -> str:
+        return f"tanh_softcap_{self.cap:g}"
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self.cap * torch.tanh(score / self.cap)
+
+
 def generate_alibi(num_heads: int) -> ScoreMod:
     """ALiBi (Press et al.): add ``slope_h * (kv_idx - q_idx)``, slopes ``2**(-8 (h+1) / num_heads)``.
 
     Additive (the bias does not depend on the score), so every implementation can run it;
     ``num_heads`` must be the module's query head count.
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-
-    def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        slope = torch.exp2((h + 1).to(score.dtype) * (-8.0 / num_heads))  # in the score's precision
-        return score + slope * (kv_idx - q_idx)
-
-    alibi.__name__ = f"alibi_{num_heads}"
-    alibi.additive = True  # score_mod(s, ...) == s + score_mod(0, ...): an SDPA attn_mask can carry it
-    alibi.num_heads = num_heads  # checked against the module's num_heads
-    return alibi
+    return Alibi(num_heads)
 
 
 def generate_tanh_softcap(cap: float) -> ScoreMod:
     """Soft-capping (Gemma 2): ``cap * tanh(score / cap)`` keeps every score inside ``(-cap, cap)``."""
-    if isinstance(cap, bool) or not isinstance(cap, Real):
-        raise TypeError(f"cap must be a float, got {type(cap).__name__}")
-    if not (cap > 0 and math.isfinite(cap)):
-        raise ValueError(f"cap must be a finite number > 0, got {cap}")
-    cap = float(cap)
-
-    def tanh_softcap(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return cap * torch.tanh(score / cap)
-
-    tanh_softcap.__name__ = f"tanh_softcap_{cap:g}"
-    return tanh_softcap
+    return TanhSoftcap(cap)
 
 
 def is_additive(score_mod: ScoreMod) -> bool:

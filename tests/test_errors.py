@@ -170,11 +170,21 @@ def test_input_device_differs_from_weights(impl_name: str) -> None:
         module(_x(1, 3, 6))
 
 
+@pytest.mark.parametrize(
+    ("mask_mod", "shown"),
+    [
+        (lambda b, h, q_idx: q_idx >= 0, "<lambda>(b, h, q_idx)"),
+        (lambda b, h, q_idx, kv_idx, extra: q_idx >= kv_idx, "<lambda>(b, h, q_idx, kv_idx, extra)"),
+        (lambda score, b, h, q_idx, kv_idx: score, "<lambda>(score, b, h, q_idx, kv_idx)"),  # a score_mod
+    ],
+    ids=["three-args", "five-args", "a-score-mod"],
+)
 @pytest.mark.parametrize("impl_name", IMPL_NAMES)
-def test_mask_mod_with_wrong_arity(impl_name: str) -> None:
-    module = _build(impl_name, mask_mod=lambda b, h, q_idx: q_idx >= 0)
-    with pytest.raises(TypeError, match="positional arguments but 4 were given"):
-        _forward(module, _x(1, 3, 6))
+def test_mask_mod_with_wrong_arity(impl_name: str, mask_mod, shown: str) -> None:
+    # Refused at construction, naming what it got, not at the first forward deep in torch.
+    message = f"mask_mod must be callable(b, h, q_idx, kv_idx), got {shown}"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        _build(impl_name, mask_mod=mask_mod)
 
 
 @pytest.mark.parametrize(
@@ -182,15 +192,48 @@ def test_mask_mod_with_wrong_arity(impl_name: str) -> None:
     [
         (lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx).float(), "torch.float32"),
         (lambda b, h, q_idx, kv_idx: True, "bool"),
+        (lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs(), "torch.int64"),
     ],
-    ids=["float-tensor", "python-bool"],
+    ids=["float-tensor", "python-bool", "int-tensor"],
 )
 @pytest.mark.parametrize("impl_name", IMPL_NAMES)
 def test_mask_mod_not_returning_a_bool_tensor(impl_name: str, mask_mod, got: str) -> None:
     # A float 0/1 "mask" would be read by SDPA as an additive bias, silently attending everywhere.
-    module = _build(impl_name, mask_mod=mask_mod)
     with pytest.raises(TypeError, match=re.escape(f"mask_mod must return a bool tensor, got {got}")):
-        _forward(module, _x(1, 3, 6))
+        _build(impl_name, mask_mod=mask_mod)
+
+
+@pytest.mark.parametrize(
+    ("mask_mod", "shape"),
+    [
+        (lambda b, h, q_idx, kv_idx: torch.ones(3, dtype=torch.bool), "(3,)"),
+        (lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx).flatten(), "(4,)"),
+        (lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx)[None], "(1, 1, 1, 2, 2)"),
+        (lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx).expand(1, 1, 2, 2).repeat(1, 3, 1, 1), "(1, 3, 2, 2)"),
+    ],
+    ids=["unrelated", "flattened", "five-d", "made-up-heads"],
+)
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+def test_mask_mod_returning_a_wrong_shape(impl_name: str, mask_mod, shape: str) -> None:
+    message = (
+        "mask_mod must return a bool tensor broadcastable to the grid of its indices, (1, 1, 2, 2) for "
+        f"q_idx (1, 1, 2, 1) and kv_idx (1, 1, 1, 2); <lambda> returned shape {shape}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _build(impl_name, mask_mod=mask_mod)
+
+
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+def test_reassigned_mask_mod_is_checked_too(impl_name: str) -> None:
+    module = _build(impl_name)
+    with pytest.raises(TypeError, match=re.escape("mask_mod must be callable(b, h, q_idx, kv_idx), got int (3)")):
+        module.mask_mod = 3
+    with pytest.raises(ValueError, match=r"mask_mod must return a bool tensor broadcastable.*shape \(3,\)"):
+        module.mask_mod = lambda b, h, q_idx, kv_idx: torch.ones(3, dtype=torch.bool)
+    assert module.mask_mod is attention.masks.causal  # a refused assignment changes nothing
+    with pytest.raises(TypeError, match=r"score_mod must be callable.*got str"):
+        module.score_mod = "alibi"
+    assert module.score_mod is None
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 The law: split a sequence into a prefill and chunks of one or more tokens, feed them in order
 with one cache, and the concatenated outputs are what the float64 oracle gives for the whole
-sequence (ratio rule), for every implementation, plain MHA, GQA and MQA, and every pattern.
+sequence (ratio rule), for every implementation, plain MHA, GQA and MQA, and every pattern; so
+are the gradients, where the implementation has a backward. A call that fails, before or after
+writing the cache, leaves the cache as it was.
 """
 
 from __future__ import annotations
@@ -14,8 +16,18 @@ from hypothesis import strategies as st
 
 import attention
 from attention import masks
+from attention.reference import module_params
 
-from .support import CUDA, DEVICE_DTYPES, DEVICES, IMPL_NAMES, assert_module_matches_oracle, random_document_ids
+from .support import (
+    CUDA,
+    DEVICE_DTYPES,
+    DEVICES,
+    GRAD_FACTOR,
+    IMPL_NAMES,
+    assert_matches_oracle,
+    assert_module_matches_oracle,
+    random_document_ids,
+)
 
 NUM_HEADS = 4
 #: num_kv_heads for plain MHA, grouped-query (a proper divisor) and multi-query attention.
@@ -302,3 +314,234 @@ def test_cache_layout(device):
     assert cache.batch_size == 3 and cache.max_tokens == 10 and cache.pos == 0
     wide = module.make_kv_cache(1, 4, dtype=torch.float64)
     assert wide.k_cache.dtype == torch.float64
+
+
+# -- a call that fails after validation: the cache rolls back ---------------------------------
+
+
+class Flaky:
+    """A pattern (``causal``) that fails on demand: ``"raise"`` raises, ``"dtype"`` returns a
+    float mask, ``"shape"`` one of the wrong shape. It only reads its mode, never mutates
+    anything while called, as flex (which traces mask mods with dynamo) requires."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        if self.mode == "raise":
+            raise RuntimeError("transient failure")
+        visible = masks.causal(b, h, q_idx, kv_idx)
+        if self.mode == "dtype":
+            return visible.float()
+        if self.mode == "shape":
+            return visible.unsqueeze(0)
+        return visible
+
+
+def make_attend_flaky(module: attention.AttentionBase) -> Flaky:
+    """Wrap ``module._attend`` so that it raises while the returned switch's mode is ``"raise"``."""
+    switch, attend = Flaky(), module._attend
+
+    def flaky_attend(*args, **kwargs):
+        if switch.mode == "raise":
+            raise RuntimeError("transient failure")
+        return attend(*args, **kwargs)
+
+    module._attend = flaky_attend
+    return switch
+
+
+FAILURES = {
+    "mask-raises": (RuntimeError, "transient failure"),
+    "mask-wrong-dtype": (TypeError, "mask_mod must return a bool tensor, got torch.float32"),
+    "mask-wrong-shape": (ValueError, "mask_mod must return a bool tensor broadcastable to"),
+    "attend-raises": (RuntimeError, "transient failure"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+@settings(max_examples=max(2, settings.default.max_examples // 2))
+@given(data=st.data())
+def test_failed_call_leaves_cache_as_it_was(data, impl_name, failure):
+    """A chunk whose forward fails after validation (its keys already written) leaves the cache's
+    position and filled keys as they were; retrying it gives what one call on the whole sequence
+    gives (oracle), as if the failure had never happened."""
+    batch = data.draw(st.integers(1, 3), label="batch")
+    length = data.draw(st.integers(2, 16), label="length")
+    splits = [data.draw(st.integers(1, length - 1), label="prefill")]
+    while sum(splits) < length:
+        splits.append(data.draw(st.integers(1, length - sum(splits)), label="chunk"))
+    failing = data.draw(st.integers(0, len(splits) - 1), label="failing chunk")
+    attempts = data.draw(st.integers(1, 3), label="failed attempts before the retry")
+    num_kv_heads = data.draw(st.sampled_from([4, 2, 1]), label="num_kv_heads")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+
+    flaky_mask = Flaky()
+    module = build(
+        impl_name,
+        "cpu",
+        torch.float32,
+        seed=seed,
+        d_in=8,
+        d_out=32,
+        num_heads=4,
+        context_length=length,
+        num_kv_heads=num_kv_heads,
+        mask_mod=flaky_mask,
+    )
+    target = make_attend_flaky(module) if failure == "attend-raises" else flaky_mask
+    mode = {"mask-wrong-dtype": "dtype", "mask-wrong-shape": "shape"}.get(failure, "raise")
+    error, message = FAILURES[failure]
+    x = seeded_x(batch, length, 8, seed)  # (B, T, d_in)
+    cache = module.make_kv_cache(batch, length)
+
+    outputs, start = [], 0
+    with torch.no_grad():
+        for i, size in enumerate(splits):
+            chunk = x[:, start : start + size]  # (B, size, d_in)
+            if i == failing:
+                before = snapshot(cache)
+                target.mode = mode
+                for _ in range(attempts):
+                    with pytest.raises(error, match=message):
+                        module(chunk, kv_cache=cache)
+                    assert cache.pos == before[0], f"cache position moved from {before[0]} to {cache.pos}"
+                    filled = before[0]
+                    assert torch.equal(cache.k_cache[:, :, :filled], before[1][:, :, :filled]), "cached keys changed"
+                    assert torch.equal(cache.v_cache[:, :, :filled], before[2][:, :, :filled]), "cached values changed"
+                target.mode = None
+            outputs.append(module(chunk, kv_cache=cache))  # (B, size, d_out)
+            start += size
+
+    assert cache.pos == length
+    out = torch.cat(outputs, dim=1)  # (B, T, d_out)
+    assert_module_matches_oracle(module, x, out, what=f"output after {failure} in chunk {failing} of {splits}")
+
+
+def seeded_x(batch: int, length: int, d_in: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(batch, length, d_in, generator=generator)  # (B, T, d_in)
+
+
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+@given(
+    prefill=st.integers(1, 8),
+    rejected=st.integers(1, 4),
+    accepted=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_truncate_then_continue(impl_name, prefill, rejected, accepted, seed):
+    """Speculative decoding's move: write draft tokens, truncate back to the prefill, write others.
+    The stale keys past the position are never read: the output is the oracle's for the kept ones."""
+    length = prefill + max(rejected, accepted)
+    module = cpu_module(impl_name, context_length=length)
+    x = seeded_x(2, prefill + accepted, 8, seed)  # (B, T, d_in), the sequence kept
+    draft = seeded_x(2, rejected, 8, seed + 7)  # (B, rejected, d_in), tokens thrown away
+    cache = module.make_kv_cache(2, length)
+    with torch.no_grad():
+        first = module(x[:, :prefill], kv_cache=cache)  # (B, prefill, d_out)
+        module(draft, kv_cache=cache)
+        assert cache.pos == prefill + rejected
+        cache.truncate(prefill)
+        assert cache.pos == prefill
+        rest = module(x[:, prefill:], kv_cache=cache)  # (B, accepted, d_out)
+    assert cache.pos == prefill + accepted
+    assert_module_matches_oracle(module, x, torch.cat([first, rest], dim=1), what="output after truncate")
+
+
+def test_truncate_validates():
+    cache = cpu_module("sdpa").make_kv_cache(1, 8)
+    with torch.no_grad():
+        cpu_module("sdpa")(torch.randn(1, 3, 8), kv_cache=cache)
+    with pytest.raises(ValueError, match=r"cannot truncate kv_cache to 4 positions: only 3 are filled"):
+        cache.truncate(4)
+    with pytest.raises(ValueError, match=r"pos must be >= 0, got -1"):
+        cache.truncate(-1)
+    with pytest.raises(TypeError, match=r"pos must be an int, got float"):
+        cache.truncate(1.0)
+    assert cache.pos == 3
+    cache.truncate(3)
+    assert cache.pos == 3
+
+
+# -- gradients through the cache --------------------------------------------------------------
+
+
+def oracle_and_baseline_grads(module, x, upstream, mask_mod, document_ids):
+    """Gradients of ``(reference(x) * upstream).sum()`` for ``x`` and every parameter, in float64
+    (oracle) and in ``x``'s dtype (baseline), on the whole sequence in one uncached call."""
+    result = []
+    for dtype in (torch.float64, x.dtype):
+        x_leaf = x.detach().to(dtype).requires_grad_()  # (B, T, d_in)
+        params = module_params(module, dtype, requires_grad=True)
+        y = attention.reference_mha(
+            x_leaf,
+            params,
+            num_heads=module.num_heads,
+            num_kv_heads=module.num_kv_heads,
+            mask_mod=mask_mod,
+            document_ids=document_ids,
+        )  # (B, T, d_out)
+        result.append(torch.autograd.grad(y, [x_leaf, *params.values()], upstream.to(dtype)))
+    return result
+
+
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("impl_name", [n for n in IMPL_NAMES if attention.get(n).supports_backward("cpu")])
+@settings(max_examples=max(2, settings.default.max_examples // 2))
+@given(data=st.data())
+def test_gradients_through_cached_chunks_match_oracle(data, impl_name, mask_kind):
+    """Backward through a prefill and later chunks of one cache: each chunk's queries reach the
+    earlier chunks' keys and values through the cache, and the gradients of the input and every
+    weight are the oracle's for one call on the whole sequence (ratio rule)."""
+    batch = data.draw(st.integers(1, 3), label="batch")
+    head_dim = data.draw(st.sampled_from([8, 16]), label="head_dim")
+    d_in = data.draw(st.integers(4, 24), label="d_in")
+    length = data.draw(st.integers(2, 20), label="length")
+    window = data.draw(st.integers(1, length + 2), label="window")
+    prefix_len = data.draw(st.integers(0, length - 1), label="prefix_len")
+    # At least two chunks, so the cache carries keys from one to the next; a bidirectional prefix
+    # must lie whole in the first.
+    first = min(max(prefix_len, 1), length - 1) if mask_kind == "prefix_lm" else 1
+    splits = [data.draw(st.integers(first, length - 1), label="prefill")]
+    while sum(splits) < length:
+        splits.append(data.draw(st.integers(1, length - sum(splits)), label="chunk"))
+    num_kv_heads = data.draw(st.sampled_from([NUM_HEADS, 2, 1]), label="num_kv_heads")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    mask_mod = make_mask(mask_kind, window, prefix_len)
+    module = build(
+        impl_name,
+        "cpu",
+        torch.float32,
+        seed=seed,
+        d_in=d_in,
+        d_out=NUM_HEADS * head_dim,
+        num_heads=NUM_HEADS,
+        context_length=length,
+        num_kv_heads=num_kv_heads,
+        mask_mod=mask_mod,
+    )
+    x = seeded_x(batch, length, d_in, seed).requires_grad_()  # (B, T, d_in)
+    ids = random_document_ids(batch, length, seed) if mask_kind == "document" else None
+    upstream = seeded_x(batch, length, module.d_out, seed + 5)  # (B, T, d_out)
+    cache = module.make_kv_cache(batch, length)
+    oracle, baseline = oracle_and_baseline_grads(module, x, upstream, mask_mod, ids)
+    names = ["x", *(name for name, _ in module.named_parameters())]
+
+    for sequence in range(2):  # the second reuses the cache after reset(), as a training loop does
+        outputs, start = [], 0
+        for size in splits:
+            end = start + size
+            doc = None if ids is None else ids[:, :end]  # (B, cached + size)
+            outputs.append(module(x[:, start:end], kv_cache=cache, document_ids=doc))  # (B, size, d_out)
+            start = end
+        out = torch.cat(outputs, dim=1)  # (B, T, d_out)
+        grads = torch.autograd.grad(out, [x, *module.parameters()], upstream)
+        cache.reset()
+        what = f"sequence {sequence}, splits {splits}"
+        assert_module_matches_oracle(module, x.detach(), out.detach(), document_ids=ids, what=f"output, {what}")
+        for name, grad, oracle_grad, baseline_grad in zip(names, grads, oracle, baseline, strict=True):
+            assert_matches_oracle(
+                grad, oracle_grad, baseline_grad, factor=GRAD_FACTOR, what=f"gradient of {name}, {what}"
+            )

@@ -8,9 +8,15 @@
 * Rows with no visible key give zeros (the module output is then ``proj.bias``), never NaN.
 * ``dense_mask`` has the documented shapes and the literal definitions of docs/design.md#mask-definitions; the factories
   validate their arguments.
+* A ``mask_mod`` assigned to a module that has already run is the one its next call uses.
+* ``per_document`` gives every packed document the pattern on its own positions (each its own
+  prefix), as running each document alone does; ``sliding_window``'s count is stated against
+  attention-gym's and FlashAttention's.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -415,3 +421,186 @@ def test_one_module_many_calls(device, impl_name):
             with torch.no_grad():
                 out = module(x, document_ids=ids)  # (B, T, d_out)
             assert_module_matches_oracle(module, x, out, document_ids=ids, what=f"call B={batch} T={length}")
+
+
+# -- a new mask_mod on a module that has already run: the next call uses it ----------------------
+
+
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+@given(data=st.data())
+def test_reassigned_mask_mod_is_used(data, impl_name):
+    """Assign ``module.mask_mod`` after calls with another pattern: every call matches the oracle
+    for the pattern assigned at that moment (flex caches BlockMasks and compile keys per pattern;
+    none may outlive the assignment), switching back included."""
+    kinds = ["causal", "sliding_window", "prefix_lm", "sliding_window|sinks"]
+    case = data.draw(cases("cpu", kinds), label="case")
+    order = data.draw(st.lists(st.sampled_from(kinds), min_size=2, max_size=4), label="patterns in turn")
+    windows = data.draw(st.lists(st.integers(1, case["length"] + 1), min_size=4, max_size=4), label="windows")
+    module, x = build(impl_name, case, "cpu", torch.float32, masks.causal)
+    for i, kind in enumerate(order):
+        module.mask_mod, _ = pattern_parts(kind, windows[i], case["prefix_len"])
+        with torch.no_grad():
+            out = module(x)  # (B, T, d_out)
+        assert_module_matches_oracle(module, x, out, what=f"call {i} with {kind} after {order[:i]}")
+
+
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+def test_reassigned_mask_mod_changes_the_output(impl_name):
+    """Not vacuous: the same input gives a different answer once the pattern is changed."""
+    case = dict(batch=2, length=20, num_heads=2, num_kv_heads=2, head_dim=8, d_in=8, seed=3)
+    module, x = build(impl_name, case, "cpu", torch.float32, masks.causal)
+    with torch.no_grad():
+        before = module(x)  # (B, T, d_out)
+        module.mask_mod = masks.sliding_window(2)
+        after = module(x)  # (B, T, d_out)
+    assert (after[:, 2:] - before[:, 2:]).abs().amax() > 1e-3  # rows that see more than 2 keys moved
+    assert torch.equal(after[:, :2], before[:, :2])  # rows with at most 2 keys did not
+
+
+# -- per_document: a pattern on document-local positions ----------------------------------------
+
+
+def literal_per_document(kind: str, ids: torch.Tensor, window: int, prefix_len: int) -> torch.Tensor:
+    """``(B, T, T)``: the pattern applied to each document alone, pair by pair, in Python."""
+    batch, length = ids.shape
+    want = torch.zeros(batch, length, length, dtype=torch.bool)
+    for b in range(batch):
+        row = ids[b].tolist()
+        for q in range(length):
+            for kv in range(length):
+                if row[q] != row[kv]:
+                    continue
+                start = row.index(row[q])  # where this document begins
+                want[b, q, kv] = literal(kind, q - start, kv - start, window, prefix_len)
+    return want
+
+
+@given(
+    kind=st.sampled_from(["causal", "sliding_window", "prefix_lm"]),
+    batch=st.integers(1, 3),
+    length=st.integers(1, 24),
+    window=st.integers(1, 6),
+    prefix_len=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+    q_offset=st.integers(0, 23),
+)
+def test_per_document_matches_literal_loop(kind, batch, length, window, prefix_len, seed, q_offset):
+    """Every document gets the pattern on its own positions (its own prefix, its own window), and
+    no query sees another document; a chunk at an offset is masked by its absolute rows."""
+    q_offset = min(q_offset, length - 1)
+    ids = random_document_ids(batch, length, seed)  # (B, T)
+    mask_mod, _ = pattern_parts(kind, window, prefix_len)
+    got = dense_mask(masks.per_document(mask_mod, ids), batch, 2, length - q_offset, length, "cpu", q_offset=q_offset)
+    want = literal_per_document(kind, ids, window, prefix_len)[:, q_offset:]  # (B, Tq, T)
+    assert got.shape == (batch, 1, length - q_offset, length)
+    assert torch.equal(got[:, 0], want)
+
+
+def test_per_document_differs_from_absolute_prefix():
+    """The documented difference: ``and_masks(prefix_lm(p), document(ids))`` gives a bidirectional
+    prefix to the first document only; ``per_document(prefix_lm(p), ids)`` to every document."""
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])  # (1, 7): documents at 0 and 3
+    absolute = dense_mask(and_masks(masks.prefix_lm(2), masks.document(ids)), 1, 1, 7, 7, "cpu")[0, 0]
+    local = dense_mask(masks.per_document(masks.prefix_lm(2), ids), 1, 1, 7, 7, "cpu")[0, 0]
+    assert absolute[0, 1] and local[0, 1]  # document 0: query 0 sees prefix key 1 in both
+    assert not absolute[3, 4] and local[3, 4]  # document 1: only per_document shows key 4 to query 3
+    # causal and sliding windows depend on q - kv alone: there the two agree
+    for mask_mod in (masks.causal, masks.sliding_window(2)):
+        per_doc = dense_mask(masks.per_document(mask_mod, ids), 1, 1, 7, 7, "cpu")
+        assert torch.equal(per_doc, dense_mask(and_masks(mask_mod, masks.document(ids)), 1, 1, 7, 7, "cpu"))
+
+
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+@settings(max_examples=max(2, settings.default.max_examples // 2))
+@given(data=st.data())
+def test_per_document_module_equals_each_document_alone(data, impl_name):
+    """Packed prefix-LM: a module with ``per_document(prefix_lm(p), ids)`` gives each document's
+    rows what the module gives that document run alone with ``prefix_lm(p)`` (ratio rule against
+    the oracle of the lone run), in one call and through the KV cache with chunk ends outside
+    every prefix."""
+    batch = data.draw(st.integers(1, 2), label="batch")
+    length = data.draw(st.integers(2, 40), label="length")
+    prefix_len = data.draw(st.integers(0, 6), label="prefix_len")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    ids = random_document_ids(batch, length, seed)  # (B, T)
+    case = dict(batch=batch, length=length, num_heads=2, num_kv_heads=1, head_dim=8, d_in=6, seed=seed)
+    module, x = build(impl_name, case, "cpu", torch.float32, masks.per_document(masks.prefix_lm(prefix_len), ids))
+    alone, _ = build(impl_name, case, "cpu", torch.float32, masks.prefix_lm(prefix_len))
+    alone.load_state_dict(module.state_dict())
+
+    # A chunk may end where no document is inside its prefix: a document start, or past the prefix.
+    starts = masks.document_starts(ids)  # (B, T)
+    local = torch.arange(length) - starts  # (B, T)
+    cuts = [t for t in range(1, length) if not ((local[:, t] > 0) & (local[:, t] < prefix_len)).any()]
+    cut = data.draw(st.sampled_from(cuts), label="chunk end") if cuts else length
+    cache = module.make_kv_cache(batch, length)
+    with torch.no_grad():
+        out = module(x)  # (B, T, d_out)
+        cached = torch.cat([module(x[:, :cut], kv_cache=cache), module(x[:, cut:], kv_cache=cache)], dim=1)
+    assert_module_matches_oracle(module, x, out, what="per-document prefix_lm output")
+    assert_module_matches_oracle(module, x, cached, what=f"per-document prefix_lm output cached at {cut}")
+    for b in range(batch):
+        for doc in ids[b].unique().tolist():
+            rows = (ids[b] == doc).nonzero().flatten()  # (T_doc,) contiguous
+            piece = x[b : b + 1, rows]  # (1, T_doc, d_in)
+            for got in (out, cached):
+                assert_module_matches_oracle(alone, piece, got[b : b + 1, rows], what=f"document {doc} of row {b}")
+
+
+@pytest.mark.parametrize("impl_name", IMPL_NAMES)
+def test_per_document_cache_refuses_a_split_prefix_and_short_ids(impl_name):
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])  # (1, 8): the second document starts at 3
+    case = dict(batch=1, length=8, num_heads=2, num_kv_heads=2, head_dim=8, d_in=6, seed=0)
+    module, x = build(impl_name, case, "cpu", torch.float32, masks.per_document(masks.prefix_lm(3), ids))
+    cache = module.make_kv_cache(1, 8)
+    with torch.no_grad():
+        module(x[:, :4], kv_cache=cache)  # ends at 4, inside document 1's prefix (3, 4, 5)
+        with pytest.raises(ValueError, match=r"cache ends at 4, inside a document's prefix"):
+            module(x[:, 4:], kv_cache=cache)
+        assert cache.pos == 4
+        with pytest.raises(ValueError, match=r"holds document_ids of shape \(1, 8\).*\(2, 8\)"):
+            module(torch.randn(2, 8, 6))
+
+
+def test_per_document_validates_arguments():
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"mask_mod must be callable.*got int"):
+        masks.per_document(3, ids)
+    with pytest.raises(TypeError, match=r"document_ids must be a torch.Tensor, got list"):
+        masks.per_document(masks.causal, [[0, 0]])
+    with pytest.raises(TypeError, match=r"document_ids must hold integers, got torch.float32"):
+        masks.per_document(masks.causal, ids.float())
+    with pytest.raises(ValueError, match=r"document_ids must have shape \(batch, tokens\), got \(4,\)"):
+        masks.per_document(masks.causal, ids[0])
+
+
+@pytest.mark.parametrize(
+    ("result", "shape"),
+    [
+        (lambda visible: visible[..., :2, :], "(1, 1, 2, 7)"),  # rows dropped
+        (lambda visible: visible.expand(1, 3, 5, 7), "(1, 3, 5, 7)"),  # heads made up
+        (lambda visible: visible[None], "(1, 1, 1, 5, 7)"),  # a fifth dimension
+    ],
+    ids=["rows", "heads", "five-d"],
+)
+def test_dense_mask_refuses_a_wrong_shape_on_a_real_grid(result, shape):
+    """A pattern may pass the construction probe (a 2 x 2 grid) and misbehave on a real grid; the
+    dense paths (from-scratch, SDPA, flex's probe) then raise naming mask_mod and the shapes,
+    instead of failing in torch or broadcasting into another mask."""
+
+    def misbehaving(b, h, q_idx, kv_idx):
+        return result(q_idx >= kv_idx)
+
+    with pytest.raises(ValueError, match=re.escape(f"broadcastable to (2, 2, 5, 7), got shape {shape}")):
+        dense_mask(misbehaving, 2, 2, 5, 7, "cpu", q_offset=2)
+
+
+def test_sliding_window_convention():
+    """``sliding_window(w)`` counts the query's own key: ``w`` keys, which attention-gym's
+    ``generate_sliding_window(w - 1)`` and FlashAttention's ``window_size=(w - 1, 0)`` also show."""
+    for w in range(1, 6):
+        mask = dense_mask(masks.sliding_window(w), 1, 1, 12, 12, "cpu")[0, 0]  # (T, T)
+        assert mask.sum(dim=-1)[w:].eq(w).all()  # rows with a full window see exactly w keys
+        q, kv = torch.arange(12).view(-1, 1), torch.arange(12).view(1, -1)
+        attention_gym = (q >= kv) & (q - kv <= w - 1)  # generate_sliding_window(w - 1)
+        assert torch.equal(mask, attention_gym)
