@@ -11,11 +11,17 @@ or, from an installed package, through the ``attention.implementations`` entry-p
     [project.entry-points."attention.implementations"]
     mine = "my_package.module:MyAttention"
 
-Entry points are loaded the first time the registry is read.
+Entry points are loaded once, the first time the registry is read. One that cannot be
+registered (its import raises, it is not an AttentionBase subclass, its name is not an
+identifier or is already taken) is skipped with a :class:`PluginWarning` naming the entry point,
+its distribution and the reason; the built-ins and every other plugin stay registered, and later
+reads return the same registry without warning again.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from importlib.metadata import entry_points
 
 from .base import AttentionBase
@@ -31,7 +37,15 @@ _BUILTINS: dict[str, type[AttentionBase]] = {
     "sdpa": MHAPyTorchScaledDotProduct,
 }
 _registry: dict[str, type[AttentionBase]] = dict(_BUILTINS)
+#: True once every entry point of the group has been tried (registered or skipped with a warning).
 _entry_points_loaded = False
+#: Entry points already tried, so each is loaded (and warned about) once, even when a plugin's
+#: own import reads the registry while the outer load is still going.
+_entry_points_tried: set[tuple[str, str, str | None]] = set()
+
+
+class PluginWarning(UserWarning):
+    """An ``attention.implementations`` entry point could not be registered and was skipped."""
 
 
 def builtin_implementations() -> dict[str, type[AttentionBase]]:
@@ -51,13 +65,84 @@ def register(name: str, cls: type[AttentionBase]) -> type[AttentionBase]:
     return cls
 
 
+def _distribution(ep: object) -> str | None:
+    """``"name version"`` of the distribution that declares ``ep``, if known."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None
+    name = getattr(dist, "name", None)
+    if name is None:
+        try:
+            name = dist.metadata["Name"]
+        except Exception:  # a broken METADATA must not hide the plugin's own problem
+            name = None
+    version = getattr(dist, "version", None)
+    return " ".join(str(part) for part in (name, version) if part) or None
+
+
+def _describe(cls: object) -> str:
+    if isinstance(cls, type):
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return repr(cls)
+
+
+def _plugin_problem(ep: object) -> str | None:
+    """Register the implementation ``ep`` points to; ``None`` if that worked, else why not."""
+    name = ep.name
+    if not name.isidentifier():
+        return f"its name {name!r} is not an identifier-like string"
+    if name in _BUILTINS:
+        return f"{name!r} is the name of a built-in implementation ({_BUILTINS[name].__name__})"
+    try:
+        cls = ep.load()
+    except Exception as error:  # the plugin's own bug: ImportError, SyntaxError, AttributeError...
+        return f"loading it raised {type(error).__name__}: {error}"
+    if not isinstance(cls, type):
+        return f"it refers to {_describe(cls)}, which is not a class"
+    if not issubclass(cls, AttentionBase):
+        return f"{_describe(cls)} is not a subclass of attention.AttentionBase"
+    if _registry.get(name, cls) is not cls:
+        return f"an implementation named {name!r} is already registered ({_describe(_registry[name])})"
+    _registry[name] = cls
+    return None
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning from the caller of this function point at the first
+    frame outside this module (whoever read the registry), however deep the call came in."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = _distribution(ep)
+        key = (ep.name, ep.value, dist)
+        if key in _entry_points_tried:
+            continue
+        _entry_points_tried.add(key)
+        try:
+            problem = _plugin_problem(ep)
+        except BaseException:  # Ctrl-C or SystemExit mid-import: try this one again next time
+            _entry_points_tried.discard(key)
+            raise
+        if problem is not None:
+            source = f" from distribution {dist}" if dist else ""
+            warnings.warn(
+                f"skipped the {ENTRY_POINT_GROUP} entry point '{ep.name} = {ep.value}'{source}: {problem}",
+                PluginWarning,
+                stacklevel=_outside_stacklevel(),
+            )
+    _entry_points_loaded = True
+
+
 def implementations() -> dict[str, type[AttentionBase]]:
     """Every registered implementation, name -> class (built-ins first, then plugins)."""
-    global _entry_points_loaded
     if not _entry_points_loaded:
-        _entry_points_loaded = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            register(ep.name, ep.load())
+        _load_entry_points()
     return dict(_registry)
 
 

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from attention import flex
-from attention.bench.memory import free_cached_memory, free_memory_bytes
+from attention.bench.memory import free_cached_memory, free_memory_bytes, quiet_profiler_logs
 from attention.bench.perf import ab, flags, guards, machine, runner
 from attention.bench.perf import grid as perf_grid
 from attention.bench.perf.base_revision import BaseRevision, head_label
@@ -126,6 +126,7 @@ def _run_options(config: pytest.Config, device: str) -> runner.RunOptions:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    quiet_profiler_logs()  # the backend probe profiles every case
     device = config.getoption("--perf-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--perf-device=cuda but this machine has no CUDA GPU")

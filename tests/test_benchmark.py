@@ -4,14 +4,24 @@ that did not run (skipped, out of memory, failed)."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from attention.bench import report, sweep
 from attention.bench.memory import peak_memory
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """parse_args creates --out (default ./benchmark-out): keep that out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
 
 TINY = ["--device", "cpu", "--seq-lens", "32", "64", "--hidden", "64", "--head-dim", "32", "--cell-seconds", "0.01"]
 
@@ -28,6 +38,7 @@ def test_tiny_sweep_reports_every_cell(tiny_report):
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["torch"] == torch.__version__
     assert meta["seq_lens"] == [32, 64] and meta["num_heads"] == 2
+    assert meta["cpu_threads"] == 1 and meta["complete"] is True
     assert {(c["impl"], c["seq_len"]) for c in result["cells"]} == {
         (impl, t) for impl in ("from_scratch", "flex", "sdpa") for t in (32, 64)
     }
@@ -55,6 +66,16 @@ def test_tiny_sweep_writes_plots_and_table(tiny_report):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = (out / "table.txt").read_text()
     assert "from_scratch" in table and "flex has no backward on cpu" in table
+    assert table.splitlines()[0].startswith("attention benchmark: CPU: ")
+    assert ", 1 thread, torch " in table.splitlines()[0]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy.png",
+        "memory.png",
+        "report.json",
+        "table.txt",
+        "throughput.png",
+        "time.png",
+    ]  # no write probe or half-written report.json left behind
 
 
 def test_from_scratch_memory_grows_faster_than_sdpa(tiny_report):
@@ -74,6 +95,9 @@ def test_from_scratch_memory_grows_faster_than_sdpa(tiny_report):
         (["--device", "tpu"], "not a torch device"),
         (["--head-dim", "48"], "must divide --hidden"),
         (["--cell-seconds", "-1"], "positive number"),
+        (["--threads", "0"], "argument --threads: expected a positive integer, got 0"),
+        (["--threads", "two"], "argument --threads: expected a positive integer, got 'two'"),
+        (["--threads", "1.5"], "argument --threads: expected a positive integer, got '1.5'"),
     ],
 )
 def test_bad_flags_give_clear_errors(args, message, capsys):
@@ -97,12 +121,77 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
+def test_out_that_cannot_be_created_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "report"
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(["--device", "cpu", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m attention.bench" in err
+    assert f"error: --out {out}: cannot create the folder: Not a directory" in err
+
+
+def test_out_that_cannot_be_written_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """A folder that exists but refuses files (read-only mount, no permission): probed up front.
+    (Simulated: this suite may run as root, for whom permission bits do not stop a write.)"""
+
+    def refuse(self, data):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"error: --out {tmp_path}: cannot write files in it: Permission denied" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through permission bits")
+def test_read_only_out_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit):
+            sweep.parse_args(["--device", "cpu", "--out", str(out)])
+    finally:
+        out.chmod(0o700)
+    assert f"--out {out}: cannot write files in it: Permission denied" in capsys.readouterr().err
+
+
+def test_bad_out_stops_main_before_any_work(tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the sweep started despite an unusable --out")
+
+    monkeypatch.setattr(sweep, "run_sweep", no_work)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--device", "cpu", "--out", str(tmp_path / "file" / "x")])
+    assert exit_info.value.code == 2 and "cannot create the folder" in capsys.readouterr().err
+
+
+def test_out_is_created_and_left_clean(tmp_path):
+    out = tmp_path / "new" / "report"
+    assert sweep.parse_args(["--device", "cpu", "--out", str(out)]).out == out
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--device", "--dtype", "--seq-lens", "--head-dim", "--impl", "--out", "--batch", "--hidden"):
+    for flag in [
+        "--device",
+        "--dtype",
+        "--seq-lens",
+        "--head-dim",
+        "--impl",
+        "--out",
+        "--batch",
+        "--hidden",
+        "--threads",
+    ]:
         assert flag in text
 
 
@@ -110,6 +199,11 @@ def test_cpu_defaults_fit_the_machine():
     config = sweep.parse_args(["--device", "cpu"])
     assert config.dtype == torch.float32 and config.impls == ("from_scratch", "flex", "sdpa")
     assert max(config.seq_lens) <= 2048
+    assert config.threads == 1  # thread-pool wake-ups would swamp small cases (timing.cpu_threads)
+
+
+def test_threads_flag_sets_the_cpu_thread_count():
+    assert sweep.parse_args(["--device", "cpu", "--threads", "3"]).threads == 3
 
 
 class _Exploding:

@@ -10,6 +10,9 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from types import ModuleType
@@ -44,7 +47,7 @@ PLUGIN_SOURCE = textwrap.dedent(
             t_k = k.shape[2]
             groups = h // self.num_kv_heads
             q = q.unflatten(1, (self.num_kv_heads, groups))  # (B, H_kv, G, Tq, hd)
-            scores = torch.einsum("bkgqd,bksd->bkgqs", q, k) * self.scale  # (B, H_kv, G, Tq, Tk)
+            scores = torch.einsum("bkgqd,bksd->bkgqs", q * self.scale, k)  # (B, H_kv, G, Tq, Tk), fp16-safe
             visible = self._dense_mask(q.flatten(1, 2), k, q_offset, document_ids)
             visible = visible.expand(b, h, t_q, t_k).unflatten(1, (self.num_kv_heads, groups))
             scores = scores.masked_fill(~visible, float("-inf"))
@@ -140,14 +143,40 @@ def test_register_adds_after_the_builtins_and_is_idempotent(isolated_registry: N
     assert attention.get("mine") is plugin.EinsumAttention
 
 
-def _fake_entry_points(monkeypatch: pytest.MonkeyPatch, *points: EntryPoint) -> None:
+def _fake_entry_points(monkeypatch: pytest.MonkeyPatch, *points: object) -> None:
     """Stand in for installed distributions that declare ``points``; reload them on next read."""
 
-    def entry_points(*, group: str) -> list[EntryPoint]:
-        return [ep for ep in points if ep.group == group]
+    def entry_points(*, group: str) -> list[object]:
+        return [ep for ep in points if getattr(ep, "group", registry.ENTRY_POINT_GROUP) == group]
 
     monkeypatch.setattr(registry, "entry_points", entry_points)
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry, "_entry_points_tried", set())
+
+
+@dataclass(frozen=True)
+class FakeDistribution:
+    name: str
+    version: str = "1.0"
+
+
+@dataclass(frozen=True)
+class FakeEntryPoint:
+    """What ``importlib.metadata`` hands out: ``name = value`` from ``dist``; ``load()`` imports it."""
+
+    name: str
+    value: str
+    target: Callable[[], object]
+    dist: FakeDistribution | None = FakeDistribution("user-plugins")
+    loads: list[str] = field(default_factory=list, compare=False)
+
+    def load(self) -> object:
+        self.loads.append(self.name)
+        return self.target()
+
+
+def _raise_import_error() -> object:
+    raise ImportError("No module named 'cuda_only_kernels'")
 
 
 def test_entry_point_plugin_joins_the_registry(
@@ -162,12 +191,119 @@ def test_entry_point_plugin_joins_the_registry(
     assert attention.get("einsum_ep") is plugin.EinsumAttention
 
 
-def test_entry_point_to_a_non_implementation_is_rejected(
+def _bad_plugins(plugin: ModuleType) -> dict[str, tuple[FakeEntryPoint, str]]:
+    """Broken entry points, each with the reason its warning must give."""
+    return {
+        "import_error": (
+            FakeEntryPoint("cuda_only", "cuda_only_kernels.attn:Fast", _raise_import_error),
+            "loading it raised ImportError: No module named 'cuda_only_kernels'",
+        ),
+        "not_a_class": (
+            FakeEntryPoint("factory", "user_attention:make", lambda: print),
+            "it refers to <built-in function print>, which is not a class",
+        ),
+        "not_a_subclass": (
+            FakeEntryPoint("a_dict", "builtins:dict", lambda: dict),
+            "builtins.dict is not a subclass of attention.AttentionBase",
+        ),
+        "builtin_name": (
+            FakeEntryPoint("sdpa", "user_attention:EinsumAttention", lambda: plugin.EinsumAttention),
+            "'sdpa' is the name of a built-in implementation (MHAPyTorchScaledDotProduct)",
+        ),
+        "bad_name": (
+            FakeEntryPoint("my-attention", "user_attention:EinsumAttention", lambda: plugin.EinsumAttention),
+            "its name 'my-attention' is not an identifier-like string",
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["import_error", "not_a_class", "not_a_subclass", "builtin_name", "bad_name"])
+def test_a_bad_plugin_is_skipped_with_a_warning_once(
+    isolated_registry: None, plugin: ModuleType, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The built-ins and the good plugins beside it stay usable; the warning names the entry point,
+    its distribution and the reason; later reads give the same registry without warning again."""
+    bad, reason = _bad_plugins(plugin)[kind]
+    good_before = FakeEntryPoint("einsum_a", "user_attention:EinsumAttention", lambda: plugin.EinsumAttention)
+    good_after = FakeEntryPoint(
+        "einsum_b", "other_pkg:EinsumAttention", lambda: plugin.EinsumAttention, dist=FakeDistribution("other", "2.1")
+    )
+    _fake_entry_points(monkeypatch, good_before, bad, good_after)
+
+    with pytest.warns(registry.PluginWarning) as caught:
+        assert attention.get("sdpa") is attention.MHAPyTorchScaledDotProduct
+    assert [str(w.message) for w in caught] == [
+        f"skipped the attention.implementations entry point '{bad.name} = {bad.value}' "
+        f"from distribution user-plugins 1.0: {reason}"
+    ]
+    assert caught[0].filename == __file__  # points at the caller, not at the registry's insides
+    expected = [*IMPL_NAMES, "einsum_a", "einsum_b"]
+    assert list(attention.implementations()) == expected
+    assert attention.get("einsum_b") is plugin.EinsumAttention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any second warning fails the test
+        for _ in range(3):
+            assert list(attention.implementations()) == expected
+            assert attention.get("sdpa") is attention.MHAPyTorchScaledDotProduct
+    assert len(bad.loads) <= 1 and len(good_before.loads) == len(good_after.loads) == 1  # loaded once
+
+
+def test_a_plugin_without_distribution_is_still_named(
     isolated_registry: None, plugin: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _fake_entry_points(monkeypatch, EntryPoint("broken", "user_attention:torch", registry.ENTRY_POINT_GROUP))
-    with pytest.raises(TypeError, match=re.escape("is not a subclass of attention.AttentionBase")):
+    _fake_entry_points(monkeypatch, FakeEntryPoint("broken", "nowhere:X", _raise_import_error, dist=None))
+    with pytest.warns(registry.PluginWarning, match=re.escape("entry point 'broken = nowhere:X': loading it raised")):
+        assert list(attention.implementations()) == IMPL_NAMES
+
+
+def test_a_plugin_that_reads_the_registry_while_loading_registers(
+    isolated_registry: None, plugin: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin module may subclass a built-in looked up through the registry at import time."""
+
+    def load() -> type:
+        base = attention.get("sdpa")  # re-enters the registry while its entry points are loading
+        return type("SdpaVariant", (base,), {})
+
+    _fake_entry_points(monkeypatch, FakeEntryPoint("variant", "user_attention:SdpaVariant", load))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        names = list(attention.implementations())
+    assert names == [*IMPL_NAMES, "variant"]
+    assert issubclass(attention.get("variant"), attention.MHAPyTorchScaledDotProduct)
+
+
+def test_an_interrupted_plugin_load_is_retried(
+    isolated_registry: None, plugin: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a plugin imports stops the read; the next read loads that plugin, it is not lost."""
+    interrupts = [KeyboardInterrupt()]
+
+    def load() -> type:
+        if interrupts:
+            raise interrupts.pop()
+        return plugin.EinsumAttention
+
+    _fake_entry_points(monkeypatch, FakeEntryPoint("slow", "user_attention:EinsumAttention", load))
+    with pytest.raises(KeyboardInterrupt):
         attention.implementations()
+    assert list(attention.implementations()) == [*IMPL_NAMES, "slow"]
+
+
+def test_bench_help_survives_a_bad_plugin(
+    isolated_registry: None, plugin: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from attention.bench import sweep
+
+    bad, _ = _bad_plugins(plugin)["import_error"]
+    good = FakeEntryPoint("einsum_ok", "user_attention:EinsumAttention", lambda: plugin.EinsumAttention)
+    _fake_entry_points(monkeypatch, bad, good)
+    warned = pytest.warns(registry.PluginWarning, match="cuda_only = cuda_only_kernels.attn:Fast")
+    with warned, pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "from_scratch, flex, sdpa, einsum_ok" in " ".join(capsys.readouterr().out.split())
 
 
 def test_whole_suite_runs_unchanged_on_a_registered_plugin(tmp_path: Path) -> None:

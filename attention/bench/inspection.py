@@ -13,6 +13,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from .. import masks
 from ..base import AttentionBase
 from ..registry import get
+from .memory import quiet_profiler_logs
 
 
 def make_pattern(
@@ -69,6 +70,7 @@ def profile_ops(fn, *, device: torch.device | str, top: int = 8, repeat: int = 3
     after one unprofiled call (compilation, mask building)."""
     from torch.profiler import ProfilerActivity, profile
 
+    quiet_profiler_logs()
     on_cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
     fn()

@@ -8,11 +8,15 @@ statistics. That is the number that grows with ``T**2`` or with ``T``.
 * CPU: torch's CPU allocator reports every allocation and free to the profiler when
   ``profile_memory=True``; replaying those records in time order gives the peak. (Python-level
   tools such as ``tracemalloc`` do not see torch's allocations, and RSS only ever grows.)
+  The profiler's kineto backend logs every start and stop (``USDT ... profiler_start``) and, on
+  some builds, an ``ERROR ... gpuGetDeviceCount failed`` on machines without a GPU; entry points
+  call :func:`quiet_profiler_logs` before the profiler first starts.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +24,18 @@ import torch
 
 CUDA_METHOD = "torch.cuda.max_memory_allocated during the call, minus memory allocated before it"
 CPU_METHOD = "torch CPU allocator records (torch.profiler, profile_memory=True) replayed in order"
+#: kineto's log threshold that hides its USDT start/stop lines and its GPU-probe errors
+#: (5 no longer does on torch 2.13 and 2.14: the USDT lines moved up).
+KINETO_QUIET_LEVEL = "6"
+
+
+def quiet_profiler_logs() -> None:
+    """Silence kineto's logging unless the user chose a level (``KINETO_LOG_LEVEL``).
+
+    kineto reads the variable once, when the profiler first initialises in the process, so this
+    must run before the first :func:`peak_memory` on CPU (or any other torch.profiler use).
+    """
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET_LEVEL)
 
 
 @dataclass(frozen=True)

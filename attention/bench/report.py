@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +17,12 @@ _MIB = 1024**2
 
 def title(result: dict) -> str:
     meta = result["meta"]
+    threads = meta.get("cpu_threads")  # absent from reports written before it was recorded
+    on_cpu = threads is not None and str(meta.get("device", "")).startswith("cpu")
     return (
-        f"attention benchmark: {meta['device_name']}, torch {meta['torch']}, {meta['dtype']}, "
+        f"attention benchmark: {meta['device_name']}"
+        + (f", {threads} thread{'s' if threads != 1 else ''}" if on_cpu else "")
+        + f", torch {meta['torch']}, {meta['dtype']}, "
         f"B={meta['batch']}, H={meta['num_heads']}, D={meta['head_dim']}, causal"
     )
 
@@ -231,7 +236,14 @@ def write(result: dict, out: Path, *, plots: bool = True) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json"]
-    paths[0].write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    # Whole or not at all: a sweep rewrites it after every row and may be interrupted mid-write.
+    partial = out / f".report.json.{os.getpid()}.tmp"
+    try:
+        partial.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+        os.replace(partial, paths[0])
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     if plots:
         import matplotlib
 

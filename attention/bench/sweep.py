@@ -10,12 +10,18 @@ the float64 oracle in float32 and in the chosen dtype. Cases come from
 :func:`attention.bench.timing.measure`, the timer perf/ uses. A case that cannot run (no backward on
 this device, not enough memory) is reported with the reason instead of stopping the sweep.
 
-Writes ``report.json`` (every figure), ``table.txt`` and PNG plots to ``--out``.
+Writes ``report.json`` (every figure), ``table.txt`` and PNG plots to ``--out``. ``report.json`` is
+rewritten after every (implementation, length), so Ctrl-C stops at once and leaves the finished
+rows there (exit status 130).
+
+CPU cases run on one thread unless ``--threads`` says otherwise, as ``torch.utils.benchmark.Timer``
+does: see :func:`attention.bench.timing.cpu_threads`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -30,8 +36,8 @@ import torch
 from .. import registry
 from ..accuracy import check_module
 from .cost import DTYPES, dtype_name
-from .memory import free_cached_memory, method_for, peak_memory
-from .timing import clock_for, measure
+from .memory import free_cached_memory, method_for, peak_memory, quiet_profiler_logs
+from .timing import clock_for, cpu_threads, measure
 from .workload import Workload
 
 #: Defaults per device: the CPU sweep fits in well under two minutes on 2 cores (flex runs
@@ -62,6 +68,8 @@ class Config:
     warmup: int = 2  # untimed calls first: compilation, autotuning, BlockMask building
     accuracy: bool = True
     plots: bool = True
+    #: torch intra-op threads during the sweep; None leaves torch's setting (the default on CUDA).
+    threads: int | None = None
 
     @property
     def num_heads(self) -> int:
@@ -198,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="timing budget per case in seconds; rounds adapt to it, at least 3, at most 20 (default: 1)",
     )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads during the sweep (default: 1 on CPU, as torch.utils.benchmark.Timer: "
+        "waking a thread pool costs more than a small case; unchanged on CUDA)",
+    )
     parser.add_argument("--no-accuracy", action="store_true", help="skip the comparison with the float64 oracle")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON and table only")
     return parser
@@ -213,6 +229,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         parser.error(f"--head-dim {args.head_dim} must divide --hidden {hidden} (heads = hidden / head-dim)")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
+    problem = _unwritable(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     return Config(
         device=device,
         dtype=args.dtype or DTYPES[defaults["dtype"]],
@@ -225,7 +244,28 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         cell_seconds=args.cell_seconds,
         accuracy=not args.no_accuracy,
         plots=not args.no_plots,
+        threads=args.threads or (1 if torch.device(device).type == "cpu" else None),
     )
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why the report cannot be written to folder ``out`` (creating it if missing), or ``None``.
+
+    Checked before the sweep starts, by creating the folder and a probe file in it, so a bad
+    ``--out`` is a usage error instead of a traceback after minutes of measuring.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and Path(error.filename) != out else ""
+        return f"cannot create the folder: {error.strerror or error}{where}"
+    probe = out / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return f"cannot write files in it: {error.strerror or error}"
+    return None
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -239,15 +279,16 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def _guarded(device: str, body: Callable[[], Cell]) -> Cell:
-    """``body()``, with running out of memory (or any other failure) recorded, not raised."""
+    """``body()``, with running out of memory (or any other failure) recorded, not raised.
+    Ctrl-C passes straight through (no clean-up on the way out: the sweep is stopping)."""
     try:
-        return body()
+        cell = body()
     except Exception as error:
         status = "oom" if _is_oom(error) else "error"
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return Cell(status, f"{type(error).__name__}: {message}"[:300])
-    finally:
-        free_cached_memory(device)
+        cell = Cell(status, f"{type(error).__name__}: {message}"[:300])
+    free_cached_memory(device)
+    return cell
 
 
 def time_cell(config: Config, workload: Workload) -> Cell:
@@ -328,16 +369,21 @@ def accuracy_cell(config: Config, impl: str, seq_len: int) -> Cell:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU model and how many CPUs this process may run on (the threads
+    the sweep used are ``cpu_threads`` in the metadata)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                    model = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
-    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"CPU: {model} ({cpus} CPUs)"
 
 
 def metadata(config: Config) -> dict[str, object]:
@@ -351,6 +397,7 @@ def metadata(config: Config) -> dict[str, object]:
         "seq_lens": list(config.seq_lens),
         "impls": list(config.impls),
         "batch": config.batch,
+        "cpu_threads": torch.get_num_threads(),
         "hidden": config.hidden,
         "num_heads": config.num_heads,
         "head_dim": config.head_dim,
@@ -369,16 +416,28 @@ def run_sweep(
     progress: Callable[[str], None] | None = None,
     partial: Callable[[dict[str, object]], None] | None = None,
 ) -> dict[str, object]:
-    """Measure every (implementation, length), shortest lengths first. ``progress(label)`` is
-    called before each step, ``partial(result_so_far)`` after each (implementation, length)."""
+    """Measure every (implementation, length), shortest lengths first, with ``config.threads``
+    torch threads (restored after). ``progress(label)`` is called before each step,
+    ``partial(result_so_far)`` before the first (implementation, length) and after each."""
+    with cpu_threads(config.threads):
+        return _sweep(config, progress, partial)
+
+
+def _sweep(
+    config: Config,
+    progress: Callable[[str], None] | None,
+    partial: Callable[[dict[str, object]], None] | None,
+) -> dict[str, object]:
     started = time.perf_counter()
     meta = metadata(config)
     cells: list[dict[str, object]] = []
 
     def result(complete: bool) -> dict[str, object]:
         wall = time.perf_counter() - started
-        return {"schema": 1, "meta": {**meta, "wall_s": wall, "complete": complete}, "cells": cells}
+        return {"schema": 1, "meta": {**meta, "wall_s": wall, "complete": complete}, "cells": list(cells)}
 
+    if partial:  # replaces a report a previous run left in the folder
+        partial(result(complete=False))
     for seq_len in config.seq_lens:
         for impl in config.impls:
             row: dict[str, object] = {"impl": impl, "seq_len": seq_len, "batch": config.batch}
@@ -400,7 +459,12 @@ def steps(config: Config) -> int:
     return len(config.seq_lens) * len(config.impls) * (len(DIRECTIONS) + int(config.accuracy))
 
 
+#: Exit status after Ctrl-C, as a shell reports a process killed by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_profiler_logs()  # before the first profiled call (CPU peak memory)
     config = parse_args(argv)
     # flex runs eager off CUDA on purpose (compiling per shape on a CPU costs more than the sweep).
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -409,25 +473,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import report
 
-    config.out.mkdir(parents=True, exist_ok=True)
-    columns = [TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("starting", total=steps(config))
-        done = 0
+    report_json = config.out / "report.json"
+    total = len(config.seq_lens) * len(config.impls)
+    written = 0  # cells in report.json as it stands on disk
 
-        def advance(label: str) -> None:
-            nonlocal done
-            bar.update(task, completed=done, description=label)
-            done += 1
-
+    def save_partial(result: dict[str, object]) -> None:
         # report.json after every row: a run cut short still leaves its figures, and
         # `python -m attention.bench.report report.json` renders them.
-        result = run_sweep(config, advance, partial=lambda r: report.write(r, config.out, plots=False))
-        bar.update(task, completed=done, description="done")
-    paths = report.write(result, config.out, plots=config.plots)
-    console = Console(record=True, width=max(Console().width, 180))
-    report.print_table(result, console)
-    paths.append(report.save_table(console, config.out))
+        nonlocal written
+        report.write(result, config.out, plots=False)
+        written = len(result["cells"])
+
+    columns = [TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            task = bar.add_task("starting", total=steps(config))
+            done = 0
+
+            def advance(label: str) -> None:
+                nonlocal done
+                bar.update(task, completed=done, description=label)
+                done += 1
+
+            try:
+                result = run_sweep(config, advance, partial=save_partial)
+            except KeyboardInterrupt:
+                bar.update(task, description="interrupted")  # the bar stops where it was
+                raise
+            bar.update(task, completed=done, description="done")
+        paths = report.write(result, config.out, plots=config.plots)
+        console = Console(record=True, width=max(Console().width, 180))
+        report.print_table(result, console)
+        paths.append(report.save_table(console, config.out))
+    except KeyboardInterrupt:
+        # Nothing slow after Ctrl-C (no plots, no table): the finished rows are on disk already.
+        print(
+            f"interrupted: partial report ({written} of {total} cells) in {report_json}; "
+            f"render it with: python -m attention.bench.report {report_json}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
     Console(stderr=True).print("wrote " + ", ".join(str(p) for p in paths))
     statuses = [row.get(key, {}).get("status") for row in result["cells"] for key in ("fwd", "fwd_bwd", "accuracy")]
     return 1 if "error" in statuses else 0

@@ -12,7 +12,8 @@ starts with a cold cache, as triton's ``do_bench`` does and as the anchors of do
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -57,6 +58,25 @@ class CudaEventClock:
         self._total_s += self._start.elapsed_time(event) / 1e3
         self._start = None
         return self._total_s
+
+
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[int]:
+    """Run the body with ``torch.set_num_threads(count)`` (``None``: leave it), restoring the previous
+    count after; yields the count in effect.
+
+    CPU cases are best timed on one thread, as ``torch.utils.benchmark.Timer`` does by default: on
+    a small machine waking the intra-op pool costs more than a short op (SDPA at T=64 on 2 cores:
+    8.0 ms with 2 threads, 0.062 ms with one), so multi-threaded timings come out as multiples of
+    the scheduler's tick instead of the attention's cost.
+    """
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def perf_counter_clock() -> float:

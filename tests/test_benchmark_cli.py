@@ -1,0 +1,143 @@
+"""The benchmark CLI as a user meets it: Ctrl-C, the thread count it times with, and a clean
+screen (no profiler logging). Measurements are stood in for where only the control flow matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention.bench import report, sweep
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: 2 lengths x 3 implementations = 6 rows ("cells" of report.json).
+TINY = ["--device", "cpu", "--seq-lens", "32", "64", "--hidden", "64", "--head-dim", "32", "--cell-seconds", "0.01"]
+
+
+def _stand_in_cells(monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None) -> list[tuple]:
+    """Replace the measurements with instant ones; Ctrl-C arrives at measurement ``interrupt_at``."""
+    calls: list[tuple] = []
+
+    def step(what: tuple) -> sweep.Cell:
+        calls.append(what)
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return sweep.Cell("skipped", "stand-in")
+
+    monkeypatch.setattr(sweep, "time_cell", lambda config, w: step((w.impl, w.seq_len, w.backward)))
+    monkeypatch.setattr(sweep, "accuracy_cell", lambda config, impl, seq_len: step((impl, seq_len, "accuracy")))
+    return calls
+
+
+def _nothing_slow_after_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(*args, **kwargs):
+        raise AssertionError("plots or table rendered after Ctrl-C")
+
+    for name in ("plot_time", "plot_throughput", "plot_memory", "plot_accuracy", "print_table"):
+        monkeypatch.setattr(report, name, slow)
+
+
+def _main(argv: list[str]) -> int:
+    """``sweep.main(argv)``; Ctrl-C escaping it (a traceback for the user) fails the test, not the session."""
+    try:
+        return sweep.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped sweep.main: the user gets a traceback")
+
+
+def _interrupted_line(out: Path, done: int) -> str:
+    path = out / "report.json"
+    return (
+        f"interrupted: partial report ({done} of 6 cells) in {path}; "
+        f"render it with: python -m attention.bench.report {path}"
+    )
+
+
+def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_rows(tmp_path, monkeypatch, capsys):
+    calls = _stand_in_cells(monkeypatch, interrupt_at=4)  # row 1: fwd, fwd+bwd, accuracy; then Ctrl-C
+    _nothing_slow_after_ctrl_c(monkeypatch)
+
+    assert _main([*TINY, "--out", str(tmp_path)]) == 130
+
+    assert len(calls) == 4  # stopped at once: no further case was started
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert [line for line in err.splitlines() if "interrupted:" in line] == [_interrupted_line(tmp_path, 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert result["meta"]["complete"] is False
+    assert [(c["impl"], c["seq_len"]) for c in result["cells"]] == [("from_scratch", 32)]
+    assert result["cells"][0]["fwd"]["reason"] == "stand-in"
+
+
+def test_ctrl_c_before_the_first_row_replaces_an_old_report(tmp_path, monkeypatch, capsys):
+    (tmp_path / "report.json").write_text('{"cells": ["from an earlier run"]}')
+    _stand_in_cells(monkeypatch, interrupt_at=1)
+    _nothing_slow_after_ctrl_c(monkeypatch)
+
+    assert _main([*TINY, "--out", str(tmp_path)]) == 130
+
+    assert _interrupted_line(tmp_path, 0) in capsys.readouterr().err.splitlines()
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert result["cells"] == [] and result["meta"]["complete"] is False
+
+
+def test_ctrl_c_while_drawing_plots_stops_at_once(tmp_path, monkeypatch, capsys):
+    _stand_in_cells(monkeypatch)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_time", interrupted)
+    monkeypatch.setattr(report, "print_table", lambda *a, **k: pytest.fail("table printed after Ctrl-C"))
+
+    assert _main([*TINY, "--no-accuracy", "--out", str(tmp_path)]) == 130
+
+    assert _interrupted_line(tmp_path, 6) in capsys.readouterr().err.splitlines()
+    assert len(json.loads((tmp_path / "report.json").read_text())["cells"]) == 6
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], 1), (["--threads", "3"], 3)])
+def test_cpu_cases_run_with_the_configured_threads_which_are_restored(tmp_path, monkeypatch, flag, expected):
+    seen: list[int] = []
+
+    def time_cell(config, workload):
+        seen.append(torch.get_num_threads())
+        return sweep.Cell("skipped", "stand-in")
+
+    monkeypatch.setattr(sweep, "time_cell", time_cell)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = sweep.parse_args([*TINY, "--no-accuracy", "--impl", "sdpa", *flag, "--out", str(tmp_path)])
+        result = sweep.run_sweep(config)
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
+    assert config.threads == expected
+    assert seen == [expected] * 4  # 2 lengths x (fwd, fwd+bwd)
+    assert result["meta"]["cpu_threads"] == expected
+
+
+def test_cli_screen_has_no_profiler_logging(tmp_path):
+    """The CPU peak-memory profiler's kineto logs (USDT profiler_start/stop per call, and on some
+    builds ERROR ... gpuGetDeviceCount failed) must not reach the user's terminal."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    command = [sys.executable, "-m", "attention.bench", *TINY, "--impl", "sdpa", "from_scratch"]
+    command += ["--no-accuracy", "--no-plots", "--out", str(tmp_path)]
+
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    screen = done.stdout + done.stderr
+    assert done.returncode == 0, screen
+    for noise in ("USDT", "profiler_start", "gpuGetDeviceCount", "Traceback", "Warning"):
+        assert noise not in screen, screen
+    result = json.loads((tmp_path / "report.json").read_text())
+    peaks = [c[d]["figures"]["peak_bytes"] for c in result["cells"] for d in ("fwd", "fwd_bwd")]
+    assert len(peaks) == 8 and all(p > 0 for p in peaks)  # the profiler still measured, quietly
+    assert result["meta"]["cpu_threads"] == 1
