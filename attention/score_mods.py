@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Real
 
 import torch
 from torch import Tensor
 
+from . import checks
 from .masks import Parameterised
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -43,11 +43,7 @@ class Alibi(Parameterised):
     additive = True
 
     def __init__(self, num_heads: int) -> None:
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-            raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-        self._set(num_heads=num_heads)  # checked against the module's num_heads
+        self._set(num_heads=checks.integer("num_heads", num_heads))  # checked against the module's num_heads
 
     def _params(self) -> tuple:
         return (self.num_heads,)
@@ -63,11 +59,7 @@ class TanhSoftcap(Parameterised):
     _kind = "tanh_softcap"
 
     def __init__(self, cap: float) -> None:
-        if isinstance(cap, bool) or not isinstance(cap, Real):
-            raise TypeError(f"cap must be a float, got {type(cap).__name__}")
-        if not (cap > 0 and math.isfinite(cap)):
-            raise ValueError(f"cap must be a finite number > 0, got {cap}")
-        self._set(cap=float(cap))
+        self._set(cap=checks.real("cap", cap, lambda c: c > 0 and math.isfinite(c), "a finite number > 0"))
 
     def _params(self) -> tuple:
         return (self.cap,)
