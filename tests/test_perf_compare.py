@@ -125,3 +125,13 @@ def test_spread_counts_cases_a_cut_run_missed():
     assert per_case[A]["runs"] == 3 and per_case[C]["runs"] == 2
     only_one = make_run({A: {"median": 1e-3}, "core-new-case": {"median": 1e-3}})
     assert "core-new-case" not in cmp.spread([only_one, full[0]])  # one sample is no spread
+
+
+def test_a_missing_scipy_is_said_in_the_verdict(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    base = make_run({"core-sdpa-bf16-fwd-B4-T4096-H32-D64": {"median": 1e-3, "data": samples(1e-3)}})
+    result = cmp.compare(base, base)
+    assert any("scipy is not installed" in w for w in result.warnings)

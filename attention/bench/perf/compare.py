@@ -17,6 +17,7 @@ Threshold policy (perf/README.md has the why):
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import math
 import statistics
@@ -142,6 +143,8 @@ def compare(baseline: Run, current: Run, thresholds: dict | None = None) -> Comp
     """Every verdict for ``current`` against ``baseline`` (comparability is the caller's check)."""
     thresholds = thresholds or load_thresholds(None)
     result = Comparison()
+    if importlib.util.find_spec("scipy") is None:
+        result.warnings.append("scipy is not installed: slower medians are judged on the ratio alone, untested")
     result.missing = sorted(set(baseline.records) - set(current.records))
     result.new = sorted(set(current.records) - set(baseline.records))
     for key, rec in current.records.items():
