@@ -22,6 +22,15 @@ from .kv_cache import KVCache
 from .masks import MaskMod, PerDocument, and_masks, causal, check_mask_mod, dense_mask, document, prefix_length
 from .score_mods import ScoreMod
 
+#: The pattern attributes that are checked properties (see AttentionBase.__setattr__).
+_PATTERN_ATTRS = ("mask_mod", "score_mod")
+
+
+def _declares(capability: object) -> bool:
+    """A capability's answer: the class method's, or a plain bool class attribute (how plugins
+    written before capabilities became class methods declare ``supports_dropout = False``)."""
+    return bool(capability()) if callable(capability) else bool(capability)
+
 
 def _fn_name(fn: object) -> str:
     """A mask or score mod's name for messages: its ``__name__``, else its type's."""
@@ -75,8 +84,8 @@ class AttentionBase(nn.Module):
         self.kv_dim = num_kv_heads * self.head_dim
         self.context_length = context_length
         self.dropout = float(dropout)
-        self._mask_mod = mask_mod  # checked above; the properties check later reassignments
-        self._score_mod = score_mod
+        self._store("mask_mod", mask_mod)  # checked above; the properties check later reassignments
+        self._store("score_mod", score_mod)
         self._patterns_changed()
         self.qkv = nn.Linear(d_in, d_out + 2 * self.kv_dim, bias=qkv_bias)  # q, k, v stacked
         self.proj = nn.Linear(d_out, d_out)
@@ -163,24 +172,54 @@ class AttentionBase(nn.Module):
     @property
     def mask_mod(self) -> MaskMod:
         """The attention pattern; assigning a new one checks it and drops what was built from the old."""
-        return self._mask_mod
+        return self._load("mask_mod")
 
     @mask_mod.setter
     def mask_mod(self, mask_mod: MaskMod) -> None:
         check_mask_mod(mask_mod)
-        self._mask_mod = mask_mod
+        self._store("mask_mod", mask_mod)
         self._patterns_changed()
 
     @property
     def score_mod(self) -> ScoreMod | None:
         """The score modifier or ``None``; assigning a new one checks it as the constructor does."""
-        return self._score_mod
+        return self._load("score_mod")
 
     @score_mod.setter
     def score_mod(self, score_mod: ScoreMod | None) -> None:
         self._check_score_mod(score_mod, self.num_heads)
-        self._score_mod = score_mod
+        self._store("score_mod", score_mod)
         self._patterns_changed()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # nn.Module.__setattr__ takes any Module value for itself (registers a child) and would
+        # never reach the checking properties: a learned score mod would be silently ignored.
+        if name in _PATTERN_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _store(self, name: str, value: object) -> None:
+        """A pattern that is a Module (a learned bias) is a child under its own name, so its
+        parameters train, save as ``score_mod.*`` and move with ``.to()``; anything else is a
+        plain attribute ``_<name>``."""
+        self._modules.pop(name, None)
+        self.__dict__.pop(f"_{name}", None)
+        if isinstance(value, nn.Module):
+            self._modules[name] = value
+        else:
+            self.__dict__[f"_{name}"] = value
+
+    def _load(self, name: str) -> object:
+        return self._modules[name] if name in self._modules else self.__dict__[f"_{name}"]
+
+    def __setstate__(self, state: dict) -> None:
+        # Modules pickled before mask_mod and score_mod became checked properties held them as
+        # plain attributes under their own names.
+        for name in _PATTERN_ATTRS:
+            if name in state:
+                state[f"_{name}"] = state.pop(name)
+        super().__setstate__(state)
 
     def _patterns_changed(self) -> None:
         """Called whenever ``mask_mod`` or ``score_mod`` is set: an implementation that caches
@@ -273,7 +312,7 @@ class AttentionBase(nn.Module):
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         checks.real("dropout", dropout, lambda p: 0.0 <= p < 1.0, "in [0, 1)")
-        if dropout > 0 and not self.supports_dropout():
+        if dropout > 0 and not _declares(self.supports_dropout):
             raise ValueError(f"{type(self).__name__} does not support dropout; got dropout={dropout}")
         checks.boolean("qkv_bias", qkv_bias)
         check_mask_mod(mask_mod)

@@ -13,6 +13,7 @@ Two costs shape this module (the second is docs/design.md#recompile-limit):
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -89,9 +90,13 @@ def _closure_key(value: object, depth: int) -> object:
     code = getattr(value, "__code__", None)
     if code is not None:
         return (code, *(_closure_key(cell.cell_contents, depth + 1) for cell in value.__closure__ or ()))
+    if isinstance(value, functools.partial):  # its parameters live in slots, not in __dict__
+        keywords = tuple((k, _closure_key(v, depth + 1)) for k, v in sorted(value.keywords.items()))
+        return (functools.partial, _closure_key(value.func, depth + 1), _closure_key(value.args, depth + 1), keywords)
     params = getattr(value, "__dict__", None)
-    if callable(value) and isinstance(params, dict):  # a callable object: its type and parameters
-        return (type(value), *((k, _closure_key(v, depth + 1)) for k, v in sorted(params.items())))
+    if callable(value) and params:  # a callable object: its type and (public) parameters
+        public = sorted((k, v) for k, v in params.items() if not k.startswith("_"))
+        return (type(value), *((k, _closure_key(v, depth + 1)) for k, v in public))
     if callable(value):
         return (type(value), id(value))  # no parameters to compare, so itself
     return type(value)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import and_masks
+from torch.nn.attention.flex_attention import and_masks as _torch_and_masks
 
 from . import checks
 
@@ -153,6 +153,16 @@ def prefix_length(mask_mod: MaskMod) -> int:
     return getattr(mask_mod, "prefix_len", 0)
 
 
+def and_masks(*mask_mods: MaskMod) -> MaskMod:
+    """Every one of ``mask_mods`` holds (flex's ``and_masks``), keeping the longest bidirectional
+    prefix among them (:func:`prefix_length`), so a KV cache still refuses to split it."""
+    combined = _torch_and_masks(*mask_mods)
+    prefix = max((prefix_length(m) for m in mask_mods), default=0)
+    if prefix:
+        combined.prefix_len = prefix
+    return combined
+
+
 def document(document_ids: Tensor) -> MaskMod:
     """Packed sequences: a query sees only keys of its own document.
 
@@ -188,14 +198,21 @@ class PerDocument:
             raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
         if document_ids.dim() != 2 or document_ids.shape[1] < 1:
             raise ValueError(f"document_ids must have shape (batch, tokens), got {tuple(document_ids.shape)}")
-        self.mask_mod = mask_mod
-        self.document_ids = document_ids  # (B, T)
-        self.starts = document_starts(document_ids)  # (B, T)
+        # Frozen, and the ids copied: flex caches BlockMasks per module, so ids changed in place
+        # or a swapped pattern would keep attending with the old ones.
+        document_ids = document_ids.clone()  # (B, T)
+        starts = document_starts(document_ids)  # (B, T)
+        object.__setattr__(self, "mask_mod", mask_mod)
+        object.__setattr__(self, "document_ids", document_ids)
+        object.__setattr__(self, "starts", starts)
+        # Positions where a KV cache may not end (some document's prefix continues past them),
+        # worked out once here so a cached call does not sync the GPU to ask.
+        local = torch.arange(document_ids.shape[1], device=document_ids.device) - starts  # (B, T)
+        inside = ((local > 0) & (local < prefix_length(mask_mod))).any(dim=0)  # (T,)
+        object.__setattr__(self, "_split_forbidden", inside.cpu().tolist())
 
-    @property
-    def device(self) -> torch.device:
-        """Where the ids live; :func:`check_mask_mod` probes there."""
-        return self.document_ids.device
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("per_document patterns are frozen; make a new one with per_document(mask_mod, ids)")
 
     @property
     def __name__(self) -> str:
@@ -212,11 +229,7 @@ class PerDocument:
     def prefix_split_at(self, pos: int) -> bool:
         """Whether a KV cache ending at ``pos`` cuts some document inside its bidirectional prefix
         (see :func:`prefix_length`): a query before ``pos`` would have missed a prefix key after it."""
-        prefix_len = prefix_length(self.mask_mod)
-        if prefix_len == 0 or not 0 < pos < self.document_ids.shape[1]:
-            return False
-        local = pos - self.starts[:, pos]  # (B,) position of token pos within its document
-        return bool(((local > 0) & (local < prefix_len)).any())
+        return 0 < pos < len(self._split_forbidden) and self._split_forbidden[pos]
 
 
 def per_document(mask_mod: MaskMod, document_ids: Tensor) -> MaskMod:
@@ -280,6 +293,26 @@ def dense_mask(
     return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
 
 
+def _tensor_device(fn: object, depth: int = 0) -> torch.device:
+    """Where the tensors a pattern closes over live (document ids on a GPU), so the probe's index
+    tensors meet them there; the CPU if it holds none."""
+    if isinstance(fn, Tensor):
+        return fn.device
+    if depth > 8:
+        return torch.device("cpu")
+    if isinstance(fn, (tuple, list)):
+        parts = fn
+    elif getattr(fn, "__closure__", None):
+        parts = [cell.cell_contents for cell in fn.__closure__]
+    else:
+        parts = list(getattr(fn, "__dict__", {}).values())
+    for part in parts:
+        device = _tensor_device(part, depth + 1)
+        if device.type != "cpu":
+            return device
+    return torch.device("cpu")
+
+
 def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
     """Refuse, before any work, a ``mask_mod`` that cannot be called as ``(b, h, q_idx, kv_idx)``
     (``TypeError``) or whose result is no bool tensor (``TypeError``) broadcastable to the grid of
@@ -288,7 +321,7 @@ def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
 
     It is called once on tiny index tensors, ``q_idx`` ``(1, 1, 2, 1)`` and ``kv_idx``
     ``(1, 1, 1, 2)``, all zeros so that a pattern indexing a tensor by position stays in range,
-    on the CPU unless the pattern names another ``device`` (as :func:`per_document` does).
+    on the device of the tensors the pattern holds (document ids), else the CPU.
     """
     signature = "(b, h, q_idx, kv_idx)"
     checks.function(name, mask_mod, signature)
@@ -302,11 +335,16 @@ def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
             params.bind(0, 0, 0, 0)
         except TypeError:
             raise TypeError(f"{name} must be callable{signature}, got {label}{params}") from None
-    device = getattr(mask_mod, "device", "cpu")
+    device = _tensor_device(mask_mod)
     zero = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=device)  # (1, 1, 1, 1)
     q_idx = torch.zeros((1, 1, 2, 1), dtype=torch.long, device=device)  # (1, 1, 2, 1)
     kv_idx = torch.zeros((1, 1, 1, 2), dtype=torch.long, device=device)  # (1, 1, 1, 2)
-    result = mask_mod(zero, zero, q_idx, kv_idx)
+    try:
+        result = mask_mod(zero, zero, q_idx, kv_idx)
+    except Exception as exc:
+        raise TypeError(
+            f"{name} {label} raised {type(exc).__name__} when called on index tensors on {device}: {exc}"
+        ) from exc
     if not isinstance(result, Tensor) or result.dtype != torch.bool:
         got = result.dtype if isinstance(result, Tensor) else type(result).__name__
         raise TypeError(f"{name} must return a bool tensor, got {got}")

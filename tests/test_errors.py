@@ -270,3 +270,12 @@ def test_gradient_where_the_backend_has_no_backward(impl_name: str) -> None:
         module(_x(1, 3, 6))
     with torch.no_grad():  # the advertised way out works
         assert module(_x(1, 3, 6)).shape == (1, 3, 8)
+
+
+def test_a_plugin_declaring_supports_dropout_as_a_bool_attribute_still_works():
+    class Legacy(attention.get("sdpa")):
+        supports_dropout = False  # how capabilities were declared before they were class methods
+
+    with pytest.raises(ValueError, match=re.escape("Legacy does not support dropout; got dropout=0.25")):
+        Legacy(8, 8, 2, 8, dropout=0.25)
+    assert Legacy(8, 8, 2, 8).dropout == 0.0

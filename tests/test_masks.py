@@ -604,3 +604,54 @@ def test_sliding_window_convention():
         q, kv = torch.arange(12).view(-1, 1), torch.arange(12).view(1, -1)
         attention_gym = (q >= kv) & (q - kv <= w - 1)  # generate_sliding_window(w - 1)
         assert torch.equal(mask, attention_gym)
+
+
+# -- patterns that hold tensors, combine, or come from functools.partial ------------------------
+
+
+def test_per_document_is_frozen_and_keeps_its_own_ids():
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    pattern = masks.per_document(masks.prefix_lm(2), ids)
+    before = dense_mask(pattern, 1, 1, 6, 6, "cpu").clone()  # (1, 1, 6, 6)
+    ids.fill_(0)  # the caller reuses its buffer for the next batch
+    assert torch.equal(dense_mask(pattern, 1, 1, 6, 6, "cpu"), before)
+    with pytest.raises(AttributeError, match="frozen"):
+        pattern.document_ids = ids
+
+
+def test_and_masks_keeps_the_bidirectional_prefix_so_a_cache_cannot_split_it():
+    ids = torch.zeros(1, 8, dtype=torch.long)  # (1, 8)
+    combined = masks.and_masks(masks.prefix_lm(4), masks.document(ids))
+    assert masks.prefix_length(combined) == 4 and masks.prefix_length(masks.and_masks(masks.causal)) == 0
+    module = attention.get("sdpa")(8, 8, 2, 8, mask_mod=combined).eval()
+    cache = module.make_kv_cache(1, 8)
+    with torch.no_grad():
+        module(torch.randn(1, 2, 8), kv_cache=cache)
+        with pytest.raises(ValueError, match="prefix_len=4"):
+            module(torch.randn(1, 2, 8), kv_cache=cache)
+
+
+def test_the_construction_probe_runs_where_the_pattern_s_tensors_live():
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")  # stands in for ids on a GPU
+    masks.check_mask_mod(masks.and_masks(masks.causal, masks.document(ids)))  # no device mismatch
+    masks.check_mask_mod(masks.per_document(masks.causal, torch.zeros(2, 5, dtype=torch.long)))
+
+
+def test_a_pattern_that_raises_when_probed_is_a_type_error_naming_it():
+    def broken(b, h, q_idx, kv_idx):
+        raise IndexError("index 7 is out of bounds")
+
+    with pytest.raises(TypeError, match=r"mask_mod broken raised IndexError when called on index tensors"):
+        masks.check_mask_mod(broken)
+
+
+def test_partials_of_one_function_get_their_own_compile_keys():
+    import functools
+
+    from attention.flex import pattern_key
+
+    def band(b, h, q_idx, kv_idx, w):
+        return (q_idx - kv_idx >= 0) & (q_idx - kv_idx < w)
+
+    keys = {pattern_key(functools.partial(band, w=w)) for w in (2, 3, 4)}
+    assert len(keys) == 3 and pattern_key(functools.partial(band, w=2)) == pattern_key(functools.partial(band, w=2))

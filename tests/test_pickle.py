@@ -147,3 +147,15 @@ def test_compile_keys_follow_parameters():
         masks.per_document(masks.prefix_lm(3), ids)
     )
     pickle.dumps(pattern_key(masks.sliding_window(4)))  # no code objects in a built-in's key
+
+
+def test_a_module_pickled_before_patterns_became_properties_still_loads():
+    module = attention.get("sdpa")(8, 8, 2, 8, mask_mod=masks.sliding_window(3)).eval()
+    state = module.__getstate__()
+    state["mask_mod"] = state.pop("_mask_mod")  # the older layout: plain attributes
+    state["score_mod"] = state.pop("_score_mod")
+    old = attention.get("sdpa").__new__(attention.get("sdpa"))
+    old.__setstate__(state)
+    x = torch.randn(1, 5, 8)  # (B, T, d_in)
+    with torch.no_grad():
+        assert old.mask_mod == masks.sliding_window(3) and torch.equal(old(x), module(x))

@@ -272,3 +272,31 @@ def test_fp16_scores_that_overflow_before_scaling(data, impl_name):
         exact = copy.deepcopy(module).double().attention_weights(x.double())  # (B, H, T, T) float64
         assert torch.isfinite(weights).all(), "NaN or inf in attention_weights"
         assert_matches_oracle(weights, exact, math_weights, what="fp16 attention_weights, vs math attention")
+
+
+class LearnedBias(torch.nn.Module):
+    """A score mod with a parameter: a learned slope per head on the query-key distance."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(num_heads))
+
+    def forward(self, score, b, h, q_idx, kv_idx):
+        return score + self.bias[h] * (kv_idx - q_idx)
+
+
+def test_a_module_score_mod_is_used_trained_and_saved_when_assigned():
+    torch.manual_seed(0)
+    module = attention.get("from_scratch")(8, 8, 2, 6).eval()
+    x = torch.randn(1, 6, 8)  # (B, T, d_in)
+    plain = module(x)  # (1, 6, 8)
+    bias = LearnedBias(2)
+    module.score_mod = bias  # nn.Module.__setattr__ alone would register it and never check or use it
+    assert module.score_mod is bias and "score_mod.bias" in module.state_dict()
+    biased = module(x)
+    assert not torch.allclose(biased, plain)
+    assert_module_matches_oracle(module, x, biased, what="learned score mod output")
+    biased.sum().backward()
+    assert bias.bias.grad is not None and torch.isfinite(bias.bias.grad).all()
+    module.score_mod = score_mods.generate_tanh_softcap(5.0)  # a function after a Module
+    assert "score_mod.bias" not in module.state_dict() and module.score_mod.cap == 5.0
