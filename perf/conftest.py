@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,8 @@ class PerfState:
     ab_cases: list = field(default_factory=list)  # (case, head samples, extra_info) per timed case
     ab_refused: list = field(default_factory=list)  # (case, why) the base revision could not build
     ab_report: ab.ABReport | None = None
+    ab_not_compared: list = field(default_factory=list)  # (case, why) selected but not compared
+    previous_sigterm: object = None
 
     def write(self, entry: dict) -> None:
         if self.log is None:
@@ -154,6 +157,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
+    for option, flag in (("benchmark_disable", "--benchmark-disable"), ("benchmark_skip", "--benchmark-skip")):
+        if config.getoption(option, False):
+            raise pytest.UsageError(f"--perf-compare-rev times both revisions; {flag} times nothing")
+    if config.getoption("benchmark_disable_gc", False):
+        raise pytest.UsageError("--benchmark-disable-gc applies to the head side only: the A/B would be lopsided")
+    if getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
+        # pytest-benchmark disables itself under xdist: nothing would be timed, and both sides of a
+        # case must share one process and one GPU.
+        raise pytest.UsageError("--perf-compare-rev cannot run under pytest-xdist (-n): run it in one process")
     effects = config.getoption("--perf-min-effects") or HERE / "min_effects.json"
     try:
         state.min_effects = ab.load_min_effects(effects)
@@ -168,14 +180,21 @@ def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
         state.base = BaseRevision(rev, HERE)
     except RevisionError as exc:
         raise pytest.UsageError(f"--perf-compare-rev: {exc}") from None
+    config.stash[_STATE] = state  # from here on pytest_unconfigure removes the worktree
+    state.previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     state.machine["ab_base"] = state.base.label
     state.machine["ab_head"] = head_label(HERE)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    pytest.exit("terminated (SIGTERM): the A/B stops here", returncode=128 + signum)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     if state is not None and state.base is not None:
-        state.base.close()  # the worktree goes, on success, failure and Ctrl-C alike
+        state.base.close()  # the worktree goes, on success, failure, Ctrl-C and SIGTERM alike
+        signal.signal(signal.SIGTERM, state.previous_sigterm)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -251,6 +270,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if state is None or state.base is None:
         return
     warnings = machine.noise_warnings(state.gpu_start, machine.gpu_state(state.device))
+    seen = {key for key, *_ in (*state.ab_cases, *state.ab_not_compared, *state.ab_refused)}
+    selected = [
+        item.callspec.params["case"] for item in session.items if "case" in getattr(item, "callspec", {}).params
+    ]
+    missing = [(key, "never reached (the run was interrupted or stopped)") for key in selected if key not in seen]
+    refused = list(state.ab_refused)
+    if not state.ab_cases:  # a gate that compared nothing must not pass
+        refused.append(("all cases", "nothing was compared: every selected case was skipped, failed or not reached"))
     report = ab.report_from_cases(
         state.ab_cases,
         base_rev=state.base.label,
@@ -258,7 +285,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         gpu=state.machine.get("gpu_name") or state.device,
         min_effects=state.min_effects,
         base_only=state.base.only_in_base(),
-        refused=state.ab_refused,
+        refused=refused,
+        not_compared=[*state.ab_not_compared, *missing],
         warnings=warnings,
     )
     ab.write_outputs(report, state.ab_out)
@@ -317,6 +345,7 @@ def run_case(perf_state: PerfState):
         reason = case.skip_reason() or (_ab_memory_reason(case) if state.base else None)
         if reason:
             state.write(dict(entry, status="skipped", reason=reason))
+            state.ab_not_compared.append((case.case_id, f"skipped: {reason}"))
             pytest.skip(reason)
         try:
             if state.base is None:
@@ -330,9 +359,11 @@ def run_case(perf_state: PerfState):
         except torch.cuda.OutOfMemoryError as exc:
             est = case.estimated_peak_bytes() / 2**30
             state.write(dict(entry, status="failed", reason=f"out of memory: {exc}"))
+            state.ab_not_compared.append((case.case_id, f"failed: out of memory: {exc}"))
             pytest.fail(f"out of memory although ~{est:.1f} GiB was estimated to fit (fix the estimate): {exc}")
         except Exception as exc:
             state.write(dict(entry, status="failed", reason=f"{type(exc).__name__}: {exc}"))
+            state.ab_not_compared.append((case.case_id, f"failed: {type(exc).__name__}: {exc}"))
             raise
         problems = guards.check(info, state.machine)
         info["guard_failures"] = problems

@@ -50,7 +50,8 @@ def test_compare_resolution_order(tmp_path):
         return flags.resolve_compare(value, baselines=baselines, storage=storage, machine=dict(H100))
 
     assert resolve(None) == flags.CompareTarget("baseline", path=baselines / H100["slug"] / "baseline.json")
-    assert resolve("7").kind == resolve("0007").kind == resolve("0007_abc").kind == "saved"
+    saved = str(storage / "Linux-CPython-3.12-64bit" / "0007_abc123_20261128.json")
+    assert resolve("7") == resolve("0007") == resolve("0007_abc") == flags.CompareTarget("saved", value=saved)
     assert resolve(str(tmp_path / "run.json")) == flags.CompareTarget("file", path=tmp_path / "run.json")
     assert resolve("main") == flags.CompareTarget("revision", value="main")
     assert resolve("8").kind == "revision"  # no saved run 0008: a revision (git says whether it exists)
@@ -97,6 +98,12 @@ def test_compare_fail_takes_median_percentages_only():
             flags.compare_fail_fraction([expr])
 
 
+def test_native_compare_fail_is_checked_before_the_grid_runs():
+    flags.check_native_compare_fail(["mean:5%", "min:0.001", "median:10"])
+    with pytest.raises(flags.FlagRefused, match="STAT:NUM"):
+        flags.check_native_compare_fail(["average:5%"])
+
+
 def test_compare_fail_replaces_the_baseline_thresholds(tmp_path, capsys):
     base = str(write_run(make_run({KEY: {"median": 1e-3}}, path="b.json"), tmp_path / "b.json"))
     slow = make_run({KEY: {"median": 1.2e-3}}, path="slow.json")
@@ -129,7 +136,7 @@ def test_an_ab_without_cuda_is_refused_within_seconds(tmp_path):
     cmd = [sys.executable, "-m", "attention.bench.perf", "--benchmark-compare=HEAD", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "the A/B times both revisions on a CUDA GPU; none here" in done.stdout
+    assert "--benchmark-compare=HEAD needs a CUDA GPU" in done.stdout
     assert time.perf_counter() - start < 30  # torch's import dominates; no case ran
     assert not (tmp_path / "run-1.json").exists()
 
@@ -319,3 +326,27 @@ def test_saved_runs_are_compared_on_gpu_and_torch_minor_only(monkeypatch):
     assert compare(run, dict(run, wall_s=95.0, copy_gbps=2990.0, gpu_state={"start": {}})) == []
     (warning,) = compare(run, dict(run, torch_minor="2.15"))
     assert "torch_minor" in warning and "2.15" in warning
+
+
+@needs_git
+def test_a_base_revision_that_cannot_run_a_case_fails_the_gate_and_says_so(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "checkout", "-q", "-b", "broken"], check=True)
+    sdpa = clone / "attention" / "sdpa.py"
+    broken = "    def _attend(*args, **kwargs):\n        raise RuntimeError('broken base')\n\n    def _old_attend("
+    sdpa.write_text(sdpa.read_text().replace("    def _attend(", broken, 1))
+    subprocess.run([*git, "commit", "-q", "-am", "a base that cannot attend"], check=True)
+    subprocess.run([*git, "checkout", "-q", "-"], check=True)
+    cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "-q", "--perf-device=cpu"]
+    cmd += ["--perf-grid=tiny", "-k", "core-sdpa-fp32-fwd-B4-T64", "--perf-budget=0.02"]
+    cmd += ["--perf-compare-rev=broken", f"--perf-ab-out={tmp_path}"]
+    env = dict(_env(), PYTHONPATH=str(clone))
+    done = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-3000:]
+    doc = json.loads((tmp_path / "ab.json").read_text())
+    assert doc["failed"] and any("cannot build it: RuntimeError: broken base" in r for r in doc["refused"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "could not build" in summary and "❌" in summary
+    assert "REFUSED:" in done.stdout

@@ -388,6 +388,9 @@ def summary_markdown(report: ABReport) -> str:
                 n = sum(1 for v in verdicts if v.interval and _graph_timed(v) == graphed)
                 lines.append(f"- {label} cases ({n}): detectable ±{_pct(by_mode[0])} median, ±{_pct(by_mode[1])} worst")
         lines.append("")
+    if report.refused:
+        lines += ["**The base revision could not build** (the gate fails):", ""]
+        lines += [*(f"- {r}" for r in report.refused), ""]
     if report.warnings:
         lines += ["**Warnings**", "", *(f"- {w}" for w in report.warnings), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -444,11 +447,15 @@ def report_from_cases(
     level: float = DEFAULT_LEVEL,
     base_only: Iterable[str] = (),
     refused: Iterable[tuple[str, str]] = (),
+    not_compared: Iterable[tuple[str, str]] = (),
     warnings: Iterable[str] = (),
 ) -> ABReport:
     """The report of an A/B run: ``cases`` are ``(key, head samples in seconds, extra_info)`` as
     the perf runner records them, the base side under ``extra_info["ab"]``; ``base_only`` names
-    what only the base revision has (listed, not failed)."""
+    what only the base revision has (listed, not failed); ``refused`` the cases the base could not
+    build (they fail the gate); ``not_compared`` the selected cases that were skipped, failed or
+    never reached, with why."""
+    cases = list(cases)
     min_effects = min_effects or MinEffects()
     verdicts = []
     for key, head, info in cases:
@@ -467,7 +474,16 @@ def report_from_cases(
     verdicts += [
         CaseVerdict(key, "base_only", None, min_effects.for_case(key), message="only in base") for key in base_only
     ]
-    return make_report(base_rev, head_rev, gpu, verdicts, level=level, warnings=warnings)
+    refused = [f"{key}: {why}" for key, why in refused]
+    notes = list(warnings)
+    notes += [f"not compared: {key}: {why}" for key, why in not_compared]
+    for key, _, info in cases:
+        base_mode = (info.get("ab") or {}).get("timing_mode")
+        if base_mode and base_mode != info.get("timing_mode"):
+            notes.append(f"{key}: base timed as {base_mode!r}, head as {info.get('timing_mode')!r}")
+    report = make_report(base_rev, head_rev, gpu, verdicts, level=level, warnings=notes)
+    report.refused = refused
+    return report
 
 
 def verdict_lines(report: ABReport) -> list[str]:
@@ -477,21 +493,28 @@ def verdict_lines(report: ABReport) -> list[str]:
         for v in sorted(report.verdicts, key=lambda v: (not v.failed, v.key))
         if v.status in ("regressed", "improved", "error") or v.memory_status in ("regressed", "improved")
     ]
+    lines += [f"REFUSED: {r}" for r in report.refused]
+    lines += [f"WARNING: {w}" for w in report.warnings]
     counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in report.counts().items() if n)
-    lines.append(
-        f"A/B {report.base_rev} -> {report.head_rev} on {report.gpu}: {'FAIL' if report.failed else 'PASS'} ({counts})"
-    )
+    verdict = "FAIL" if report.failed else "PASS"
+    lines.append(f"A/B {report.base_rev} -> {report.head_rev} on {report.gpu}: {verdict} ({counts})")
     return lines
 
 
 def write_outputs(report: ABReport, out: str | Path) -> list[Path]:
-    """``summary.md`` (also appended to ``$GITHUB_STEP_SUMMARY`` when set), ``ab.json`` (every
-    verdict) and ``ab.png`` (when matplotlib is installed) under ``out``."""
+    """``ab.png`` (when matplotlib is installed), ``summary.md`` (also appended to
+    ``$GITHUB_STEP_SUMMARY`` when set) and ``ab.json`` (every verdict) under ``out``; the plot
+    first, so what it could not draw is in the other two."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        written.append(plot_ratios(report, out / "ab.png"))
+    except ImportError:
+        report.warnings.append("matplotlib not installed: no ab.png (pip install 'attention[bench]')")
+    except Exception as exc:  # a plot must never cost the verdict
+        report.warnings.append(f"ab.png not drawn: {type(exc).__name__}: {exc}")
     markdown = summary_markdown(report)
-    written = [out / "summary.md", out / "ab.json"]
-    written[0].write_text(markdown)
     doc = {
         "base": report.base_rev,
         "head": report.head_rev,
@@ -503,12 +526,13 @@ def write_outputs(report: ABReport, out: str | Path) -> list[Path]:
         "refused": report.refused,
         "verdicts": [asdict(v) for v in report.verdicts],
     }
-    written[1].write_text(json.dumps(doc, indent=1) + "\n")
+    for name, text in (("summary.md", markdown), ("ab.json", json.dumps(doc, indent=1) + "\n")):
+        path = out / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        written.append(path)
     if step_summary := os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(step_summary, "a") as f:
             f.write(markdown + "\n")
-    try:
-        written.append(plot_ratios(report, out / "ab.png"))
-    except ImportError:
-        report.warnings.append("matplotlib not installed: no ab.png (pip install 'attention[bench]')")
     return written

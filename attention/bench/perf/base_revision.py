@@ -27,7 +27,9 @@ class BaseRevision:
         self.label = f"{rev} = {revision.describe(self.sha, self.repo)}"
         self._stack = ExitStack()
         try:
-            tree = self._stack.enter_context(revision.worktree(self.sha, self.repo))
+            # Held for a whole pytest session, which handles SIGINT itself; perf/conftest.py turns
+            # SIGTERM into a clean pytest exit, so close() runs then too.
+            tree = self._stack.enter_context(revision.worktree(self.sha, self.repo, signals=False))
             package = revision.load_package(tree / "attention", f"attention_base_{self.sha[:12]}")
             self._stack.callback(revision.forget_package, package.__name__)
             builtins = _builtins_of(package)

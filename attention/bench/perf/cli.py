@@ -209,14 +209,20 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
             raise flags.FlagRefused("--benchmark-compare-fail needs --benchmark-compare")
         return None
     value = None if args.benchmark_compare is True else args.benchmark_compare
-    info = machine.machine_info("cuda") if cuda else None
+    if not cuda:
+        what = f"={value}" if value else ""
+        raise PerfError(
+            f"--benchmark-compare{what} needs a CUDA GPU: perf numbers are compared on GPUs only; none here. "
+            "Without it the tiny CPU grid runs to show the machinery."
+        )
+    info = machine.machine_info("cuda")
     storage = Path(_storage(extra))
     target = flags.resolve_compare(value, baselines=Path(args.baselines), storage=storage, machine=info)
-    if target.kind != "saved":
+    if target.kind == "saved":
+        flags.check_native_compare_fail(args.benchmark_compare_fail)
+    else:
         flags.compare_fail_fraction(args.benchmark_compare_fail)  # refuse what the perf gates cannot judge
     if target.kind == "revision":
-        if not cuda:
-            raise PerfError(f"--benchmark-compare={value}: the A/B times both revisions on a CUDA GPU; none here")
         if args.record or args.repeat > 1:
             raise PerfError("--benchmark-compare=REV times two revisions: run it again for another A/B, record apart")
         base = revision.resolve(value, revision.repo_root(_find_perf_dir()))
@@ -254,7 +260,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     cuda = torch.cuda.is_available()
     target = _resolve(args, extra, cuda)
     out = _writable(Path(args.out or _default_out()))
-    for name in ("summary.md", "ab.json", "ab.png"):  # a previous run's verdicts must not pass for this one's
+    # A previous run's verdicts must not pass for this one's, nor its cases join this one's log.
+    for name in ("summary.md", "ab.json", "ab.png", "cases.jsonl", "pytest.log"):
         (out / name).unlink(missing_ok=True)
     if not cuda:
         _say(NO_CUDA)

@@ -83,6 +83,14 @@ def check_native(args: Sequence[str]) -> list[str]:
     return [f"{flag}: {why}" for flag, why in NOTED.items() if given(args, flag)]
 
 
+def check_native_compare_fail(exprs: Sequence[str]) -> None:
+    """pytest-benchmark's own ``--benchmark-compare-fail`` syntax, checked before the grid runs
+    (pytest-benchmark itself only complains after it)."""
+    for expr in exprs:
+        if not re.fullmatch(r"(min|max|mean|median|stddev|iqr):\d+(\.\d+)?%?", expr or ""):
+            raise FlagRefused(f"{COMPARE_FAIL}={expr}: pytest-benchmark expects STAT:NUM or STAT:NUM%, e.g. mean:5%")
+
+
 def compare_fail_fraction(exprs: Sequence[str]) -> float | None:
     """``--benchmark-compare-fail=median:5%`` -> 0.05, the change that fails a case; ``None`` if
     not given. The perf gates judge medians, relative to the other side: any other statistic or an
@@ -133,8 +141,9 @@ def resolve_compare(
     Revisions are checked by the caller (git), which knows the repository."""
     if value is None:
         return CompareTarget("baseline", path=_own_baseline(baselines, machine))
-    if saved_run(value, storage) is not None:
-        return CompareTarget("saved", value=value)
+    if (saved := saved_run(value, storage)) is not None:
+        # pytest-benchmark looks a number up in its own machine folder only; the file is unambiguous.
+        return CompareTarget("saved", value=str(saved))
     path = Path(value)
     if value.endswith(".json") or path.is_file():
         if not path.is_file():

@@ -163,12 +163,13 @@ def _signal_exception(signum: int) -> BaseException:
 
 
 @contextmanager
-def _unwinding_signals() -> Iterator[_Unwind]:
-    """Install :class:`_Unwind` for SIGINT and SIGTERM for the block; restore the previous handlers afterwards."""
+def _unwinding_signals(install: bool = True) -> Iterator[_Unwind]:
+    """Install :class:`_Unwind` for SIGINT and SIGTERM for the block; restore the previous handlers
+    afterwards. ``install=False``: the caller handles signals itself (the cleanup still holds none)."""
     unwind = _Unwind()
     try:
         # Python only lets the main thread set handlers; elsewhere the cleanup covers exceptions only.
-        if threading.current_thread() is threading.main_thread():
+        if install and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous = signal.getsignal(signum)
                 # Ignored on purpose (nohup, a background job) or set outside Python (cannot be restored): leave it.
@@ -195,7 +196,7 @@ def _remove_worktree(repo: Path, path: Path, tmp: Path) -> None:
 
 
 @contextmanager
-def worktree(rev: str, repo: Path, *, parent: Path | None = None) -> Iterator[Path]:
+def worktree(rev: str, repo: Path, *, parent: Path | None = None, signals: bool = True) -> Iterator[Path]:
     """Yield a temporary detached worktree of ``rev``: the base side of the A/B, without touching the user's checkout.
 
     ``git worktree add --detach`` creates no branch and leaves HEAD, the index and the working
@@ -203,10 +204,12 @@ def worktree(rev: str, repo: Path, *, parent: Path | None = None) -> Iterator[Pa
     directory, ``git worktree prune``), also on SIGINT/SIGTERM, which raise KeyboardInterrupt /
     SystemExit(128+signum) for the duration so this ``finally`` runs. Hooks are off for the
     checkout, so a user's post-checkout hook does not run against a throwaway tree.
+    ``signals=False`` leaves signal handling to the caller: one that holds the worktree for a long
+    run (a pytest session) must not have SIGTERM raised inside whatever it is doing.
     """
     root = repo_root(repo)
     sha = resolve(rev, root)
-    with _unwinding_signals() as unwind:
+    with _unwinding_signals(signals) as unwind:
         tmp: Path | None = None
         path = Path()
         try:
