@@ -55,7 +55,9 @@ def builtin_implementations() -> dict[str, type[AttentionBase]]:
 
 def register(name: str, cls: type[AttentionBase]) -> type[AttentionBase]:
     """Add ``cls`` under ``name``; returns ``cls`` so it also works as ``register(name, cls)`` inline."""
-    if not isinstance(name, str) or not name.isidentifier():
+    if not isinstance(name, str):
+        raise TypeError(f"implementation name must be a str, got {type(name).__name__} ({name!r})")
+    if not name.isidentifier():
         raise ValueError(f"implementation name must be an identifier-like string, got {name!r}")
     if not (isinstance(cls, type) and issubclass(cls, AttentionBase)):
         raise TypeError(f"{cls!r} is not a subclass of attention.AttentionBase")

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import attention
 from attention import flex
 from attention.bench.memory import free_cached_memory, free_memory_bytes, quiet_profiler_logs
 from attention.bench.perf import ab, flags, guards, machine, runner
@@ -176,6 +177,14 @@ def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
             raise pytest.UsageError(f"--perf-min-effect must be in [0, 1), got {override}")
         state.min_effects = ab.MinEffects(override)
     state.ab_out = Path(config.getoption("--perf-ab-out") or Path(".benchmarks") / "attention-perf")
+    head = Path(attention.__file__).resolve().parent
+    if head.parent != HERE.parent:
+        # The A/B compares a revision with *this* checkout: timing an installed copy would be
+        # labelled "working tree" and compare the wrong code.
+        raise pytest.UsageError(
+            f"--perf-compare-rev: `attention` is imported from {head}, not from this checkout "
+            f"({HERE.parent}): run from the checkout with PYTHONPATH=. or an editable install"
+        )
     try:
         state.base = BaseRevision(rev, HERE)
     except RevisionError as exc:
