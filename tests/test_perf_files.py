@@ -146,4 +146,4 @@ def test_an_unwritable_out_is_refused_before_any_case_runs(tmp_path, monkeypatch
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert cli.main(["--out", str(blocker / "out")]) == 2
-    assert f"--out {blocker / 'out'}: cannot write there" in capsys.readouterr().out
+    assert f"--out {blocker / 'out'}: cannot create the folder: Not a directory" in capsys.readouterr().out

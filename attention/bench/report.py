@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from .files import write_atomically
 
 DIRECTION_LABELS = {"fwd": "forward", "fwd_bwd": "forward+backward"}
 _MIB = 1024**2
@@ -237,13 +238,7 @@ def write(result: dict, out: Path, *, plots: bool = True) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json"]
     # Whole or not at all: a sweep rewrites it after every row and may be interrupted mid-write.
-    partial = out / f".report.json.{os.getpid()}.tmp"
-    try:
-        partial.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-        os.replace(partial, paths[0])
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    write_atomically(paths[0], json.dumps(result, indent=1, allow_nan=True) + "\n")
     if plots:
         import matplotlib
 

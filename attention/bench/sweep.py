@@ -36,6 +36,7 @@ import torch
 from .. import registry
 from ..accuracy import check_module
 from .cost import DTYPES, dtype_name
+from .files import unwritable
 from .memory import free_cached_memory, method_for, peak_memory, quiet_profiler_logs
 from .timing import clock_for, cpu_threads, measure
 from .workload import Workload
@@ -229,7 +230,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         parser.error(f"--head-dim {args.head_dim} must divide --hidden {hidden} (heads = hidden / head-dim)")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
-    problem = _unwritable(args.out)
+    problem = unwritable(args.out)
     if problem:
         parser.error(f"--out {args.out}: {problem}")
     return Config(
@@ -246,26 +247,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         plots=not args.no_plots,
         threads=args.threads or (1 if torch.device(device).type == "cpu" else None),
     )
-
-
-def _unwritable(out: Path) -> str | None:
-    """Why the report cannot be written to folder ``out`` (creating it if missing), or ``None``.
-
-    Checked before the sweep starts, by creating the folder and a probe file in it, so a bad
-    ``--out`` is a usage error instead of a traceback after minutes of measuring.
-    """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        where = f" ({error.filename})" if error.filename and Path(error.filename) != out else ""
-        return f"cannot create the folder: {error.strerror or error}{where}"
-    probe = out / f".write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        return f"cannot write files in it: {error.strerror or error}"
-    return None
 
 
 # -- measuring ---------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import write_atomically
+
 DEFAULT_LEVEL = 0.99
 DEFAULT_MIN_EFFECT = 0.02
 MIN_SAMPLES = 5
@@ -527,11 +529,8 @@ def write_outputs(report: ABReport, out: str | Path) -> list[Path]:
         "verdicts": [asdict(v) for v in report.verdicts],
     }
     for name, text in (("summary.md", markdown), ("ab.json", json.dumps(doc, indent=1) + "\n")):
-        path = out / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        written.append(path)
+        write_atomically(out / name, text)
+        written.append(out / name)
     if step_summary := os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(step_summary, "a") as f:
             f.write(markdown + "\n")

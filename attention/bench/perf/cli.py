@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..files import unwritable, write_atomically
 from . import compare as cmp
 from . import flags, guards, machine, report, revision
 from .results import (
@@ -52,7 +53,6 @@ from .results import (
     merge_runs,
     parse_run,
     salvage,
-    write_atomically,
     write_run,
 )
 
@@ -313,13 +313,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _writable(out: Path) -> Path:
     """``out``, created and proven writable before any case runs."""
-    probe = out / ".write-probe"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise PerfError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    if problem := unwritable(out):
+        raise PerfError(f"--out {out}: {problem}")
     return out
 
 

@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import write_atomically
 from .machine import KEY, slugify
 
 BASELINE_FILE = "baseline.json"
@@ -225,17 +226,6 @@ def write_run(run: Run, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, json.dumps(run.raw, indent=1, sort_keys=False) + "\n")
     return path
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a crash or
-    a full disk never leaves ``path`` half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def salvage(jsonl: str | Path, run: str | None = None) -> dict:
