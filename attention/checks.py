@@ -7,12 +7,18 @@ where a number is expected: ``True`` is an ``int`` to Python, never what the cal
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from numbers import Real
 
 
 def _got(value: object) -> str:
     return f"{type(value).__name__} ({value!r})"
+
+
+def is_finite(value: object) -> bool:
+    """A finite real number (not a bool): what a figure read from a file must be."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(name: str, value: object, *, minimum: int = 1) -> int:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...checks import is_finite
 from ..files import write_atomically
 
 DEFAULT_LEVEL = 0.99
@@ -230,7 +231,7 @@ class MinEffects:
 
 
 def _fraction(value: object, where: str) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_finite(value)
     if not ok or not 0 <= value < 1:
         raise ValueError(f"{where}: must be a number in [0, 1), got {value!r}")
     return float(value)

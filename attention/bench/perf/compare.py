@@ -19,11 +19,11 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...checks import is_finite
 from . import guards
 from .results import BadResultFile, Run
 
@@ -84,7 +84,7 @@ def _check_thresholds(thresholds: dict, path: str | Path) -> None:
     an unchanged run, a string crash the comparison."""
 
     def number(value: object, where: str) -> None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = is_finite(value)
         if not ok or value < 0:
             raise BadResultFile(f"{path}: {where} is {value!r}, not a finite number >= 0")
 

@@ -9,12 +9,12 @@ and says how to regenerate it.
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...checks import is_finite
 from ..files import write_atomically
 from .machine import KEY, slugify
 
@@ -82,7 +82,7 @@ _SLUG = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 
 
 def _positive(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return is_finite(value) and value > 0
 
 
 def _check_machine(machine: object, path: str | Path) -> dict:
@@ -107,7 +107,7 @@ def _check_case(key: str, median: object, data: list, info: object, path: str | 
         raise _bad(path, f"case {key!r}: extra_info is a {type(info).__name__}, not an object")
     for field_name in _INFO_NUMBERS:
         value = info.get(field_name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ok = is_finite(value) and value >= 0
         if value is not None and not ok:
             raise _bad(path, f"case {key!r}: extra_info.{field_name} is {value!r}, not a finite number >= 0")
 
