@@ -32,7 +32,7 @@ import torch
 
 import attention
 from attention import flex
-from attention.bench.memory import free_cached_memory, free_memory_bytes, quiet_profiler_logs
+from attention.bench.memory import free_cached_memory, quiet_profiler_logs
 from attention.bench.perf import ab, flags, guards, machine, runner
 from attention.bench.perf import grid as perf_grid
 from attention.bench.perf.base_revision import BaseRevision, head_label
@@ -314,15 +314,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.write_line(f"summary: {state.ab_out / 'summary.md'}")
 
 
-def _ab_memory_reason(case) -> str | None:
-    """An A/B holds both revisions' inputs and outputs at once."""
-    free = free_memory_bytes(case.device)
-    need = 2 * case.estimated_peak_bytes()
-    if free is not None and need > 0.92 * free:
-        return f"A/B needs both revisions' copies, ~{need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free"
-    return None
-
-
 @pytest.fixture(scope="session")
 def perf_state(request: pytest.FixtureRequest) -> PerfState:
     state = request.config.stash[_STATE]
@@ -351,7 +342,7 @@ def run_case(perf_state: PerfState):
 
     def run(benchmark, case) -> dict:
         entry = {"case": case.case_id, "group": perf_grid.group(case)}
-        reason = case.skip_reason() or (_ab_memory_reason(case) if state.base else None)
+        reason = case.skip_reason(copies=1 if state.base is None else 2)  # an A/B holds both revisions' builds
         if reason:
             state.write(dict(entry, status="skipped", reason=reason))
             state.ab_not_compared.append((case.case_id, f"skipped: {reason}"))

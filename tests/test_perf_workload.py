@@ -159,3 +159,10 @@ def test_full_grid_holds_the_design_shapes():
     assert any(
         issubclass(registry.get(c.impl), MHAPyTorchScaledDotProduct) for c in llm if c.impl in registry._registry
     )
+
+
+def test_an_ab_needs_room_for_both_builds(monkeypatch):
+    case = Workload("sdpa", 1, 1024, 4, 64, torch.float32, "cpu")
+    monkeypatch.setattr(workload, "free_memory_bytes", lambda device: 1.5 * case.estimated_peak_bytes())
+    assert case.skip_reason() is None
+    assert "2 copies at once" in case.skip_reason(copies=2)

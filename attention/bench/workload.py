@@ -16,7 +16,7 @@ in :mod:`.build`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -172,10 +172,11 @@ class Workload:
                 total += mask_batch * self.seq_len * self.seq_len * (1 + elt)
         return int(total * ESTIMATE_MARGIN) + ESTIMATE_SLACK
 
-    def skip_reason(self) -> str | None:
+    def skip_reason(self, copies: int = 1) -> str | None:
         """``None`` if the case can run here, else a reason (memory is decided by
-        :meth:`estimated_peak_bytes` against the device's free memory, not by name)."""
-        return _common_skip_reason(self, self.estimated_peak_bytes)
+        :meth:`estimated_peak_bytes` against the device's free memory, not by name). ``copies``:
+        how many builds of the case live at once (2 in an A/B: both revisions')."""
+        return _common_skip_reason(self, copies)
 
     def build(self, impls: Impls | None = None) -> builders.Built:
         """``(fn, setup)``: ``fn()`` is the timed call; ``setup()`` runs before each call,
@@ -256,8 +257,8 @@ class DecodeWorkload:
                 total += int(copies * self.batch * self.num_heads * self.context * self.elt)
         return int(total * ESTIMATE_MARGIN) + ESTIMATE_SLACK
 
-    def skip_reason(self) -> str | None:
-        return _common_skip_reason(self, self.estimated_peak_bytes)
+    def skip_reason(self, copies: int = 1) -> str | None:
+        return _common_skip_reason(self, copies)
 
     def build(self, impls: Impls | None = None) -> builders.Built:
         return builders.decode(self, _implementation(self, impls))
@@ -291,7 +292,7 @@ def decode(
 # -- shared ---------------------------------------------------------------------------------
 
 
-def _common_skip_reason(w: Workload | DecodeWorkload, peak: Callable[[], int]) -> str | None:
+def _common_skip_reason(w: Workload | DecodeWorkload, copies: int) -> str | None:
     device = torch.device(w.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
@@ -311,11 +312,12 @@ def _common_skip_reason(w: Workload | DecodeWorkload, peak: Callable[[], int]) -
         return f"{w.impl}: the {backend.lower()} backend has no float32 kernel"
     if w.backward and not is_reference and not registry.get(w.impl).supports_backward(device):
         return f"{w.impl} has no backward on {device.type}"
-    need = peak()
+    need = copies * w.estimated_peak_bytes()
     free = free_memory_bytes(device)
     if free is not None and need > 0.92 * free:
         _, why = score_copies(w.impl, w.backward, REFERENCES)
-        return f"needs ~{fmt_gib(need)} ({why}); {device.type} has {fmt_gib(free)} free"
+        held = f", {copies} copies at once" if copies > 1 else ""
+        return f"needs ~{fmt_gib(need)} ({why}{held}); {device.type} has {fmt_gib(free)} free"
     return None
 
 
