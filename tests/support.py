@@ -48,6 +48,14 @@ def random_document_ids(batch: int, length: int, seed: int) -> torch.Tensor:
     return attention.masks.packed_document_ids(batch, length, docs, generator=gen)  # (B, T)
 
 
+def mask_for(kind: str, window: int, prefix_len: int) -> attention.masks.MaskMod:
+    """The module ``mask_mod`` a test's pattern name stands for, with its drawn parameter
+    ("document" is causal within documents: its ids go with the call)."""
+    params = {"sliding_window": window, "prefix_lm": prefix_len}
+    spec = f"{kind}:{params[kind]}" if kind in params else "causal"
+    return attention.masks.from_spec(spec).mask_mod
+
+
 def grad_context(impl: type[attention.AttentionBase], device: str):
     """``torch.no_grad()`` where the implementation has no backward on ``device`` (flex on CPU)."""
     return torch.enable_grad() if impl.supports_backward(device) else torch.no_grad()
@@ -63,6 +71,7 @@ __all__ = [
     "assert_matches_oracle",
     "assert_module_matches_oracle",
     "grad_context",
+    "mask_for",
     "random_document_ids",
 ]
 

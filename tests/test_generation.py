@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import attention
-from attention import masks
 
-from .support import DEVICES, IMPL_NAMES
+from .support import DEVICES, IMPL_NAMES, mask_for
 
 VOCAB = 61
 D_MODEL = 64
@@ -121,11 +120,7 @@ def generation_cases(draw: st.DrawFn, device: str) -> dict:
 @given(data=st.data())
 def test_greedy_generation_same_with_and_without_cache(data, device, impl_name, mask_kind):
     case = data.draw(generation_cases(device), label="case")
-    mask_mod = {
-        "causal": masks.causal,
-        "sliding_window": masks.sliding_window(case["window"]),
-        "prefix_lm": masks.prefix_lm(case["prefix_len"]),
-    }[mask_kind]
+    mask_mod = mask_for(mask_kind, case["window"], case["prefix_len"])
     torch.manual_seed(case["seed"])
     context_length = case["prompt_len"] + case["new_tokens"]
     model = TinyDecoder(attention.get(impl_name), context_length, num_kv_heads=case["num_kv_heads"], mask_mod=mask_mod)

@@ -26,6 +26,7 @@ from .support import (
     IMPL_NAMES,
     assert_matches_oracle,
     assert_module_matches_oracle,
+    mask_for,
     random_document_ids,
 )
 
@@ -39,14 +40,6 @@ MASK_KINDS = ["causal", "sliding_window", "prefix_lm", "document"]
 #: fp16 (bf16 covers half precision): about a hundred compiles in all. On CPU all is drawn freely.
 CUDA_SPLITS = (9, 1, 1, 6, 1, 1, 1, 1, 1, 1, 1)  # 24 tokens
 CACHE_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.id != "cuda-fp16"]
-
-
-def make_mask(kind: str, window: int, prefix_len: int) -> masks.MaskMod:
-    if kind == "sliding_window":
-        return masks.sliding_window(window)
-    if kind == "prefix_lm":
-        return masks.prefix_lm(prefix_len)
-    return masks.causal  # "causal"; "document" is causal within each document
 
 
 @st.composite
@@ -129,7 +122,7 @@ def test_chunked_decoding_matches_one_forward(data, device, dtype, impl_name, nu
         num_heads=NUM_HEADS,
         context_length=case["context_length"],
         num_kv_heads=num_kv_heads,
-        mask_mod=make_mask(mask_kind, case["window"], case["prefix_len"]),
+        mask_mod=mask_for(mask_kind, case["window"], case["prefix_len"]),
     )
     generator = torch.Generator().manual_seed(case["seed"])
     x = torch.randn(case["batch"], length, case["d_in"], generator=generator).to(device, dtype)  # (B, T, d_in)
@@ -509,7 +502,7 @@ def test_gradients_through_cached_chunks_match_oracle(data, impl_name, mask_kind
         splits.append(data.draw(st.integers(1, length - sum(splits)), label="chunk"))
     num_kv_heads = data.draw(st.sampled_from([NUM_HEADS, 2, 1]), label="num_kv_heads")
     seed = data.draw(st.integers(0, 2**16), label="seed")
-    mask_mod = make_mask(mask_kind, window, prefix_len)
+    mask_mod = mask_for(mask_kind, window, prefix_len)
     module = build(
         impl_name,
         "cpu",

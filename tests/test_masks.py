@@ -35,6 +35,7 @@ from .support import (
     IMPL_NAMES,
     assert_module_matches_oracle,
     grad_context,
+    mask_for,
     random_document_ids,
 )
 
@@ -61,13 +62,10 @@ def sinks(count: int) -> masks.MaskMod:
 def pattern_parts(kind: str, window: int, prefix_len: int) -> tuple[masks.MaskMod, bool]:
     """The module's ``mask_mod`` for ``kind`` and whether document ids go with it."""
     base = kind.removeprefix("document+")
-    mask_mod = {
-        "causal": masks.causal,
-        "document": masks.causal,
-        "sliding_window": masks.sliding_window(window),
-        "prefix_lm": masks.prefix_lm(prefix_len),
-        "sliding_window|sinks": or_masks(masks.sliding_window(window), sinks(prefix_len)),
-    }[base]
+    if base == "sliding_window|sinks":
+        mask_mod = or_masks(masks.sliding_window(window), sinks(prefix_len))
+    else:
+        mask_mod = mask_for(base, window, prefix_len)
     return mask_mod, kind.startswith("document")
 
 

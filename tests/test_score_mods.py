@@ -18,9 +18,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import attention
-from attention import masks, score_mods
+from attention import score_mods
 
-from .support import DEVICE_DTYPES, IMPL_NAMES, assert_matches_oracle, assert_module_matches_oracle, random_document_ids
+from .support import (
+    DEVICE_DTYPES,
+    IMPL_NAMES,
+    assert_matches_oracle,
+    assert_module_matches_oracle,
+    mask_for,
+    random_document_ids,
+)
 
 NUM_HEADS = 4
 SCORE_MODS = {
@@ -51,9 +58,7 @@ def test_score_mod_matches_oracle_with_and_without_cache(data, device, dtype, im
         prefix_len = data.draw(st.integers(0, length), label="prefix_len")
         prefill = data.draw(st.integers(max(prefix_len, 1), length), label="prefill")
     seed = data.draw(st.integers(0, 2**16), label="seed")
-    mask_mod = {"sliding_window": masks.sliding_window(window), "prefix_lm": masks.prefix_lm(prefix_len)}.get(
-        kind, masks.causal
-    )
+    mask_mod = mask_for(kind, window, prefix_len)
     args = (12, NUM_HEADS * head_dim, NUM_HEADS, length)
     if not impl.supports_score_mod(score_mod):
         with pytest.raises(ValueError, match=rf"cannot express score_mod={score_mod.__name__}"):
