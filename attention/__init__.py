@@ -8,12 +8,14 @@ from .kv_cache import KVCache
 from .reference import reference_forward, reference_mha
 from .registry import get, implementations, register
 from .sdpa import MHAPyTorchScaledDotProduct
+from .triton_attention import MHATritonAttention
 
 __all__ = [
     "AttentionBase",
     "KVCache",
     "MHAPyTorchFlexAttention",
     "MHAPyTorchScaledDotProduct",
+    "MHATritonAttention",
     "MultiHeadAttentionCombinedQKV",
     "get",
     "implementations",

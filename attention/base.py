@@ -163,6 +163,18 @@ class AttentionBase(nn.Module):
     score_mod_limits: str = "it does not apply score mods (override supports_score_mod once it does)"
 
     @classmethod
+    def unavailable(cls, device: torch.device | str) -> str | None:
+        """Why this implementation cannot run on ``device`` here (a missing package, an
+        unsupported device type), or ``None`` when it can."""
+        return None
+
+    @classmethod
+    def runs_interpreted(cls, device: torch.device | str) -> bool:
+        """Whether it runs on ``device`` only through an interpreter (correct, but its timings
+        would measure the interpreter: benchmarks skip it there)."""
+        return False
+
+    @classmethod
     def min_head_dim(cls, device: torch.device | str) -> int:
         """The smallest ``d_out // num_heads`` this implementation runs on ``device``."""
         return 1

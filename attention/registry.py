@@ -28,6 +28,7 @@ from .base import AttentionBase
 from .flex import MHAPyTorchFlexAttention
 from .from_scratch import MultiHeadAttentionCombinedQKV
 from .sdpa import MHAPyTorchScaledDotProduct
+from .triton_attention import MHATritonAttention
 
 ENTRY_POINT_GROUP = "attention.implementations"
 
@@ -35,6 +36,7 @@ _BUILTINS: dict[str, type[AttentionBase]] = {
     "from_scratch": MultiHeadAttentionCombinedQKV,
     "flex": MHAPyTorchFlexAttention,
     "sdpa": MHAPyTorchScaledDotProduct,
+    "triton": MHATritonAttention,
 }
 _registry: dict[str, type[AttentionBase]] = dict(_BUILTINS)
 #: True once every entry point of the group has been tried (registered or skipped with a warning).

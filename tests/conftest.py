@@ -10,6 +10,7 @@
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -18,3 +19,17 @@ settings.register_profile("dev", max_examples=20, **_common)
 settings.register_profile("cuda-quick", max_examples=3, derandomize=True, database=None, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test of an implementation that cannot run here (the triton one without the triton
+    package) is skipped with the implementation's own reason, on the device the test uses."""
+    import attention
+
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "impl_name" not in params or params["impl_name"] not in attention.implementations():
+            continue
+        reason = attention.get(params["impl_name"]).unavailable(params.get("device", "cpu"))
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=f"{params['impl_name']}: {reason}"))

@@ -1,0 +1,175 @@
+"""Split-KV decoding: a few new query tokens against a long KV cache (docs/design.md#triton-decode).
+
+Decoding reads the whole cache to produce a handful of rows, so its speed is how fast the cache
+streams from memory. One program takes one KV head of one sequence and one slice ("split") of the
+keys: every query head of the GQA group and every query token is a row of one tile, so each key
+and value byte is read once for the whole group. Enough splits keep every SM streaming; a second
+small kernel merges the splits' partial results by their log-sum-exps.
+
+Lengths and offsets are not specialised on, so a growing cache never recompiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import Kernel, dot_precision, padded_head_dim
+from .prefill import LOG2E
+
+#: Visibility inside the kernel: every cached key, causal (query ``t`` sees keys up to
+#: ``q_offset + t``), or a dense ``(B|1, H|1, Tq, Tk)`` bool mask.
+ALL, CAUSAL, DENSE = 0, 1, 2
+#: Keys per inner step, and the fewest keys a split is given (shorter splits cost more to merge
+#: than they gain in parallelism).
+BLOCK_N = 64
+MIN_SPLIT_KEYS = 256
+#: Programs per SM the split count aims for, so loads from several programs overlap on each SM.
+PROGRAMS_PER_SM = 4
+
+
+def _split(
+    Q, K, V, PART_O, PART_LSE, MASK,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+    smb, smh, smt, smk,  # the dense mask's strides, 0 along dims it ignores
+    H_KV, G, q_len, kv_len, q_offset, split_len, n_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VISIBLE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    bhk = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    r = tl.arange(0, BLOCK_M)  # rows: query head g of the group, token t
+    g = r // q_len
+    t = r % q_len
+    h = hk * G + g  # (BLOCK_M,)
+    row_ok = r < G * q_len
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        Q + b * sqb + h[:, None] * sqh + t[:, None] * sqt + dims[None, :] * sqd,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, kv_len)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        col_ok = cols < end
+        k_t = tl.load(
+            K + b * skb + hk * skh + cols[None, :] * skt + dims[:, None] * skd,
+            mask=col_ok[None, :] & dim_ok[:, None],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N)
+        v = tl.load(
+            V + b * svb + hk * svh + cols[:, None] * svt + dims[None, :] * svd,
+            mask=col_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
+        seen = col_ok[None, :] & row_ok[:, None]  # (BLOCK_M, BLOCK_N)
+        if VISIBLE == 1:
+            seen = seen & (cols[None, :] <= (q_offset + t)[:, None])
+        if VISIBLE == 2:
+            bits = tl.load(
+                MASK + b * smb + h[:, None] * smh + t[:, None] * smt + cols[None, :] * smk, mask=seen, other=0
+            )
+            seen = seen & (bits != 0)
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # -inf: weight 0 in the merge
+    part = ((b * H_KV + hk) * G * q_len + r) * n_splits + split  # rows (b, h, t) in order, then splits
+    tl.store(PART_O + part[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(PART_LSE + part, lse, mask=row_ok)
+
+
+def _merge(
+    PART_O, PART_LSE, Out,
+    sob, soh, sot, sod,
+    H, q_len, n_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # (b, h, t) flattened
+    b = row // (H * q_len)
+    h = (row // q_len) % H
+    t = row % q_len
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_ok = splits < n_splits
+    lse = tl.load(PART_LSE + row * n_splits + splits, mask=split_ok, other=float("-inf"))  # (BLOCK_S,)
+    m = tl.max(lse, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: the row is zero
+    w = tl.math.exp2(lse - m_use)  # (BLOCK_S,)
+    part = tl.load(
+        PART_O + (row * n_splits + splits[:, None]) * BLOCK_D + dims[None, :], mask=split_ok[:, None], other=0.0
+    )  # (BLOCK_S, BLOCK_D)
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # (BLOCK_D,)
+    tl.store(Out + b * sob + h * soh + t * sot + dims * sod, out.to(Out.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+SPLIT = Kernel(_split, do_not_specialize=("q_len", "kv_len", "q_offset", "split_len", "n_splits"))
+MERGE = Kernel(_merge, do_not_specialize=("q_len", "n_splits"))
+
+
+def rows_per_program(q: Tensor, k: Tensor) -> int:
+    """Tile rows a split program holds: every query head of a KV head's group, times the query tokens."""
+    return (q.shape[1] // k.shape[1]) * q.shape[2]
+
+
+def num_splits(batch: int, kv_heads: int, kv_len: int, multiprocessors: int) -> int:
+    """How many slices the keys are cut into: enough programs for :data:`PROGRAMS_PER_SM` per SM,
+    none shorter than :data:`MIN_SPLIT_KEYS` keys."""
+    wanted = -(-PROGRAMS_PER_SM * multiprocessors // (batch * kv_heads))
+    return max(1, min(wanted, -(-kv_len // MIN_SPLIT_KEYS)))
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, *, q_offset: int, visible: int, mask: Tensor | None = None
+) -> Tensor:
+    """``q`` ``(B, H, Tq, hd)`` against ``k, v`` ``(B, H_kv, Tk, hd)`` -> ``(B, H, Tq, hd)``; no autograd.
+
+    ``visible`` is :data:`ALL`, :data:`CAUSAL` or :data:`DENSE` (then ``mask`` broadcasts to
+    ``(B, H, Tq, Tk)``)."""
+    b, h, tq, hd = q.shape
+    h_kv, tk = k.shape[1], k.shape[2]
+    rows = rows_per_program(q, k)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 1
+    splits = num_splits(b, h_kv, tk, sms)
+    split_len = triton.cdiv(triton.cdiv(tk, splits), BLOCK_N) * BLOCK_N  # keys per split, whole inner steps
+    splits = triton.cdiv(tk, split_len)
+    block_d = padded_head_dim(hd)
+    part_o = torch.empty(b * h * tq * splits, block_d, device=q.device, dtype=torch.float32)  # (rows x splits, hd')
+    part_lse = torch.empty(b * h * tq * splits, device=q.device, dtype=torch.float32)  # (rows x splits,)
+    if mask is None:
+        mask, mask_strides = q, (0, 0, 0, 0)  # never read
+    else:
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask_strides = tuple(st if n > 1 else 0 for st, n in zip(mask.stride(), mask.shape, strict=True))
+    SPLIT.on(q.device)[(b * h_kv, splits)](
+        q, k, v, part_o, part_lse, mask,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+        h_kv, h // h_kv, tq, tk, q_offset, split_len, splits, scale * LOG2E,
+        HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N,
+        VISIBLE=visible, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3,
+    )  # fmt: skip
+    out = torch.empty_like(q)  # (B, H, Tq, hd)
+    MERGE.on(q.device)[(b * h * tq,)](
+        part_o, part_lse, out, *out.stride(), h, tq, splits,
+        HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,118 @@
+"""Kernels compiled for CUDA tensors, interpreted for CPU tensors, and the block sizes they use."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+
+class Kernel:
+    """One ``@triton.jit`` kernel, launched as ``kernel[grid](*args)`` on CUDA tensors (compiled)
+    and on CPU tensors (Triton's interpreter runs the same source with NumPy: slow, exact, and what
+    lets a machine without a GPU test the kernel code itself).
+
+    Kernels call no other ``@triton.jit`` function: the interpreter cannot run a compiled helper.
+    """
+
+    def __init__(self, fn: Callable, *, do_not_specialize: tuple[str, ...] = ()) -> None:
+        # Lengths and offsets that change every decode step are not specialised on (Triton would
+        # compile again whenever one crosses a multiple of 16), so a growing cache never recompiles.
+        self.compiled = triton.jit(fn, do_not_specialize=list(do_not_specialize))
+        self.interpreted = InterpretedFunction(fn)
+        self.__name__ = fn.__name__
+
+    def on(self, device: torch.device) -> Callable:
+        """The launchable kernel for tensors on ``device``: ``kernel.on(device)[grid](*args)``."""
+        if device.type == "cuda":
+            return self.compiled
+        if device.type == "cpu":
+            return _Interpreted(self.interpreted)
+        raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU, interpreted), got {device.type}")
+
+
+class _Interpreted:
+    """``interpreted[grid](*args)``, with Triton's library functions interpreted too."""
+
+    def __init__(self, fn: InterpretedFunction) -> None:
+        self.fn = fn
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable:
+        def launch(*args: object, **kwargs: object) -> None:
+            with _library_interpreted():
+                self.fn[grid](*args, **kwargs)
+
+        return launch
+
+
+_interpreted_library: dict[Callable, InterpretedFunction] = {}
+
+
+@contextlib.contextmanager
+def _library_interpreted() -> Iterator[None]:
+    """Triton's own ``tl.max``, ``tl.sum``, ``tl.zeros``... are ``@triton.jit`` functions, which its
+    interpreter runs only in a process started with ``TRITON_INTERPRET=1`` (then nothing compiles
+    for CUDA). For the length of one interpreted launch, calls to them go through the interpreter,
+    as in that mode, so one process can run the kernels compiled on CUDA and interpreted on CPU."""
+    compiled_call = JITFunction.__call__
+
+    def interpreted_call(self: JITFunction, *args: object, **kwargs: object) -> object:
+        fn = _interpreted_library.get(self.fn)
+        if fn is None:
+            fn = _interpreted_library[self.fn] = InterpretedFunction(self.fn)
+        return fn(*args, **kwargs)
+
+    JITFunction.__call__ = interpreted_call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = compiled_call
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch settings of one kernel configuration."""
+
+    block_m: int  # query rows per program (and per block-table tile)
+    block_n: int  # keys per inner step (and per block-table tile)
+    num_warps: int
+    num_stages: int
+    sub_m: int  # query rows per inner step of the dK/dV kernel (divides block_m)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+            "SUB_M": self.sub_m,
+        }
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: full fp32 for fp32 inputs (the float32 oracle test holds them
+    to fp32 rounding, and TF32 keeps 10 mantissa bits); 16-bit inputs multiply exactly anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim a kernel tiles by: a power of two, at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
+    """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
+    for fp32 (twice the bytes per element: the same shared memory), 64 x 64 interpreted (fewer,
+    larger NumPy steps)."""
+    if device.type != "cuda":
+        return Blocks(256, 256, 4, 1, 256)
+    if dtype == torch.float32:
+        return Blocks(64, 32, 4, 2, 32)
+    if padded_head_dim(head_dim) <= 64:
+        return Blocks(128, 64, 4, 3, 64)
+    return Blocks(128, 64, 8, 3, 64)

@@ -1,0 +1,126 @@
+"""Attention through kernels written in this repo in Triton (:mod:`attention.kernels`).
+
+* Prefill and training (many query tokens, or any call that needs gradients): FlashAttention-2
+  forward and backward over a :class:`~attention.block_table.BlockTable` of the module's
+  ``mask_mod``, so fully masked tiles are skipped for any pattern. Tables are built once per
+  (lengths, offset, device) and reused until ``mask_mod`` is reassigned, as flex's BlockMasks are.
+* Decoding (up to :data:`DECODE_MAX_TOKENS` new tokens against a KV cache, no gradients):
+  split-KV kernels that read each cached byte once per KV head, for every query head of its group.
+
+Triton is imported on first use, so ``import attention`` needs torch alone. CUDA tensors run the
+compiled kernels; CPU tensors run the same kernels in Triton's interpreter (exact, slow: for
+tests on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import AttentionBase
+from .block_table import BlockTable, build_block_table
+from .kv_cache import KVCache
+
+#: Query tokens up to which a call without gradients takes the split-KV decode kernels.
+DECODE_MAX_TOKENS = 16
+#: The largest head dim the CUDA kernels are built for (their tiles live in shared memory).
+MAX_HEAD_DIM = 256
+_MAX_CACHED_TABLES = 64
+
+
+class MHATritonAttention(AttentionBase):
+    """Causal MHA on this repo's Triton kernels: any ``mask_mod``, GQA, KV cache, document ids.
+
+    No dropout (rejected at construction) and no score mods. Head dims up to
+    :data:`MAX_HEAD_DIM`. :meth:`kernel_config` says which kernels and tiles a call of a given shape runs.
+    """
+
+    @classmethod
+    def supports_dropout(cls) -> bool:
+        return False  # the kernels draw no random numbers
+
+    @classmethod
+    def unavailable(cls, device: torch.device | str) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed (pip install triton; Linux only)"
+        if torch.device(device).type not in ("cuda", "cpu"):
+            return f"Triton kernels run on CUDA (or, interpreted, on CPU), not {torch.device(device).type}"
+        return None
+
+    def _patterns_changed(self) -> None:
+        # Tables are built from mask_mod: a module given a new one must not attend with the old.
+        self._tables: dict[tuple, BlockTable] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_tables", None)  # a cache: rebuilt on load
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._patterns_changed()
+
+    def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
+        super()._check_input(x, kv_cache, document_ids)
+        # Refused here, before the cache is written, so a refused call leaves the cache as it was.
+        reason = self.unavailable(x.device)
+        if reason is not None:
+            raise RuntimeError(f"{type(self).__name__} cannot run here: {reason}")
+        if x.device.type == "cuda" and self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(
+                f"{type(self).__name__} supports head_dim (d_out // num_heads) up to {MAX_HEAD_DIM} on CUDA, "
+                f"got {self.head_dim}"
+            )
+
+    @classmethod
+    def runs_interpreted(cls, device: torch.device | str) -> bool:
+        return torch.device(device).type == "cpu"
+
+    @classmethod
+    def kernel_config(
+        cls, dtype: torch.dtype, head_dim: int, q_len: int, *, grad: bool, device: torch.device | str
+    ) -> dict[str, object]:
+        """Which kernels and tiles a call of this shape runs (recorded beside perf results)."""
+        from .kernels import decode
+        from .kernels.launch import prefill_blocks
+
+        if q_len <= DECODE_MAX_TOKENS and not grad:
+            return {"kernel": "decode_split_kv", "BLOCK_N": decode.BLOCK_N, "min_split": decode.MIN_SPLIT_KEYS}
+        return {"kernel": "prefill", **prefill_blocks(dtype, head_dim, torch.device(device)).as_dict()}
+
+    def block_table(
+        self, q: Tensor, k: Tensor, q_offset: int, document_ids: Tensor | None, block_m: int, block_n: int
+    ) -> BlockTable:
+        """The block table for these queries and keys, cached unless ``document_ids`` vary per call."""
+        batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        key = (batch, q_len, kv_len, q_offset, q.device, block_m, block_n)
+        if document_ids is None and key in self._tables:
+            return self._tables[key]
+        table = build_block_table(
+            self._pattern(document_ids), batch, heads, q_len, kv_len, block_m, block_n, q.device, q_offset
+        )
+        if document_ids is None:
+            if len(self._tables) >= _MAX_CACHED_TABLES:
+                del self._tables[next(iter(self._tables))]
+            self._tables[key] = table
+        return table
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
+        from .kernels import decode, prefill
+        from .kernels.launch import prefill_blocks
+
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if q.shape[2] <= DECODE_MAX_TOKENS and not wants_grad:
+            if not self._is_plain_causal(document_ids):
+                mask = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)
+                return decode.attend(q, k, v, self.scale, q_offset=q_offset, visible=decode.DENSE, mask=mask)
+            # One token at the end of the cache sees every key; more see a causal band.
+            sees_all = q_offset + q.shape[2] >= k.shape[2] and q.shape[2] == 1
+            visible = decode.ALL if sees_all else decode.CAUSAL
+            return decode.attend(q, k, v, self.scale, q_offset=q_offset, visible=visible)  # (B, H, Tq, hd)
+        blocks = prefill_blocks(q.dtype, self.head_dim, q.device)
+        table = self.block_table(q, k, q_offset, document_ids, blocks.block_m, blocks.block_n)
+        return prefill.attend(q, k, v, table, self.scale, blocks)  # (B, H, Tq, hd)

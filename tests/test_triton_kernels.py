@@ -1,0 +1,133 @@
+"""The Triton implementation's own kernels, below the module: the decode and prefill paths agree
+with the float64 oracle for every visibility mode, the split count and the no-recompile promise.
+
+On CPU the kernels run in Triton's interpreter, so these check the kernel code itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import attention
+from attention import masks
+from attention.accuracy import assert_matches_oracle
+from tests.support import CUDA, DEVICES, random_document_ids
+
+pytest.importorskip("triton", reason="the triton package is not installed")
+
+from attention.block_table import build_block_table
+from attention.kernels import decode, prefill
+from attention.kernels.launch import prefill_blocks
+
+
+def _reference(q, k, v, visible, dtype):
+    """Softmax attention in ``dtype`` on a dense ``visible`` mask; rows that see nothing are zero."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, H, Tk, hd)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)  # (B, H, Tq, Tk)
+    return weights @ v  # (B, H, Tq, hd)
+
+
+def _inputs(b, h, h_kv, tq, tk, hd, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, hd, generator=g)  # (B, H, Tq, hd)
+    k = torch.randn(b, h_kv, tk, hd, generator=g)  # (B, H_kv, Tk, hd)
+    v = torch.randn(b, h_kv, tk, hd, generator=g)  # (B, H_kv, Tk, hd)
+    return (t.to(device) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    tq=st.integers(1, 16),
+    past=st.integers(0, 700),
+    heads=st.sampled_from([(4, 4), (4, 1), (6, 2)]),
+    hd=st.sampled_from([16, 24, 64]),
+    mode=st.sampled_from(["all", "causal", "dense"]),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_kernels_match_the_oracle(device, tq, past, heads, hd, mode, seed) -> None:
+    h, h_kv = heads
+    tk = past + tq
+    q, k, v = _inputs(2, h, h_kv, tq, tk, hd, device, seed)
+    if mode == "all":
+        q = q[:, :, :1]  # one token sees every key
+    pattern = masks.and_masks(masks.causal, masks.document(random_document_ids(2, tk, seed)))
+    visible = masks.dense_mask(masks.causal if mode != "dense" else pattern, 2, h, q.shape[2], tk, device, past)
+    if mode == "all":
+        visible = torch.ones_like(visible)
+    mode_id = {"all": decode.ALL, "causal": decode.CAUSAL, "dense": decode.DENSE}[mode]
+    out = decode.attend(q, k, v, 1 / math.sqrt(hd), q_offset=past, visible=mode_id, mask=visible)
+    assert_matches_oracle(out, _reference(q, k, v, visible, torch.float64), _reference(q, k, v, visible, torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    tq=st.integers(1, 200),
+    past=st.integers(0, 100),
+    heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]),
+    hd=st.sampled_from([8, 32, 64]),
+    spec=st.sampled_from(["causal", "sliding_window:37", "prefix_lm:20", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_prefill_kernels_forward_and_backward_match_the_oracle(device, tq, past, heads, hd, spec, seed) -> None:
+    # One key in all: softmax over one score has an exactly-zero gradient, which FlashAttention's
+    # backward (dS = P * (dP - rowsum(dO * O))) reproduces only to rounding, and the ratio rule's
+    # floor scales with the oracle's magnitude: zero. The module tests cover it through projections.
+    assume(tq + past > 1)
+    h, h_kv = heads
+    tk = past + tq
+    q, k, v = _inputs(1, h, h_kv, tq, tk, hd, device, seed)
+    pattern = (lambda b, hh, qi, ki: ki > qi + 10_000) if spec == "none" else masks.from_spec(spec).mask_mod
+    blocks = prefill_blocks(torch.float32, hd, torch.device(device))
+    table = build_block_table(pattern, 1, h, tq, tk, blocks.block_m, blocks.block_n, device, past)
+    visible = masks.dense_mask(pattern, 1, h, tq, tk, device, past)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = prefill.attend(*leaves, table, 1 / math.sqrt(hd), blocks)
+    oracle_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    baseline_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    oracle = _reference(*oracle_leaves, visible, torch.float64)
+    baseline = _reference(*baseline_leaves, visible, torch.float32)
+    assert_matches_oracle(out, oracle, baseline)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    oracle_grads = torch.autograd.grad(oracle, oracle_leaves, upstream.double())
+    baseline_grads = torch.autograd.grad(baseline, baseline_leaves, upstream)
+    for name, *triple in zip("qkv", grads, oracle_grads, baseline_grads, strict=True):
+        assert_matches_oracle(*triple, factor=attention.accuracy.GRAD_FACTOR, what=f"gradient of {name}")
+    if spec == "none":
+        assert torch.equal(out, torch.zeros_like(out)) and not grads[0].any()
+
+
+def test_split_count_follows_the_machine_batch_heads_and_length() -> None:
+    assert decode.num_splits(8, 4, 4096, 132) == 16  # 4 programs per SM over 32 sequence-heads
+    assert decode.num_splits(8, 16, 4096, 132) == 5
+    assert decode.num_splits(8, 4, 300, 132) == 2  # no split shorter than MIN_SPLIT_KEYS
+    assert decode.num_splits(64, 16, 32768, 132) == 1  # enough programs without splitting
+    assert decode.num_splits(1, 1, 1, 132) == 1
+
+
+def _compiled_variants(kernel) -> int:
+    """Binaries Triton holds for a kernel (its per-device caches)."""
+    return sum(len(cache[0]) for cache in kernel.compiled.device_caches.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
+def test_decoding_a_growing_cache_compiles_once() -> None:
+    torch.manual_seed(0)
+    module = attention.get("triton")(512, 512, 8, 600, num_kv_heads=2).to("cuda", torch.bfloat16)
+    cache = module.make_kv_cache(2, 600)
+    with torch.no_grad():
+        module(torch.randn(2, 100, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
+        module(torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
+        before = _compiled_variants(decode.SPLIT), _compiled_variants(decode.MERGE)
+        for _ in range(40):  # cache lengths 102..141: across multiples of 16, and split counts change
+            module(torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
+    assert (_compiled_variants(decode.SPLIT), _compiled_variants(decode.MERGE)) == before
