@@ -32,9 +32,10 @@ def install(session: nox.Session, *groups: str, package: bool = True, extras: st
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Property tests on CPU, and on CUDA where present. Args go to pytest."""
+    """Property tests on CPU, and on CUDA where present, one worker per core. Args go to pytest
+    (``-n 0`` runs them in one process)."""
     install(session, "test", extras="[bench]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-n", "auto", *session.posargs)
 
 
 @nox.session

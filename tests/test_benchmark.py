@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import attention
 from attention.bench import report, sweep
 from attention.bench.memory import peak_memory
 
@@ -40,7 +41,9 @@ def test_tiny_sweep_reports_every_cell(tiny_report):
     assert meta["seq_lens"] == [32, 64] and meta["num_heads"] == 2
     assert meta["cpu_threads"] == 1 and meta["complete"] is True
     assert {(c["impl"], c["seq_len"]) for c in result["cells"]} == {
-        (impl, t) for impl in ("from_scratch", "flex", "sdpa") for t in (32, 64)
+        (impl, t)
+        for impl in ("from_scratch", "flex", "sdpa")
+        for t in (32, 64)  # triton: interpreted on CPU
     }
     for cell in result["cells"]:
         for direction in ("fwd", "fwd_bwd"):
@@ -197,7 +200,8 @@ def test_help_explains_every_flag(capsys):
 
 def test_cpu_defaults_fit_the_machine():
     config = sweep.parse_args(["--device", "cpu"])
-    assert config.dtype == torch.float32 and config.impls == ("from_scratch", "flex", "sdpa")
+    assert config.dtype == torch.float32 and config.impls == ("from_scratch", "flex", "sdpa")  # not triton:
+    assert attention.get("triton").runs_interpreted("cpu")  # interpreted on CPU, its times would be the interpreter's
     assert max(config.seq_lens) <= 2048
     assert config.threads == 1  # thread-pool wake-ups would swamp small cases (timing.cpu_threads)
 

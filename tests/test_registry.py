@@ -310,7 +310,7 @@ def test_bench_help_survives_a_bad_plugin(
     with warned, pytest.raises(SystemExit) as exit_info:
         sweep.parse_args(["--help"])
     assert exit_info.value.code == 0
-    assert "from_scratch, flex, sdpa, einsum_ok" in " ".join(capsys.readouterr().out.split())
+    assert "from_scratch, flex, sdpa, triton, einsum_ok" in " ".join(capsys.readouterr().out.split())
 
 
 def test_whole_suite_runs_unchanged_on_a_registered_plugin(tmp_path: Path) -> None:

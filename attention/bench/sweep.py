@@ -180,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--head-dim", type=_positive_int, default=64, help="features per head; must divide --hidden (default: 64)"
     )
     parser.add_argument(
-        "--impl", type=_impl, nargs="+", default=None, metavar="NAME", help=f"registry names (default: all: {names})"
+        "--impl",
+        type=_impl,
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"registry names (default: all that run natively on the device: {names})",
     )
     parser.add_argument(
         "--out",
@@ -220,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _native_implementations(device: str) -> list[str]:
+    """Registered implementations that run on ``device`` without an interpreter (the default set:
+    an interpreted one is correct but its times would measure the interpreter)."""
+    return [name for name, cls in registry.implementations().items() if not cls.runs_interpreted(device)]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -238,7 +249,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         dtype=args.dtype or DTYPES[defaults["dtype"]],
         seq_lens=tuple(sorted(set(args.seq_lens or defaults["seq_lens"]))),
         head_dim=args.head_dim,
-        impls=tuple(dict.fromkeys(args.impl or registry.implementations())),
+        impls=tuple(dict.fromkeys(args.impl or _native_implementations(device))),
         out=args.out,
         batch=args.batch or defaults["batch"],
         hidden=hidden,

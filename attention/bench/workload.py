@@ -310,7 +310,13 @@ def _common_skip_reason(w: Workload | DecodeWorkload, copies: int) -> str | None
         return f"{w.impl} forces a CUDA backend"
     if backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION") and w.dtype == torch.float32:
         return f"{w.impl}: the {backend.lower()} backend has no float32 kernel"
-    if w.backward and not is_reference and not registry.get(w.impl).supports_backward(device):
+    cls = None if is_reference else registry.get(w.impl)
+    reason = None if cls is None else cls.unavailable(device)
+    if reason is not None:
+        return f"{w.impl}: {reason}"
+    if cls is not None and cls.runs_interpreted(device):
+        return f"{w.impl} runs interpreted on {device.type}: its timings would measure the interpreter"
+    if w.backward and cls is not None and not cls.supports_backward(device):
         return f"{w.impl} has no backward on {device.type}"
     need = copies * w.estimated_peak_bytes()
     free = free_memory_bytes(device)
