@@ -27,39 +27,44 @@ from .masks import MaskMod, dense_mask
 BAND_ELEMENTS = 1 << 26
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+#: ``tile_ids`` of tiles that store no bits: every query sees every key, or none does.
+FULL_TILE, EMPTY_TILE = -1, -2
 
 
 @dataclass(frozen=True)
 class BlockTable:
     """The visible tiles of one pattern at one ``(Tq, Tk, q_offset)``.
 
+    A kernel walks, for its tile row (or column, in the backward), the contiguous range of tile
+    columns from the first visible one to the last: the K and V addresses then follow the loop
+    counter, so Triton's software pipeline prefetches them (a list of visible indices would make
+    every load wait for the index before it). ``tile_ids`` says what each tile of the range is.
+    Empty tiles inside a range (a pattern with holes) are visited and contribute nothing.
+
     ``Bm``/``Hm`` are the batch and heads the pattern reads (1 where it reads neither), ``NQ`` and
-    ``NK`` the tile rows and columns. Lists are padded with unused entries past their counts.
+    ``NK`` the tile rows and columns.
     """
 
     block_m: int
     block_n: int
     q_len: int
     kv_len: int
-    kv_count: Tensor  # (Bm, Hm, NQ) int32: visible tiles in each tile row
-    kv_blocks: Tensor  # (Bm, Hm, NQ, NK) int32: their column indices, ascending
-    kv_tiles: Tensor  # (Bm, Hm, NQ, NK) int32: the partial tile each one loads, -1 if full
-    q_count: Tensor  # (Bm, Hm, NK) int32: visible tiles in each tile column
-    q_blocks: Tensor  # (Bm, Hm, NK, NQ) int32: their row indices, ascending
-    q_tiles: Tensor  # (Bm, Hm, NK, NQ) int32: the partial tile each one loads, -1 if full
+    kv_range: Tensor  # (Bm, Hm, NQ, 2) int32: first and one-past-last visible tile column of each row
+    q_range: Tensor  # (Bm, Hm, NK, 2) int32: first and one-past-last visible tile row of each column
+    tile_ids: Tensor  # (Bm, Hm, NQ, NK) int32: FULL_TILE, EMPTY_TILE or the index of a stored partial tile
     tiles: Tensor  # (P, block_m, block_n) int8: 1 where the query sees the key (P >= 1)
 
     @property
     def reads_batch(self) -> bool:
-        return self.kv_count.shape[0] > 1
+        return self.tile_ids.shape[0] > 1
 
     @property
     def reads_heads(self) -> bool:
-        return self.kv_count.shape[1] > 1
+        return self.tile_ids.shape[1] > 1
 
     def density(self) -> float:
         """The fraction of tiles that are visible (full or partial)."""
-        return float(self.kv_count.sum()) / self.kv_blocks.numel()
+        return float((self.tile_ids != EMPTY_TILE).sum()) / self.tile_ids.numel()
 
 
 def build_block_table(
@@ -79,7 +84,7 @@ def build_block_table(
     bm, hm = probe[0], probe[1]
     nk = -(-kv_len // block_n)
     band = max(1, BAND_ELEMENTS // (bm * hm * nk * block_n * block_m)) * block_m  # query rows per band
-    states, tile_ids, tiles, stored = [], [], [], 0
+    tile_ids, tiles, stored = [], [], 0
     for row0 in range(0, q_len, band):
         rows = min(band, q_len - row0)
         visible = dense_mask(
@@ -93,35 +98,29 @@ def build_block_table(
         state = seen.to(torch.int8) + whole.to(torch.int8)  # EMPTY, PARTIAL or FULL
         partial = state == PARTIAL
         ids = stored + torch.cumsum(partial.flatten(), 0).view(state.shape).to(torch.int32) - 1  # in tiles' order
-        states.append(state)
-        tile_ids.append(torch.where(partial, ids, -1))  # (bm, hm, nq', NK)
+        tile_ids.append(torch.where(partial, ids, torch.where(state == FULL, FULL_TILE, EMPTY_TILE)))
         tiles.append(blocks[partial].to(torch.int8))  # (p, block_m, block_n)
         stored += len(tiles[-1])
-    state = torch.cat(states, dim=2)  # (bm, hm, NQ, NK)
-    tile_ids = torch.cat(tile_ids, dim=2)  # (bm, hm, NQ, NK): -1 where no bits are stored
-    kv_count, kv_blocks, kv_tiles = _visible_lists(state, tile_ids)
-    q_count, q_blocks, q_tiles = _visible_lists(state.transpose(2, 3), tile_ids.transpose(2, 3))
+    tile_ids = torch.cat(tile_ids, dim=2).contiguous()  # (bm, hm, NQ, NK)
+    visible = tile_ids != EMPTY_TILE  # (bm, hm, NQ, NK)
     all_tiles = torch.cat(tiles) if stored else torch.zeros(1, block_m, block_n, dtype=torch.int8)
     return BlockTable(
         block_m,
         block_n,
         q_len,
         kv_len,
-        kv_count,
-        kv_blocks,
-        kv_tiles,
-        q_count,
-        q_blocks,
-        q_tiles,
+        _visible_range(visible),
+        _visible_range(visible.transpose(2, 3)),
+        tile_ids,
         all_tiles.to(device).contiguous(),
     )
 
 
-def _visible_lists(state: Tensor, tile_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row of ``state`` ``(bm, hm, R, C)``: how many columns are visible, their indices in
-    ascending order (padded), and the tile id of each."""
-    visible = state != EMPTY  # (bm, hm, R, C)
-    columns = torch.arange(state.shape[-1], device=state.device)  # (C,)
-    order = torch.argsort(torch.where(visible, columns, columns + state.shape[-1]), dim=-1)  # visible first
-    count = visible.sum(dim=-1, dtype=torch.int32)  # (bm, hm, R)
-    return count.contiguous(), order.to(torch.int32).contiguous(), tile_ids.gather(-1, order).contiguous()
+def _visible_range(visible: Tensor) -> Tensor:
+    """``(bm, hm, R, 2)``: per row of ``visible`` ``(bm, hm, R, C)``, the first visible column and
+    one past the last (``0, 0`` for a row with none)."""
+    columns = torch.arange(visible.shape[-1], device=visible.device, dtype=torch.int32)  # (C,)
+    first = torch.where(visible, columns, visible.shape[-1]).amin(dim=-1)  # (bm, hm, R)
+    last = torch.where(visible, columns + 1, 0).amax(dim=-1)  # (bm, hm, R)
+    first = torch.minimum(first, last)  # an empty row: (0, 0)
+    return torch.stack([first, last], dim=-1).to(torch.int32).contiguous()

@@ -46,8 +46,13 @@ class MHATritonAttention(AttentionBase):
     def unavailable(cls, device: torch.device | str) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "the triton package is not installed (pip install triton; Linux only)"
-        if torch.device(device).type not in ("cuda", "cpu"):
-            return f"Triton kernels run on CUDA (or, interpreted, on CPU), not {torch.device(device).type}"
+        kind = torch.device(device).type
+        if kind not in ("cuda", "cpu"):
+            return f"Triton kernels run on CUDA (or, interpreted, on CPU), not {kind}"
+        if kind == "cpu":
+            from .kernels.launch import interpreter_problem
+
+            return interpreter_problem()
         return None
 
     def _patterns_changed(self) -> None:

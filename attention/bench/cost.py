@@ -21,6 +21,7 @@ from ..base import AttentionBase
 from ..flex import MHAPyTorchFlexAttention
 from ..from_scratch import MultiHeadAttentionCombinedQKV
 from ..sdpa import MHAPyTorchScaledDotProduct
+from ..triton_attention import MHATritonAttention
 
 GiB = 1024**3
 MiB = 1024**2
@@ -37,6 +38,7 @@ _SCORE_COPIES: dict[type, tuple[float, float]] = {
     MultiHeadAttentionCombinedQKV: (5.0, 8.0),
     MHAPyTorchFlexAttention: (0.0, 0.0),
     MHAPyTorchScaledDotProduct: (0.0, 0.0),
+    MHATritonAttention: (0.0, 0.0),
 }
 _UNKNOWN_SCORE_COPIES = (5.0, 8.0)
 #: Allocator fragmentation, cuBLAS workspaces, the CUDA context: a margin on every estimate.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -17,7 +19,6 @@ class Kernel:
     and on CPU tensors (Triton's interpreter runs the same source with NumPy: slow, exact, and what
     lets a machine without a GPU test the kernel code itself).
 
-    Kernels call no other ``@triton.jit`` function: the interpreter cannot run a compiled helper.
     """
 
     def __init__(self, fn: Callable, *, do_not_specialize: tuple[str, ...] = ()) -> None:
@@ -72,6 +73,33 @@ def _library_interpreted() -> Iterator[None]:
         yield
     finally:
         JITFunction.__call__ = compiled_call
+
+
+def _count_to(N, Out):
+    n = tl.load(N)
+    total = n * 0
+    for _ in range(n):  # a loop bound loaded from memory, as the kernels' walks have
+        total += 1
+    tl.store(Out, total)
+
+
+_COUNT_TO = Kernel(_count_to)
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels on CPU tensors, or ``None``.
+
+    Some releases (3.6, for one) turn a loop bound loaded from memory into a Python int with
+    ``int(array)``, which NumPy 2 refuses for the one-element arrays the interpreter holds."""
+    bound, out = torch.tensor([3], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    try:
+        _COUNT_TO.on(torch.device("cpu"))[(1,)](bound, out)
+    except Exception as error:  # the interpreter's own failure, whatever its type
+        return f"triton {triton.__version__}'s interpreter fails on a loop bound read from memory ({error})"
+    if int(out) != 3:
+        return f"triton {triton.__version__}'s interpreter ran a 3-step loop {int(out)} times"
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """FlashAttention-2 forward and backward over a block table (docs/design.md#triton-implementation).
 
-Forward: one program per ``block_m`` query rows of one head walks the visible key tiles of its
-row in the :class:`~attention.block_table.BlockTable`, with an online softmax in fp32 (scores in
-base 2, ``exp2``), and saves the log-sum-exp for the backward. Partial tiles load their stored
-visibility bits; full tiles need none; empty tiles are never visited. A key/value head serves
+Forward: one program per ``block_m`` query rows of one head walks its row's range of key tiles
+in the :class:`~attention.block_table.BlockTable` (first to last visible), with an online softmax
+in fp32 (scores in base 2, ``exp2``), and saves the log-sum-exp for the backward. Partial tiles
+load their stored visibility bits; full tiles need none; tiles outside the range are never
+visited. A key/value head serves
 its whole group of query heads in place (GQA without repeating K and V).
 
 Backward: ``dQ`` by one program per query tile (the forward's walk), ``dK``/``dV`` by one program
@@ -20,19 +21,21 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ..block_table import BlockTable
+from ..block_table import EMPTY_TILE, BlockTable
 from .launch import Blocks, Kernel, dot_precision, padded_head_dim
 
 LOG2E = 1.4426950408889634
+_EMPTY = tl.constexpr(EMPTY_TILE)  # a global a kernel reads must be a constexpr
 
 
 def _fwd(
     Q, K, V, Out, LSE,
-    KV_COUNT, KV_BLOCKS, KV_TILES, TILES,
+    KV_RANGE, TILE_IDS, TILES,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-    tb_b, tb_h, tb_q,  # strides of the table's (Bm, Hm, NQ) counts; 0 where it ignores b or h
+    rb, rh, rq,  # strides of the table's (Bm, Hm, NQ) ranges; 0 where it ignores b or h
+    ib, ih, iq, ik,  # strides of its (Bm, Hm, NQ, NK) tile ids; 0 where it ignores b or h
     H, G, q_len, kv_len, qk_scale,
-    NK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
@@ -52,13 +55,15 @@ def _fwd(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    entry = b * tb_b + h * tb_h + qb * tb_q
-    count = tl.load(KV_COUNT + entry)
+    row_range = KV_RANGE + b * rb + h * rh + qb * rq
+    lo = tl.load(row_range)
+    hi = tl.load(row_range + 1)
+    ids = TILE_IDS + b * ib + h * ih + qb * iq
     tile_rows = tl.arange(0, BLOCK_M)
     tile_cols = tl.arange(0, BLOCK_N)
-    for i in range(count):
-        kb = tl.load(KV_BLOCKS + entry * NK + i)
-        tile = tl.load(KV_TILES + entry * NK + i)
+    for kb in range(lo, hi):
+        tile = tl.load(ids + kb * ik)
+        tile_block = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile  # a block: the interpreter mistypes scalars
         cols = kb * BLOCK_N + tile_cols  # (BLOCK_N,)
         col_ok = cols < kv_len
         k_t = tl.load(
@@ -74,10 +79,10 @@ def _fwd(
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
         seen = tl.load(
             TILES + tile * (BLOCK_M * BLOCK_N) + tile_rows[:, None] * BLOCK_N + tile_cols[None, :],
-            mask=tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile >= 0,  # a block: the interpreter mistypes scalars
+            mask=tile_block >= 0,
             other=1,
         )  # (BLOCK_M, BLOCK_N): the partial tile's bits, all ones for a full tile
-        s = tl.where(seen != 0, s, float("-inf"))
+        s = tl.where((seen != 0) & (tile_block != _EMPTY), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
         p = tl.math.exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N)
@@ -98,12 +103,12 @@ def _fwd(
 
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KV_COUNT, KV_BLOCKS, KV_TILES, TILES,
+    KV_RANGE, TILE_IDS, TILES,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
     sdb, sdh, sdt, sdd,  # strides of DQ
-    tb_b, tb_h, tb_q,
+    rb, rh, rq, ib, ih, iq, ik,
     H, G, q_len, kv_len, qk_scale, sm_scale,
-    NK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
@@ -122,13 +127,15 @@ def _bwd_dq(
     lse = tl.load(LSE + bh * q_len + rows, mask=row_ok, other=float("inf"))  # (BLOCK_M,)
     delta = tl.load(DELTA + bh * q_len + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    entry = b * tb_b + h * tb_h + qb * tb_q
-    count = tl.load(KV_COUNT + entry)
+    row_range = KV_RANGE + b * rb + h * rh + qb * rq
+    lo = tl.load(row_range)
+    hi = tl.load(row_range + 1)
+    ids = TILE_IDS + b * ib + h * ih + qb * iq
     tile_rows = tl.arange(0, BLOCK_M)
     tile_cols = tl.arange(0, BLOCK_N)
-    for i in range(count):
-        kb = tl.load(KV_BLOCKS + entry * NK + i)
-        tile = tl.load(KV_TILES + entry * NK + i)
+    for kb in range(lo, hi):
+        tile = tl.load(ids + kb * ik)
+        tile_block = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile  # a block: the interpreter mistypes scalars
         cols = kb * BLOCK_N + tile_cols
         col_ok = cols < kv_len
         k_t = tl.load(
@@ -145,10 +152,10 @@ def _bwd_dq(
         dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         seen = tl.load(
             TILES + tile * (BLOCK_M * BLOCK_N) + tile_rows[:, None] * BLOCK_N + tile_cols[None, :],
-            mask=tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile >= 0,  # a block: the interpreter mistypes scalars
+            mask=tile_block >= 0,
             other=1,
         )
-        s = tl.where(seen != 0, s, float("-inf"))
+        s = tl.where((seen != 0) & (tile_block != _EMPTY), s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
@@ -160,12 +167,13 @@ def _bwd_dq(
 
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    Q_COUNT, Q_BLOCKS, Q_TILES, TILES,
+    Q_RANGE, TILE_IDS, TILES,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
     dkb, dkh, dkt, dkd, dvb, dvh, dvt, dvd,  # strides of DK and DV
-    tb_b, tb_h, tb_k,  # strides of the table's (Bm, Hm, NK) counts
+    rb, rh, rk,  # strides of the table's (Bm, Hm, NK) column ranges
+    ib, ih, iq, ik,
     H, H_KV, G, q_len, kv_len, qk_scale, sm_scale,
-    NQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
@@ -186,11 +194,13 @@ def _bwd_dkdv(
     tile_cols = tl.arange(0, BLOCK_N)
     for g in range(G):
         h = hk * G + g
-        entry = b * tb_b + h * tb_h + kb * tb_k
-        count = tl.load(Q_COUNT + entry)
-        for i in range(count):
-            qb = tl.load(Q_BLOCKS + entry * NQ + i)
-            tile = tl.load(Q_TILES + entry * NQ + i)
+        column_range = Q_RANGE + b * rb + h * rh + kb * rk
+        lo = tl.load(column_range)
+        hi = tl.load(column_range + 1)
+        ids = TILE_IDS + b * ib + h * ih + kb * ik
+        for qb in range(lo, hi):
+            tile = tl.load(ids + qb * iq)
+            tile_block = tl.full((BLOCK_N, SUB_M), 0, tl.int32) + tile
             for r0 in range(0, BLOCK_M, SUB_M):
                 rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
                 row_ok = rows < q_len
@@ -205,10 +215,10 @@ def _bwd_dkdv(
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
                 seen = tl.load(
                     TILES + tile * (BLOCK_M * BLOCK_N) + (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None],
-                    mask=tl.full((BLOCK_N, SUB_M), 0, tl.int32) + tile >= 0,
+                    mask=tile_block >= 0,
                     other=1,
                 )  # (BLOCK_N, SUB_M)
-                s_t = tl.where(seen != 0, s_t, float("-inf"))
+                s_t = tl.where((seen != 0) & (tile_block != _EMPTY), s_t, float("-inf"))
                 p_t = tl.math.exp2(s_t - lse[None, :])  # exactly 0 where unseen
                 ds_t = p_t * (dp_t - delta[None, :])
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -227,11 +237,20 @@ BWD_DQ = Kernel(_bwd_dq)
 BWD_DKDV = Kernel(_bwd_dkdv)
 
 
-def _table_strides(counts: Tensor) -> tuple[int, int, int]:
-    """Strides of a ``(Bm, Hm, N)`` count tensor over ``(b, h, n)``, 0 where it has one entry."""
-    bm, hm, _ = counts.shape
-    s = counts.stride()
-    return (s[0] if bm > 1 else 0, s[1] if hm > 1 else 0, s[2])
+def _table_strides(table: BlockTable, ranges: Tensor) -> tuple[int, ...]:
+    """Strides of ``ranges`` over ``(b, h, row)`` and of the tile ids over ``(b, h, q tile, kv tile)``,
+    0 along the batch or heads when the pattern ignores them."""
+    bm, hm = table.tile_ids.shape[:2]
+    r, i = ranges.stride(), table.tile_ids.stride()
+    return (
+        r[0] if bm > 1 else 0,
+        r[1] if hm > 1 else 0,
+        r[2],
+        i[0] if bm > 1 else 0,
+        i[1] if hm > 1 else 0,
+        i[2],
+        i[3],
+    )
 
 
 def _common(q: Tensor, k: Tensor, v: Tensor, blocks: Blocks) -> dict:
@@ -253,14 +272,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, bl
     h_kv, tk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)  # (B, H, Tq, hd)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)  # (B, H, Tq)
-    grid = (table.kv_count.shape[2], b * h)
+    grid = (table.kv_range.shape[2], b * h)
     FWD.on(q.device)[grid](
         q, k, v, out, lse,
-        table.kv_count, table.kv_blocks, table.kv_tiles, table.tiles,
+        table.kv_range, table.tile_ids, table.tiles,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *_table_strides(table.kv_count),
+        *_table_strides(table, table.kv_range),
         h, h // h_kv, tq, tk, scale * LOG2E,
-        NK=table.kv_blocks.shape[3],
         **_common(q, k, v, blocks),
     )  # fmt: skip
     return out, lse
@@ -286,19 +304,19 @@ def backward(
     dv = torch.empty_like(v)  # (B, H_kv, Tk, hd)
     common = _common(q, k, v, blocks)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    BWD_DQ.on(q.device)[(table.kv_count.shape[2], b * h)](
+    BWD_DQ.on(q.device)[(table.kv_range.shape[2], b * h)](
         q, k, v, grad_out, lse, delta, dq,
-        table.kv_count, table.kv_blocks, table.kv_tiles, table.tiles,
-        *strides, *dq.stride(), *_table_strides(table.kv_count),
+        table.kv_range, table.tile_ids, table.tiles,
+        *strides, *dq.stride(), *_table_strides(table, table.kv_range),
         h, h // h_kv, tq, tk, scale * LOG2E, scale,
-        NK=table.kv_blocks.shape[3], **common,
+        **common,
     )  # fmt: skip
-    BWD_DKDV.on(q.device)[(table.q_count.shape[2], b * h_kv)](
+    BWD_DKDV.on(q.device)[(table.q_range.shape[2], b * h_kv)](
         q, k, v, grad_out, lse, delta, dk, dv,
-        table.q_count, table.q_blocks, table.q_tiles, table.tiles,
-        *strides, *dk.stride(), *dv.stride(), *_table_strides(table.q_count),
+        table.q_range, table.tile_ids, table.tiles,
+        *strides, *dk.stride(), *dv.stride(), *_table_strides(table, table.q_range),
         h, h_kv, h // h_kv, tq, tk, scale * LOG2E, scale,
-        NQ=table.q_blocks.shape[3], SUB_M=blocks.sub_m, **common,
+        SUB_M=blocks.sub_m, **common,
     )  # fmt: skip
     return dq, dk, dv
 
