@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
+import attention
 from attention import masks
 from attention.accuracy import check_module
 from attention.bench import inspection
@@ -74,6 +75,6 @@ def test_notebook_runs_every_cell():
     app = notebook.app
 
     _, defs = app.run()
-    assert set(defs["errors"]) == {"from_scratch", "flex", "sdpa"}
+    assert set(defs["errors"]) == set(attention.implementations())  # triton too: interpreted on CPU
     assert all(e.passes for e in defs["errors"].values())
     assert defs["weights"].shape == (4, 128, 128)
