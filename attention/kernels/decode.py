@@ -4,7 +4,7 @@ Decoding reads the whole cache to produce a handful of rows, so its speed is how
 streams from memory. One program takes one KV head of one sequence and one slice ("split") of the
 keys: every query head of the GQA group and every query token is a row of one tile, so each key
 and value byte is read once for the whole group. Enough splits keep every SM streaming; a second
-small kernel merges the splits' partial results by their log-sum-exps.
+small kernel merges the splits' partial sums, rescaled by their running maxima.
 
 Lengths and offsets are not specialised on, so a growing cache never recompiles.
 """
@@ -31,7 +31,7 @@ PROGRAMS_PER_SM = 4
 
 
 def _split(
-    Q, K, V, PART_O, PART_LSE, MASK,
+    Q, K, V, PART_O, PART_M, PART_L, MASK,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
     smb, smh, smt, smk,  # the dense mask's strides, 0 along dims it ignores
     H_KV, G, q_len, kv_len, q_offset, split_len, n_splits, qk_scale,
@@ -89,16 +89,17 @@ def _split(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # -inf: weight 0 in the merge
+    # The split's unnormalised sum, running max and denominator: the merge rescales them by
+    # exp2(max - overall max), the way one pass over all keys would, with no log2/exp2 round trip
+    # of a log-sum-exp (its approximate log2 cost fp32 outputs several ulps).
     part = ((b * H_KV + hk) * G * q_len + r) * n_splits + split  # rows (b, h, t) in order, then splits
-    tl.store(PART_O + part[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
-    tl.store(PART_LSE + part, lse, mask=row_ok)
+    tl.store(PART_O + part[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(PART_M + part, m_i, mask=row_ok)  # -inf: the split saw no key, weight 0 in the merge
+    tl.store(PART_L + part, l_i, mask=row_ok)
 
 
 def _merge(
-    PART_O, PART_LSE, Out,
+    PART_O, PART_M, PART_L, Out,
     sob, soh, sot, sod,
     H, q_len, n_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -110,15 +111,16 @@ def _merge(
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
     split_ok = splits < n_splits
-    lse = tl.load(PART_LSE + row * n_splits + splits, mask=split_ok, other=float("-inf"))  # (BLOCK_S,)
-    m = tl.max(lse, 0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: the row is zero
-    w = tl.math.exp2(lse - m_use)  # (BLOCK_S,)
-    part = tl.load(
+    m = tl.load(PART_M + row * n_splits + splits, mask=split_ok, other=float("-inf"))  # (BLOCK_S,)
+    l_s = tl.load(PART_L + row * n_splits + splits, mask=split_ok, other=0.0)  # (BLOCK_S,)
+    m_all = tl.max(m, 0)
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)  # no split saw a key: the row is zero
+    w = tl.math.exp2(m - m_use)  # (BLOCK_S,): 0 for a split that saw nothing
+    acc = tl.load(
         PART_O + (row * n_splits + splits[:, None]) * BLOCK_D + dims[None, :], mask=split_ok[:, None], other=0.0
     )  # (BLOCK_S, BLOCK_D)
-    total = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # (BLOCK_D,)
+    total = tl.sum(w * l_s, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # (BLOCK_D,)
     tl.store(Out + b * sob + h * soh + t * sot + dims * sod, out.to(Out.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
@@ -154,14 +156,15 @@ def attend(
     splits = triton.cdiv(tk, split_len)
     block_d = padded_head_dim(hd)
     part_o = torch.empty(b * h * tq * splits, block_d, device=q.device, dtype=torch.float32)  # (rows x splits, hd')
-    part_lse = torch.empty(b * h * tq * splits, device=q.device, dtype=torch.float32)  # (rows x splits,)
+    part_m = torch.empty(b * h * tq * splits, device=q.device, dtype=torch.float32)  # (rows x splits,)
+    part_l = torch.empty_like(part_m)  # (rows x splits,)
     if mask is None:
         mask, mask_strides = q, (0, 0, 0, 0)  # never read
     else:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         mask_strides = tuple(st if n > 1 else 0 for st, n in zip(mask.stride(), mask.shape, strict=True))
     SPLIT.on(q.device)[(b * h_kv, splits)](
-        q, k, v, part_o, part_lse, mask,
+        q, k, v, part_o, part_m, part_l, mask,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides,
         h_kv, h // h_kv, tq, tk, q_offset, split_len, splits, scale * LOG2E,
         HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N,
@@ -169,7 +172,7 @@ def attend(
     )  # fmt: skip
     out = torch.empty_like(q)  # (B, H, Tq, hd)
     MERGE.on(q.device)[(b * h * tq,)](
-        part_o, part_lse, out, *out.stride(), h, tq, splits,
+        part_o, part_m, part_l, out, *out.stride(), h, tq, splits,
         HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
     )  # fmt: skip
     return out
