@@ -50,8 +50,10 @@ def _(device, mo, torch):
 
 
 @app.cell
-def _(attention, inspection, mo):
-    impl = mo.ui.dropdown(list(attention.implementations()), value="flex", label="implementation")
+def _(attention, device, inspection, mo):
+    # Those that can run here (triton needs the triton package): the rest are named in a note below.
+    runnable = [name for name, cls in attention.implementations().items() if cls.unavailable(device) is None]
+    impl = mo.ui.dropdown(runnable, value="flex", label="implementation")
     pattern_kind = mo.ui.dropdown(list(attention.masks.SPEC_KINDS), value="document", label="mask")
     seq_len = mo.ui.slider(16, 512, step=16, value=128, show_value=True, label="tokens T")
     batch = mo.ui.slider(1, 4, value=1, show_value=True, label="batch")
@@ -69,7 +71,20 @@ def _(attention, inspection, mo):
             mo.hstack([window, prefix_len, num_docs], justify="start"),
         ]
     )
-    return batch, block_size, dtype_name, head_dim, impl, num_docs, num_heads, pattern_kind, prefix_len, seq_len, window
+    return (
+        batch,
+        block_size,
+        dtype_name,
+        head_dim,
+        impl,
+        num_docs,
+        num_heads,
+        pattern_kind,
+        prefix_len,
+        runnable,
+        seq_len,
+        window,
+    )
 
 
 @app.cell
@@ -84,6 +99,7 @@ def _(
     num_heads,
     pattern_kind,
     prefix_len,
+    runnable,
     seq_len,
     torch,
     window,
@@ -102,7 +118,7 @@ def _(
         name: inspection.build(name, shared, d_model=d_model, num_heads=H, seq_len=T, mask_mod=pattern.mask_mod).to(
             device=device, dtype=dtype
         )
-        for name in attention.implementations()
+        for name in runnable
     }
     x = torch.randn(B, T, d_model, device=device, dtype=dtype)  # (B, T, d_model)
     return B, H, T, d_model, doc_ids, modules, pattern, x
@@ -179,10 +195,15 @@ def _(B, H, ListedColormap, T, block_size, create_block_mask, device, inspection
 
 
 @app.cell
-def _(doc_ids, mo, modules, x):
+def _(attention, device, doc_ids, mo, modules, x):
     from attention.accuracy import check_module
 
     errors = {name: check_module(module, x, document_ids=doc_ids) for name, module in modules.items()}
+    _skipped = "".join(
+        f"\n- `{name}` not run: {cls.unavailable(device)}"
+        for name, cls in attention.implementations().items()
+        if name not in modules
+    )
     _rows = [
         {
             "implementation": name,
@@ -199,7 +220,7 @@ def _(doc_ids, mo, modules, x):
                 f"""
                 ## Do the implementations agree?
                 Each output against the float64 oracle, in {x.dtype}. The rule: at most 2x the error
-                of the oracle's own math run in the same dtype, plus a few ulps.
+                of the oracle's own math run in the same dtype, plus a few ulps.{_skipped}
                 """
             ),
             mo.ui.table(_rows, selection=None, pagination=False),

@@ -75,6 +75,7 @@ def test_notebook_runs_every_cell():
     app = notebook.app
 
     _, defs = app.run()
-    assert set(defs["errors"]) == set(attention.implementations())  # triton too: interpreted on CPU
+    runnable = {name for name, cls in attention.implementations().items() if cls.unavailable("cpu") is None}
+    assert set(defs["errors"]) == runnable >= {"from_scratch", "flex", "sdpa"}  # and triton, where installed
     assert all(e.passes for e in defs["errors"].values())
     assert defs["weights"].shape == (4, 128, 128)
