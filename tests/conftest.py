@@ -6,6 +6,9 @@
 * ``cuda-quick``: deterministic and few examples, for a GPU run on a time budget: flex
   compiles once per shape, dtype and grad mode (seconds each), so example counts set its cost.
 * ``thorough``: many examples, for a GPU box or a nightly run.
+
+Under ``pytest -n N`` on a machine with several GPUs, each xdist worker runs its CUDA cases on
+one GPU, round-robin by worker number (``gw0`` on GPU 0, ``gw1`` on GPU 1, ...).
 """
 
 import os
@@ -33,3 +36,22 @@ def pytest_collection_modifyitems(config, items) -> None:
         reason = attention.get(params["impl_name"]).unavailable(params.get("device", "cpu"))
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=f"{params['impl_name']}: {reason}"))
+
+
+def gpu_for_worker(worker: str | None, gpus: int) -> int | None:
+    """The GPU index xdist worker ``worker`` (``"gw3"``) takes among ``gpus``, or ``None`` when
+    there is nothing to choose (not under xdist, or fewer than two GPUs)."""
+    if worker is None or gpus < 2:
+        return None
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        raise ValueError(f"unexpected xdist worker id {worker!r} (expected gw<N>)")
+    return int(worker[2:]) % gpus
+
+
+def pytest_configure(config) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = gpu_for_worker(os.environ.get("PYTEST_XDIST_WORKER"), gpus)
+    if index is not None:
+        torch.cuda.set_device(index)  # "cuda" in every test of this worker now means this GPU

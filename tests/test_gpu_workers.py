@@ -1,0 +1,22 @@
+"""Which GPU each xdist worker takes: the pinning logic, on any machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import gpu_for_worker
+
+
+def test_workers_take_gpus_round_robin() -> None:
+    assert [gpu_for_worker(f"gw{i}", 2) for i in range(5)] == [0, 1, 0, 1, 0]
+    assert [gpu_for_worker(f"gw{i}", 3) for i in range(4)] == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize(("worker", "gpus"), [(None, 4), ("gw3", 1), ("gw0", 0)])
+def test_nothing_to_choose_without_xdist_or_a_second_gpu(worker: str | None, gpus: int) -> None:
+    assert gpu_for_worker(worker, gpus) is None
+
+
+def test_an_unknown_worker_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="worker id 'master'"):
+        gpu_for_worker("master", 2)
