@@ -24,10 +24,14 @@ from .base import AttentionBase
 from .block_table import BlockTable, build_block_table
 from .kv_cache import KVCache
 
-#: Query tokens up to which a call without gradients takes the split-KV decode kernels.
+#: Query tokens up to which a call without gradients takes the split-KV decode kernels, and the
+#: most tile rows (query heads per KV head x tokens) one decode program holds; beyond either,
+#: the prefill kernels run (they take any query offset).
 DECODE_MAX_TOKENS = 16
-#: The largest head dim the CUDA kernels are built for (their tiles live in shared memory).
-MAX_HEAD_DIM = 256
+DECODE_MAX_ROWS = 128
+#: The largest head dim the CUDA tiles are sized for (docs/design.md#triton-configs): wider heads
+#: would need smaller tiles to fit shared memory.
+MAX_HEAD_DIM = 128
 _MAX_CACHED_TABLES = 64
 
 
@@ -35,7 +39,8 @@ class MHATritonAttention(AttentionBase):
     """Causal MHA on this repo's Triton kernels: any ``mask_mod``, GQA, KV cache, document ids.
 
     No dropout (rejected at construction) and no score mods. Head dims up to
-    :data:`MAX_HEAD_DIM`. :meth:`kernel_config` says which kernels and tiles a call of a given shape runs.
+    :data:`MAX_HEAD_DIM` on CUDA. :meth:`kernel_config` says which kernels and tiles a call of a
+    given shape runs.
     """
 
     @classmethod
@@ -88,11 +93,12 @@ class MHATritonAttention(AttentionBase):
     def kernel_config(
         cls, dtype: torch.dtype, head_dim: int, q_len: int, *, grad: bool, device: torch.device | str
     ) -> dict[str, object]:
-        """Which kernels and tiles a call of this shape runs (recorded beside perf results)."""
+        """Which kernels and tiles a call of this shape runs (recorded beside perf results; for
+        GQA the decode kernels also need ``q_len x group <= DECODE_MAX_ROWS``)."""
         from .kernels import decode
         from .kernels.launch import prefill_blocks
 
-        if q_len <= DECODE_MAX_TOKENS and not grad:
+        if _decodes(q_len, 1, grad):
             return {"kernel": "decode_split_kv", "BLOCK_N": decode.BLOCK_N, "min_split": decode.MIN_SPLIT_KEYS}
         return {"kernel": "prefill", **prefill_blocks(dtype, head_dim, torch.device(device)).as_dict()}
 
@@ -118,7 +124,7 @@ class MHATritonAttention(AttentionBase):
         from .kernels.launch import prefill_blocks
 
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if q.shape[2] <= DECODE_MAX_TOKENS and not wants_grad:
+        if _decodes(q.shape[2], q.shape[1] // k.shape[1], wants_grad):
             if not self._is_plain_causal(document_ids):
                 mask = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)
                 return decode.attend(q, k, v, self.scale, q_offset=q_offset, visible=decode.DENSE, mask=mask)
@@ -129,3 +135,9 @@ class MHATritonAttention(AttentionBase):
         blocks = prefill_blocks(q.dtype, self.head_dim, q.device)
         table = self.block_table(q, k, q_offset, document_ids, blocks.block_m, blocks.block_n)
         return prefill.attend(q, k, v, table, self.scale, blocks)  # (B, H, Tq, hd)
+
+
+def _decodes(q_len: int, group: int, grad: bool) -> bool:
+    """Whether a call takes the split-KV decode kernels: a few tokens, no gradients, and a tile of
+    ``group x q_len`` rows small enough for one program."""
+    return q_len <= DECODE_MAX_TOKENS and q_len * group <= DECODE_MAX_ROWS and not grad

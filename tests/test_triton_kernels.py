@@ -139,3 +139,25 @@ def test_decoding_a_growing_cache_compiles_once() -> None:
         for _ in range(40):  # cache lengths 102..141: across multiples of 16, and split counts change
             module(torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
     assert (_compiled_variants(decode.SPLIT), _compiled_variants(decode.MERGE)) == before
+
+
+def test_groups_too_wide_for_one_decode_tile_take_the_prefill_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    _skip_where_unavailable("cpu")
+    torch.manual_seed(0)
+    module = attention.get("triton")(24, 32 * 8, 32, 40, num_kv_heads=1)  # 32 query heads per KV head
+    cache = module.make_kv_cache(1, 40)
+    x = torch.randn(1, 40, 24)  # (B, T, d_in)
+    with torch.no_grad():
+        module(x[:, :30], kv_cache=cache)
+        monkeypatch.setattr(decode, "attend", lambda *a, **k: pytest.fail("decode kernels given 32 x 10 rows"))
+        tail = module(x[:, 30:], kv_cache=cache)  # 10 tokens x 32 heads: over DECODE_MAX_ROWS
+    oracle = attention.reference_forward(module, x)[:, 30:]  # (1, 10, d_out) float64
+    assert_matches_oracle(tail, oracle, attention.reference_forward(module, x, dtype=torch.float32)[:, 30:])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
+def test_head_dims_beyond_the_tiles_are_refused_on_cuda() -> None:
+    module = attention.get("triton")(64, 4 * 160, 4, 32).to("cuda")
+    with pytest.raises(ValueError, match=r"head_dim .* up to 128 on CUDA, got 160"):
+        module(torch.randn(1, 8, 64, device="cuda"))
