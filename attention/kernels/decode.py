@@ -128,6 +128,12 @@ SPLIT = Kernel(_split, do_not_specialize=("q_len", "kv_len", "q_offset", "split_
 MERGE = Kernel(_merge, do_not_specialize=("q_len", "n_splits"))
 
 
+def _stages(dtype: torch.dtype) -> int:
+    """K/V tiles in flight: 3 for 16-bit inputs; 2 for fp32, whose 128-row tiles at head dim 128
+    would not fit shared memory with 3 (64 KB of queries and 3 x 64 KB of keys and values)."""
+    return 2 if dtype == torch.float32 else 3
+
+
 def rows_per_program(q: Tensor, k: Tensor) -> int:
     """Tile rows a split program holds: every query head of a KV head's group, times the query tokens."""
     return (q.shape[1] // k.shape[1]) * q.shape[2]
@@ -168,7 +174,7 @@ def attend(
         *q.stride(), *k.stride(), *v.stride(), *mask_strides,
         h_kv, h // h_kv, tq, tk, q_offset, split_len, splits, scale * LOG2E,
         HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N,
-        VISIBLE=visible, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3,
+        VISIBLE=visible, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=_stages(q.dtype),
     )  # fmt: skip
     out = torch.empty_like(q)  # (B, H, Tq, hd)
     MERGE.on(q.device)[(b * h * tq,)](
