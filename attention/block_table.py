@@ -51,7 +51,7 @@ class BlockTable:
     kv_len: int
     kv_range: Tensor  # (Bm, Hm, NQ, 2) int32: first and one-past-last visible tile column of each row
     q_range: Tensor  # (Bm, Hm, NK, 2) int32: first and one-past-last visible tile row of each column
-    tile_ids: Tensor  # (Bm, Hm, NQ, NK) int32: FULL_TILE, EMPTY_TILE or the index of a stored partial tile
+    tile_ids: Tensor  # (Bm, Hm, NQ, NK) int64: FULL_TILE, EMPTY_TILE or the index of a stored partial tile
     tiles: Tensor  # (P, block_m, block_n) int8: 1 where the query sees the key (P >= 1)
 
     @property
@@ -97,7 +97,7 @@ def build_block_table(
         whole = blocks.all(dim=(-2, -1))  # (bm, hm, nq', NK)
         state = seen.to(torch.int8) + whole.to(torch.int8)  # EMPTY, PARTIAL or FULL
         partial = state == PARTIAL
-        ids = stored + torch.cumsum(partial.flatten(), 0).view(state.shape).to(torch.int32) - 1  # in tiles' order
+        ids = stored + torch.cumsum(partial.flatten(), 0).view(state.shape) - 1  # int64, in the tiles' order
         tile_ids.append(torch.where(partial, ids, torch.where(state == FULL, FULL_TILE, EMPTY_TILE)))
         tiles.append(blocks[partial].to(torch.int8))  # (p, block_m, block_n)
         stored += len(tiles[-1])

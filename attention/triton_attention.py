@@ -79,6 +79,8 @@ class MHATritonAttention(AttentionBase):
         reason = self.unavailable(x.device)
         if reason is not None:
             raise RuntimeError(f"{type(self).__name__} cannot run here: {reason}")
+        if x.device.type == "cuda" and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{type(self).__name__} runs fp16, bf16 or fp32 on CUDA, got {x.dtype}")
         if x.device.type == "cuda" and self.head_dim > MAX_HEAD_DIM:
             raise ValueError(
                 f"{type(self).__name__} supports head_dim (d_out // num_heads) up to {MAX_HEAD_DIM} on CUDA, "

@@ -21,7 +21,7 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 
 from attention.block_table import build_block_table
 from attention.kernels import decode, prefill
-from attention.kernels.launch import prefill_blocks
+from attention.kernels.launch import Blocks, prefill_blocks
 
 
 def _skip_where_unavailable(device: str) -> None:
@@ -81,9 +81,12 @@ def test_decode_kernels_match_the_oracle(device, tq, past, heads, hd, mode, seed
     heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]),
     hd=st.sampled_from([8, 32, 64]),
     spec=st.sampled_from(["causal", "sliding_window:37", "prefix_lm:20", "none"]),
+    small_tiles=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_prefill_kernels_forward_and_backward_match_the_oracle(device, tq, past, heads, hd, spec, seed) -> None:
+def test_prefill_kernels_forward_and_backward_match_the_oracle(
+    device, tq, past, heads, hd, spec, small_tiles, seed
+) -> None:
     # One key in all: softmax over one score has an exactly-zero gradient, which FlashAttention's
     # backward (dS = P * (dP - rowsum(dO * O))) reproduces only to rounding, and the ratio rule's
     # floor scales with the oracle's magnitude: zero. The module tests cover it through projections.
@@ -94,6 +97,8 @@ def test_prefill_kernels_forward_and_backward_match_the_oracle(device, tq, past,
     q, k, v = _inputs(1, h, h_kv, tq, tk, hd, device, seed)
     pattern = (lambda b, hh, qi, ki: ki > qi + 10_000) if spec == "none" else masks.from_spec(spec).mask_mod
     blocks = prefill_blocks(torch.float32, hd, torch.device(device))
+    if small_tiles:  # many tiles: full ones, multi-tile walks and dK/dV sub-steps (CPU's tiles are 256 wide)
+        blocks = Blocks(32, 16, blocks.num_warps, blocks.num_stages, 16)
     table = build_block_table(pattern, 1, h, tq, tk, blocks.block_m, blocks.block_n, device, past)
     visible = masks.dense_mask(pattern, 1, h, tq, tk, device, past)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -133,10 +138,10 @@ def test_decoding_a_growing_cache_compiles_once() -> None:
     module = attention.get("triton")(512, 512, 8, 600, num_kv_heads=2).to("cuda", torch.bfloat16)
     cache = module.make_kv_cache(2, 600)
     with torch.no_grad():
-        module(torch.randn(2, 100, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
+        module(torch.randn(2, 240, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
         module(torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
         before = _compiled_variants(decode.SPLIT), _compiled_variants(decode.MERGE)
-        for _ in range(40):  # cache lengths 102..141: across multiples of 16, and split counts change
+        for _ in range(40):  # cache lengths 242..281: across multiples of 16 and from 1 split to 2
             module(torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
     assert (_compiled_variants(decode.SPLIT), _compiled_variants(decode.MERGE)) == before
 
@@ -161,3 +166,22 @@ def test_head_dims_beyond_the_tiles_are_refused_on_cuda() -> None:
     module = attention.get("triton")(64, 4 * 160, 4, 32).to("cuda")
     with pytest.raises(ValueError, match=r"head_dim .* up to 128 on CUDA, got 160"):
         module(torch.randn(1, 8, 64, device="cuda"))
+
+
+def test_kernels_refuse_what_they_would_misread() -> None:
+    q = torch.randn(1, 2, 8, 16)  # (B, H, Tq, hd)
+    with pytest.raises(ValueError, match="visible=DENSE needs a mask"):
+        decode.attend(q, q, q, 0.25, q_offset=0, visible=decode.DENSE)
+    table = build_block_table(masks.causal, 1, 2, 8, 8, 16, 16, "cpu")
+    with pytest.raises(ValueError, match="16x16 tiles, the kernels use 32x16"):
+        prefill.forward(q, q, q, table, 0.25, Blocks(32, 16, 4, 1, 16))
+    with pytest.raises(ValueError, match="for 8 queries and 8 keys"):
+        prefill.forward(q[:, :, :4], q, q, table, 0.25, Blocks(16, 16, 4, 1, 16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
+def test_float64_is_refused_on_cuda() -> None:
+    module = attention.get("triton")(16, 32, 2, 8).to("cuda", torch.float64)
+    with pytest.raises(TypeError, match=r"fp16, bf16 or fp32 on CUDA, got torch\.float64"):
+        module(torch.randn(1, 4, 16, device="cuda", dtype=torch.float64))

@@ -28,6 +28,8 @@ BLOCK_N = 64
 MIN_SPLIT_KEYS = 256
 #: Programs per SM the split count aims for, so loads from several programs overlap on each SM.
 PROGRAMS_PER_SM = 4
+#: Splits the merge reads per step.
+MERGE_SPLITS = 16
 
 
 def _split(
@@ -40,7 +42,7 @@ def _split(
 ):  # fmt: skip
     bhk = tl.program_id(0)
     split = tl.program_id(1)
-    b = bhk // H_KV
+    b = (bhk // H_KV).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     hk = bhk % H_KV
     r = tl.arange(0, BLOCK_M)  # rows: query head g of the group, token t
     g = r // q_len
@@ -104,28 +106,41 @@ def _merge(
     H, q_len, n_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
+    # Splits are read BLOCK_S at a time with a running max, so the split count is a runtime value
+    # (no recompile as a cache grows) and a long cache's hundreds of splits never make one tile.
     row = tl.program_id(0)  # (b, h, t) flattened
     b = row // (H * q_len)
     h = (row // q_len) % H
     t = row % q_len
-    splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
-    split_ok = splits < n_splits
-    m = tl.load(PART_M + row * n_splits + splits, mask=split_ok, other=float("-inf"))  # (BLOCK_S,)
-    l_s = tl.load(PART_L + row * n_splits + splits, mask=split_ok, other=0.0)  # (BLOCK_S,)
-    m_all = tl.max(m, 0)
-    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)  # no split saw a key: the row is zero
-    w = tl.math.exp2(m - m_use)  # (BLOCK_S,): 0 for a split that saw nothing
-    acc = tl.load(
-        PART_O + (row * n_splits + splits[:, None]) * BLOCK_D + dims[None, :], mask=split_ok[:, None], other=0.0
-    )  # (BLOCK_S, BLOCK_D)
-    total = tl.sum(w * l_s, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # (BLOCK_D,)
+    m_run = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)
+    l_run = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        split_ok = splits < n_splits
+        m = tl.load(PART_M + row * n_splits + splits, mask=split_ok, other=float("-inf"))  # (BLOCK_S,)
+        l_s = tl.load(PART_L + row * n_splits + splits, mask=split_ok, other=0.0)  # (BLOCK_S,)
+        part = tl.load(
+            PART_O + (row * n_splits + splits[:, None]) * BLOCK_D + dims[None, :], mask=split_ok[:, None], other=0.0
+        )  # (BLOCK_S, BLOCK_D)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split seen so far saw a key
+        w = tl.math.exp2(m - m_use)  # (BLOCK_S,): 0 for a split that saw nothing
+        rescale = tl.math.exp2(m_run - m_use)
+        l_run = l_run * rescale + tl.sum(w * l_s, 0)
+        acc = acc * rescale + tl.sum(part * w[:, None], 0)
+        m_run = m_new
+    out = acc / tl.where(l_run == 0.0, 1.0, l_run)  # (BLOCK_D,): a row that saw nothing is zero
     tl.store(Out + b * sob + h * soh + t * sot + dims * sod, out.to(Out.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 SPLIT = Kernel(_split, do_not_specialize=("q_len", "kv_len", "q_offset", "split_len", "n_splits"))
 MERGE = Kernel(_merge, do_not_specialize=("q_len", "n_splits"))
+
+
+def _shape(mask: Tensor | None) -> object:
+    return None if mask is None else tuple(mask.shape)
 
 
 def _stages(dtype: torch.dtype) -> int:
@@ -164,7 +179,9 @@ def attend(
     part_o = torch.empty(b * h * tq * splits, block_d, device=q.device, dtype=torch.float32)  # (rows x splits, hd')
     part_m = torch.empty(b * h * tq * splits, device=q.device, dtype=torch.float32)  # (rows x splits,)
     part_l = torch.empty_like(part_m)  # (rows x splits,)
-    if mask is None:
+    if visible == DENSE and (mask is None or mask.dim() != 4):
+        raise ValueError(f"visible=DENSE needs a mask broadcastable to (B, H, Tq, Tk), got {_shape(mask)}")
+    if mask is None or visible != DENSE:
         mask, mask_strides = q, (0, 0, 0, 0)  # never read
     else:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -179,6 +196,6 @@ def attend(
     out = torch.empty_like(q)  # (B, H, Tq, hd)
     MERGE.on(q.device)[(b * h * tq,)](
         part_o, part_m, part_l, out, *out.stride(), h, tq, splits,
-        HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_S=MERGE_SPLITS, num_warps=4,
     )  # fmt: skip
     return out

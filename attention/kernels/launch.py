@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -31,10 +32,25 @@ class Kernel:
     def on(self, device: torch.device) -> Callable:
         """The launchable kernel for tensors on ``device``: ``kernel.on(device)[grid](*args)``."""
         if device.type == "cuda":
-            return self.compiled
+            return _OnDevice(self.compiled, device)
         if device.type == "cpu":
             return _Interpreted(self.interpreted)
         raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU, interpreted), got {device.type}")
+
+
+class _OnDevice:
+    """``compiled[grid](*args)`` launched on ``device`` and its current stream: Triton launches on
+    the current CUDA device, which need not be the one the tensors are on."""
+
+    def __init__(self, fn: JITFunction, device: torch.device) -> None:
+        self.fn, self.device = fn, device
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable:
+        def launch(*args: object, **kwargs: object) -> None:
+            with torch.cuda.device(self.device):
+                self.fn[grid](*args, **kwargs)
+
+        return launch
 
 
 class _Interpreted:
@@ -45,13 +61,16 @@ class _Interpreted:
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable:
         def launch(*args: object, **kwargs: object) -> None:
-            with _library_interpreted():
+            with _INTERPRETING, _library_interpreted():  # one interpreted launch at a time
                 self.fn[grid](*args, **kwargs)
 
         return launch
 
 
 _interpreted_library: dict[Callable, InterpretedFunction] = {}
+#: The routing below swaps a class attribute for the whole process: launches from two threads
+#: must not interleave (the first to finish would restore it under the second).
+_INTERPRETING = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -135,7 +154,7 @@ def padded_head_dim(head_dim: int) -> int:
 
 def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
     """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
-    for fp32 (twice the bytes per element: the same shared memory), 64 x 64 interpreted (fewer,
+    for fp32 (twice the bytes per element: the same shared memory), 256 x 256 interpreted (fewer,
     larger NumPy steps)."""
     if device.type != "cuda":
         return Blocks(256, 256, 4, 1, 256)

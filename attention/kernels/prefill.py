@@ -40,7 +40,7 @@ def _fwd(
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     h = bh % H
     hk = h // G
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -114,7 +114,7 @@ def _bwd_dq(
     # so* are dO's strides.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     h = bh % H
     hk = h // G
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,7 +179,7 @@ def _bwd_dkdv(
     # so* are dO's strides.
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
-    b = bhk // H_KV
+    b = (bhk // H_KV).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     hk = bhk % H_KV
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     dims = tl.arange(0, BLOCK_D)
@@ -253,7 +253,20 @@ def _table_strides(table: BlockTable, ranges: Tensor) -> tuple[int, ...]:
     )
 
 
-def _common(q: Tensor, k: Tensor, v: Tensor, blocks: Blocks) -> dict:
+def _check_table(table: BlockTable, blocks: Blocks, q: Tensor, k: Tensor) -> None:
+    """A table cut into other tiles than the kernels', or on another device, would be misread."""
+    if (table.block_m, table.block_n) != (blocks.block_m, blocks.block_n):
+        raise ValueError(
+            f"block table has {table.block_m}x{table.block_n} tiles, the kernels use {blocks.block_m}x{blocks.block_n}"
+        )
+    if (table.q_len, table.kv_len) != (q.shape[2], k.shape[2]) or table.tile_ids.device != q.device:
+        raise ValueError(
+            f"block table is for {table.q_len} queries and {table.kv_len} keys on {table.tile_ids.device}, "
+            f"got {q.shape[2]} and {k.shape[2]} on {q.device}"
+        )
+
+
+def _common(q: Tensor, blocks: Blocks) -> dict:
     return dict(
         HEAD_DIM=q.shape[3],
         BLOCK_D=padded_head_dim(q.shape[3]),
@@ -268,6 +281,7 @@ def _common(q: Tensor, k: Tensor, v: Tensor, blocks: Blocks) -> dict:
 def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, blocks: Blocks) -> tuple[Tensor, Tensor]:
     """``(out, lse)``: ``q`` ``(B, H, Tq, hd)``, ``k, v`` ``(B, H_kv, Tk, hd)`` -> ``(B, H, Tq, hd)``
     and the base-2 log-sum-exp ``(B, H, Tq)`` fp32."""
+    _check_table(table, blocks, q, k)
     b, h, tq, _ = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)  # (B, H, Tq, hd)
@@ -279,7 +293,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, bl
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_table_strides(table, table.kv_range),
         h, h // h_kv, tq, tk, scale * LOG2E,
-        **_common(q, k, v, blocks),
+        **_common(q, blocks),
     )  # fmt: skip
     return out, lse
 
@@ -302,7 +316,7 @@ def backward(
     dq = torch.empty_like(q)  # (B, H, Tq, hd)
     dk = torch.empty_like(k)  # (B, H_kv, Tk, hd)
     dv = torch.empty_like(v)  # (B, H_kv, Tk, hd)
-    common = _common(q, k, v, blocks)
+    common = _common(q, blocks)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     BWD_DQ.on(q.device)[(table.kv_range.shape[2], b * h)](
         q, k, v, grad_out, lse, delta, dq,
