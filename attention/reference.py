@@ -43,20 +43,29 @@ def reference_mha(
     q = q.reshape(b, t, num_heads, head_dim).permute(0, 2, 1, 3)  # (B, H, T, hd)
     k = k.reshape(b, t, num_kv_heads, head_dim).permute(0, 2, 1, 3)  # (B, H_kv, T, hd)
     v = v.reshape(b, t, num_kv_heads, head_dim).permute(0, 2, 1, 3)  # (B, H_kv, T, hd)
-    # Query head h reads KV head h // (num_heads // num_kv_heads).
-    k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # (B, H, T, hd)
-    v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)  # (B, H, T, hd)
-
     pattern = mask_mod if document_ids is None else and_masks(mask_mod, document(document_ids))
     visible = dense_mask(pattern, b, num_heads, t, t, x.device)  # broadcasts to (B, H, T, T)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)  # (B, H, T, T)
-    if score_mod is not None:
-        scores = apply_dense(score_mod, scores)  # (B, H, T, T)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key -> zeros
-    context = weights @ v  # (B, H, T, hd)
+    context = reference_attention(q, k, v, visible, score_mod=score_mod)  # (B, H, T, hd)
     context = context.permute(0, 2, 1, 3).reshape(b, t, d_out)  # (B, T, d_out)
     return context @ params["proj.weight"].T + params["proj.bias"]  # (B, T, d_out)
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, visible: Tensor, *, score_mod: ScoreMod | None = None
+) -> Tensor:
+    """The attention core: ``q`` ``(B, H, Tq, hd)``, ``k, v`` ``(B, H_kv, Tk, hd)`` and a bool
+    ``visible`` broadcastable to ``(B, H, Tq, Tk)`` -> ``(B, H, Tq, hd)``; a row with no visible
+    key is zeros."""
+    # Query head h reads KV head h // (H // H_kv).
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, hd)
+    v = v.repeat_interleave(group, dim=1)  # (B, H, Tk, hd)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
+    if score_mod is not None:
+        scores = apply_dense(score_mod, scores)  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key -> zeros
+    return weights @ v  # (B, H, Tq, hd)
 
 
 def module_params(module: AttentionBase, dtype: torch.dtype, requires_grad: bool = False) -> dict[str, Tensor]:

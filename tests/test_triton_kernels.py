@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import attention
 from attention import masks
 from attention.accuracy import assert_matches_oracle
-from tests.support import CUDA, DEVICES, random_document_ids
+from attention.reference import reference_attention
+from tests.support import CUDA, DEVICES, random_document_ids, seeded_randn
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 
@@ -31,22 +32,15 @@ def _skip_where_unavailable(device: str) -> None:
 
 
 def _reference(q, k, v, visible, dtype):
-    """Softmax attention in ``dtype`` on a dense ``visible`` mask; rows that see nothing are zero."""
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, H, Tk, hd)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(scores, -1).nan_to_num(0.0)  # (B, H, Tq, Tk)
-    return weights @ v  # (B, H, Tq, hd)
+    """The oracle's attention core in ``dtype``."""
+    return reference_attention(*(t.to(dtype) for t in (q, k, v)), visible)  # (B, H, Tq, hd)
 
 
 def _inputs(b, h, h_kv, tq, tk, hd, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, tq, hd, generator=g)  # (B, H, Tq, hd)
-    k = torch.randn(b, h_kv, tk, hd, generator=g)  # (B, H_kv, Tk, hd)
-    v = torch.randn(b, h_kv, tk, hd, generator=g)  # (B, H_kv, Tk, hd)
-    return (t.to(device) for t in (q, k, v))
+    q = seeded_randn(b, h, tq, hd, seed=seed, device=device, dtype=torch.float32)  # (B, H, Tq, hd)
+    k = seeded_randn(b, h_kv, tk, hd, seed=seed + 1, device=device, dtype=torch.float32)  # (B, H_kv, Tk, hd)
+    v = seeded_randn(b, h_kv, tk, hd, seed=seed + 2, device=device, dtype=torch.float32)  # (B, H_kv, Tk, hd)
+    return q, k, v
 
 
 @pytest.mark.parametrize("device", DEVICES)
