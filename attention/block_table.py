@@ -26,7 +26,6 @@ from .masks import MaskMod, dense_mask
 #: Mask elements evaluated at once while building a table (one band of query rows).
 BAND_ELEMENTS = 1 << 26
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
 #: ``tile_ids`` of tiles that store no bits: every query sees every key, or none does.
 FULL_TILE, EMPTY_TILE = -1, -2
 
@@ -95,10 +94,9 @@ def build_block_table(
         blocks = padded.view(bm, hm, -1, block_m, nk, block_n).transpose(3, 4)  # (bm, hm, nq', NK, block_m, block_n)
         seen = blocks.any(dim=(-2, -1))  # (bm, hm, nq', NK)
         whole = blocks.all(dim=(-2, -1))  # (bm, hm, nq', NK)
-        state = seen.to(torch.int8) + whole.to(torch.int8)  # EMPTY, PARTIAL or FULL
-        partial = state == PARTIAL
-        ids = stored + torch.cumsum(partial.flatten(), 0).view(state.shape) - 1  # int64, in the tiles' order
-        tile_ids.append(torch.where(partial, ids, torch.where(state == FULL, FULL_TILE, EMPTY_TILE)))
+        partial = seen & ~whole  # (bm, hm, nq', NK)
+        ids = stored + torch.cumsum(partial.flatten(), 0).view(partial.shape) - 1  # int64, in the tiles' order
+        tile_ids.append(torch.where(partial, ids, torch.where(whole, FULL_TILE, EMPTY_TILE)))
         tiles.append(blocks[partial].to(torch.int8))  # (p, block_m, block_n)
         stored += len(tiles[-1])
     tile_ids = torch.cat(tile_ids, dim=2).contiguous()  # (bm, hm, NQ, NK)

@@ -27,7 +27,6 @@ class Kernel:
         # compile again whenever one crosses a multiple of 16), so a growing cache never recompiles.
         self.compiled = triton.jit(fn, do_not_specialize=list(do_not_specialize))
         self.interpreted = InterpretedFunction(fn)
-        self.__name__ = fn.__name__
 
     def on(self, device: torch.device) -> Callable:
         """The launchable kernel for tensors on ``device``: ``kernel.on(device)[grid](*args)``."""
