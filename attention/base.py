@@ -175,6 +175,14 @@ class AttentionBase(nn.Module):
         return False
 
     @classmethod
+    def kernel_config(
+        cls, dtype: torch.dtype, head_dim: int, q_len: int, *, grad: bool, device: torch.device | str
+    ) -> dict[str, object] | None:
+        """Which kernels and tiles a call of this shape runs, for an implementation with kernels
+        of its own (perf results record it); ``None`` for one that calls torch's."""
+        return None
+
+    @classmethod
     def min_head_dim(cls, device: torch.device | str) -> int:
         """The smallest ``d_out // num_heads`` this implementation runs on ``device``."""
         return 1

@@ -102,9 +102,11 @@ def describe(w: Workload | DecodeWorkload) -> dict:
         "estimated_peak_mib": round(w.estimated_peak_bytes() / MiB, 1),
     }
     cls = None if w.impl in CORE_REFERENCES or w.impl in MODULE_REFERENCES else registry.get(w.impl)
-    if hasattr(cls, "kernel_config"):  # kernels of our own: which tiles this case ran
+    if cls is not None and cls.unavailable(w.device) is None:
         q_len = 1 if isinstance(w, DecodeWorkload) else w.seq_len
-        info["kernel_config"] = cls.kernel_config(w.dtype, w.head_dim, q_len, grad=w.backward, device=w.device)
+        config = cls.kernel_config(w.dtype, w.head_dim, q_len, grad=w.backward, device=w.device)
+        if config is not None:
+            info["kernel_config"] = config
     if isinstance(w, DecodeWorkload):
         info.update(kind="decode", context=w.context, seq_len=w.context, kv_bytes=w.kv_bytes())
     else:
