@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .launch import Kernel, dot_precision, padded_head_dim
 from .prefill import LOG2E
+from .tiles import load_columns, load_rows, softmax_step
 
 #: Visibility inside the kernel: every cached key, causal (query ``t`` sees keys up to
 #: ``q_offset + t``), or a dense ``(B|1, H|1, Tq, Tk)`` bool mask.
@@ -64,16 +65,8 @@ def _split(
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         col_ok = cols < end
-        k_t = tl.load(
-            K + b * skb + hk * skh + cols[None, :] * skt + dims[:, None] * skd,
-            mask=col_ok[None, :] & dim_ok[:, None],
-            other=0.0,
-        )  # (BLOCK_D, BLOCK_N)
-        v = tl.load(
-            V + b * svb + hk * svh + cols[:, None] * svt + dims[None, :] * svd,
-            mask=col_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
+        k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+        v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
         seen = col_ok[None, :] & row_ok[:, None]  # (BLOCK_M, BLOCK_N)
         if VISIBLE == 1:
@@ -84,13 +77,7 @@ def _split(
             )
             seen = seen & (bits != 0)
         s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     # The split's unnormalised sum, running max and denominator: the merge rescales them by
     # exp2(max - overall max), the way one pass over all keys would, with no log2/exp2 round trip
     # of a log-sum-exp (its approximate log2 cost fp32 outputs several ulps).

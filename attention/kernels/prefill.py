@@ -21,11 +21,11 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ..block_table import EMPTY_TILE, BlockTable
+from ..block_table import BlockTable
 from .launch import Blocks, Kernel, dot_precision, padded_head_dim
+from .tiles import EMPTY, load_columns, load_rows, mask_tile, softmax_step
 
 LOG2E = 1.4426950408889634
-_EMPTY = tl.constexpr(EMPTY_TILE)  # a global a kernel reads must be a constexpr
 
 
 def _fwd(
@@ -47,11 +47,7 @@ def _fwd(
     dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     row_ok = rows < q_len
     dim_ok = dims < HEAD_DIM
-    q = tl.load(
-        Q + b * sqb + h * sqh + rows[:, None] * sqt + dims[None, :] * sqd,
-        mask=row_ok[:, None] & dim_ok[None, :],
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
+    q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -59,37 +55,15 @@ def _fwd(
     lo = tl.load(row_range)
     hi = tl.load(row_range + 1)
     ids = TILE_IDS + b * ib + h * ih + qb * iq
-    tile_rows = tl.arange(0, BLOCK_M)
-    tile_cols = tl.arange(0, BLOCK_N)
     for kb in range(lo, hi):
         tile = tl.load(ids + kb * ik)
-        tile_block = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile  # a block: the interpreter mistypes scalars
-        cols = kb * BLOCK_N + tile_cols  # (BLOCK_N,)
+        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         col_ok = cols < kv_len
-        k_t = tl.load(
-            K + b * skb + hk * skh + cols[None, :] * skt + dims[:, None] * skd,
-            mask=col_ok[None, :] & dim_ok[:, None],
-            other=0.0,
-        )  # (BLOCK_D, BLOCK_N)
-        v = tl.load(
-            V + b * svb + hk * svh + cols[:, None] * svt + dims[None, :] * svd,
-            mask=col_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
+        k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+        v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
-        seen = tl.load(
-            TILES + tile * (BLOCK_M * BLOCK_N) + tile_rows[:, None] * BLOCK_N + tile_cols[None, :],
-            mask=tile_block >= 0,
-            other=1,
-        )  # (BLOCK_M, BLOCK_N): the partial tile's bits, all ones for a full tile
-        s = tl.where((seen != 0) & (tile_block != _EMPTY), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-        p = tl.math.exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N)
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        s = mask_tile(s, TILES, tile, BLOCK_M, BLOCK_N)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # (BLOCK_M, BLOCK_D)
     tl.store(
@@ -122,8 +96,8 @@ def _bwd_dq(
     row_ok = rows < q_len
     dim_ok = dims < HEAD_DIM
     q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + dims[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sob + h * soh + rows[:, None] * sot + dims[None, :] * sod, mask=q_mask, other=0.0)
+    q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
+    do = load_rows(DO + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (BLOCK_M, BLOCK_D)
     lse = tl.load(LSE + bh * q_len + rows, mask=row_ok, other=float("inf"))  # (BLOCK_M,)
     delta = tl.load(DELTA + bh * q_len + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -131,31 +105,15 @@ def _bwd_dq(
     lo = tl.load(row_range)
     hi = tl.load(row_range + 1)
     ids = TILE_IDS + b * ib + h * ih + qb * iq
-    tile_rows = tl.arange(0, BLOCK_M)
-    tile_cols = tl.arange(0, BLOCK_N)
     for kb in range(lo, hi):
         tile = tl.load(ids + kb * ik)
-        tile_block = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile  # a block: the interpreter mistypes scalars
-        cols = kb * BLOCK_N + tile_cols
+        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < kv_len
-        k_t = tl.load(
-            K + b * skb + hk * skh + cols[None, :] * skt + dims[:, None] * skd,
-            mask=col_ok[None, :] & dim_ok[:, None],
-            other=0.0,
-        )  # (BLOCK_D, BLOCK_N)
-        v_t = tl.load(
-            V + b * svb + hk * svh + cols[None, :] * svt + dims[:, None] * svd,
-            mask=col_ok[None, :] & dim_ok[:, None],
-            other=0.0,
-        )  # (BLOCK_D, BLOCK_N)
+        k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+        v_t = load_columns(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
         dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        seen = tl.load(
-            TILES + tile * (BLOCK_M * BLOCK_N) + tile_rows[:, None] * BLOCK_N + tile_cols[None, :],
-            mask=tile_block >= 0,
-            other=1,
-        )
-        s = tl.where((seen != 0) & (tile_block != _EMPTY), s, float("-inf"))
+        s = mask_tile(s, TILES, tile, BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
@@ -186,8 +144,8 @@ def _bwd_dkdv(
     col_ok = cols < kv_len
     dim_ok = dims < HEAD_DIM
     kv_mask = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skt + dims[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + dims[None, :] * svd, mask=kv_mask, other=0.0)
+    k = load_rows(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_N, BLOCK_D)
+    v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sub = tl.arange(0, SUB_M)  # (SUB_M,)
@@ -204,11 +162,8 @@ def _bwd_dkdv(
             for r0 in range(0, BLOCK_M, SUB_M):
                 rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
                 row_ok = rows < q_len
-                q_mask = row_ok[:, None] & dim_ok[None, :]
-                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + dims[None, :] * sqd, mask=q_mask, other=0.0)
-                do = tl.load(
-                    DO + b * sob + h * soh + rows[:, None] * sot + dims[None, :] * sod, mask=q_mask, other=0.0
-                )  # (SUB_M, BLOCK_D)
+                q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (SUB_M, BLOCK_D)
+                do = load_rows(DO + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
                 lse = tl.load(LSE + (b * H + h) * q_len + rows, mask=row_ok, other=float("inf"))
                 delta = tl.load(DELTA + (b * H + h) * q_len + rows, mask=row_ok, other=0.0)
                 s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, SUB_M)
@@ -218,7 +173,7 @@ def _bwd_dkdv(
                     mask=tile_block >= 0,
                     other=1,
                 )  # (BLOCK_N, SUB_M)
-                s_t = tl.where((seen != 0) & (tile_block != _EMPTY), s_t, float("-inf"))
+                s_t = tl.where((seen != 0) & (tile_block != EMPTY), s_t, float("-inf"))
                 p_t = tl.math.exp2(s_t - lse[None, :])  # exactly 0 where unseen
                 ds_t = p_t * (dp_t - delta[None, :])
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)

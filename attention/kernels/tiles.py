@@ -1,0 +1,57 @@
+"""Device functions the kernels share: masked tile loads and the online-softmax step.
+
+``@triton.jit`` helpers are inlined into each kernel when it compiles; on CPU tensors the
+interpreter runs them (see :mod:`.launch`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..block_table import EMPTY_TILE
+
+
+@triton.jit
+def load_rows(base, idx, idx_ok, stride_idx, dims, dim_ok, stride_d):
+    """A ``(len(idx), BLOCK_D)`` tile: row ``i`` at ``base + idx[i] * stride_idx``, zeros out of bounds."""
+    return tl.load(
+        base + idx[:, None] * stride_idx + dims[None, :] * stride_d, mask=idx_ok[:, None] & dim_ok[None, :], other=0.0
+    )
+
+
+@triton.jit
+def load_columns(base, idx, idx_ok, stride_idx, dims, dim_ok, stride_d):
+    """The same rows laid out as columns, ``(BLOCK_D, len(idx))``: the right operand of ``q @ kᵀ``."""
+    return tl.load(
+        base + idx[None, :] * stride_idx + dims[:, None] * stride_d, mask=idx_ok[None, :] & dim_ok[:, None], other=0.0
+    )
+
+
+@triton.jit
+def softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores ``s`` (rows x keys, ``-inf`` where unseen) and its values
+    into the running max ``m_i``, denominator ``l_i`` and unnormalised sum ``acc``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+    p = tl.math.exp2(s - m_use[:, None])  # (rows, keys)
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+EMPTY = tl.constexpr(EMPTY_TILE)  # a global a kernel reads must be a constexpr
+
+
+@triton.jit
+def mask_tile(s, TILES, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores ``s`` ``(BLOCK_M, BLOCK_N)`` of block-table tile ``tile``, ``-inf`` where the pattern
+    hides the key: a partial tile's stored bits, nothing for a full tile, everything for an empty one."""
+    tile_block = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile  # a block: the interpreter mistypes scalars
+    bits = tl.load(
+        TILES + tile * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :],
+        mask=tile_block >= 0,
+        other=1,
+    )  # (BLOCK_M, BLOCK_N)
+    return tl.where((bits != 0) & (tile_block != EMPTY), s, float("-inf"))
