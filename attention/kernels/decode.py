@@ -67,7 +67,7 @@ def _split(
         col_ok = cols < end
         k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
         v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
+        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         seen = col_ok[None, :] & row_ok[:, None]  # (BLOCK_M, BLOCK_N)
         if VISIBLE == 1:
             seen = seen & (cols[None, :] <= (q_offset + t)[:, None])
@@ -77,7 +77,7 @@ def _split(
             )
             seen = seen & (bits != 0)
         s = tl.where(seen, s, float("-inf"))
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
     # The split's unnormalised sum, running max and denominator: the merge rescales them by
     # exp2(max - overall max), the way one pass over all keys would, with no log2/exp2 round trip
     # of a log-sum-exp (its approximate log2 cost fp32 outputs several ulps).

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..block_table import BlockTable
 from .launch import Blocks, Kernel, dot_precision, padded_head_dim
-from .tiles import EMPTY, load_columns, load_rows, mask_tile, softmax_step
+from .tiles import EMPTY, FULL, load_columns, load_rows, mask_tile, softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -61,9 +61,9 @@ def _fwd(
         col_ok = cols < kv_len
         k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
         v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
+        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         s = mask_tile(s, TILES, tile, BLOCK_M, BLOCK_N)
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PRECISION)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # (BLOCK_M, BLOCK_D)
     tl.store(
@@ -111,10 +111,10 @@ def _bwd_dq(
         col_ok = cols < kv_len
         k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
         v_t = load_columns(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         s = mask_tile(s, TILES, tile, BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
+        p = tl.math.exp2(s * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
     dq = dq * sm_scale
@@ -158,7 +158,6 @@ def _bwd_dkdv(
         ids = TILE_IDS + b * ib + h * ih + kb * ik
         for qb in range(lo, hi):
             tile = tl.load(ids + qb * iq)
-            tile_block = tl.full((BLOCK_N, SUB_M), 0, tl.int32) + tile
             for r0 in range(0, BLOCK_M, SUB_M):
                 rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
                 row_ok = rows < q_len
@@ -166,15 +165,17 @@ def _bwd_dkdv(
                 do = load_rows(DO + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
                 lse = tl.load(LSE + (b * H + h) * q_len + rows, mask=row_ok, other=float("inf"))
                 delta = tl.load(DELTA + (b * H + h) * q_len + rows, mask=row_ok, other=0.0)
-                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, SUB_M)
+                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
-                seen = tl.load(
-                    TILES + tile * (BLOCK_M * BLOCK_N) + (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None],
-                    mask=tile_block >= 0,
-                    other=1,
-                )  # (BLOCK_N, SUB_M)
-                s_t = tl.where((seen != 0) & (tile_block != EMPTY), s_t, float("-inf"))
-                p_t = tl.math.exp2(s_t - lse[None, :])  # exactly 0 where unseen
+                if tile != FULL:  # as mask_tile, on a transposed slice of the tile's bits
+                    tile_block = tl.full((BLOCK_N, SUB_M), 0, tl.int32) + tile
+                    seen = tl.load(
+                        TILES + tile * (BLOCK_M * BLOCK_N) + (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None],
+                        mask=tile_block >= 0,
+                        other=1,
+                    )  # (BLOCK_N, SUB_M)
+                    s_t = tl.where((seen != 0) & (tile_block != EMPTY), s_t, float("-inf"))
+                p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # exactly 0 where unseen
                 ds_t = p_t * (dp_t - delta[None, :])
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..block_table import EMPTY_TILE
+from ..block_table import EMPTY_TILE, FULL_TILE
 
 
 @triton.jit
@@ -29,12 +29,14 @@ def load_columns(base, idx, idx_ok, stride_idx, dims, dim_ok, stride_d):
 
 
 @triton.jit
-def softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
-    """Fold one tile of base-2 scores ``s`` (rows x keys, ``-inf`` where unseen) and its values
-    into the running max ``m_i``, denominator ``l_i`` and unnormalised sum ``acc``."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    """Fold one tile of raw scores ``s`` (rows x keys, ``-inf`` where unseen) and its values into
+    the running max ``m_i`` (base-2 units: ``s * qk_scale``), denominator ``l_i`` and
+    unnormalised sum ``acc``. The scale rides in the exponent's fused multiply-add, not in a
+    pass of its own over the tile (a positive scale keeps the max where it was)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-    p = tl.math.exp2(s - m_use[:, None])  # (rows, keys)
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])  # (rows, keys)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -42,16 +44,21 @@ def softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 
 EMPTY = tl.constexpr(EMPTY_TILE)  # a global a kernel reads must be a constexpr
+FULL = tl.constexpr(FULL_TILE)
 
 
 @triton.jit
 def mask_tile(s, TILES, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores ``s`` ``(BLOCK_M, BLOCK_N)`` of block-table tile ``tile``, ``-inf`` where the pattern
-    hides the key: a partial tile's stored bits, nothing for a full tile, everything for an empty one."""
-    tile_block = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile  # a block: the interpreter mistypes scalars
-    bits = tl.load(
-        TILES + tile * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :],
-        mask=tile_block >= 0,
-        other=1,
-    )  # (BLOCK_M, BLOCK_N)
-    return tl.where((bits != 0) & (tile_block != EMPTY), s, float("-inf"))
+    hides the key: a partial tile's stored bits, everything for an empty one. A full tile (most
+    of them: every tile left of a causal diagonal) branches past the masking, which otherwise
+    costs as many operations per score as the softmax itself."""
+    if tile != FULL:
+        tile_block = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile  # a block: the interpreter mistypes scalars
+        bits = tl.load(
+            TILES + tile * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :],
+            mask=tile_block >= 0,
+            other=1,
+        )  # (BLOCK_M, BLOCK_N)
+        s = tl.where((bits != 0) & (tile_block != EMPTY), s, float("-inf"))
+    return s
