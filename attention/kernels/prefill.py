@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..block_table import BlockTable
 from .launch import Blocks, Kernel, dot_precision, padded_head_dim
-from .tiles import EMPTY, FULL, load_columns, load_rows, mask_tile, softmax_step
+from .tiles import load_columns, load_rows, mask_tile, softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -36,7 +36,7 @@ def _fwd(
     ib, ih, iq, ik,  # strides of its (Bm, Hm, NQ, NK) tile ids; 0 where it ignores b or h
     H, G, q_len, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_FULL: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -55,6 +55,7 @@ def _fwd(
     lo = tl.load(row_range)
     hi = tl.load(row_range + 1)
     ids = TILE_IDS + b * ib + h * ih + qb * iq
+    in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
     for kb in range(lo, hi):
         tile = tl.load(ids + kb * ik)
         cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -62,7 +63,7 @@ def _fwd(
         k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
         v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        s = mask_tile(s, TILES, tile, BLOCK_M, BLOCK_N)
+        s = mask_tile(s, TILES, tile, in_tile, BLOCK_M * BLOCK_N, SKIP_FULL)
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # (BLOCK_M, BLOCK_D)
@@ -83,7 +84,7 @@ def _bwd_dq(
     rb, rh, rq, ib, ih, iq, ik,
     H, G, q_len, kv_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_FULL: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
     qb = tl.program_id(0)
@@ -105,6 +106,7 @@ def _bwd_dq(
     lo = tl.load(row_range)
     hi = tl.load(row_range + 1)
     ids = TILE_IDS + b * ib + h * ih + qb * iq
+    in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
     for kb in range(lo, hi):
         tile = tl.load(ids + kb * ik)
         cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,7 +115,7 @@ def _bwd_dq(
         v_t = load_columns(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        s = mask_tile(s, TILES, tile, BLOCK_M, BLOCK_N)
+        s = mask_tile(s, TILES, tile, in_tile, BLOCK_M * BLOCK_N, SKIP_FULL)
         p = tl.math.exp2(s * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
@@ -133,6 +135,7 @@ def _bwd_dkdv(
     H, H_KV, G, q_len, kv_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
+    SKIP_FULL: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
     kb = tl.program_id(0)
@@ -167,14 +170,8 @@ def _bwd_dkdv(
                 delta = tl.load(DELTA + (b * H + h) * q_len + rows, mask=row_ok, other=0.0)
                 s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
-                if tile != FULL:  # as mask_tile, on a transposed slice of the tile's bits
-                    tile_block = tl.full((BLOCK_N, SUB_M), 0, tl.int32) + tile
-                    seen = tl.load(
-                        TILES + tile * (BLOCK_M * BLOCK_N) + (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None],
-                        mask=tile_block >= 0,
-                        other=1,
-                    )  # (BLOCK_N, SUB_M)
-                    s_t = tl.where((seen != 0) & (tile_block != EMPTY), s_t, float("-inf"))
+                in_tile = (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None]  # (BLOCK_N, SUB_M): transposed
+                s_t = mask_tile(s_t, TILES, tile, in_tile, BLOCK_M * BLOCK_N, SKIP_FULL)
                 p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # exactly 0 where unseen
                 ds_t = p_t * (dp_t - delta[None, :])
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -229,6 +226,7 @@ def _common(q: Tensor, blocks: Blocks) -> dict:
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
         PRECISION=dot_precision(q.dtype),
+        SKIP_FULL=blocks.skip_full,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )

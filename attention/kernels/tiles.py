@@ -48,17 +48,22 @@ FULL = tl.constexpr(FULL_TILE)
 
 
 @triton.jit
-def mask_tile(s, TILES, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scores ``s`` ``(BLOCK_M, BLOCK_N)`` of block-table tile ``tile``, ``-inf`` where the pattern
-    hides the key: a partial tile's stored bits, everything for an empty one. A full tile (most
-    of them: every tile left of a causal diagonal) branches past the masking, which otherwise
-    costs as many operations per score as the softmax itself."""
-    if tile != FULL:
-        tile_block = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + tile  # a block: the interpreter mistypes scalars
-        bits = tl.load(
-            TILES + tile * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :],
-            mask=tile_block >= 0,
-            other=1,
-        )  # (BLOCK_M, BLOCK_N)
-        s = tl.where((bits != 0) & (tile_block != EMPTY), s, float("-inf"))
+def mask_tile(s, TILES, tile, offsets, TILE_SIZE: tl.constexpr, SKIP_FULL: tl.constexpr):
+    """Scores ``s`` of block-table tile ``tile``, ``-inf`` where the pattern hides the key: a
+    partial tile's stored bits, everything for an empty one, nothing for a full one. ``offsets``
+    (shaped like ``s``): each score's place among the tile's ``TILE_SIZE`` stored bits.
+    ``SKIP_FULL``: a full tile (every tile left of a causal diagonal) branches past the masking,
+    which otherwise costs about as many operations per score as the softmax itself."""
+    if SKIP_FULL:
+        if tile != FULL:
+            s = _masked(s, TILES, tile, offsets, TILE_SIZE)
+    else:
+        s = _masked(s, TILES, tile, offsets, TILE_SIZE)
     return s
+
+
+@triton.jit
+def _masked(s, TILES, tile, offsets, TILE_SIZE: tl.constexpr):
+    tile_block = offsets * 0 + tile  # a block: the interpreter mistypes scalars
+    bits = tl.load(TILES + tile * TILE_SIZE + offsets, mask=tile_block >= 0, other=1)
+    return tl.where((bits != 0) & (tile_block != EMPTY), s, float("-inf"))
