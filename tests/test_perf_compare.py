@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from attention.bench.perf import ab
 from attention.bench.perf import compare as cmp
 from attention.bench.perf.results import merge_runs
 
@@ -109,6 +110,15 @@ def test_thresholds_from_spread():
     assert "too noisy" in cmp.format_spread(t)
     with pytest.raises(ValueError):
         cmp.spread(runs[:1])
+
+
+def test_thresholds_from_spread_never_go_below_a_cases_min_effect():
+    # A case steady over these runs but known to move between compilations keeps its floor.
+    runs = [make_run(base_cases(**{A: {"median": m}, B: {"median": 2e-3}})) for m in (1.0e-3, 1.03e-3, 0.99e-3)]
+    floors = ab.MinEffects(0.02, ((B, 0.12),))
+    t = cmp.thresholds_from_spread(runs, k=3.0, floor=0.05, min_effect=floors.for_case)
+    assert t["cases"][B]["time"] == 0.12  # its spread alone gives the 5% floor
+    assert t["cases"][A]["time"] == pytest.approx(3 * 0.03, abs=1e-3)  # the spread already exceeds 2%
 
 
 def test_merge_takes_the_middle_run_of_each_case():

@@ -36,11 +36,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..files import unwritable, write_atomically
+from . import ab, flags, guards, machine, report, revision
 from . import compare as cmp
-from . import flags, guards, machine, report, revision
 from .results import (
     BASELINE_FILE,
     THRESHOLDS_FILE,
@@ -57,6 +58,7 @@ from .results import (
 )
 
 DEFAULT_BASELINES = Path("perf") / "baselines"
+MIN_EFFECTS_FILE = "min_effects.json"
 NO_CUDA = (
     "No CUDA GPU here: running the tiny CPU grid so the perf machinery can be seen working. "
     "CPU numbers are not baselines: nothing is compared or recorded."
@@ -76,6 +78,18 @@ def _find_perf_dir() -> Path:
 
 def _default_out() -> Path:
     return Path(os.environ.get("PERF_OUT") or Path(".benchmarks") / "attention-perf")
+
+
+def _min_effects() -> Callable[[str], float] | None:
+    """The A/B's per-case minimum effects (perf/min_effects.json), as floors for baseline thresholds."""
+    try:
+        path = _find_perf_dir() / MIN_EFFECTS_FILE
+    except PerfError:  # outside a checkout: no perf/ folder, no floors beyond the spread's
+        return None
+    try:
+        return ab.load_min_effects(path).for_case if path.is_file() else None
+    except ValueError as exc:
+        raise PerfError(str(exc)) from None
 
 
 def _thresholds_path(explicit: str | None, baseline: Path) -> Path:
@@ -114,7 +128,7 @@ def record(runs: list[Run], baselines: Path, *, with_thresholds: bool) -> Path:
     write_run(merged, target / BASELINE_FILE)
     _say(f"Recorded {len(merged.records)} cases from {len(runs)} run(s) as {target / BASELINE_FILE}")
     if with_thresholds:
-        thresholds = cmp.thresholds_from_spread(runs)
+        thresholds = cmp.thresholds_from_spread(runs, min_effect=_min_effects())
         (target / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1) + "\n")
         _say(f"Wrote thresholds from the spread of {len(runs)} runs: {target / THRESHOLDS_FILE}")
     elif not (target / THRESHOLDS_FILE).exists():
@@ -288,7 +302,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     summary = [report.matrix(runs[-1]), report.wall_time(runs[-1]), report.targets(runs[-1])]
     summary += [f"warning: {w}" for w in _noise(runs[-1])]
     if len(runs) >= 2:
-        thresholds = cmp.thresholds_from_spread(runs)
+        thresholds = cmp.thresholds_from_spread(runs, min_effect=_min_effects())
         (out / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1) + "\n")
         summary.append(cmp.format_spread(thresholds))
     (out / "summary.txt").write_text("\n\n".join([*summary, report.cases_table(runs[-1])]) + "\n")
@@ -369,7 +383,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_spread(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise PerfError("spread needs at least two runs of the same grid: one run has no spread")
-    thresholds = cmp.thresholds_from_spread([load_run(p) for p in args.runs], k=args.k, floor=args.floor)
+    runs = [load_run(p) for p in args.runs]
+    thresholds = cmp.thresholds_from_spread(runs, k=args.k, floor=args.floor, min_effect=_min_effects())
     _say(cmp.format_spread(thresholds))
     if args.write:
         Path(args.write).write_text(json.dumps(thresholds, indent=1) + "\n")

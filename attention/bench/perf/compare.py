@@ -20,6 +20,7 @@ import fnmatch
 import importlib.util
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,8 +279,17 @@ def spread(runs: list[Run]) -> dict[str, dict]:
     return out
 
 
-def thresholds_from_spread(runs: list[Run], *, k: float = SPREAD_K, floor: float | None = None) -> dict:
-    """Per-case time thresholds from measured run-to-run spread: ``max(floor, k x max deviation)``.
+def thresholds_from_spread(
+    runs: list[Run],
+    *,
+    k: float = SPREAD_K,
+    floor: float | None = None,
+    min_effect: Callable[[str], float] | None = None,
+) -> dict:
+    """Per-case time thresholds from measured run-to-run spread: ``max(floor, k x max deviation)``,
+    and never below the case's ``min_effect`` (the A/B's minimum effects, perf/min_effects.json):
+    a case whose speed varies between compilations (docs/design.md#between-compile-offsets) can
+    look steady over a few runs and still move that much in the next process.
 
     Cases measured here get their own entry; the default for cases not measured is the 90th
     percentile of the measured ones (never below the floor), so a new case is not held to a
@@ -287,7 +297,8 @@ def thresholds_from_spread(runs: list[Run], *, k: float = SPREAD_K, floor: float
     """
     floor = DEFAULT_THRESHOLDS["floor"] if floor is None else floor
     per_case = spread(runs)
-    cases = {key: {"time": round(max(floor, k * s["max_rel_dev"]), 4)} for key, s in per_case.items()}
+    least = min_effect or (lambda key: 0.0)
+    cases = {key: {"time": round(max(floor, k * s["max_rel_dev"], least(key)), 4)} for key, s in per_case.items()}
     times = sorted(c["time"] for c in cases.values())
     default_time = times[int(0.9 * (len(times) - 1))] if times else DEFAULT_THRESHOLDS["default"]["time"]
     thresholds = json.loads(json.dumps(DEFAULT_THRESHOLDS))
