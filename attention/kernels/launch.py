@@ -156,12 +156,12 @@ def padded_head_dim(head_dim: int) -> int:
 def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
     """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
     for fp32 (twice the bytes per element: the same shared memory), 256 x 256 interpreted (fewer,
-    larger NumPy steps). Skipping the masking of full tiles is a branch in the loop: it pays at
-    head dim 128 and is off for fp32, whose FMA-based dots ptxas then spills to local memory."""
+    larger NumPy steps). Skipping the masking of full tiles is a branch in the loop: it pays for
+    16-bit inputs and is off for fp32, whose FMA-based dots ptxas then spills to local memory."""
     if device.type != "cuda":
         return Blocks(256, 256, 4, 1, 256, skip_full=True)
     if dtype == torch.float32:
         return Blocks(64, 32, 4, 2, 32, skip_full=False)
     if padded_head_dim(head_dim) <= 64:
-        return Blocks(128, 64, 4, 3, 64, skip_full=False)
+        return Blocks(128, 64, 4, 3, 64, skip_full=True)
     return Blocks(128, 64, 8, 3, 64, skip_full=True)
