@@ -183,6 +183,17 @@ class AttentionBase(nn.Module):
         return None
 
     @classmethod
+    def context_parallel_unsupported(cls) -> str | None:
+        """Why torch's context parallel cannot shard this implementation's attention, or ``None``
+        when it can (docs/design.md#context-parallel). torch rewrites only
+        ``F.scaled_dot_product_attention`` calls into ring attention, so the default is no: an
+        implementation that attends its own way would silently attend within each rank's shard."""
+        return (
+            "torch's context parallel rewrites only F.scaled_dot_product_attention calls, and this "
+            "implementation attends its own way (override context_parallel_unsupported once it is verified)"
+        )
+
+    @classmethod
     def min_head_dim(cls, device: torch.device | str) -> int:
         """The smallest ``d_out // num_heads`` this implementation runs on ``device``."""
         return 1

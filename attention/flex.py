@@ -153,6 +153,15 @@ class MHAPyTorchFlexAttention(AttentionBase):
         return True  # flex_attention takes score_mod natively
 
     @classmethod
+    def context_parallel_unsupported(cls) -> str | None:
+        return (
+            "torch's context_parallel() rewrites SDPA calls only; its FlexAttention path (the experimental "
+            "_ContextParallel module wrapper) needs flex_attention called through a wrapped module with a "
+            "BlockMask built for the local query shard (_context_parallel_shard), and this implementation "
+            "calls its own compiled flex_attention with BlockMasks built for the whole sequence"
+        )
+
+    @classmethod
     def min_head_dim(cls, device: torch.device | str) -> int:
         # The compiled Triton kernels need head_dim >= 16 (seen on an H100, torch 2.11).
         return 16 if torch.device(device).type == "cuda" else 1

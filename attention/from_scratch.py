@@ -20,6 +20,13 @@ class MultiHeadAttentionCombinedQKV(AttentionBase):
     def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
         return True  # any elementwise function of the dense scores
 
+    @classmethod
+    def context_parallel_unsupported(cls) -> str | None:
+        return (
+            "it computes the (T, T) score matrix with its own matmuls, mask and softmax, which torch's "
+            "context parallel cannot shard (it rewrites only F.scaled_dot_product_attention calls)"
+        )
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.attn_dropout = nn.Dropout(self.dropout)

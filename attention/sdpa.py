@@ -30,6 +30,13 @@ class MHAPyTorchScaledDotProduct(AttentionBase):
     def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
         return is_additive(score_mod)
 
+    @classmethod
+    def context_parallel_unsupported(cls) -> str | None:
+        # Plain causal attention calls SDPA with is_causal=True and no mask, which torch's ring
+        # attention takes over (flash, efficient and cuDNN kernels); attention.context_parallel
+        # refuses the masked and biased calls it cannot (docs/design.md#context-parallel).
+        return None
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
         dropout_p = self.dropout if self.training else 0.0
         enable_gqa = self.num_kv_heads != self.num_heads

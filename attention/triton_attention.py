@@ -48,6 +48,13 @@ class MHATritonAttention(AttentionBase):
         return False  # the kernels draw no random numbers
 
     @classmethod
+    def context_parallel_unsupported(cls) -> str | None:
+        return (
+            "it attends through this repo's own Triton kernels, which torch's context parallel cannot shard "
+            "(it rewrites only F.scaled_dot_product_attention calls into ring attention)"
+        )
+
+    @classmethod
     def unavailable(cls, device: torch.device | str) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "the triton package is not installed (pip install triton; Linux only)"

@@ -13,7 +13,6 @@ import torch
 from hypothesis import given
 
 import attention
-from attention.reference import module_params
 from tests.support import (
     DEVICE_DTYPES,
     GRAD_FACTOR,
@@ -23,19 +22,9 @@ from tests.support import (
     build_module,
     configs,
     make_input,
+    reference_with_leaves,
     seeded_randn,
 )
-
-
-def _reference(
-    module: attention.AttentionBase, x: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The reference output in ``dtype`` and the leaves it was computed from: ``x``, then the
-    parameters in ``module.named_parameters()`` order."""
-    x_leaf = x.detach().to(dtype).requires_grad_()  # (B, T, d_in)
-    params = module_params(module, dtype, requires_grad=True)
-    y = attention.reference_mha(x_leaf, params, num_heads=module.num_heads, num_kv_heads=module.num_kv_heads)
-    return y, [x_leaf, *params.values()]  # y: (B, T, d_out)
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
@@ -51,8 +40,8 @@ def test_output_and_gradients_match_float64_oracle(
 
     with torch.set_grad_enabled(backward):
         y = module(x)  # (B, T, d_out)
-    oracle, oracle_leaves = _reference(module, x, torch.float64)  # (B, T, d_out) float64
-    baseline, baseline_leaves = _reference(module, x, dtype)  # (B, T, d_out)
+    oracle, oracle_leaves = reference_with_leaves(module, x, torch.float64)  # (B, T, d_out) float64
+    baseline, baseline_leaves = reference_with_leaves(module, x, dtype)  # (B, T, d_out)
     assert_matches_oracle(y, oracle, baseline, what=f"{impl_name} output")
 
     if not backward:

@@ -173,12 +173,12 @@ def _guides(ax, result: dict, key: str, direction: str, scale: float) -> None:
 
 def plot_time(result: dict, path: Path) -> Path:
     fig, _ = _loglog_panels(result, "time_s", "median time (ms)", 1e3, "time vs sequence length")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_throughput(result: dict, path: Path) -> Path:
     fig, _ = _loglog_panels(result, "tflops", "TFLOP/s", 1.0, "throughput vs sequence length")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_memory(result: dict, path: Path) -> Path:
@@ -187,7 +187,7 @@ def plot_memory(result: dict, path: Path) -> Path:
     )
     for ax, direction in zip(axes, ("fwd", "fwd_bwd"), strict=True):
         _guides(ax, result, "peak_bytes", direction, 1 / _MIB)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy(result: dict, path: Path) -> Path:
@@ -221,10 +221,11 @@ def plot_accuracy(result: dict, path: Path) -> Path:
             ax.legend(fontsize=8)
     fig.suptitle(f"accuracy vs sequence length ({meta['accuracy']})\n{title(result)}", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (PNG) and close it."""
     import matplotlib.pyplot as plt
 
     fig.savefig(path, dpi=110)

@@ -1,0 +1,308 @@
+"""Context parallel: torch's ring attention over 2+ GPUs against the float64 oracle, by the ratio rule.
+
+The GPU test spawns one process per GPU (``attention.context_parallel.launch``), so torch's
+patched SDPA never exists in the pytest process; each worker also checks that SDPA and torch's
+options are restored after every run. Everything else (capabilities, the length rule, argument
+checks, the skip reason) runs on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention
+from attention import context_parallel as cp
+from attention.accuracy import GRAD_FACTOR, ratio_rule_violation
+from tests.support import CUDA, IMPL_NAMES, Config, build_module, make_input, reference_with_leaves, seeded_randn
+
+CP_IMPLS = [name for name in IMPL_NAMES if attention.get(name).context_parallel_unsupported() is None]
+DECLINING_IMPLS = [name for name in IMPL_NAMES if name not in CP_IMPLS]
+GPUS = torch.cuda.device_count() if CUDA else 0
+NEEDS_GPUS = pytest.mark.skipif(cp.gpus_problem(GPUS) is not None, reason=cp.gpus_problem(GPUS) or "")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _module(impl_name: str = "sdpa", **kwargs) -> attention.AttentionBase:
+    return attention.get(impl_name)(16, 16, 2, 64, **kwargs)
+
+
+class _StubMesh:
+    """A 1-D mesh of ``ranks`` that fails the test if anything communicates through it."""
+
+    ndim = 1
+
+    def __init__(self, ranks: int) -> None:
+        self.ranks = ranks
+
+    def size(self) -> int:
+        return self.ranks
+
+    def get_group(self):
+        raise AssertionError("communicated before the arguments were checked")
+
+
+# -- CPU: what each implementation declares --------------------------------------------------
+
+
+def test_sdpa_supports_context_parallel() -> None:
+    assert "sdpa" in CP_IMPLS
+
+
+@pytest.mark.parametrize("impl_name", DECLINING_IMPLS)
+def test_declining_implementations_give_their_reason(impl_name: str) -> None:
+    reason = attention.get(impl_name).context_parallel_unsupported()
+    assert isinstance(reason, str) and len(reason) > 20
+    module = attention.get(impl_name)(16, 16, 2, 64)
+    with pytest.raises(ValueError, match="cannot run under context parallel") as raised:
+        cp.check_supported(module)
+    assert reason in str(raised.value)
+
+
+def test_an_unknown_subclass_declines_by_default() -> None:
+    class Mine(attention.AttentionBase):
+        pass
+
+    assert "rewrites only F.scaled_dot_product_attention" in Mine.context_parallel_unsupported()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mask_mod": attention.masks.sliding_window(8)}, "mask_mod=sliding_window.*plain causal"),
+        ({"mask_mod": attention.masks.prefix_lm(4)}, "mask_mod=prefix_lm.*plain causal"),
+        ({"score_mod": attention.score_mods.generate_alibi(2)}, "score_mod"),
+        ({"dropout": 0.1}, "dropout=0.1 in training"),
+    ],
+    ids=["sliding_window", "prefix_lm", "alibi", "dropout"],
+)
+def test_what_ring_attention_cannot_run_is_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        cp.check_supported(_module(**kwargs))
+
+
+def test_dropout_in_eval_mode_is_accepted() -> None:
+    cp.check_supported(_module(dropout=0.1).eval())
+
+
+def test_a_non_module_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"attention\.AttentionBase"):
+        cp.check_supported(torch.nn.Linear(2, 2))
+
+
+# -- CPU: the length rule --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "world_size", "load_balance", "match"),
+    [
+        (256, 2, True, None),
+        (148, 2, True, None),
+        (150, 2, False, None),
+        (150, 2, True, r"not a multiple of 2 x world_size = 4"),
+        (257, 2, False, r"not a multiple of world_size = 2"),
+        (96, 3, True, None),
+        (99, 3, False, None),
+        (99, 3, True, r"multiple of 2 x world_size = 6"),
+        (4, 4, False, r"leaves 1 token per rank"),
+        (8, 4, True, None),
+    ],
+)
+def test_length_rule(seq_len: int, world_size: int, load_balance: bool, match: str | None) -> None:
+    assert cp.shard_multiple(world_size, load_balance) == (2 * world_size if load_balance else world_size)
+    if match is None:
+        cp.check_length(seq_len, world_size, load_balance=load_balance)
+    else:
+        with pytest.raises(ValueError, match=match):
+            cp.check_length(seq_len, world_size, load_balance=load_balance)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True])
+def test_length_rule_checks_its_arguments(bad: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="seq_len"):
+        cp.check_length(bad, 2, load_balance=True)
+
+
+# -- CPU: the runner refuses before any communication ----------------------------------------
+
+
+def test_cpu_tensors_are_refused_before_communication() -> None:
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        cp.run_context_parallel(_module(), torch.zeros(1, 8, 16), _StubMesh(2))
+
+
+def test_a_non_divisible_length_is_refused_before_communication(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The device check is the only one that needs CUDA: let CPU tensors through it here.
+    monkeypatch.setattr(cp, "_check_tensors", lambda tensors, seq_dims: tensors[0].shape[seq_dims[0]])
+    with pytest.raises(ValueError, match="sequence length 10 is not a multiple of 2 x world_size = 4"):
+        cp.run_context_parallel(_module(), torch.zeros(1, 10, 16), _StubMesh(2))
+    with pytest.raises(ValueError, match="sequence length 9 is not a multiple of world_size = 2"):
+        cp.run_context_parallel(_module(), torch.zeros(1, 9, 16), _StubMesh(2), load_balance=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rotate_method": "ring"}, ValueError, "rotate_method must be one of allgather, alltoall"),
+        ({"load_balance": 1}, TypeError, "load_balance must be a bool"),
+        ({"grad_out": torch.zeros(1, 8, 15)}, ValueError, r"grad_out must have the output's shape \(1, 8, 16\)"),
+    ],
+    ids=["rotate_method", "load_balance", "grad_out"],
+)
+def test_bad_arguments_are_refused(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        cp.run_context_parallel(_module(), torch.zeros(1, 8, 16), _StubMesh(2), **kwargs)
+
+
+def test_bad_input_is_refused_by_the_module_checks() -> None:
+    with pytest.raises(ValueError, match="d_in=16"):
+        cp.run_context_parallel(_module(), torch.zeros(1, 8, 15), _StubMesh(2))
+    with pytest.raises(ValueError, match="exceed context_length=64"):
+        cp.run_context_parallel(_module(), torch.zeros(1, 128, 16), _StubMesh(2))
+
+
+def test_a_declining_implementation_is_refused_by_the_runner() -> None:
+    with pytest.raises(ValueError, match="MultiHeadAttentionCombinedQKV cannot run under context parallel"):
+        cp.run_context_parallel(_module("from_scratch"), torch.zeros(1, 8, 16), _StubMesh(2))
+
+
+def test_a_two_dimensional_mesh_is_refused() -> None:
+    mesh = _StubMesh(2)
+    mesh.ndim = 2
+    with pytest.raises(TypeError, match="1-D DeviceMesh"):
+        cp.context_parallel_shards(mesh, [torch.zeros(1, 8, 16)], [1]).__enter__()
+
+
+# -- CPU: the skip path ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_fewer_than_two_gpus_skip_with_the_count(gpus: int) -> None:
+    assert cp.gpus_problem(gpus) == f"context parallel needs 2+ CUDA GPUs, found {gpus}"
+
+
+def test_two_gpus_are_enough() -> None:
+    assert cp.gpus_problem(2) is None and cp.gpus_problem(8) is None
+
+
+def test_the_gpu_test_skips_here_with_that_reason() -> None:
+    skip = NEEDS_GPUS.mark
+    assert skip.args == (GPUS < 2,)
+    assert skip.kwargs["reason"] == (cp.gpus_problem(GPUS) or "")
+
+
+def test_launch_without_enough_gpus_is_refused() -> None:
+    with pytest.raises(ValueError, match=f"world_size={GPUS + 1} needs {GPUS + 1} CUDA GPUs, found {GPUS}"):
+        cp.launch(print, world_size=GPUS + 1)
+
+
+# -- GPU: every supporting implementation against the oracle ---------------------------------
+
+
+def cp_lengths(world_size: int) -> list[int]:
+    """Lengths for ``world_size`` ranks: two that shard under either setting (one off the
+    128-token block grid), one only without the load balancer, one under neither."""
+    return [2 * world_size * 64, 2 * world_size * 37, world_size * 75, 2 * world_size * 64 + 1]
+
+
+def _violations(module, x, upstream, output, grads, what: str) -> list[str]:
+    """Ratio-rule violations of ``output`` and ``grads`` (of x, then the parameters)."""
+    oracle, oracle_leaves = reference_with_leaves(module, x, torch.float64)  # (B, T, d_out)
+    baseline, baseline_leaves = reference_with_leaves(module, x, x.dtype)  # (B, T, d_out)
+    problems = [ratio_rule_violation(output, oracle, baseline, what=f"{what} output")]
+    names = ["x", *(name for name, _ in module.named_parameters())]
+    oracle_grads = torch.autograd.grad(oracle, oracle_leaves, upstream.double())
+    baseline_grads = torch.autograd.grad(baseline, baseline_leaves, upstream)
+    for name, grad, oracle_grad, baseline_grad in zip(names, grads, oracle_grads, baseline_grads, strict=True):
+        problems.append(
+            ratio_rule_violation(grad, oracle_grad, baseline_grad, factor=GRAD_FACTOR, what=f"{what} grad of {name}")
+        )
+    return [p for p in problems if p is not None]
+
+
+def _cases(world_size: int) -> list[dict]:
+    cases = [
+        {"heads": heads, "kv_heads": kv_heads, "load_balance": lb, "tokens": t, "rotate": "allgather"}
+        for heads, kv_heads in ((4, 4), (4, 2))
+        for lb in (True, False)
+        for t in cp_lengths(world_size)
+    ]
+    cases += [
+        {"heads": 4, "kv_heads": 4, "load_balance": lb, "tokens": 2 * world_size * 64, "rotate": "alltoall"}
+        for lb in (True, False)
+    ]
+    return cases
+
+
+def _check_worker(rank: int, world_size: int, impl_name: str, dtype_name: str, out: str) -> None:
+    """One rank: every case under context parallel; rank 0 checks it and the one-GPU run against
+    the oracle and writes the records to ``out``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental._attention import _cp_options
+
+    mesh = init_device_mesh("cuda", (world_size,))
+    impl, dtype = attention.get(impl_name), DTYPES[dtype_name]
+    options_before = (_cp_options.enable_load_balance, _cp_options.rotate_method)
+    records = []
+    for i, case in enumerate(_cases(world_size)):
+        cfg = Config(2, case["tokens"], case["heads"], case["kv_heads"], 32, 48, qkv_bias=True, seed=1000 + i)
+        module = build_module(impl, cfg, "cuda", dtype)
+        x = make_input(cfg, "cuda", dtype)  # (B, T, d_in)
+        upstream = seeded_randn(cfg.batch, cfg.tokens, cfg.d_out, seed=cfg.seed + 2, device="cuda", dtype=dtype)
+        record = dict(case)
+        try:
+            result = cp.run_context_parallel(
+                module, x, mesh, grad_out=upstream, load_balance=case["load_balance"], rotate_method=case["rotate"]
+            )
+        except ValueError as error:
+            record["error"] = str(error)
+        except Exception as error:  # torch failed the same way on every rank: report it, go on
+            record["crash"] = f"{type(error).__name__}: {error}"[:500]
+        else:
+            if rank == 0:
+                grads = [result.x_grad, *result.param_grads.values()]
+                record["problems"] = _violations(module, x, upstream, result.output, grads, "context parallel")
+                x_single = x.detach().clone().requires_grad_()
+                y_single = module(x_single)  # (B, T, d_out)
+                single_grads = torch.autograd.grad(y_single, [x_single, *module.parameters()], upstream)
+                record["problems"] += _violations(module, x, upstream, y_single, single_grads, "one GPU")
+                record["max_diff_from_one_gpu"] = (result.output.double() - y_single.double()).abs().max().item()
+        record["sdpa_restored"] = F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+        record["options_restored"] = (_cp_options.enable_load_balance, _cp_options.rotate_method) == options_before
+        records.append(record)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"world_size": world_size, "records": records}, indent=1))
+
+
+@pytest.mark.cuda
+@NEEDS_GPUS
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("impl_name", CP_IMPLS)
+def test_context_parallel_matches_float64_oracle(impl_name: str, dtype_name: str, tmp_path: Path) -> None:
+    out = tmp_path / "records.json"
+    cp.launch(_check_worker, impl_name, dtype_name, str(out), timeout_s=300)  # a stuck rank fails, never hangs
+    result = json.loads(out.read_text())
+    world_size = result["world_size"]
+    assert world_size == GPUS
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention  # untouched here
+    failures = []
+    for record in result["records"]:
+        label = (
+            f"T={record['tokens']} heads={record['heads']}/{record['kv_heads']} "
+            f"load_balance={record['load_balance']} rotate={record['rotate']}"
+        )
+        shards_evenly = record["tokens"] % cp.shard_multiple(world_size, record["load_balance"]) == 0
+        if not (record["sdpa_restored"] and record["options_restored"]):
+            failures.append(f"{label}: torch's SDPA or context parallel options were left changed")
+        if shards_evenly and "error" in record:
+            failures.append(f"{label}: refused: {record['error']}")
+        elif not shards_evenly and "is not a multiple of" not in record.get("error", ""):
+            failures.append(f"{label}: expected the length error, got {record.get('error', 'no error')}")
+        if "crash" in record:
+            failures.append(f"{label}: raised {record['crash']}")
+        failures += [f"{label}: {problem}" for problem in record.get("problems", [])]
+    assert not failures, "\n".join(failures)

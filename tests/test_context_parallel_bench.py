@@ -1,0 +1,168 @@
+"""The context parallel benchmark's logic on CPU: scaling math, crossover, the plan's skip
+decisions, and the tables, JSON and plot built from synthetic results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from attention.bench import context_parallel as bench
+from attention.bench import context_parallel_report as report
+
+
+def _cell(gpus: int, seq_len: int, time_s: float | None, *, level="core", direction="fwd", load_balance=True) -> dict:
+    if time_s is None:
+        return {
+            "gpus": gpus, "seq_len": seq_len, "level": level, "direction": direction, "load_balance": load_balance,
+            "status": "skipped", "reason": "needs ~200.0 GiB per GPU; 130.0 GiB free", "figures": {},
+        }  # fmt: skip
+    figures = {"time_s": time_s, "tflops_per_gpu": 1e-12 / time_s / gpus, "peak_bytes": seq_len * 1024 // gpus}
+    return {
+        "gpus": gpus, "seq_len": seq_len, "level": level, "direction": direction, "load_balance": load_balance,
+        "status": "ok", "reason": None, "figures": figures,
+    }  # fmt: skip
+
+
+def _result() -> dict:
+    """One GPU: 1, 2, 4, 8 ms; two GPUs: slower at 4k and 8k, faster from 16k; 512k too big for one."""
+    one = {4096: 1.0, 8192: 2.0, 16384: 4.0, 32768: 8.0, 524288: None}
+    two = {4096: 2.4, 8192: 2.5, 16384: 3.0, 32768: 4.5, 524288: 700.0}
+    cells = [_cell(1, t, None if v is None else v / 1e3) for t, v in one.items()]
+    cells += [_cell(2, t, v / 1e3) for t, v in two.items()]
+    cells.append(_cell(2, 32768, 5.4e-3, load_balance=False))
+    cells.append(_cell(2, 8192, 2.0e-3, level="module", direction="fwd_bwd"))
+    cells.append(_cell(1, 8192, 3.0e-3, level="module", direction="fwd_bwd"))
+    meta = {
+        "device_name": "NVIDIA H200", "torch": "2.11.0", "dtype": "bf16", "batch": 1, "num_heads": 16,
+        "head_dim": 128, "rotate_method": "allgather", "timer": "CUDA events", "flops": "4*B*H*T^2*D/2",
+    }  # fmt: skip
+    return {"schema": 1, "meta": meta, "cells": cells, "errors": []}
+
+
+def test_scaling_is_speed_up_and_efficiency() -> None:
+    assert report.scaling(10.0, 6.0, 2) == pytest.approx((10 / 6, 10 / 12))
+    assert report.scaling(8.0, 2.0, 4) == pytest.approx((4.0, 1.0))  # perfect scaling
+    with pytest.raises(ValueError, match="positive"):
+        report.scaling(0.0, 1.0, 2)
+
+
+@pytest.mark.parametrize(
+    ("many", "expected"),
+    [
+        ({1: 2.0, 2: 2.5, 4: 3.0, 8: 4.5}, (2, 4)),  # one GPU faster up to 2, two from 4
+        ({1: 0.5, 2: 1.0, 4: 2.0, 8: 4.0}, (None, 1)),  # faster everywhere
+        ({1: 2.0, 2: 3.0, 4: 5.0, 8: 9.0}, (8, None)),  # never faster
+        ({1: 2.0, 2: 1.5, 4: 4.5, 8: 4.0}, (4, 8)),  # a lucky 2 does not count: slower again at 4
+        ({1: 2.0, 2: 2.0, 4: 3.0, 8: 4.0}, (2, 4)),  # a tie counts for one GPU
+    ],
+)
+def test_crossover(many: dict[int, float], expected: tuple) -> None:
+    one = {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}
+    cross = report.crossover(one, many)
+    assert (cross["one_gpu_faster_up_to"], cross["n_gpus_faster_from"]) == expected
+
+
+def test_crossover_uses_lengths_both_measured() -> None:
+    assert report.crossover({1: 1.0, 2: 2.0}, {2: 1.0, 4: 1.0}) == {
+        "one_gpu_faster_up_to": None,
+        "n_gpus_faster_from": 2,
+    }
+    assert report.crossover({}, {2: 1.0}) == {"one_gpu_faster_up_to": None, "n_gpus_faster_from": None}
+
+
+def test_summary_rows() -> None:
+    rows = report.summary(_result())
+    core = next(r for r in rows if (r["level"], r["direction"]) == ("core", "fwd"))
+    assert (core["gpus"], core["one_gpu_faster_up_to"], core["n_gpus_faster_from"]) == (2, 8192, 16384)
+    assert [f["seq_len"] for f in core["by_length"]] == [4096, 8192, 16384, 32768]  # 512k: one GPU skipped
+    assert core["by_length"][-1]["speed_up"] == pytest.approx(8 / 4.5)
+    assert core["by_length"][-1]["efficiency"] == pytest.approx(8 / 9)
+    module = next(r for r in rows if r["level"] == "module")
+    assert module["n_gpus_faster_from"] == 8192
+
+
+def test_load_balance_effect() -> None:
+    (row,) = report.load_balance_effect(_result())
+    assert (row["gpus"], row["seq_len"]) == (2, 32768)
+    assert row["off_over_on"] == pytest.approx(5.4 / 4.5)
+
+
+def test_table_json_and_plot(tmp_path: Path) -> None:
+    result = _result()
+    paths = report.write(result, tmp_path)
+    assert [p.name for p in paths] == ["context_parallel.json", "context_parallel.png"]
+    written = json.loads(paths[0].read_text())
+    assert written["cells"] == result["cells"]
+    assert written["summary"] == report.summary(result) and len(written["load_balance"]) == 1
+    assert paths[1].stat().st_size > 10_000
+    console = Console(record=True, width=200)
+    report.print_table(result, console)
+    text = console.export_text()
+    assert "0.89" in text and "1.78x" in text  # 32k, two GPUs: efficiency and speed-up
+    assert "skipped [1]" in text and "[1] needs ~200.0 GiB per GPU" in text
+    assert "16k" in text and "off / on" in text
+
+
+def test_no_plot_without_a_measurement(tmp_path: Path) -> None:
+    result = {**_result(), "cells": [_cell(1, 4096, None)]}
+    assert [p.name for p in report.write(result, tmp_path)] == ["context_parallel.json"]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "counts"), [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (6, (1, 2, 4, 6)), (8, (1, 2, 4, 8))]
+)
+def test_default_gpu_counts(gpus: int, counts: tuple[int, ...]) -> None:
+    assert bench.default_gpu_counts(gpus) == counts
+
+
+def test_lengths_that_do_not_shard_are_skipped_with_the_rule() -> None:
+    config = bench.BenchConfig(seq_lens=(4098,), gpu_counts=(1, 2))
+    workload = bench.Workload("sdpa", 1, 4098, 16, 128, torch.bfloat16, "cuda")
+    assert "not a multiple of 2 x world_size = 4" in bench._skip_reason(config, workload, 2, load_balance=True)
+    assert bench._skip_reason(config, workload, 2, load_balance=False) is None  # no free-memory figure on CPU
+
+
+def test_run_keeps_what_a_failed_gpu_count_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_launch(worker, config, out, *, world_size):
+        Path(out).write_text(json.dumps([_cell(world_size, 4096, 1e-3)]))
+        if world_size == 2:
+            raise RuntimeError("process 1 terminated\nCUDA out of memory")
+
+    monkeypatch.setattr(bench.cp, "launch", fake_launch)
+    config = bench.BenchConfig(seq_lens=(4096,), gpu_counts=(1, 2))
+    monkeypatch.setattr(bench, "metadata", lambda config: {})
+    result = bench.run(config, progress=lambda text: None)
+    assert [c["gpus"] for c in result["cells"]] == [1, 2]
+    assert result["errors"] == ["2 GPUs: RuntimeError: CUDA out of memory"]
+
+
+def test_on_cpu_it_says_it_needs_cuda(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 2
+    assert "needs CUDA GPUs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gpus", "3"], "--gpus 3: only 2 GPU(s) present"),
+        (["--seq-lens", "4096", "8192", "--lb-length", "2048"], "--lb-length 2048 must be one of --seq-lens"),
+    ],
+)
+def test_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv, "--out", str(tmp_path)], gpus=2)
+    assert message in capsys.readouterr().err
+
+
+def test_load_balancer_length_defaults(tmp_path: Path) -> None:
+    config, _, _ = bench.parse_args(["--seq-lens", "4096", "131072", "524288", "--out", str(tmp_path)], gpus=2)
+    assert (config.lb_length, config.gpu_counts) == (131072, (1, 2))
+    config, _, _ = bench.parse_args(["--seq-lens", "4096", "8192", "--out", str(tmp_path)], gpus=2)
+    assert config.lb_length == 8192
+    config, _, _ = bench.parse_args(["--out", str(tmp_path)], gpus=1)
+    assert (config.lb_length, config.gpu_counts) == (None, (1,))
