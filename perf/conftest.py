@@ -7,6 +7,8 @@ baseline; plain ``pytest perf`` works too. Options (all optional):
 * ``--perf-device``: default ``cuda`` when present.
 * ``--perf-graphs fwd|all|none``: which cases are timed as CUDA-graph replays (default forward only).
 * ``--perf-budget SECONDS``: timed seconds per case (rounds follow, 10..100).
+* ``--perf-cases FILE``: only the case ids listed (one per line), in that order: one GPU's shard
+  of a ``--gpus`` run (:mod:`attention.bench.perf.shard`).
 * ``--perf-log FILE``: one JSON line per case as it finishes, so a crash loses nothing already run.
 * ``--perf-compare-rev REV``: the same-run A/B: each case is also timed as git revision ``REV``
   builds it, rounds interleaved, and the run fails on a regression beyond the case's minimum
@@ -94,13 +96,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--perf-grid", choices=perf_grid.GRIDS, default=None, help="which cases (default: full on CUDA)")
     group.addoption("--perf-device", default=None, help="cuda or cpu (default: cuda when present)")
     group.addoption("--perf-graphs", choices=runner.GRAPH_POLICIES, default="fwd", help="CUDA-graph capture policy")
-    group.addoption("--perf-budget", type=float, default=0.2, help="timed seconds per case")
+    group.addoption("--perf-budget", type=float, default=runner.DEFAULT_BUDGET_S, help="timed seconds per case")
     group.addoption("--perf-log", default=None, help="append one JSON line per finished case to this file")
     group.addoption("--perf-run-label", default="run", help="label of this run in the --perf-log file")
     group.addoption("--perf-compare-rev", default=None, metavar="REV", help="A/B: also time git revision REV")
     group.addoption("--perf-min-effects", default=None, metavar="FILE", help="A/B minimum effects per case")
     group.addoption("--perf-min-effect", type=float, default=None, help="A/B minimum effect for every case")
     group.addoption("--perf-ab-out", default=None, metavar="DIR", help="where the A/B summary, JSON and plot go")
+    group.addoption("--perf-cases", default=None, metavar="FILE", help="run only these case ids, in this order")
     group.addoption(
         "--perf-flex-kernel-options",
         default=None,
@@ -244,10 +247,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return (_KIND_ORDER[perf_grid.kind(case)], case.impl == "from_scratch")
 
     items.sort(key=order)  # stable: grid order within each kind
+    if shard := config.getoption("--perf-cases"):
+        items[:] = _shard_items(config, items, Path(shard))
     for item in items:
         case_id = getattr(item, "callspec", None) and item.callspec.params.get("case")
         if case_id in state.cases:  # the GPU clock for every case: pytest-benchmark's default is a wall clock
             item.add_marker(pytest.mark.benchmark(timer=state.clock, group=perf_grid.group(state.cases[case_id])))
+
+
+def _case_of(item: pytest.Item) -> str | None:
+    return getattr(item, "callspec", None) and item.callspec.params.get("case")
+
+
+def _shard_items(config: pytest.Config, items: list[pytest.Item], path: Path) -> list[pytest.Item]:
+    """The items of the cases listed in ``path``, in its order (a shard of a multi-GPU run:
+    longest first); the others are deselected."""
+    try:
+        wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise pytest.UsageError(f"--perf-cases {path}: {exc.strerror or exc}") from None
+    position = {key: i for i, key in enumerate(wanted)}
+    if unknown := sorted(set(position) - {_case_of(item) for item in items}):
+        raise pytest.UsageError(
+            f"--perf-cases {path}: {len(unknown)} case(s) not in this grid: {', '.join(unknown[:3])}"
+        )
+    keep = [item for item in items if _case_of(item) in position]
+    if dropped := [item for item in items if _case_of(item) not in position]:
+        config.hook.pytest_deselected(items=dropped)
+    return sorted(keep, key=lambda item: position[_case_of(item)])
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
@@ -286,7 +313,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     missing = [(key, "never reached (the run was interrupted or stopped)") for key in selected if key not in seen]
     refused = list(state.ab_refused)
     if not state.ab_cases:  # a gate that compared nothing must not pass
-        refused.append(("all cases", "nothing was compared: every selected case was skipped, failed or not reached"))
+        refused.append(ab.NOTHING_COMPARED)
     report = ab.report_from_cases(
         state.ab_cases,
         base_rev=state.base.label,

@@ -147,11 +147,11 @@ def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, mo
         + "\n"
     )
 
-    def dead_pytest(cmd, limit, stdout=None):
+    def dead_pytest(cmd, stdout=None, env=None):
         (tmp_path / "run-1.json").write_text("")  # pytest-benchmark opens it at start
-        return 2
 
-    monkeypatch.setattr(cli, "_call", dead_pytest)
+    monkeypatch.setattr(cli, "_start", dead_pytest)
+    monkeypatch.setattr(cli, "_wait", lambda procs, limit: [2])
     args, extra = cli.run_parser().parse_known_args(["--out", str(tmp_path)])
     rc, run = cli._pytest_run("run-1", args, extra, tmp_path, cpu=False, limit=None)
     assert rc == 2 and list(run.records) == [KEY]

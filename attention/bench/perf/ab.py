@@ -41,6 +41,8 @@ DEFAULT_LEVEL = 0.99
 DEFAULT_MIN_EFFECT = 0.02
 MIN_SAMPLES = 5
 STATUSES = ("regressed", "improved", "unchanged", "error", "base_only", "head_only")
+#: The refusal of a gate that compared nothing (every selected case skipped, failed or not reached).
+NOTHING_COMPARED = ("all cases", "nothing was compared: every selected case was skipped, failed or not reached")
 SCIPY_MISSING = "scipy not installed: no p-values (verdicts use the bootstrap intervals alone)"
 # Bootstrap work per numpy call (resamples x samples), bounding memory for long sample lists.
 _CHUNK = 1 << 22
@@ -487,6 +489,32 @@ def report_from_cases(
     report = make_report(base_rev, head_rev, gpu, verdicts, level=level, warnings=notes)
     report.refused = refused
     return report
+
+
+def report_from_json(doc: dict) -> ABReport:
+    """The report :func:`write_outputs` saved as ``ab.json``."""
+    verdicts = [
+        CaseVerdict(**dict(v, interval=RatioInterval(**v["interval"]) if v.get("interval") else None))
+        for v in doc["verdicts"]
+    ]
+    return ABReport(
+        doc["base"], doc["head"], doc["gpu"], doc["level"], verdicts, list(doc["warnings"]), list(doc["refused"])
+    )
+
+
+def merge_reports(reports: Sequence[ABReport]) -> ABReport:
+    """One report from the reports of a run's shards (one per GPU): every verdict, warnings once,
+    every refusal; "nothing was compared" only if no shard compared anything."""
+    if not reports:
+        raise ValueError("no reports to merge")
+    first = reports[0]
+    verdicts = [v for r in reports for v in r.verdicts]
+    nothing = ": ".join(NOTHING_COMPARED)
+    refused = [x for r in reports for x in r.refused if x != nothing]
+    if not any(v.interval is not None for v in verdicts):
+        refused.append(nothing)
+    warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
+    return ABReport(first.base_rev, first.head_rev, first.gpu, first.level, verdicts, warnings, refused)
 
 
 def verdict_lines(report: ABReport) -> list[str]:

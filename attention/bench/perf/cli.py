@@ -15,7 +15,9 @@
     :mod:`.flags` for the whole resolution order.
 
   ``--record`` writes the run(s) as this GPU's baseline; ``--repeat N`` runs the grid N times and
-  derives per-case thresholds from the spread. Other arguments go to pytest (``-k flex``,
+  derives per-case thresholds from the spread. ``--gpus N|all`` spreads the cases over several
+  GPUs of the host (:mod:`.shard`): one pytest process per GPU, one merged run; an A/B still
+  times both revisions of a case on the same GPU. Other arguments go to pytest (``-k flex``,
   ``--perf-graphs=all``, pytest-benchmark's own flags). No CUDA GPU: the tiny CPU grid runs to show
   the machinery working, nothing is compared or recorded, and the exit status is pytest's.
 * ``compare RUN``, ``record RUN...``, ``spread RUN...``, ``table RUN``: the same steps on JSON
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..files import unwritable, write_atomically
-from . import ab, flags, guards, machine, report, revision
+from . import ab, flags, guards, machine, report, revision, shard
 from . import compare as cmp
 from .results import (
     BASELINE_FILE,
@@ -59,6 +62,7 @@ from .results import (
 
 DEFAULT_BASELINES = Path("perf") / "baselines"
 MIN_EFFECTS_FILE = "min_effects.json"
+_CASE_ID = re.compile(r"::test_\w+\[(.+)\]$")  # a collected perf test's node id -> its case id
 NO_CUDA = (
     "No CUDA GPU here: running the tiny CPU grid so the perf machinery can be seen working. "
     "CPU numbers are not baselines: nothing is compared or recorded."
@@ -137,9 +141,7 @@ def record(runs: list[Run], baselines: Path, *, with_thresholds: bool) -> Path:
     return target
 
 
-def _pytest_run(
-    label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool, limit: float | None
-) -> tuple[int, Run | None]:
+def _pytest_cmd(label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool) -> list[str]:
     json_path = out / f"{label}.json"
     json_path.unlink(missing_ok=True)
     cmd = [
@@ -160,47 +162,168 @@ def _pytest_run(
         cmd += ["--perf-device=cpu", "--perf-grid=tiny"]
     elif args.grid:
         cmd.append(f"--perf-grid={args.grid}")
-    cmd += extra
+    return cmd + extra
+
+
+def _pytest_run(
+    label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool, limit: float | None
+) -> tuple[int, Run | None]:
+    cmd = _pytest_cmd(label, args, extra, out, cpu)
     _say(f"== {label}: {' '.join(cmd[1:])}")
     start = time.time()
     if args.quiet_pytest:
         with (out / "pytest.log").open("a") as log:
             log.write(f"\n== {label}: {' '.join(cmd)}\n")
             log.flush()
-            rc = _call(cmd, limit, stdout=log)
+            rc = _wait([_start(cmd, log)], limit)[0]
         tail = (out / "pytest.log").read_text().splitlines()[-6:]
         _say("\n".join(f"   {line}" for line in tail))
     else:
-        rc = _call(cmd, limit)
+        rc = _wait([_start(cmd)], limit)[0]
     _say(f"== {label}: pytest exit {rc}, {time.time() - start:.0f} s wall")
+    return rc, _load_or_salvage(label, out)
+
+
+def _load_or_salvage(label: str, out: Path) -> Run | None:
+    """The run's JSON, or one rebuilt from its per-case log if pytest died before writing it."""
+    json_path = out / f"{label}.json"
     try:
-        return rc, load_run(json_path)
+        return load_run(json_path)
     except PerfError as exc:  # pytest-benchmark creates the file at start: a dead run leaves it empty
         _say(f"{label}: {exc}")
     if (out / "cases.jsonl").exists():
         _say(f"{label}: rebuilding its JSON from the finished cases in cases.jsonl")
         json_path.write_text(json.dumps(salvage(out / "cases.jsonl", label)))
         try:
-            return rc, load_run(json_path)
+            return load_run(json_path)
         except PerfError as exc:
             _say(f"{label}: nothing to salvage ({exc})")
-    return rc, None
+    return None
 
 
-def _call(cmd: list[str], time_limit: float | None, stdout=None) -> int:
-    """Run ``cmd``; past ``time_limit`` seconds interrupt it like Ctrl-C, so pytest still ends its
-    session and pytest-benchmark writes the JSON of the cases already timed."""
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
-    try:
-        return proc.wait(timeout=time_limit)
-    except subprocess.TimeoutExpired:
-        _say(f"time limit ({time_limit:.0f} s) reached: interrupting pytest; finished cases are kept")
-        proc.send_signal(signal.SIGINT)
+def _start(cmd: list[str], stdout=None, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None, env=env)
+
+
+def _wait(procs: list[subprocess.Popen], time_limit: float | None) -> list[int]:
+    """Exit codes of ``procs``; past ``time_limit`` seconds the ones still running are
+    interrupted like Ctrl-C, so pytest still ends its session and pytest-benchmark writes the
+    JSON of the cases already timed."""
+    deadline = None if time_limit is None else time.time() + time_limit
+    for proc in procs:
         try:
-            return proc.wait(timeout=60)
+            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+            break
+    running = [p for p in procs if p.poll() is None]
+    if running:
+        _say(f"time limit ({time_limit:.0f} s) reached: interrupting pytest; finished cases are kept")
+        for proc in running:
+            proc.send_signal(signal.SIGINT)
+        for proc in running:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return [p.returncode for p in procs]
+
+
+def _selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool) -> list[str]:
+    """The case ids this run selects (``-k``, ``-m`` and the grid applied), by pytest's own
+    collection, in its order."""
+    cmd = [sys.executable, "-m", "pytest", str(_find_perf_dir()), "-p", "no:cacheprovider", "--collect-only", "-q"]
+    if cpu:
+        cmd += ["--perf-device=cpu", "--perf-grid=tiny"]
+    elif args.grid:
+        cmd.append(f"--perf-grid={args.grid}")
+    done = subprocess.run(cmd + extra, capture_output=True, text=True)
+    ids = [m.group(1) for line in done.stdout.splitlines() if (m := _CASE_ID.search(line))]
+    if done.returncode not in (0, 5):  # 5: nothing collected
+        raise PerfError(f"collecting the cases failed (pytest exit {done.returncode}): {done.stdout[-800:]}")
+    return ids
+
+
+def _sharded_run(
+    label: str,
+    args: argparse.Namespace,
+    extra: list[str],
+    out: Path,
+    limit: float | None,
+    gpus: list[int],
+    cpu: bool = False,
+) -> tuple[int, Run | None]:
+    """The grid over ``gpus``: one pytest process per GPU, each pinned with CUDA_VISIBLE_DEVICES
+    and given its LPT shard (:mod:`.shard`), merged into one run (and one A/B report). ``cpu``:
+    the tiny CPU grid in as many processes (the machinery, tested without GPUs)."""
+    from .grid import grid
+    from .runner import describe
+
+    started = time.time()
+    selection = [a for a in extra if not a.startswith(("--perf-compare-rev", "--perf-ab-out", "--perf-min-effect"))]
+    ids = set(_selected_cases(args, selection, cpu))
+    if not ids:
+        _say(f"== {label}: no case selected")
+        return 5, None
+    device = "cpu" if cpu else "cuda"
+    infos = {c.case_id: describe(c) for c in grid(args.grid or ("tiny" if cpu else "full"), device) if c.case_id in ids}
+    if missing := sorted(ids - set(infos)):
+        raise PerfError(f"pytest collected cases the grid does not describe: {', '.join(missing[:3])}")
+    history_path = baseline_dir(Path(args.baselines), machine.machine_info(device)) / BASELINE_FILE
+    history = shard.history_seconds(load_run(history_path) if not cpu and history_path.is_file() else None)
+    costs = shard.case_costs(infos, history, _budget(extra))
+    shards = shard.lpt_shards(costs, len(gpus))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = visible.split(",") if visible else [str(g) for g in gpus]
+    procs, dirs = [], []
+    for gpu, cases in zip(gpus, shards, strict=True):
+        if not cases:
+            continue
+        where = out / f"gpu{gpu}"
+        where.mkdir(parents=True, exist_ok=True)
+        for stale in ("cases.jsonl", "pytest.log", "ab.json", "summary.md", "ab.png"):
+            (where / stale).unlink(missing_ok=True)
+        (where / "cases.txt").write_text("\n".join(cases) + "\n")
+        own = ["--perf-cases", str(where / "cases.txt"), f"--perf-ab-out={where}"]
+        cmd = _pytest_cmd(label, args, extra + own, where, cpu)
+        env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}  # the merged summary only
+        env["CUDA_VISIBLE_DEVICES"] = physical[gpu]
+        load = sum(costs[c] for c in cases)
+        _say(f"== {label} on GPU {gpu}: {len(cases)} cases, ~{load:.0f} s estimated; log {where / 'pytest.log'}")
+        procs.append(_start(cmd, (where / "pytest.log").open("a"), env))
+        dirs.append((gpu, where))
+    codes = _wait(procs, limit)
+    wall = time.time() - started
+    parts = []
+    for (gpu, where), rc in zip(dirs, codes, strict=True):
+        _say(f"== {label} on GPU {gpu}: pytest exit {rc}")
+        run = _load_or_salvage(label, where)
+        if run is not None:
+            parts.append((gpu, run))
+        with (out / "cases.jsonl").open("a") as merged_log:
+            merged_log.write((where / "cases.jsonl").read_text() if (where / "cases.jsonl").exists() else "")
+    _say(f"== {label}: {len(dirs)} GPUs, {wall:.0f} s wall")
+    status = max(codes) if codes else 0
+    if not parts:
+        return status, None
+    write_atomically(out / f"{label}.json", json.dumps(shard.merge_shards(parts, wall), indent=1) + "\n")
+    if any((where / "ab.json").is_file() for _, where in dirs):
+        reports = [
+            ab.report_from_json(json.loads((w / "ab.json").read_text())) for _, w in dirs if (w / "ab.json").is_file()
+        ]
+        ab.write_outputs(ab.merge_reports(reports), out)
+    return status, load_run(out / f"{label}.json")
+
+
+def _budget(extra: list[str]) -> float:
+    """Timed seconds per case the workers will use (``--perf-budget``, else its default)."""
+    from .runner import DEFAULT_BUDGET_S
+
+    given = flags.given(extra, "--perf-budget")
+    try:
+        return float(given[-1]) if given and given[-1] else DEFAULT_BUDGET_S
+    except ValueError:
+        raise PerfError(f"--perf-budget must be a number of seconds, got {given[-1]!r}") from None
 
 
 def run_time_limit(remaining_s: float, run: int, repeat: int) -> float:
@@ -272,6 +395,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
+    gpus = shard.parse_gpus(args.gpus, torch.cuda.device_count() if cuda else 0) if args.gpus else []
     target = _resolve(args, extra, cuda)
     out = _writable(Path(args.out or _default_out()))
     # A previous run's verdicts must not pass for this one's, nor its cases join this one's log.
@@ -287,7 +411,10 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         limit = None
         if args.time_budget:  # what is left, shared by the runs still to go
             limit = run_time_limit(args.time_budget - (time.time() - started), i, args.repeat)
-        rc, run = _pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
+        if len(gpus) > 1:
+            rc, run = _sharded_run(f"run-{i}", args, extra, out, limit, gpus)
+        else:
+            rc, run = _pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
         status = max(status, 1 if rc != 0 else 0)
         if run is not None:
             runs.append(run)
@@ -450,6 +577,11 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--baselines", default=str(DEFAULT_BASELINES), help="baseline root (default perf/baselines)")
     run.add_argument("--thresholds", default=None, help="thresholds JSON (default: beside the baseline)")
     run.add_argument("--quiet-pytest", action="store_true", help="pytest output to OUT/pytest.log")
+    run.add_argument(
+        "--gpus", default=None, metavar="N|all",
+        help="spread the cases over the first N GPUs (or all): one pytest process per GPU, longest cases "
+        "first, merged into one run; each GPU's log in OUT/gpuI/",
+    )  # fmt: skip
     run.add_argument(
         "--time-budget", type=float, default=None, metavar="SECONDS",
         help="wall time for all runs together; a run past its share is interrupted, its finished cases kept",

@@ -50,11 +50,15 @@ WARMUP_ROUNDS = 1
 GRAPH_MEMORY_SHARE = 0.4
 
 
+#: Timed seconds per case unless ``--perf-budget`` says otherwise.
+DEFAULT_BUDGET_S = 0.2
+
+
 @dataclass
 class RunOptions:
     device: str
     graphs: str = "fwd"  # capture forward cases ("fwd"), every case ("all") or none
-    budget_s: float = 0.2  # timed seconds per case; rounds follow from it
+    budget_s: float = DEFAULT_BUDGET_S  # timed seconds per case; rounds follow from it
     min_rounds: int = 10
     max_rounds: int = 100
     warmup: int = 3

@@ -1,0 +1,183 @@
+"""A perf run over several GPUs: GPU selection, longest-first sharding, merging runs and A/B
+reports, the per-GPU case lists, and a two-process run of the tiny grid (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attention.bench.perf import ab, cli, shard
+from attention.bench.perf.results import PerfError, load_run, parse_run
+
+from .perf_support import H100, make_raw, make_run, samples, with_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpus_are_all_or_a_count_of_those_present():
+    assert shard.parse_gpus("all", 4) == [0, 1, 2, 3]
+    assert shard.parse_gpus("2", 4) == [0, 1]
+    with pytest.raises(PerfError, match="this host has 2 CUDA GPU"):
+        shard.parse_gpus("3", 2)
+    with pytest.raises(PerfError, match="'all' or a number of GPUs, got 'two'"):
+        shard.parse_gpus("two", 2)
+    with pytest.raises(PerfError, match="needs CUDA GPUs; none here"):
+        shard.parse_gpus("all", 0)
+    with pytest.raises(PerfError, match="this host has 2"):
+        shard.parse_gpus("0", 2)
+
+
+def test_longest_cases_go_first_to_the_least_loaded_gpu():
+    costs = {"a": 10.0, "b": 9.0, "c": 5.0, "d": 4.0, "e": 2.0}
+    assert shard.lpt_shards(costs, 2) == [["a", "d", "e"], ["b", "c"]]  # loads 16 and 14
+    assert shard.lpt_shards(costs, 1) == [["a", "b", "c", "d", "e"]]
+    assert shard.lpt_shards({"a": 1.0}, 3) == [["a"], [], []]
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        shard.lpt_shards(costs, 0)
+
+
+@given(
+    costs=st.dictionaries(st.text(min_size=1, max_size=6), st.floats(0.0, 1e3), min_size=1, max_size=40),
+    workers=st.integers(1, 8),
+)
+def test_shards_cover_every_case_once_within_the_lpt_bound(costs, workers):
+    shards = shard.lpt_shards(costs, workers)
+    dealt = [key for s in shards for key in s]
+    assert sorted(dealt) == sorted(costs) and len(shards) == workers
+    loads = [sum(costs[k] for k in s) for s in shards]
+    # Greedy list scheduling: no GPU ends later than the average load plus the longest case.
+    assert max(loads) <= sum(costs.values()) / workers + max(costs.values()) + 1e-6
+    for s in shards:  # each GPU runs its longest cases first
+        assert [costs[k] for k in s] == sorted((costs[k] for k in s), reverse=True)
+
+
+def test_costs_come_from_history_and_the_model_fills_in_at_historys_pace():
+    infos = {
+        "flex": {"impl": "flex", "family": "flex", "flops": 3e12},
+        "sdpa": {"impl": "sdpa", "family": "sdpa", "flops": 3e12},
+        "decode": {"impl": "sdpa", "family": "sdpa", "flops": 1e6, "min_bytes": 2e9},
+    }
+    model = {k: shard.model_seconds(info, 0.2) for k, info in infos.items()}
+    assert model["flex"] > model["sdpa"]  # compilation
+    assert model["decode"] > shard.model_seconds(dict(infos["decode"], min_bytes=0), 0.2)  # bytes count
+    costs = shard.case_costs(infos, {"sdpa": 2 * model["sdpa"]}, 0.2)
+    assert costs["sdpa"] == 2 * model["sdpa"]  # what it took before
+    assert costs["flex"] == pytest.approx(2 * model["flex"])  # the model, at history's pace
+    history = make_run({"x": {"median": 1e-3, "wall_s": {"warmup": 1.5, "timing": 0.5}}})
+    assert shard.history_seconds(history) == {"x": 2.0}
+    assert shard.history_seconds(None) == {}
+
+
+def _part(keys, **machine):
+    return parse_run(make_raw({k: {"median": 1e-3} for k in keys}, with_machine(**machine)), "w.json")
+
+
+def test_merged_run_has_every_case_once_with_its_gpu():
+    merged = shard.merge_shards([(0, _part(["a", "b"], copy_gbps=3000.0)), (1, _part(["c"], copy_gbps=2990.0))], 12.3)
+    run = parse_run(merged, "merged.json")
+    assert sorted(run.records) == ["a", "b", "c"]
+    assert {k: r.info["gpu"] for k, r in run.records.items()} == {"a": 0, "b": 0, "c": 1}
+    gpus = run.machine["gpus"]
+    assert [(g["index"], g["cases"], g["copy_gbps"]) for g in gpus] == [(0, 2, 3000.0), (1, 1, 2990.0)]
+    assert run.machine["wall_s"] == 12.3 and run.gpu == H100["gpu_name"]
+
+
+def test_merging_refuses_overlapping_shards_and_mixed_gpu_models():
+    with pytest.raises(PerfError, match="case a ran on GPU 0 and GPU 1"):
+        shard.merge_shards([(0, _part(["a"])), (1, _part(["a"]))], 1.0)
+    with pytest.raises(PerfError, match="mixes GPU models"):
+        shard.merge_shards([(0, _part(["a"])), (1, _part(["b"], gpu_name="NVIDIA A100", slug="nvidia-a100"))], 1.0)
+    with pytest.raises(PerfError, match="no worker produced a run"):
+        shard.merge_shards([], 1.0)
+
+
+def _report(key: str, shift: float, tmp_path: Path) -> ab.ABReport:
+    base = samples(1e-3, n=20, seed=1)
+    head = [x * shift for x in samples(1e-3, n=20, seed=2)]
+    info = {"ab": {"base": "timed", "data": base, "peak_mem_mib": 64.0}, "peak_mem_mib": 64.0}
+    report = ab.report_from_cases([(key, head, info)], base_rev="main", head_rev="tree", gpu="GPU")
+    ab.write_outputs(report, tmp_path / key)
+    return ab.report_from_json(json.loads((tmp_path / key / "ab.json").read_text()))
+
+
+def test_ab_reports_round_trip_and_merge(tmp_path):
+    slow, same = _report("slow", 1.05, tmp_path), _report("same", 1.0, tmp_path)
+    assert slow.verdicts[0].status == "regressed" and slow.verdicts[0].interval.ratio > 1.04
+    merged = ab.merge_reports([slow, same])
+    assert [v.key for v in merged.verdicts] == ["slow", "same"] and merged.failed
+    assert merged.counts()["regressed"] == 1 and merged.counts()["unchanged"] == 1
+
+
+def test_nothing_compared_on_one_gpu_is_not_a_refusal_of_the_whole_run(tmp_path):
+    nothing = ": ".join(ab.NOTHING_COMPARED)
+    idle = ab.ABReport("main", "tree", "GPU", 0.99, [], refused=[nothing])
+    merged = ab.merge_reports([idle, _report("same", 1.0, tmp_path)])
+    assert merged.refused == [] and not merged.failed
+    assert ab.merge_reports([idle, idle]).refused == [nothing]
+
+
+def _env() -> dict:
+    # Not the xdist worker's variables: pytest-benchmark would think the inner run is distributed too.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpus_on_a_machine_without_them_is_refused_at_once(tmp_path, capsys):
+    assert cli.main(["--gpus", "2", "--out", str(tmp_path)]) == 2
+    assert "--gpus needs CUDA GPUs; none here" in capsys.readouterr().out
+    assert not (tmp_path / "run-1.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the tiny CPU grid")
+def test_a_listed_shard_runs_only_its_cases_in_its_order(tmp_path):
+    import subprocess
+    import sys
+
+    cases = ["decode-sdpa-fp32-B2-N256-H4-KV1-D16-GQA4", "core-sdpa-fp32-fwd-B4-T64-H4-D16"]
+    listed = tmp_path / "cases.txt"
+    listed.write_text("\n".join(cases) + "\n")
+    cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "--perf-device=cpu", "--perf-grid=tiny"]
+    cmd += ["--perf-budget=0.02", f"--perf-cases={listed}", f"--perf-log={tmp_path / 'log.jsonl'}", "-q"]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["case"] for e in log if "case" in e] == cases
+    listed.write_text("no-such-case\n")
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 4 and "1 case(s) not in this grid: no-such-case" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the tiny CPU grid")
+def test_two_workers_run_disjoint_shards_merged_into_one_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for key in [k for k in os.environ if k.startswith("PYTEST_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # worker i gets the i-th visible GPU
+    pinned, start = [], cli._start
+
+    def spy(cmd, stdout=None, env=None):
+        pinned.append(env["CUDA_VISIBLE_DEVICES"])
+        return start(cmd, stdout, env)
+
+    monkeypatch.setattr(cli, "_start", spy)
+    args, extra = cli.run_parser().parse_known_args(["--out", str(tmp_path), "-k", "core-sdpa-fp32 or decode-sdpa"])
+    extra.append("--perf-budget=0.02")
+    rc, run = cli._sharded_run("run-1", args, extra, tmp_path, None, [0, 1], cpu=True)
+    assert rc == 0
+    shards = [(tmp_path / f"gpu{i}" / "cases.txt").read_text().split() for i in (0, 1)]
+    assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
+    assert sorted(run.records) == sorted(shards[0] + shards[1])
+    assert {k: r.info["gpu"] for k, r in run.records.items()} == {k: i for i in (0, 1) for k in shards[i]}
+    assert [g["index"] for g in run.machine["gpus"]] == [0, 1]
+    reloaded = load_run(tmp_path / "run-1.json")  # the merged JSON on disk, as the gates read it
+    assert sorted(reloaded.records) == sorted(run.records)
+    assert pinned == ["5", "7"]
