@@ -181,3 +181,14 @@ def test_two_workers_run_disjoint_shards_merged_into_one_run(tmp_path, monkeypat
     reloaded = load_run(tmp_path / "run-1.json")  # the merged JSON on disk, as the gates read it
     assert sorted(reloaded.records) == sorted(run.records)
     assert pinned == ["5", "7"]
+
+
+def test_gpus_with_a_saved_run_compare_is_refused_before_any_case(tmp_path, monkeypatch, capsys):
+    from attention.bench.perf import flags
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(cli, "_resolve", lambda args, extra, cuda: flags.CompareTarget("saved", "0001"))
+    monkeypatch.setattr(cli, "_sharded_run", lambda *a, **k: pytest.fail("a case ran"))
+    assert cli.main(["--gpus", "all", "--benchmark-compare=0001", "--out", str(tmp_path)]) == 2
+    assert "pytest-benchmark compares inside one process" in capsys.readouterr().out

@@ -397,6 +397,11 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     cuda = torch.cuda.is_available()
     gpus = shard.parse_gpus(args.gpus, torch.cuda.device_count() if cuda else 0) if args.gpus else []
     target = _resolve(args, extra, cuda)
+    if len(gpus) > 1 and target is not None and target.kind == "saved":
+        raise flags.FlagRefused(
+            "--gpus with a pytest-benchmark saved run: pytest-benchmark compares inside one process, and each "
+            "GPU's process would see only its shard; compare without --gpus"
+        )
     out = _writable(Path(args.out or _default_out()))
     # A previous run's verdicts must not pass for this one's, nor its cases join this one's log.
     for name in ("summary.md", "ab.json", "ab.png", "cases.jsonl", "pytest.log"):
