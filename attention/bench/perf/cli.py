@@ -275,7 +275,7 @@ def _sharded_run(
     shards = shard.lpt_shards(costs, len(gpus))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     physical = visible.split(",") if visible else [str(g) for g in gpus]
-    procs, dirs = [], []
+    procs, dirs, logs = [], [], []
     for gpu, cases in zip(gpus, shards, strict=True):
         if not cases:
             continue
@@ -290,9 +290,14 @@ def _sharded_run(
         env["CUDA_VISIBLE_DEVICES"] = physical[gpu]
         load = sum(costs[c] for c in cases)
         _say(f"== {label} on GPU {gpu}: {len(cases)} cases, ~{load:.0f} s estimated; log {where / 'pytest.log'}")
-        procs.append(_start(cmd, (where / "pytest.log").open("a"), env))
+        logs.append((where / "pytest.log").open("a"))
+        procs.append(_start(cmd, logs[-1], env))
         dirs.append((gpu, where))
-    codes = _wait(procs, limit)
+    try:
+        codes = _wait(procs, limit)
+    finally:
+        for log in logs:
+            log.close()
     wall = time.time() - started
     parts = []
     for (gpu, where), rc in zip(dirs, codes, strict=True):
