@@ -8,7 +8,8 @@ baseline; plain ``pytest perf`` works too. Options (all optional):
 * ``--perf-graphs fwd|all|none``: which cases are timed as CUDA-graph replays (default forward only).
 * ``--perf-budget SECONDS``: timed seconds per case (rounds follow, 10..100).
 * ``--perf-cases FILE``: only the case ids listed (one per line), in that order: one GPU's shard
-  of a ``--gpus`` run (:mod:`attention.bench.perf.shard`).
+  of a ``--gpus`` run (:mod:`attention.bench.perf.shard`); ``--perf-list-cases FILE`` writes the
+  selected ones (``--gpus`` collects with it).
 * ``--perf-log FILE``: one JSON line per case as it finishes, so a crash loses nothing already run.
 * ``--perf-compare-rev REV``: the same-run A/B: each case is also timed as git revision ``REV``
   builds it, rounds interleaved, and the run fails on a regression beyond the case's minimum
@@ -104,6 +105,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--perf-min-effect", type=float, default=None, help="A/B minimum effect for every case")
     group.addoption("--perf-ab-out", default=None, metavar="DIR", help="where the A/B summary, JSON and plot go")
     group.addoption("--perf-cases", default=None, metavar="FILE", help="run only these case ids, in this order")
+    group.addoption("--perf-list-cases", default=None, metavar="FILE", help="write the selected case ids here")
     group.addoption(
         "--perf-flex-kernel-options",
         default=None,
@@ -275,6 +277,13 @@ def _shard_items(config: pytest.Config, items: list[pytest.Item], path: Path) ->
     if dropped := [item for item in items if _case_of(item) not in position]:
         config.hook.pytest_deselected(items=dropped)
     return sorted(keep, key=lambda item: position[_case_of(item)])
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """``--perf-list-cases FILE``: the case ids left after every selection (``-k``, ``-m``,
+    ``--perf-cases``), one per line, for ``--gpus`` to shard."""
+    if path := session.config.getoption("--perf-list-cases"):
+        Path(path).write_text("".join(f"{case}\n" for item in session.items if (case := _case_of(item))))
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -291,9 +292,12 @@ def test_gpu_state_reads_throttle_reasons_and_other_processes(monkeypatch):
             return answers["--query-gpu=uuid"]
         return answers["--query-compute-apps" if args[0].startswith("--query-compute-apps") else "--query-gpu"]
 
-    monkeypatch.setattr(machine, "_nvidia_smi", smi)
+    asked = []
+    monkeypatch.setattr(machine, "_nvidia_smi", lambda *args: asked.append(args) or smi(*args))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid="abc"))
     state = machine.gpu_state("cuda:0")
+    assert asked[0][-2:] == ("-i", "GPU-abc")  # by UUID: nvidia-smi ignores CUDA_VISIBLE_DEVICES
     assert state["driver_version"] == "580.159.04" and state["temperature.gpu"] == "41"
     assert state["throttle_reasons"] == ["software power cap", "software thermal slowdown"]
     assert state["clocks_locked"] is False and state["other_processes"] == 1

@@ -79,22 +79,27 @@ def _part(keys, **machine):
 
 
 def test_merged_run_has_every_case_once_with_its_gpu():
-    merged = shard.merge_shards([(0, _part(["a", "b"], copy_gbps=3000.0)), (1, _part(["c"], copy_gbps=2990.0))], 12.3)
+    merged = shard.merge_shards(
+        [(0, _part(["a", "b"], copy_gbps=3000.0)), (1, _part(["c"], copy_gbps=2990.0))], 12.3, host_gpus=2
+    )
     run = parse_run(merged, "merged.json")
     assert sorted(run.records) == ["a", "b", "c"]
     assert {k: r.info["gpu"] for k, r in run.records.items()} == {"a": 0, "b": 0, "c": 1}
     gpus = run.machine["gpus"]
     assert [(g["index"], g["cases"], g["copy_gbps"]) for g in gpus] == [(0, 2, 3000.0), (1, 1, 2990.0)]
     assert run.machine["wall_s"] == 12.3 and run.gpu == H100["gpu_name"]
+    assert run.machine["gpu_count"] == 2  # the host's, where each pinned worker saw one
 
 
 def test_merging_refuses_overlapping_shards_and_mixed_gpu_models():
     with pytest.raises(PerfError, match="case a ran on GPU 0 and GPU 1"):
-        shard.merge_shards([(0, _part(["a"])), (1, _part(["a"]))], 1.0)
+        shard.merge_shards([(0, _part(["a"])), (1, _part(["a"]))], 1.0, host_gpus=2)
     with pytest.raises(PerfError, match="mixes GPU models"):
-        shard.merge_shards([(0, _part(["a"])), (1, _part(["b"], gpu_name="NVIDIA A100", slug="nvidia-a100"))], 1.0)
+        shard.merge_shards(
+            [(0, _part(["a"])), (1, _part(["b"], gpu_name="NVIDIA A100", slug="nvidia-a100"))], 1.0, host_gpus=2
+        )
     with pytest.raises(PerfError, match="no worker produced a run"):
-        shard.merge_shards([], 1.0)
+        shard.merge_shards([], 1.0, host_gpus=2)
 
 
 def _report(key: str, shift: float, tmp_path: Path) -> ab.ABReport:
@@ -114,12 +119,70 @@ def test_ab_reports_round_trip_and_merge(tmp_path):
     assert merged.counts()["regressed"] == 1 and merged.counts()["unchanged"] == 1
 
 
+def test_merged_reports_list_base_only_cases_once_and_take_extra_refusals(tmp_path):
+    only = ab.CaseVerdict("decode-old-impl", "base_only", None, 0.02, message="only in base")
+    a, b = _report("same", 1.0, tmp_path), _report("other", 1.0, tmp_path)
+    a.verdicts.append(only)
+    b.verdicts.append(only)  # every shard names what only the base has
+    merged = ab.merge_reports([a, b], refused=["lost-case: GPU 1's pytest process ended (exit -9)"])
+    assert [v.key for v in merged.verdicts].count("decode-old-impl") == 1
+    assert merged.failed and merged.refused == ["lost-case: GPU 1's pytest process ended (exit -9)"]
+
+
 def test_nothing_compared_on_one_gpu_is_not_a_refusal_of_the_whole_run(tmp_path):
     nothing = ": ".join(ab.NOTHING_COMPARED)
     idle = ab.ABReport("main", "tree", "GPU", 0.99, [], refused=[nothing])
     merged = ab.merge_reports([idle, _report("same", 1.0, tmp_path)])
     assert merged.refused == [] and not merged.failed
     assert ab.merge_reports([idle, idle]).refused == [nothing]
+
+
+def test_nvidia_smi_is_asked_by_uuid_not_by_the_pinned_index(monkeypatch):
+    from types import SimpleNamespace
+
+    from attention.bench.perf import machine
+
+    for uuid, expected in (("5ac74363-4ef4", "GPU-5ac74363-4ef4"), ("GPU-1a2b", "GPU-1a2b"), ("", "0")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, u=uuid: SimpleNamespace(uuid=u))
+        assert machine._smi_id(0) == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="collects the tiny CPU grid")
+@pytest.mark.parametrize("verbosity", [[], ["-q"], ["-v"], ["-qq"]])
+def test_selection_does_not_depend_on_pytest_verbosity(tmp_path, monkeypatch, verbosity):
+    monkeypatch.chdir(ROOT)
+    for key in [k for k in os.environ if k.startswith("PYTEST_")]:
+        monkeypatch.delenv(key)
+    args, _ = cli.run_parser().parse_known_args([])
+    ids = cli._selected_cases(args, ["-k", "core-sdpa-fp32", *verbosity], True, tmp_path)
+    assert ids and all(i.startswith("core-sdpa-fp32") for i in ids)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="collects the tiny CPU grid")
+def test_a_worker_that_dies_fails_the_run_and_its_cases_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for key in [k for k in os.environ if k.startswith("PYTEST_")]:
+        monkeypatch.delenv(key)
+
+    def worker(cmd, stdout=None, env=None):  # GPU 0 judges its shard; GPU 1 is killed first
+        where = tmp_path / "gpu0"
+        if env["CUDA_VISIBLE_DEVICES"] == "0":
+            keys = (where / "cases.txt").read_text().split()
+            head = samples(1e-3, n=20, seed=2)
+            info = {"ab": {"base": "timed", "data": samples(1e-3, n=20, seed=1)}}
+            report = ab.report_from_cases([(k, head, info) for k in keys], base_rev="b", head_rev="h", gpu="G")
+            ab.write_outputs(report, where)
+
+    monkeypatch.setattr(cli, "_start", worker)
+    monkeypatch.setattr(cli, "_wait", lambda procs, limit: [0, -9])
+    args, extra = cli.run_parser().parse_known_args(["-k", "core-sdpa-fp32 or decode-sdpa"])
+    extra.append("--perf-compare-rev=HEAD")
+    rc, run = cli._sharded_run("run-1", args, extra, tmp_path, None, [0, 1], cpu=True)
+    assert rc == 1 and run is None  # -9 is no pass; neither worker left a run
+    doc = json.loads((tmp_path / "ab.json").read_text())
+    lost = (tmp_path / "gpu1" / "cases.txt").read_text().split()
+    assert doc["failed"] and len(doc["refused"]) == len(lost)
+    assert all("GPU 1's pytest process ended (exit -9)" in r for r in doc["refused"])
 
 
 def _env() -> dict:

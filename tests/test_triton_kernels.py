@@ -174,6 +174,11 @@ def test_kernels_refuse_what_they_would_misread() -> None:
         prefill.forward(q, q, q, table, 0.25, Blocks(32, 16, 4, 1, 16, skip_full=True))
     with pytest.raises(ValueError, match="for 8 queries and 8 keys"):
         prefill.forward(q[:, :, :4], q, q, table, 0.25, Blocks(16, 16, 4, 1, 16, skip_full=True))
+    for scale in (0.0, -0.25, float("nan")):  # the exp2 fold needs a positive scale
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            prefill.forward(q, q, q, table, scale, Blocks(16, 16, 4, 1, 16, skip_full=True))
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            decode.attend(q, q, q, scale, q_offset=0, visible=decode.ALL)
 
 
 @pytest.mark.cuda

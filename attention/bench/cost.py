@@ -1,6 +1,6 @@
 """How much work and memory a case is: FLOP counts, visible mask blocks, the peak-memory model.
 
-Conventions (docs/design.md#measured-anchors uses the same):
+Conventions (docs/design.md#method uses the same):
 
 * FLOPs follow FlashAttention's benchmark: ``4 * B * H * Tq * Tk * D`` for the two matmuls, halved
   for causal, x3.5 for forward+backward (backward = 2.5x forward). Masked cases count the

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import Kernel, dot_precision, padded_head_dim
+from .launch import Kernel, check_scale, dot_precision, padded_head_dim
 from .prefill import LOG2E
 from .tiles import load_columns, load_rows, softmax_step
 
@@ -155,6 +155,7 @@ def attend(
 
     ``visible`` is :data:`ALL`, :data:`CAUSAL` or :data:`DENSE` (then ``mask`` broadcasts to
     ``(B, H, Tq, Tk)``)."""
+    check_scale(scale)
     b, h, tq, hd = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
     rows = rows_per_program(q, k)

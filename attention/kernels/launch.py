@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -146,6 +147,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: full fp32 for fp32 inputs (the float32 oracle test holds them
     to fp32 rounding, and TF32 keeps 10 mantissa bits); 16-bit inputs multiply exactly anyway."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_scale(scale: float) -> None:
+    """The kernels scale scores inside exp2's argument after taking the row maximum of the raw
+    scores, which holds for a positive finite scale only."""
+    if not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..block_table import BlockTable
-from .launch import Blocks, Kernel, dot_precision, padded_head_dim
+from .launch import Blocks, Kernel, check_scale, dot_precision, padded_head_dim
 from .tiles import load_columns, load_rows, mask_tile, softmax_step
 
 LOG2E = 1.4426950408889634
@@ -235,6 +235,7 @@ def _common(q: Tensor, blocks: Blocks) -> dict:
 def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, blocks: Blocks) -> tuple[Tensor, Tensor]:
     """``(out, lse)``: ``q`` ``(B, H, Tq, hd)``, ``k, v`` ``(B, H_kv, Tk, hd)`` -> ``(B, H, Tq, hd)``
     and the base-2 log-sum-exp ``(B, H, Tq)`` fp32."""
+    check_scale(scale)
     _check_table(table, blocks, q, k)
     b, h, tq, _ = q.shape
     h_kv, tk = k.shape[1], k.shape[2]

@@ -502,19 +502,20 @@ def report_from_json(doc: dict) -> ABReport:
     )
 
 
-def merge_reports(reports: Sequence[ABReport]) -> ABReport:
-    """One report from the reports of a run's shards (one per GPU): every verdict, warnings once,
-    every refusal; "nothing was compared" only if no shard compared anything."""
+def merge_reports(reports: Sequence[ABReport], refused: Iterable[str] = ()) -> ABReport:
+    """One report from the reports of a run's shards (one per GPU): every verdict once (each
+    shard lists the base-only implementations), warnings once, every refusal plus ``refused``;
+    "nothing was compared" only if every shard said so."""
     if not reports:
         raise ValueError("no reports to merge")
     first = reports[0]
-    verdicts = [v for r in reports for v in r.verdicts]
+    verdicts = list({(v.key, v.status): v for r in reports for v in r.verdicts}.values())
     nothing = ": ".join(NOTHING_COMPARED)
-    refused = [x for r in reports for x in r.refused if x != nothing]
-    if not any(v.interval is not None for v in verdicts):
-        refused.append(nothing)
+    merged_refused = [x for r in reports for x in r.refused if x != nothing] + list(refused)
+    if all(nothing in r.refused for r in reports):
+        merged_refused.append(nothing)
     warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
-    return ABReport(first.base_rev, first.head_rev, first.gpu, first.level, verdicts, warnings, refused)
+    return ABReport(first.base_rev, first.head_rev, first.gpu, first.level, verdicts, warnings, merged_refused)
 
 
 def verdict_lines(report: ABReport) -> list[str]:

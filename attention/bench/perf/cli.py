@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -62,7 +61,6 @@ from .results import (
 
 DEFAULT_BASELINES = Path("perf") / "baselines"
 MIN_EFFECTS_FILE = "min_effects.json"
-_CASE_ID = re.compile(r"::test_\w+\[(.+)\]$")  # a collected perf test's node id -> its case id
 NO_CUDA = (
     "No CUDA GPU here: running the tiny CPU grid so the perf machinery can be seen working. "
     "CPU numbers are not baselines: nothing is compared or recorded."
@@ -220,28 +218,30 @@ def _wait(procs: list[subprocess.Popen], time_limit: float | None) -> list[int]:
         _say(f"time limit ({time_limit:.0f} s) reached: interrupting pytest; finished cases are kept")
         for proc in running:
             proc.send_signal(signal.SIGINT)
+        grace = time.time() + 60  # one minute for all of them to write their results, not each
         for proc in running:
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=max(0.0, grace - time.time()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
     return [p.returncode for p in procs]
 
 
-def _selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool) -> list[str]:
+def _selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: Path) -> list[str]:
     """The case ids this run selects (``-k``, ``-m`` and the grid applied), by pytest's own
-    collection, in its order."""
+    collection (perf/conftest.py writes them to a file: no parsing of pytest's output)."""
+    listed = out / "selected-cases.txt"
+    listed.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", str(_find_perf_dir()), "-p", "no:cacheprovider", "--collect-only", "-q"]
     if cpu:
         cmd += ["--perf-device=cpu", "--perf-grid=tiny"]
     elif args.grid:
         cmd.append(f"--perf-grid={args.grid}")
-    done = subprocess.run(cmd + extra, capture_output=True, text=True)
-    ids = [m.group(1) for line in done.stdout.splitlines() if (m := _CASE_ID.search(line))]
+    done = subprocess.run([*cmd, *extra, f"--perf-list-cases={listed}"], capture_output=True, text=True)
     if done.returncode not in (0, 5):  # 5: nothing collected
         raise PerfError(f"collecting the cases failed (pytest exit {done.returncode}): {done.stdout[-800:]}")
-    return ids
+    return listed.read_text().split() if listed.is_file() else []
 
 
 def _sharded_run(
@@ -256,12 +256,15 @@ def _sharded_run(
     """The grid over ``gpus``: one pytest process per GPU, each pinned with CUDA_VISIBLE_DEVICES
     and given its LPT shard (:mod:`.shard`), merged into one run (and one A/B report). ``cpu``:
     the tiny CPU grid in as many processes (the machinery, tested without GPUs)."""
+    import torch
+
     from .grid import grid
     from .runner import describe
 
     started = time.time()
+    ab_run = any(a.startswith("--perf-compare-rev") for a in extra)
     selection = [a for a in extra if not a.startswith(("--perf-compare-rev", "--perf-ab-out", "--perf-min-effect"))]
-    ids = set(_selected_cases(args, selection, cpu))
+    ids = set(_selected_cases(args, selection, cpu, out))
     if not ids:
         _say(f"== {label}: no case selected")
         return 5, None
@@ -273,6 +276,8 @@ def _sharded_run(
     history = shard.history_seconds(load_run(history_path) if not cpu and history_path.is_file() else None)
     costs = shard.case_costs(infos, history, _budget(extra))
     shards = shard.lpt_shards(costs, len(gpus))
+    if not cpu and len(models := {torch.cuda.get_device_name(g) for g in gpus}) > 1:
+        raise PerfError(f"--gpus mixes GPU models ({', '.join(sorted(models))}): a run is per model")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     physical = visible.split(",") if visible else [str(g) for g in gpus]
     procs, dirs, logs = [], [], []
@@ -299,24 +304,31 @@ def _sharded_run(
         for log in logs:
             log.close()
     wall = time.time() - started
-    parts = []
+    parts, lost = [], []
     for (gpu, where), rc in zip(dirs, codes, strict=True):
         _say(f"== {label} on GPU {gpu}: pytest exit {rc}")
+        _say("\n".join(f"   {line}" for line in (where / "pytest.log").read_text().splitlines()[-3:]))
         run = _load_or_salvage(label, where)
         if run is not None:
             parts.append((gpu, run))
         with (out / "cases.jsonl").open("a") as merged_log:
             merged_log.write((where / "cases.jsonl").read_text() if (where / "cases.jsonl").exists() else "")
+        if ab_run and not (where / "ab.json").is_file():  # it died before judging its shard
+            why = f"GPU {gpu}'s pytest process ended (exit {rc}) before it wrote its A/B report"
+            lost += [f"{key}: {why}" for key in (where / "cases.txt").read_text().split()]
     _say(f"== {label}: {len(dirs)} GPUs, {wall:.0f} s wall")
-    status = max(codes) if codes else 0
+    # A worker killed by a signal has a negative code: a failure too, never a pass.
+    status = 0 if all(rc == 0 for rc in codes) else max([1, *(rc for rc in codes if rc > 0)])
+    if ab_run:
+        saved = [where / "ab.json" for _, where in dirs if (where / "ab.json").is_file()]
+        reports = [ab.report_from_json(json.loads(path.read_text())) for path in saved]
+        if reports:
+            ab.write_outputs(ab.merge_reports(reports, refused=lost), out)
     if not parts:
         return status, None
-    write_atomically(out / f"{label}.json", json.dumps(shard.merge_shards(parts, wall), indent=1) + "\n")
-    if any((where / "ab.json").is_file() for _, where in dirs):
-        reports = [
-            ab.report_from_json(json.loads((w / "ab.json").read_text())) for _, w in dirs if (w / "ab.json").is_file()
-        ]
-        ab.write_outputs(ab.merge_reports(reports), out)
+    host_gpus = len(gpus) if cpu else torch.cuda.device_count()
+    merged = shard.merge_shards(parts, wall, host_gpus=host_gpus)
+    write_atomically(out / f"{label}.json", json.dumps(merged, indent=1) + "\n")
     return status, load_run(out / f"{label}.json")
 
 

@@ -137,13 +137,22 @@ def _nvidia_smi(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _smi_id(index: int) -> str:
+    """How nvidia-smi names CUDA device ``index``: by UUID, since nvidia-smi numbers the host's GPUs
+    and ignores CUDA_VISIBLE_DEVICES (a process pinned to GPU 3 sees it as device 0)."""
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+    if not uuid:
+        return str(index)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
 def gpu_state(device: torch.device | str) -> dict | None:
     """Driver, clocks, temperature, power, utilisation and throttle reasons of ``device`` right
     now, and how many other processes compute on it; ``None`` where nvidia-smi is unavailable."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    index = str(device.index if device.index is not None else torch.cuda.current_device())
+    index = _smi_id(device.index if device.index is not None else torch.cuda.current_device())
     fields = list(GPU_STATE_FIELDS)
     out = _nvidia_smi(f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", index)
     if out is None:  # drivers before 535 call the reasons "clocks_throttle_reasons"

@@ -98,10 +98,11 @@ def lpt_shards(costs: Mapping[str, float], workers: int) -> list[list[str]]:
     return shards
 
 
-def merge_shards(parts: Sequence[tuple[int, Run]], wall_s: float) -> dict:
+def merge_shards(parts: Sequence[tuple[int, Run]], wall_s: float, *, host_gpus: int) -> dict:
     """One run document from the workers' runs ``(gpu index, run)``: every case once, stamped
-    with its GPU; machine info of the first worker plus each worker's GPU and ceilings. Refuses
-    GPUs of different models (a baseline is per model) and a case run twice."""
+    with its GPU; machine info of the first worker (with the host's ``host_gpus``, where a pinned
+    worker saw one) plus each worker's GPU and ceilings. Refuses GPUs of different models (a
+    baseline is per model) and a case run twice."""
     if not parts:
         raise PerfError("no worker produced a run")
     models = {run.machine.get("gpu_name") for _, run in parts}
@@ -116,7 +117,7 @@ def merge_shards(parts: Sequence[tuple[int, Run]], wall_s: float) -> dict:
             seen[key] = gpu
             benches.append(dict(bench, extra_info=dict(bench.get("extra_info", {}), gpu=gpu)))
     first = parts[0][1]
-    machine = dict(first.machine, wall_s=round(wall_s, 1))
+    machine = dict(first.machine, wall_s=round(wall_s, 1), gpu_count=host_gpus)
     machine["gpus"] = [
         {
             "index": gpu,
