@@ -172,7 +172,7 @@ def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
         # pytest-benchmark disables itself under xdist: nothing would be timed, and both sides of a
         # case must share one process and one GPU.
         raise pytest.UsageError("--perf-compare-rev cannot run under pytest-xdist (-n): run it in one process")
-    effects = config.getoption("--perf-min-effects") or HERE / "min_effects.json"
+    effects = config.getoption("--perf-min-effects") or HERE / ab.MIN_EFFECTS_FILE
     try:
         state.min_effects = ab.load_min_effects(effects)
     except (OSError, ValueError) as exc:

@@ -177,7 +177,8 @@ def test_a_worker_that_dies_fails_the_run_and_its_cases_are_refused(tmp_path, mo
     monkeypatch.setattr(cli, "_wait", lambda procs, limit: [0, -9])
     args, extra = cli.run_parser().parse_known_args(["-k", "core-sdpa-fp32 or decode-sdpa"])
     extra.append("--perf-compare-rev=HEAD")
-    rc, run = cli._sharded_run("run-1", args, extra, tmp_path, None, [0, 1], cpu=True)
+    plan = cli._plan(args, extra, tmp_path, [0, 1], cpu=True)
+    rc, run = cli._sharded_run("run-1", args, extra, tmp_path, None, plan, cpu=True)
     assert rc == 1 and run is None  # -9 is no pass; neither worker left a run
     doc = json.loads((tmp_path / "ab.json").read_text())
     lost = (tmp_path / "gpu1" / "cases.txt").read_text().split()
@@ -234,7 +235,8 @@ def test_two_workers_run_disjoint_shards_merged_into_one_run(tmp_path, monkeypat
     monkeypatch.setattr(cli, "_start", spy)
     args, extra = cli.run_parser().parse_known_args(["--out", str(tmp_path), "-k", "core-sdpa-fp32 or decode-sdpa"])
     extra.append("--perf-budget=0.02")
-    rc, run = cli._sharded_run("run-1", args, extra, tmp_path, None, [0, 1], cpu=True)
+    plan = cli._plan(args, extra, tmp_path, [0, 1], cpu=True)
+    rc, run = cli._sharded_run("run-1", args, extra, tmp_path, None, plan, cpu=True)
     assert rc == 0
     shards = [(tmp_path / f"gpu{i}" / "cases.txt").read_text().split() for i in (0, 1)]
     assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])

@@ -60,7 +60,6 @@ from .results import (
 )
 
 DEFAULT_BASELINES = Path("perf") / "baselines"
-MIN_EFFECTS_FILE = "min_effects.json"
 NO_CUDA = (
     "No CUDA GPU here: running the tiny CPU grid so the perf machinery can be seen working. "
     "CPU numbers are not baselines: nothing is compared or recorded."
@@ -85,7 +84,7 @@ def _default_out() -> Path:
 def _min_effects() -> Callable[[str], float] | None:
     """The A/B's per-case minimum effects (perf/min_effects.json), as floors for baseline thresholds."""
     try:
-        path = _find_perf_dir() / MIN_EFFECTS_FILE
+        path = _find_perf_dir() / ab.MIN_EFFECTS_FILE
     except PerfError:  # outside a checkout: no perf/ folder, no floors beyond the spread's
         return None
     try:
@@ -244,30 +243,21 @@ def _selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: 
     return listed.read_text().split() if listed.is_file() else []
 
 
-def _sharded_run(
-    label: str,
-    args: argparse.Namespace,
-    extra: list[str],
-    out: Path,
-    limit: float | None,
-    gpus: list[int],
-    cpu: bool = False,
-) -> tuple[int, Run | None]:
-    """The grid over ``gpus``: one pytest process per GPU, each pinned with CUDA_VISIBLE_DEVICES
-    and given its LPT shard (:mod:`.shard`), merged into one run (and one A/B report). ``cpu``:
-    the tiny CPU grid in as many processes (the machinery, tested without GPUs)."""
+def _plan(
+    args: argparse.Namespace, extra: list[str], out: Path, gpus: list[int], cpu: bool = False
+) -> list[tuple[int, list[str], float]]:
+    """``(gpu, case ids, estimated seconds)`` per GPU with work: the selected cases dealt longest
+    first (:mod:`.shard`), once for all of a run's repeats. ``cpu``: the tiny CPU grid (the
+    machinery, tested without GPUs)."""
     import torch
 
     from .grid import grid
     from .runner import describe
 
-    started = time.time()
-    ab_run = any(a.startswith("--perf-compare-rev") for a in extra)
+    if not cpu and len(models := {torch.cuda.get_device_name(g) for g in gpus}) > 1:
+        raise PerfError(f"--gpus mixes GPU models ({', '.join(sorted(models))}): a run is per model")
     selection = [a for a in extra if not a.startswith(("--perf-compare-rev", "--perf-ab-out", "--perf-min-effect"))]
     ids = set(_selected_cases(args, selection, cpu, out))
-    if not ids:
-        _say(f"== {label}: no case selected")
-        return 5, None
     device = "cpu" if cpu else "cuda"
     infos = {c.case_id: describe(c) for c in grid(args.grid or ("tiny" if cpu else "full"), device) if c.case_id in ids}
     if missing := sorted(ids - set(infos)):
@@ -276,14 +266,31 @@ def _sharded_run(
     history = shard.history_seconds(load_run(history_path) if not cpu and history_path.is_file() else None)
     costs = shard.case_costs(infos, history, _budget(extra))
     shards = shard.lpt_shards(costs, len(gpus))
-    if not cpu and len(models := {torch.cuda.get_device_name(g) for g in gpus}) > 1:
-        raise PerfError(f"--gpus mixes GPU models ({', '.join(sorted(models))}): a run is per model")
+    return [(gpu, cases, sum(costs[c] for c in cases)) for gpu, cases in zip(gpus, shards, strict=True) if cases]
+
+
+def _sharded_run(
+    label: str,
+    args: argparse.Namespace,
+    extra: list[str],
+    out: Path,
+    limit: float | None,
+    plan: list[tuple[int, list[str], float]],
+    cpu: bool = False,
+) -> tuple[int, Run | None]:
+    """The grid as ``plan`` (:func:`_plan`) deals it: one pytest process per GPU, each pinned with
+    CUDA_VISIBLE_DEVICES and given its shard, merged into one run (and one A/B report)."""
+    import torch
+
+    if not plan:
+        _say(f"== {label}: no case selected")
+        return 5, None
+    started = time.time()
+    ab_run = any(a.startswith("--perf-compare-rev") for a in extra)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    physical = visible.split(",") if visible else [str(g) for g in gpus]
+    physical = visible.split(",") if visible else None
     procs, dirs, logs = [], [], []
-    for gpu, cases in zip(gpus, shards, strict=True):
-        if not cases:
-            continue
+    for gpu, cases, seconds in plan:
         where = out / f"gpu{gpu}"
         where.mkdir(parents=True, exist_ok=True)
         for stale in ("cases.jsonl", "pytest.log", "ab.json", "summary.md", "ab.png"):
@@ -292,9 +299,8 @@ def _sharded_run(
         own = ["--perf-cases", str(where / "cases.txt"), f"--perf-ab-out={where}"]
         cmd = _pytest_cmd(label, args, extra + own, where, cpu)
         env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}  # the merged summary only
-        env["CUDA_VISIBLE_DEVICES"] = physical[gpu]
-        load = sum(costs[c] for c in cases)
-        _say(f"== {label} on GPU {gpu}: {len(cases)} cases, ~{load:.0f} s estimated; log {where / 'pytest.log'}")
+        env["CUDA_VISIBLE_DEVICES"] = physical[gpu] if physical else str(gpu)
+        _say(f"== {label} on GPU {gpu}: {len(cases)} cases, ~{seconds:.0f} s estimated; log {where / 'pytest.log'}")
         logs.append((where / "pytest.log").open("a"))
         procs.append(_start(cmd, logs[-1], env))
         dirs.append((gpu, where))
@@ -320,13 +326,14 @@ def _sharded_run(
     # A worker killed by a signal has a negative code: a failure too, never a pass.
     status = 0 if all(rc == 0 for rc in codes) else max([1, *(rc for rc in codes if rc > 0)])
     if ab_run:
-        saved = [where / "ab.json" for _, where in dirs if (where / "ab.json").is_file()]
-        reports = [ab.report_from_json(json.loads(path.read_text())) for path in saved]
+        reports = [
+            ab.report_from_json(json.loads((w / "ab.json").read_text())) for _, w in dirs if (w / "ab.json").is_file()
+        ]
         if reports:
             ab.write_outputs(ab.merge_reports(reports, refused=lost), out)
     if not parts:
         return status, None
-    host_gpus = len(gpus) if cpu else torch.cuda.device_count()
+    host_gpus = len(plan) if cpu else torch.cuda.device_count()
     merged = shard.merge_shards(parts, wall, host_gpus=host_gpus)
     write_atomically(out / f"{label}.json", json.dumps(merged, indent=1) + "\n")
     return status, load_run(out / f"{label}.json")
@@ -429,12 +436,13 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.benchmark_disable:
         extra.append("--benchmark-disable")
     status, runs, started = 0, [], time.time()
+    plan = _plan(args, extra, out, gpus) if len(gpus) > 1 else None  # dealt once for every repeat
     for i in range(1, args.repeat + 1):
         limit = None
         if args.time_budget:  # what is left, shared by the runs still to go
             limit = run_time_limit(args.time_budget - (time.time() - started), i, args.repeat)
-        if len(gpus) > 1:
-            rc, run = _sharded_run(f"run-{i}", args, extra, out, limit, gpus)
+        if plan is not None:
+            rc, run = _sharded_run(f"run-{i}", args, extra, out, limit, plan)
         else:
             rc, run = _pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
         status = max(status, 1 if rc != 0 else 0)
