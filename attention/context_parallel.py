@@ -55,8 +55,22 @@ def shard_multiple(world_size: int, load_balance: bool) -> int:
     return 2 * world_size if load_balance else world_size
 
 
-def check_length(seq_len: int, world_size: int, *, load_balance: bool) -> None:
-    """Refuse a sequence length that torch's context parallel cannot shard evenly."""
+#: SDPA's memory-efficient kernel, the one SDPA runs for fp32 on CUDA, pads its log-sum-exp to a
+#: multiple of this many query rows; torch's ring attention merges that log-sum-exp with the
+#: unpadded output and fails on any other query count ("size of tensor a (96) must match ... (74)").
+EFFICIENT_LSE_ROWS = 32
+
+
+def query_chunk(seq_len: int, world_size: int, load_balance: bool) -> int:
+    """The query rows of one of SDPA's calls inside the ring: a rank's whole shard without the
+    load balancer; with it, half of one (the ring attends with the shard's second chunk alone
+    where the first chunk sees none of the other rank's keys)."""
+    return seq_len // shard_multiple(world_size, load_balance)
+
+
+def check_length(seq_len: int, world_size: int, *, load_balance: bool, dtype: torch.dtype | None = None) -> None:
+    """Refuse a sequence length that torch's context parallel cannot shard evenly, or (``dtype``
+    fp32) one whose query chunks SDPA's memory-efficient kernel would pad."""
     checks.integer("seq_len", seq_len)
     checks.integer("world_size", world_size)
     checks.boolean("load_balance", load_balance)
@@ -75,16 +89,31 @@ def check_length(seq_len: int, world_size: int, *, load_balance: bool) -> None:
             f"sequence length {seq_len} over {world_size} ranks leaves {seq_len // world_size} token per rank; "
             "context parallel needs at least 2"
         )
+    chunk = query_chunk(seq_len, world_size, load_balance)
+    if dtype == torch.float32 and chunk % EFFICIENT_LSE_ROWS:
+        raise ValueError(
+            f"fp32 under context parallel runs SDPA's memory-efficient kernel, which pads its log-sum-exp to "
+            f"{EFFICIENT_LSE_ROWS} query rows, and torch's ring attention cannot merge a padded one: sequence "
+            f"length {seq_len} over {world_size} ranks ({'with' if load_balance else 'without'} the load balancer) "
+            f"gives calls of {chunk} query rows; use a multiple of {EFFICIENT_LSE_ROWS * multiple}, or bf16/fp16"
+        )
 
 
-def check_supported(module: AttentionBase) -> None:
-    """Refuse a module that torch's context parallel would compute wrongly or not at all."""
+def check_supported(module: AttentionBase, dtype: torch.dtype | None = None) -> None:
+    """Refuse a module that torch's context parallel would compute wrongly or not at all (on
+    inputs of ``dtype``, where given)."""
     if not isinstance(module, AttentionBase):
         raise TypeError(f"module must be an attention.AttentionBase, got {type(module).__name__}")
     name = type(module).__name__
     reason = module.context_parallel_unsupported()
     if reason is not None:
         raise ValueError(f"{name} cannot run under context parallel: {reason}")
+    if dtype == torch.float32 and module.num_kv_heads != module.num_heads:
+        raise ValueError(
+            f"{name} has num_kv_heads={module.num_kv_heads} < num_heads={module.num_heads} in fp32: SDPA runs "
+            "grouped-query attention in fp32 on its math path, which torch's ring attention cannot shard "
+            "(it mixes DTensors and plain tensors); use bf16/fp16 or num_kv_heads = num_heads"
+        )
     if module.mask_mod is not causal:
         raise ValueError(
             f"{name} has mask_mod={getattr(module.mask_mod, '__name__', type(module.mask_mod).__name__)}; "
@@ -173,16 +202,24 @@ def context_parallel_shards(
     if rotate_method not in ROTATE_METHODS:
         raise ValueError(f"rotate_method must be one of {', '.join(ROTATE_METHODS)}, got {rotate_method!r}")
     world_size = _mesh_size(mesh)
-    check_length(_check_tensors(tensors, seq_dims), world_size, load_balance=load_balance)
+    seq_len = _check_tensors(tensors, seq_dims)
+    for dtype in {t.dtype for t in tensors}:
+        check_length(seq_len, world_size, load_balance=load_balance, dtype=dtype)
     context_parallel, _, options, set_rotate_method = _torch_cp()
 
-    # context_parallel shards its buffers in place (resize_ refuses tensors that require grad).
-    shards = [t.detach().clone() for t in tensors]
+    # context_parallel shards its buffers in place (resize_ refuses tensors that require grad),
+    # keeping their whole-length storage; the shards yielded are compact copies, and no reference
+    # to the caller's tensors is kept, so a caller that drops them holds 1 / world_size of them.
+    whole = [t.detach().clone() for t in tensors]
+    del tensors
     previous = (options.enable_load_balance, options.rotate_method)
     options.enable_load_balance = load_balance
     set_rotate_method(rotate_method)
     try:
-        with context_parallel(mesh, buffers=shards, buffer_seq_dims=list(seq_dims), no_restore_buffers=set(shards)):
+        with context_parallel(mesh, buffers=whole, buffer_seq_dims=list(seq_dims), no_restore_buffers=set(whole)):
+            shards = [t.clone() for t in whole]
+            for t in whole:
+                t.set_()  # release the whole-length storage (torch restores none of these buffers)
             yield shards
     finally:
         options.enable_load_balance, options.rotate_method = previous
@@ -220,10 +257,11 @@ def run_context_parallel(
     Every rank passes the same ``x``, ``grad_out`` and weights (as with torch's
     ``context_parallel``) and gets the whole output and gradients back. The module's ``.grad``
     fields are not touched. Refused before any communication: an implementation, mask, score mod
-    or training dropout that context parallel cannot run, CPU tensors, and lengths that do not
-    shard evenly (:func:`check_length`).
+    or training dropout that context parallel cannot run, CPU tensors, lengths that do not shard
+    evenly (:func:`check_length`), and in fp32 grouped-query attention and query chunks SDPA's
+    memory-efficient kernel would pad (:data:`EFFICIENT_LSE_ROWS`).
     """
-    check_supported(module)
+    check_supported(module, x.dtype if isinstance(x, Tensor) else None)
     module._check_input(x, None, None)  # shape, dtype, device and context_length, on the whole sequence
     tensors = [x]
     if grad_out is not None:

@@ -121,6 +121,30 @@ def test_length_rule(seq_len: int, world_size: int, load_balance: bool, match: s
             cp.check_length(seq_len, world_size, load_balance=load_balance)
 
 
+@pytest.mark.parametrize(
+    ("seq_len", "load_balance", "chunk"),
+    [(256, True, 64), (148, True, 37), (148, False, 74), (384, True, 96), (150, False, 75)],
+)
+def test_fp32_query_chunks_must_be_whole_multiples_of_the_efficient_kernels_padding(
+    seq_len: int, load_balance: bool, chunk: int
+) -> None:
+    assert cp.query_chunk(seq_len, 2, load_balance) == chunk
+    cp.check_length(seq_len, 2, load_balance=load_balance, dtype=torch.bfloat16)  # flash pads nothing
+    if chunk % cp.EFFICIENT_LSE_ROWS == 0:
+        cp.check_length(seq_len, 2, load_balance=load_balance, dtype=torch.float32)
+    else:
+        with pytest.raises(ValueError, match=f"calls of {chunk} query rows; use a multiple of"):
+            cp.check_length(seq_len, 2, load_balance=load_balance, dtype=torch.float32)
+
+
+def test_fp32_grouped_query_attention_is_refused() -> None:
+    gqa = attention.get("sdpa")(16, 16, 4, 64, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"num_kv_heads=2 < num_heads=4 in fp32: SDPA runs grouped-query"):
+        cp.check_supported(gqa, torch.float32)
+    cp.check_supported(gqa, torch.bfloat16)
+    cp.check_supported(_module(), torch.float32)
+
+
 @pytest.mark.parametrize("bad", [0, -2, 2.0, True])
 def test_length_rule_checks_its_arguments(bad: object) -> None:
     with pytest.raises((TypeError, ValueError), match="seq_len"):
@@ -204,9 +228,22 @@ def test_launch_without_enough_gpus_is_refused() -> None:
 
 
 def cp_lengths(world_size: int) -> list[int]:
-    """Lengths for ``world_size`` ranks: two that shard under either setting (one off the
-    128-token block grid), one only without the load balancer, one under neither."""
-    return [2 * world_size * 64, 2 * world_size * 37, world_size * 75, 2 * world_size * 64 + 1]
+    """Lengths for ``world_size`` ranks: three that shard under either setting (one off the
+    128-token block grid, whose query chunks fp32 refuses), one only without the load balancer,
+    one under neither."""
+    return [2 * world_size * 64, 2 * world_size * 96, 2 * world_size * 37, world_size * 75, 2 * world_size * 64 + 1]
+
+
+def expected_refusal(record: dict, world_size: int) -> str | None:
+    """What the runner must refuse ``record``'s case with (a part of the message), or ``None``."""
+    fp32 = record["dtype"] == "fp32"
+    if fp32 and record["kv_heads"] < record["heads"]:
+        return "SDPA runs grouped-query attention in fp32 on its math path"
+    if record["tokens"] % cp.shard_multiple(world_size, record["load_balance"]):
+        return "is not a multiple of"
+    if fp32 and cp.query_chunk(record["tokens"], world_size, record["load_balance"]) % cp.EFFICIENT_LSE_ROWS:
+        return "pads its log-sum-exp"
+    return None
 
 
 def _violations(module, x, upstream, output, grads, what: str) -> list[str]:
@@ -299,12 +336,14 @@ def test_context_parallel_matches_float64_oracle(impl_name: str, tmp_path: Path)
             f"{record['dtype']} T={record['tokens']} heads={record['heads']}/{record['kv_heads']} "
             f"load_balance={record['load_balance']} rotate={record['rotate']}"
         )
-        shards_evenly = record["tokens"] % cp.shard_multiple(world_size, record["load_balance"]) == 0
+        refusal = expected_refusal(record, world_size)
         if not (record["sdpa_restored"] and record["options_restored"]):
             failures.append(f"{label}: torch's SDPA or context parallel options were left changed")
-        if shards_evenly and "error" in record:
+        if refusal is None and "error" in record:
             failures.append(f"{label}: refused: {record['error']}")
-        elif not shards_evenly and "is not a multiple of" not in record.get("error", ""):
-            failures.append(f"{label}: expected the length error, got {record.get('error', 'no error')}")
+        elif refusal is not None and refusal not in record.get("error", ""):
+            failures.append(f"{label}: expected '{refusal}', got {record.get('error', 'no error')}")
         failures += [f"{label}: {problem}" for problem in record.get("problems", [])]
+    ran = [r for r in result["records"] if "error" not in r]
+    assert {r["dtype"] for r in ran} == set(DTYPES) and any(r["kv_heads"] < r["heads"] for r in ran)
     assert not failures, "\n".join(failures)

@@ -20,7 +20,12 @@ def _cell(gpus: int, seq_len: int, time_s: float | None, *, level="core", direct
             "gpus": gpus, "seq_len": seq_len, "level": level, "direction": direction, "load_balance": load_balance,
             "status": "skipped", "reason": "needs ~200.0 GiB per GPU; 130.0 GiB free", "figures": {},
         }  # fmt: skip
-    figures = {"time_s": time_s, "tflops_per_gpu": 1e-12 / time_s / gpus, "peak_bytes": seq_len * 1024 // gpus}
+    # Inputs of 4 KiB a token, split over the GPUs; each GPU also holds 2 KiB a token of keys and values.
+    peak_total = seq_len * 4096 // gpus + (seq_len * 2048 if gpus > 1 else 0)
+    figures = {
+        "time_s": time_s, "tflops_per_gpu": 1e-12 / time_s / gpus,
+        "peak_bytes": seq_len * 1024 // gpus, "peak_total_bytes": peak_total,
+    }  # fmt: skip
     return {
         "gpus": gpus, "seq_len": seq_len, "level": level, "direction": direction, "load_balance": load_balance,
         "status": "ok", "reason": None, "figures": figures,
@@ -81,6 +86,7 @@ def test_summary_rows() -> None:
     assert [f["seq_len"] for f in core["by_length"]] == [4096, 8192, 16384, 32768]  # 512k: one GPU skipped
     assert core["by_length"][-1]["speed_up"] == pytest.approx(8 / 4.5)
     assert core["by_length"][-1]["efficiency"] == pytest.approx(8 / 9)
+    assert core["by_length"][-1]["memory_ratio"] == pytest.approx((2048 + 2048) / 4096)
     module = next(r for r in rows if r["level"] == "module")
     assert module["n_gpus_faster_from"] == 8192
 
@@ -103,6 +109,7 @@ def test_table_json_and_plot(tmp_path: Path) -> None:
     report.print_table(result, console)
     text = console.export_text()
     assert "0.89" in text and "1.78x" in text  # 32k, two GPUs: efficiency and speed-up
+    assert "memory vs 1 GPU" in text and "1.00" in text and "128 MiB" in text  # 32k, two GPUs: no less memory
     assert "skipped [1]" in text and "[1] needs ~200.0 GiB per GPU" in text
     assert "16k" in text and "off / on" in text
 
@@ -124,6 +131,14 @@ def test_lengths_that_do_not_shard_are_skipped_with_the_rule() -> None:
     workload = bench.Workload("sdpa", 1, 4098, 16, 128, torch.bfloat16, "cuda")
     assert "not a multiple of 2 x world_size = 4" in bench._skip_reason(config, workload, 2, load_balance=True)
     assert bench._skip_reason(config, workload, 2, load_balance=False) is None  # no free-memory figure on CPU
+
+
+def test_fp32_lengths_the_efficient_kernel_would_pad_are_skipped() -> None:
+    config = bench.BenchConfig(seq_lens=(4160,), gpu_counts=(1, 2), dtype_name="fp32")
+    workload = bench.Workload("sdpa", 1, 4160, 16, 128, torch.float32, "cuda")
+    # 4160 / 4 = 1040 = 32 x 32.5 with the load balancer; 4160 / 2 = 2080 = 32 x 65 without
+    assert "calls of 1040 query rows" in bench._skip_reason(config, workload, 2, load_balance=True)
+    assert bench._skip_reason(config, workload, 2, load_balance=False) is None
 
 
 def test_run_keeps_what_a_failed_gpu_count_measured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,8 @@ tested on CPU and a result re-rendered anywhere.
 
 A result's ``cells`` each hold one measurement: ``gpus``, ``seq_len``, ``level`` (core or module),
 ``direction`` (fwd or fwd_bwd), ``load_balance``, ``status`` (ok or skipped, with a ``reason``) and
-``figures`` (``time_s``, ``tflops_per_gpu``, ``peak_bytes``...).
+``figures`` (``time_s``, ``tflops_per_gpu``, ``peak_total_bytes``: the largest rank's allocated memory
+during one call, its inputs included; ``peak_bytes``: the part above them...).
 """
 
 from __future__ import annotations
@@ -64,23 +65,29 @@ def crossover(one_gpu: dict[int, float], n_gpus: dict[int, float]) -> dict[str, 
 
 
 def summary(result: dict) -> list[dict]:
-    """One row per (level, direction, GPU count > 1): speed-up and efficiency per length, and the
-    crossover against one GPU."""
+    """One row per (level, direction, GPU count > 1): speed-up, efficiency and peak memory per GPU
+    over one GPU's (``memory_ratio``; ``1 / gpus`` would be perfect) per length, and the crossover
+    against one GPU."""
     rows = []
     for level in LEVELS:
         for direction in DIRECTIONS:
-            one = {t: f["time_s"] for t, f in _ok(result, gpus=1, level=level, direction=direction).items()}
+            one_figures = _ok(result, gpus=1, level=level, direction=direction)
+            one = {t: f["time_s"] for t, f in one_figures.items()}
             for gpus in gpu_counts(result):
                 if gpus == 1:
                     continue
-                many = {t: f["time_s"] for t, f in _ok(result, gpus=gpus, level=level, direction=direction).items()}
+                many_figures = _ok(result, gpus=gpus, level=level, direction=direction)
+                many = {t: f["time_s"] for t, f in many_figures.items()}
                 both = sorted(set(one) & set(many))
                 if not both:
                     continue
                 per_length = []
                 for t in both:
                     speed_up, efficiency = scaling(one[t], many[t], gpus)
-                    per_length.append({"seq_len": t, "speed_up": speed_up, "efficiency": efficiency})
+                    memory = many_figures[t]["peak_total_bytes"] / one_figures[t]["peak_total_bytes"]
+                    per_length.append(
+                        {"seq_len": t, "speed_up": speed_up, "efficiency": efficiency, "memory_ratio": memory}
+                    )
                 rows.append(
                     {
                         "level": level,
@@ -137,7 +144,8 @@ def print_table(result: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=title(result), title_justify="left")
-    for name in ("level", "direction", "T", "GPUs", "ms", "TFLOP/s per GPU", "peak per GPU", "speed-up", "efficiency"):
+    columns = ("level", "direction", "T", "GPUs", "ms", "TFLOP/s per GPU", "peak per GPU", "memory vs 1 GPU")
+    for name in (*columns, "speed-up", "efficiency"):
         table.add_column(name, justify="left" if name in ("level", "direction") else "right")
     speed = {
         (row["level"], row["direction"], row["gpus"], figures["seq_len"]): figures
@@ -151,7 +159,7 @@ def print_table(result: dict, console) -> None:
         cols = [c["level"], c["direction"].replace("_", "+"), _length(c["seq_len"]), str(c["gpus"])]
         if c["status"] != "ok":
             number = notes.setdefault(c["reason"], len(notes) + 1)
-            table.add_row(*cols, f"{c['status']} [{number}]", "", "", "", "")
+            table.add_row(*cols, f"{c['status']} [{number}]", "", "", "", "", "")
             continue
         f = c["figures"]
         s = speed.get((c["level"], c["direction"], c["gpus"], c["seq_len"]))
@@ -159,7 +167,8 @@ def print_table(result: dict, console) -> None:
             *cols,
             f"{f['time_s'] * 1e3:.2f}",
             f"{f['tflops_per_gpu']:.0f}",
-            _bytes(f["peak_bytes"]),
+            _bytes(f["peak_total_bytes"]),
+            f"{s['memory_ratio']:.2f}" if s else "",
             f"{s['speed_up']:.2f}x" if s else "",
             f"{s['efficiency']:.2f}" if s else "",
         )
@@ -199,7 +208,8 @@ def print_table(result: dict, console) -> None:
     meta = result["meta"]
     console.print(
         f"time: median over rounds of the slowest rank, {meta['timer']}; TFLOP/s per GPU: {meta['flops']} / GPUs; "
-        f"peak: the largest rank's allocation above its inputs; efficiency = t1 / (GPUs x tn).",
+        f"peak: the largest rank's allocated memory during one call, its inputs (its shards) included; "
+        f"efficiency = t1 / (GPUs x tn).",
         highlight=False,
         markup=False,
     )
@@ -220,7 +230,7 @@ def plot(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(max(1, len(panels)), 2, figsize=(12, 3.6 * max(1, len(panels))), squeeze=False)
     for row, (level, direction) in enumerate(panels):
         for col, (key, label, scale) in enumerate(
-            (("time_s", "median time (ms)", 1e3), ("peak_bytes", "peak memory per GPU (GiB)", 1 / _GIB))
+            (("time_s", "median time (ms)", 1e3), ("peak_total_bytes", "peak memory per GPU (GiB)", 1 / _GIB))
         ):
             ax = axes[row][col]
             for i, gpus in enumerate(counts):
