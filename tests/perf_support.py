@@ -82,3 +82,8 @@ def with_machine(**changes) -> dict:
     m = copy.deepcopy(H100)
     m.update(changes)
     return m
+
+
+def on_gpu(monkeypatch, cli, info: dict) -> None:
+    """The CLI as on a GPU machine whose child-process facts report ``info`` (``cli._gpu_facts``)."""
+    monkeypatch.setattr(cli, "_gpu_facts", lambda gpus, grid_name="": {"names": [info["gpu_name"]], "machine": info})

@@ -14,7 +14,7 @@ import torch
 from attention.bench.perf import cli
 from attention.bench.perf.results import write_run
 
-from .perf_support import H100, make_run, samples, with_machine
+from .perf_support import H100, make_run, on_gpu, samples, with_machine
 
 KEY = "core-sdpa-bf16-fwd-B4-T4096-H32-D64"
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, mo
 def fake_gpu_runs(monkeypatch, tmp_path, medians):
     """cmd_run as on a GPU machine, with pytest replaced by synthetic runs of the given medians."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cli.machine, "machine_info", lambda device: dict(H100))
+    on_gpu(monkeypatch, cli, dict(H100))
     queue = list(medians)
 
     def fake(label, args, extra, out, cpu, limit):
@@ -200,7 +200,7 @@ def test_bare_compare_without_a_baseline_is_refused_before_any_case_runs(tmp_pat
 def test_bare_compare_with_another_torch_minor_is_refused_before_any_case_runs(tmp_path, monkeypatch, capsys):
     write_run(make_run({KEY: {"median": 1e-3}}), tmp_path / "b" / H100["slug"] / "baseline.json")
     queue = fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
-    monkeypatch.setattr(cli.machine, "machine_info", lambda device: dict(H100, torch="2.15.0", torch_minor="2.15"))
+    on_gpu(monkeypatch, cli, dict(H100, torch="2.15.0", torch_minor="2.15"))
     assert cli.main(["--benchmark-compare", "--out", str(tmp_path), "--baselines", str(tmp_path / "b")]) == 2
     out = capsys.readouterr().out
     assert "recorded with torch 2.11" in out and "--benchmark-compare=main" in out and queue == [1.0e-3]

@@ -21,7 +21,7 @@ from attention.bench.perf.base_revision import BaseRevision
 from attention.bench.perf.results import NoBaseline, PerfError, Refused, write_run
 from attention.bench.workload import Workload
 
-from .perf_support import H100, make_run
+from .perf_support import H100, make_run, on_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "core-sdpa-bf16-fwd-B4-T4096-H32-D64"
@@ -125,7 +125,7 @@ def test_compare_fail_replaces_the_baseline_thresholds(tmp_path, capsys):
 def test_cli_refuses_before_running_anything(argv, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cli, "_pytest_run", lambda *a, **k: pytest.fail("a case ran"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cli.machine, "machine_info", lambda device: dict(H100))
+    on_gpu(monkeypatch, cli, dict(H100))
     write_run(make_run({KEY: {"median": 1e-3}}), tmp_path / H100["slug"] / "baseline.json")
     assert cli.main([*argv, "--out", str(tmp_path / "out"), "--baselines", str(tmp_path)]) == 2
     assert message in capsys.readouterr().out
@@ -148,7 +148,7 @@ def test_an_ab_without_cuda_is_refused_within_seconds(tmp_path):
 @needs_git
 def test_cli_ab_passes_the_revision_to_pytest_and_reads_the_verdict(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cli.machine, "machine_info", lambda device: dict(H100))
+    on_gpu(monkeypatch, cli, dict(H100))
     seen = {}
 
     def fake_pytest(label, args, extra, out, cpu, limit, verdict):
@@ -174,7 +174,7 @@ def test_cli_ab_passes_the_revision_to_pytest_and_reads_the_verdict(tmp_path, mo
 @needs_git
 def test_cli_refuses_an_unknown_revision_before_running(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cli.machine, "machine_info", lambda device: dict(H100))
+    on_gpu(monkeypatch, cli, dict(H100))
     monkeypatch.setattr(cli, "_pytest_run", lambda *a, **k: pytest.fail("a case ran"))
     assert cli.main(["--benchmark-compare=no-such-branch-xyz", "--out", str(tmp_path)]) == 2
     assert "unknown git revision 'no-such-branch-xyz'" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from attention.bench.perf import ab, cli, shard
 from attention.bench.perf.results import PerfError, load_run, parse_run
 
-from .perf_support import H100, make_raw, make_run, samples, with_machine
+from .perf_support import H100, make_raw, make_run, on_gpu, samples, with_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,6 +184,18 @@ def test_a_worker_that_dies_fails_the_run_and_its_cases_are_refused(tmp_path, mo
     lost = (tmp_path / "gpu1" / "cases.txt").read_text().split()
     assert doc["failed"] and len(doc["refused"]) == len(lost)
     assert all("GPU 1's pytest process ended (exit -9)" in r for r in doc["refused"])
+
+
+def test_a_gpu_plan_reads_cuda_facts_in_a_child_and_refuses_mixed_models(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: pytest.fail("CUDA opened in the parent"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: pytest.fail("CUDA opened in the parent"))
+    on_gpu(monkeypatch, cli, dict(H100))
+    facts = cli._gpu_facts([0, 1], "full")
+    monkeypatch.setattr(cli, "_gpu_facts", lambda gpus, grid_name="": {**facts, "names": ["NVIDIA H100", "A100"]})
+    args, extra = cli.run_parser().parse_known_args([])
+    with pytest.raises(PerfError, match="--gpus mixes GPU models"):
+        cli._plan(args, extra, tmp_path, [0, 1])
+    compile(cli._GPU_FACTS, "<gpu facts>", "exec")  # the child's script (it needs a GPU to run)
 
 
 def _env() -> dict:

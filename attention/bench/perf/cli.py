@@ -243,30 +243,58 @@ def _selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: 
     return listed.read_text().split() if listed.is_file() else []
 
 
+_GPU_FACTS = """
+import json, sys, torch
+from attention.bench.perf import machine
+from attention.bench.perf.grid import grid
+from attention.bench.perf.runner import describe
+grid_name, gpus = sys.argv[1], [int(g) for g in sys.argv[2:]]
+facts = {"names": [torch.cuda.get_device_name(g) for g in gpus], "machine": machine.machine_info(f"cuda:{gpus[0]}")}
+if grid_name:
+    facts["cases"] = {c.case_id: describe(c) for c in grid(grid_name, "cuda")}
+print(json.dumps(facts))
+"""
+
+
+def _gpu_facts(gpus: list[int], grid_name: str = "") -> dict:
+    """``names`` (the models of ``gpus``), ``machine`` (the first one's machine info) and, given a
+    grid, ``cases`` (its cases described), read by a child process: a CUDA context in this one
+    would sit on a GPU through the whole run, taking memory there and counted by the run's noise
+    checks as another process computing on it."""
+    cmd = [sys.executable, "-c", _GPU_FACTS, grid_name, *map(str, gpus)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise PerfError(f"reading the GPUs' facts failed (exit {done.returncode}): {done.stderr[-800:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _plan(
     args: argparse.Namespace, extra: list[str], out: Path, gpus: list[int], cpu: bool = False
 ) -> list[tuple[int, list[str], float]]:
     """``(gpu, case ids, estimated seconds)`` per GPU with work: the selected cases dealt longest
     first (:mod:`.shard`), once for all of a run's repeats. ``cpu``: the tiny CPU grid (the
-    machinery, tested without GPUs)."""
-    import torch
-
+    machinery, tested without GPUs). Opens no CUDA context here (:func:`_gpu_facts`)."""
     from .grid import grid
     from .runner import describe
 
-    if not cpu and len(models := {torch.cuda.get_device_name(g) for g in gpus}) > 1:
-        raise PerfError(f"--gpus mixes GPU models ({', '.join(sorted(models))}): a run is per model")
+    grid_name = args.grid or ("tiny" if cpu else "full")
+    if cpu:
+        info, cases = machine.machine_info("cpu"), {c.case_id: describe(c) for c in grid(grid_name, "cpu")}
+    else:
+        facts = _gpu_facts(gpus, grid_name)
+        if len(models := set(facts["names"])) > 1:
+            raise PerfError(f"--gpus mixes GPU models ({', '.join(sorted(models))}): a run is per model")
+        info, cases = facts["machine"], facts["cases"]
     selection = [a for a in extra if not a.startswith(("--perf-compare-rev", "--perf-ab-out", "--perf-min-effect"))]
     ids = set(_selected_cases(args, selection, cpu, out))
-    device = "cpu" if cpu else "cuda"
-    infos = {c.case_id: describe(c) for c in grid(args.grid or ("tiny" if cpu else "full"), device) if c.case_id in ids}
+    infos = {case: cases[case] for case in ids if case in cases}
     if missing := sorted(ids - set(infos)):
         raise PerfError(f"pytest collected cases the grid does not describe: {', '.join(missing[:3])}")
-    history_path = baseline_dir(Path(args.baselines), machine.machine_info(device)) / BASELINE_FILE
+    history_path = baseline_dir(Path(args.baselines), info) / BASELINE_FILE
     history = shard.history_seconds(load_run(history_path) if not cpu and history_path.is_file() else None)
     costs = shard.case_costs(infos, history, _budget(extra))
     shards = shard.lpt_shards(costs, len(gpus))
-    return [(gpu, cases, sum(costs[c] for c in cases)) for gpu, cases in zip(gpus, shards, strict=True) if cases]
+    return [(gpu, dealt, sum(costs[c] for c in dealt)) for gpu, dealt in zip(gpus, shards, strict=True) if dealt]
 
 
 def _sharded_run(
@@ -376,7 +404,7 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
             f"--benchmark-compare{what} needs a CUDA GPU: perf numbers are compared on GPUs only; none here. "
             "Without it the tiny CPU grid runs to show the machinery."
         )
-    info = machine.machine_info("cuda")
+    info = _gpu_facts([0])["machine"]  # read in a child process, as _plan does
     storage = Path(_storage(extra))
     target = flags.resolve_compare(value, baselines=Path(args.baselines), storage=storage, machine=info)
     if target.kind == "saved":
