@@ -182,6 +182,17 @@ def _check_tensors(tensors: Sequence[Tensor], seq_dims: Sequence[int]) -> int:
     return lengths.pop()
 
 
+def shard_sequence(tensor: Tensor, seq_dim: int, rank: int, world_size: int, *, load_balance: bool) -> Tensor:
+    """Rank ``rank``'s part of ``tensor`` along ``seq_dim``, as torch's context parallel lays the
+    sequence out: with the load balancer, chunks ``rank`` and ``2 * world_size - 1 - rank`` of
+    ``2 * world_size`` (torch's head-tail balancer); without it, chunk ``rank`` of ``world_size``.
+    A compact copy: it shares no storage with ``tensor``."""
+    if load_balance:
+        chunks = tensor.detach().chunk(2 * world_size, seq_dim)
+        return torch.cat([chunks[rank], chunks[2 * world_size - 1 - rank]], seq_dim)
+    return tensor.detach().chunk(world_size, seq_dim)[rank].clone()
+
+
 @contextmanager
 def context_parallel_shards(
     mesh: object,
@@ -191,8 +202,9 @@ def context_parallel_shards(
     load_balance: bool = True,
     rotate_method: str = "allgather",
 ) -> Iterator[list[Tensor]]:
-    """Open torch's context parallel on ``mesh``: yields this rank's shards of ``tensors`` (copies:
-    the caller's tensors are left whole), while SDPA runs as ring attention.
+    """Open torch's context parallel on ``mesh``: yields this rank's shards of ``tensors`` (compact
+    copies; the caller's tensors are left whole and no reference to them is kept, so a caller that
+    drops them holds ``1 / world_size`` of them), while SDPA runs as ring attention.
 
     Attention (forward and backward) must run inside the block: torch restores SDPA on exit.
     Sequence-sharded results go back to whole tensors with :func:`unshard`, also inside the block
@@ -207,19 +219,28 @@ def context_parallel_shards(
         check_length(seq_len, world_size, load_balance=load_balance, dtype=dtype)
     context_parallel, _, options, set_rotate_method = _torch_cp()
 
-    # context_parallel shards its buffers in place (resize_ refuses tensors that require grad),
-    # keeping their whole-length storage; the shards yielded are compact copies, and no reference
-    # to the caller's tensors is kept, so a caller that drops them holds 1 / world_size of them.
-    whole = [t.detach().clone() for t in tensors]
+    # torch's context_parallel shards the buffers it is given in place, and keeps the
+    # load-balanced whole-length copies its shards are views of alive while it is open: every
+    # rank would hold each tensor whole, twice. It gets a one-byte-per-token marker instead,
+    # which sets its load balancer up for this length; the tensors are sharded here, its way.
+    rank = mesh.get_local_rank()
+    shards = [
+        shard_sequence(t, dim, rank, world_size, load_balance=load_balance)
+        for t, dim in zip(tensors, seq_dims, strict=True)
+    ]
     del tensors
+    marker = torch.empty(1, seq_len, dtype=torch.uint8, device=shards[0].device)  # (1, T)
     previous = (options.enable_load_balance, options.rotate_method)
     options.enable_load_balance = load_balance
     set_rotate_method(rotate_method)
     try:
-        with context_parallel(mesh, buffers=whole, buffer_seq_dims=list(seq_dims), no_restore_buffers=set(whole)):
-            shards = [t.clone() for t in whole]
-            for t in whole:
-                t.set_()  # release the whole-length storage (torch restores none of these buffers)
+        with context_parallel(mesh, buffers=[marker], buffer_seq_dims=[1], no_restore_buffers={marker}):
+            if options.enable_load_balance != load_balance:
+                state = "on" if load_balance else "off"
+                raise RuntimeError(
+                    f"torch {torch.__version__} did not keep the load balancer {state} for {seq_len} tokens over "
+                    f"{world_size} ranks; the shards here are laid out with it {state}"
+                )
             yield shards
     finally:
         options.enable_load_balance, options.rotate_method = previous

@@ -201,6 +201,21 @@ def test_a_two_dimensional_mesh_is_refused() -> None:
         cp.context_parallel_shards(mesh, [torch.zeros(1, 8, 16)], [1]).__enter__()
 
 
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_shards_follow_torchs_layout_and_own_their_memory(world_size: int) -> None:
+    tokens = torch.arange(8 * world_size).repeat(2, 1)  # (B, T): each token its position
+    balanced = [cp.shard_sequence(tokens, 1, r, world_size, load_balance=True) for r in range(world_size)]
+    plain = [cp.shard_sequence(tokens, 1, r, world_size, load_balance=False) for r in range(world_size)]
+    assert balanced[0][0].tolist() == [0, 1, 2, 3, *range(8 * world_size - 4, 8 * world_size)]  # head and tail
+    assert torch.cat(plain, 1).equal(tokens)
+    for shard in balanced + plain:
+        assert shard.shape == (2, 8) and shard.untyped_storage().nbytes() == shard.numel() * shard.element_size()
+    # torch's own head-tail balancer, where this torch has it, orders the tokens the same way
+    balancer = pytest.importorskip("torch.distributed.tensor.experimental._context_parallel._load_balancer")
+    indices = balancer._HeadTailLoadBalancer(8 * world_size, world_size, "cpu")._generate_indices()  # (1, T)
+    assert torch.cat(balanced, 1)[0].equal(indices[0])
+
+
 # -- CPU: the skip path ------------------------------------------------------------------------
 
 
