@@ -40,6 +40,11 @@ class BlockTable:
     every load wait for the index before it). ``tile_ids`` says what each tile of the range is.
     Empty tiles inside a range (a pattern with holes) are visited and contribute nothing.
 
+    Inside its range, each row (column) also has its longest run of full tiles, ``kv_full``
+    (``q_full``): the kernels walk it in a loop of its own that neither looks tiles up nor masks
+    (for a causal pattern: every tile left of the diagonal), and the rest of the range, with
+    both, before and after it.
+
     ``Bm``/``Hm`` are the batch and heads the pattern reads (1 where it reads neither), ``NQ`` and
     ``NK`` the tile rows and columns.
     """
@@ -50,6 +55,8 @@ class BlockTable:
     kv_len: int
     kv_range: Tensor  # (Bm, Hm, NQ, 2) int32: first and one-past-last visible tile column of each row
     q_range: Tensor  # (Bm, Hm, NK, 2) int32: first and one-past-last visible tile row of each column
+    kv_full: Tensor  # (Bm, Hm, NQ, 2) int32: each row's longest run of full tiles (hi, hi where none)
+    q_full: Tensor  # (Bm, Hm, NK, 2) int32: each column's longest run of full tiles (hi, hi where none)
     tile_ids: Tensor  # (Bm, Hm, NQ, NK) int64: FULL_TILE, EMPTY_TILE or the index of a stored partial tile
     tiles: Tensor  # (P, block_m, block_n) int8: 1 where the query sees the key (P >= 1)
 
@@ -101,14 +108,18 @@ def build_block_table(
         stored += len(tiles[-1])
     tile_ids = torch.cat(tile_ids, dim=2).contiguous()  # (bm, hm, NQ, NK)
     visible = tile_ids != EMPTY_TILE  # (bm, hm, NQ, NK)
+    full = tile_ids == FULL_TILE  # (bm, hm, NQ, NK)
     all_tiles = torch.cat(tiles) if stored else torch.zeros(1, block_m, block_n, dtype=torch.int8)
+    kv_range, q_range = _visible_range(visible), _visible_range(visible.transpose(2, 3))
     return BlockTable(
         block_m,
         block_n,
         q_len,
         kv_len,
-        _visible_range(visible),
-        _visible_range(visible.transpose(2, 3)),
+        kv_range,
+        q_range,
+        _full_run(full, kv_range),
+        _full_run(full.transpose(2, 3), q_range),
         tile_ids,
         all_tiles.to(device).contiguous(),
     )
@@ -122,3 +133,16 @@ def _visible_range(visible: Tensor) -> Tensor:
     last = torch.where(visible, columns + 1, 0).amax(dim=-1)  # (bm, hm, R)
     first = torch.minimum(first, last)  # an empty row: (0, 0)
     return torch.stack([first, last], dim=-1).to(torch.int32).contiguous()
+
+
+def _full_run(full: Tensor, ranges: Tensor) -> Tensor:
+    """``(bm, hm, R, 2)``: per row of ``full`` ``(bm, hm, R, C)``, the first column of a longest
+    run of full tiles and one past its last; a row with no full tile gets ``(hi, hi)`` from its
+    visible range ``ranges``, so its walk is all masked."""
+    columns = torch.arange(full.shape[-1], device=full.device)  # (C,)
+    breaks = torch.cummax(torch.where(full, -1, columns), dim=-1).values  # (bm, hm, R, C): last non-full so far
+    length = torch.where(full, columns - breaks, 0)  # (bm, hm, R, C): the run ending at each column
+    best, end = length.max(dim=-1)  # (bm, hm, R) each: the longest run and where it ends
+    hi = ranges[..., 1].long()  # (bm, hm, R)
+    stop = torch.where(best > 0, end + 1, hi)  # (bm, hm, R)
+    return torch.stack([stop - best, stop], dim=-1).to(torch.int32).contiguous()

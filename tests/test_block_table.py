@@ -14,19 +14,23 @@ from tests.support import random_document_ids
 
 def _rebuild(table: block_table.BlockTable, batch: int, heads: int, *, by_columns: bool = False) -> torch.Tensor:
     """The dense ``(B, H, Tq, Tk)`` mask the table describes, walking its row ranges (as the
-    forward and dQ kernels do) or its column ranges (as the dK/dV kernel does)."""
+    forward and dQ kernels do) or its column ranges (as the dK/dV kernel does): the full run
+    without looking its tiles up, the rest of the range by the tile ids."""
     bm, bn = table.block_m, table.block_n
     nq, nk = table.tile_ids.shape[2], table.tile_ids.shape[3]
     dense = torch.zeros(batch, heads, nq * bm, nk * bn, dtype=torch.bool)
     ranges = table.q_range if by_columns else table.kv_range
+    runs = table.q_full if by_columns else table.kv_full
     for b in range(batch):
         for h in range(heads):
             tb, th = (b if table.reads_batch else 0), (h if table.reads_heads else 0)
             for outer in range(ranges.shape[2]):
                 lo, hi = ranges[tb, th, outer].tolist()
+                run_lo, run_hi = runs[tb, th, outer].tolist()
+                assert lo <= run_lo <= run_hi <= hi
                 for inner in range(lo, hi):
                     qb, kb = (inner, outer) if by_columns else (outer, inner)
-                    tile = int(table.tile_ids[tb, th, qb, kb])
+                    tile = FULL_TILE if run_lo <= inner < run_hi else int(table.tile_ids[tb, th, qb, kb])
                     bits = table.tiles[tile].bool() if tile >= 0 else torch.full((bm, bn), tile == FULL_TILE)
                     dense[b, h, qb * bm : (qb + 1) * bm, kb * bn : (kb + 1) * bn] = bits
     return dense[:, :, : table.q_len, : table.kv_len]
@@ -70,6 +74,9 @@ def test_causal_rows_walk_to_the_diagonal_and_only_it_stores_bits() -> None:
     table = build_block_table(masks.causal, 1, 1, 64, 64, 16, 16, "cpu")
     assert table.kv_range[0, 0].tolist() == [[0, 1], [0, 2], [0, 3], [0, 4]]
     assert table.q_range[0, 0].tolist() == [[0, 4], [1, 4], [2, 4], [3, 4]]
+    # The run left of the diagonal (below it, by columns) skips the lookup; none in the first row.
+    assert table.kv_full[0, 0].tolist() == [[1, 1], [0, 1], [0, 2], [0, 3]]
+    assert table.q_full[0, 0].tolist() == [[1, 4], [2, 4], [3, 4], [4, 4]]
     ids = table.tile_ids[0, 0]  # (4, 4)
     below, above = torch.ones(4, 4, dtype=torch.bool).tril(-1), torch.ones(4, 4, dtype=torch.bool).triu(1)
     assert (ids.diagonal() >= 0).all() and (ids[below] == FULL_TILE).all() and (ids[above] == EMPTY_TILE).all()
@@ -92,7 +99,7 @@ def test_building_in_bands_gives_the_same_table(monkeypatch: pytest.MonkeyPatch)
     whole = build_block_table(pattern, 2, 4, 200, 200, 32, 16, "cpu")
     monkeypatch.setattr(block_table, "BAND_ELEMENTS", 1)  # one tile row per band
     banded = build_block_table(pattern, 2, 4, 200, 200, 32, 16, "cpu")
-    for name in ("kv_range", "q_range"):
+    for name in ("kv_range", "q_range", "kv_full", "q_full"):
         assert torch.equal(getattr(whole, name), getattr(banded, name)), name
     assert torch.equal(whole.tile_ids < 0, banded.tile_ids < 0)
     assert torch.equal(_rebuild(banded, 2, 4), _rebuild(whole, 2, 4))  # tiles are stored band by band

@@ -130,7 +130,6 @@ class Blocks:
     num_warps: int
     num_stages: int
     sub_m: int  # query rows per inner step of the dK/dV kernel (divides block_m)
-    skip_full: bool  # full tiles branch past the masking (docs/design.md#triton-configs)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -139,7 +138,6 @@ class Blocks:
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
             "SUB_M": self.sub_m,
-            "SKIP_FULL": int(self.skip_full),
         }
 
 
@@ -164,12 +162,11 @@ def padded_head_dim(head_dim: int) -> int:
 def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
     """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
     for fp32 (twice the bytes per element: the same shared memory), 256 x 256 interpreted (fewer,
-    larger NumPy steps). Skipping the masking of full tiles is a branch in the loop: it pays for
-    16-bit inputs and is off for fp32, whose FMA-based dots ptxas then spills to local memory."""
+    larger NumPy steps)."""
     if device.type != "cuda":
-        return Blocks(256, 256, 4, 1, 256, skip_full=True)
+        return Blocks(256, 256, 4, 1, 256)
     if dtype == torch.float32:
-        return Blocks(64, 32, 4, 2, 32, skip_full=False)
+        return Blocks(64, 32, 4, 2, 32)
     if padded_head_dim(head_dim) <= 64:
-        return Blocks(128, 64, 4, 3, 64, skip_full=True)
-    return Blocks(128, 64, 8, 3, 64, skip_full=True)
+        return Blocks(128, 64, 4, 3, 64)
+    return Blocks(128, 64, 8, 3, 64)

@@ -2,14 +2,16 @@
 
 Forward: one program per ``block_m`` query rows of one head walks its row's range of key tiles
 in the :class:`~attention.block_table.BlockTable` (first to last visible), with an online softmax
-in fp32 (scores in base 2, ``exp2``), and saves the log-sum-exp for the backward. Partial tiles
-load their stored visibility bits; full tiles need none; tiles outside the range are never
-visited. A key/value head serves
-its whole group of query heads in place (GQA without repeating K and V).
+in fp32 (scores in base 2, ``exp2``), and saves the log-sum-exp for the backward. The walk is
+three loops: the row's longest run of full tiles in a loop of its own that neither reads the
+table nor masks (for causal attention, everything left of the diagonal), and the tiles before
+and after it, each looked up and masked (a partial tile loads its stored visibility bits). Tiles
+outside the range are never visited. A key/value head serves its whole group of query heads in
+place (GQA without repeating K and V).
 
 Backward: ``dQ`` by one program per query tile (the forward's walk), ``dK``/``dV`` by one program
-per key tile of one KV head, walking the table's columns for every query head of its group, so
-the group's contributions are summed in registers, without atomics.
+per key tile of one KV head, walking the table's columns the same three ways for every query head
+of its group, so the group's contributions are summed in registers, without atomics.
 
 A query row that sees no key gets a zero output, a log-sum-exp of ``+inf`` (so the backward's
 probabilities ``exp2(s - lse)`` are exactly zero there) and zero gradients.
@@ -18,6 +20,7 @@ probabilities ``exp2(s - lse)`` are exactly zero there) and zero gradients.
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -28,15 +31,35 @@ from .tiles import load_columns, load_rows, mask_tile, softmax_step
 LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _fwd_walk(
+    q, m_i, l_i, acc, K, V, start, stop, ids, ik, TILES, in_tile,
+    skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Fold key tiles ``start .. stop - 1`` of one KV head (``K``, ``V``) into the online softmax.
+    ``MASKED``: look each tile up and hide what it hides; else every tile is full."""
+    for kb in range(start, stop):
+        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        col_ok = cols < kv_len
+        k_t = load_columns(K, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+        v = load_rows(V, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
+    return m_i, l_i, acc
+
+
 def _fwd(
     Q, K, V, Out, LSE,
-    KV_RANGE, TILE_IDS, TILES,
+    KV_RANGE, KV_FULL, TILE_IDS, TILES,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-    rb, rh, rq,  # strides of the table's (Bm, Hm, NQ) ranges; 0 where it ignores b or h
+    rb, rh, rq,  # strides of the table's (Bm, Hm, NQ) ranges and full runs; 0 where it ignores b or h
     ib, ih, iq, ik,  # strides of its (Bm, Hm, NQ, NK) tile ids; 0 where it ignores b or h
     H, G, q_len, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_FULL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -51,20 +74,24 @@ def _fwd(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    row_range = KV_RANGE + b * rb + h * rh + qb * rq
-    lo = tl.load(row_range)
-    hi = tl.load(row_range + 1)
+    row = b * rb + h * rh + qb * rq
+    lo, hi = tl.load(KV_RANGE + row), tl.load(KV_RANGE + row + 1)
+    full_lo, full_hi = tl.load(KV_FULL + row), tl.load(KV_FULL + row + 1)
     ids = TILE_IDS + b * ib + h * ih + qb * iq
     in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
-    for kb in range(lo, hi):
-        tile = tl.load(ids + kb * ik)
-        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        col_ok = cols < kv_len
-        k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
-        v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        s = mask_tile(s, TILES, tile, in_tile, BLOCK_M * BLOCK_N, SKIP_FULL)
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
+    k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
+    m_i, l_i, acc = _fwd_walk(
+        q, m_i, l_i, acc, k_head, v_head, lo, full_lo, ids, ik, TILES, in_tile,
+        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
+    )  # fmt: skip
+    m_i, l_i, acc = _fwd_walk(
+        q, m_i, l_i, acc, k_head, v_head, full_lo, full_hi, ids, ik, TILES, in_tile,
+        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, False,
+    )  # fmt: skip
+    m_i, l_i, acc = _fwd_walk(
+        q, m_i, l_i, acc, k_head, v_head, full_hi, hi, ids, ik, TILES, in_tile,
+        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
+    )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # (BLOCK_M, BLOCK_D)
     tl.store(
@@ -76,15 +103,37 @@ def _fwd(
     tl.store(LSE + bh * q_len + rows, lse, mask=row_ok)
 
 
+@triton.jit
+def _dq_walk(
+    q, do, lse, delta, dq, K, V, start, stop, ids, ik, TILES, in_tile,
+    skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Add key tiles ``start .. stop - 1`` to ``dq`` (unscaled); ``MASKED`` as in :func:`_fwd_walk`."""
+    for kb in range(start, stop):
+        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < kv_len
+        k_t = load_columns(K, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+        v_t = load_columns(V, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)  # accumulate in place
+    return dq
+
+
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KV_RANGE, TILE_IDS, TILES,
+    KV_RANGE, KV_FULL, TILE_IDS, TILES,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
     sdb, sdh, sdt, sdd,  # strides of DQ
     rb, rh, rq, ib, ih, iq, ik,
     H, G, q_len, kv_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_FULL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
     qb = tl.program_id(0)
@@ -102,40 +151,72 @@ def _bwd_dq(
     lse = tl.load(LSE + bh * q_len + rows, mask=row_ok, other=float("inf"))  # (BLOCK_M,)
     delta = tl.load(DELTA + bh * q_len + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    row_range = KV_RANGE + b * rb + h * rh + qb * rq
-    lo = tl.load(row_range)
-    hi = tl.load(row_range + 1)
+    row = b * rb + h * rh + qb * rq
+    lo, hi = tl.load(KV_RANGE + row), tl.load(KV_RANGE + row + 1)
+    full_lo, full_hi = tl.load(KV_FULL + row), tl.load(KV_FULL + row + 1)
     ids = TILE_IDS + b * ib + h * ih + qb * iq
     in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
-    for kb in range(lo, hi):
-        tile = tl.load(ids + kb * ik)
-        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < kv_len
-        k_t = load_columns(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
-        v_t = load_columns(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        s = mask_tile(s, TILES, tile, in_tile, BLOCK_M * BLOCK_N, SKIP_FULL)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+    k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
+    dq = _dq_walk(
+        q, do, lse, delta, dq, k_head, v_head, lo, full_lo, ids, ik, TILES, in_tile,
+        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
+    )  # fmt: skip
+    dq = _dq_walk(
+        q, do, lse, delta, dq, k_head, v_head, full_lo, full_hi, ids, ik, TILES, in_tile,
+        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, False,
+    )  # fmt: skip
+    dq = _dq_walk(
+        q, do, lse, delta, dq, k_head, v_head, full_hi, hi, ids, ik, TILES, in_tile,
+        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
+    )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
         DQ + b * sdb + h * sdh + rows[:, None] * sdt + dims[None, :] * sdd, dq.to(DQ.dtype.element_ty), mask=q_mask
     )
 
 
+@triton.jit
+def _dkdv_walk(
+    k, v, dk, dv, Q, DO, LSE, DELTA, start, stop, ids, iq, TILES,
+    sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """Add query tiles ``start .. stop - 1`` of one query head (``Q``, ``DO``, ``LSE``, ``DELTA``
+    at that head) to ``dk``/``dv`` (``dk`` unscaled), ``SUB_M`` rows at a time; ``MASKED`` as in
+    :func:`_fwd_walk`."""
+    sub = tl.arange(0, SUB_M)  # (SUB_M,)
+    tile_cols = tl.arange(0, BLOCK_N)
+    for qb in range(start, stop):
+        for r0 in range(0, BLOCK_M, SUB_M):
+            rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
+            row_ok = rows < q_len
+            q = load_rows(Q, rows, row_ok, sqt, dims, dim_ok, sqd)  # (SUB_M, BLOCK_D)
+            do = load_rows(DO, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
+            lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
+            if MASKED:
+                in_tile = (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None]  # (BLOCK_N, SUB_M): transposed
+                s_t = mask_tile(s_t, TILES, tl.load(ids + qb * iq), in_tile, BLOCK_M * BLOCK_N)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # exactly 0 where unseen
+            ds_t = p_t * (dp_t - delta[None, :])
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # accumulate in place
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    Q_RANGE, TILE_IDS, TILES,
+    Q_RANGE, Q_FULL, TILE_IDS, TILES,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
     dkb, dkh, dkt, dkd, dvb, dvh, dvt, dvd,  # strides of DK and DV
-    rb, rh, rk,  # strides of the table's (Bm, Hm, NK) column ranges
+    rb, rh, rk,  # strides of the table's (Bm, Hm, NK) column ranges and full runs
     ib, ih, iq, ik,
     H, H_KV, G, q_len, kv_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
-    SKIP_FULL: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
     kb = tl.program_id(0)
@@ -151,31 +232,26 @@ def _bwd_dkdv(
     v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    sub = tl.arange(0, SUB_M)  # (SUB_M,)
-    tile_cols = tl.arange(0, BLOCK_N)
     for g in range(G):
         h = hk * G + g
-        column_range = Q_RANGE + b * rb + h * rh + kb * rk
-        lo = tl.load(column_range)
-        hi = tl.load(column_range + 1)
+        column = b * rb + h * rh + kb * rk
+        lo, hi = tl.load(Q_RANGE + column), tl.load(Q_RANGE + column + 1)
+        full_lo, full_hi = tl.load(Q_FULL + column), tl.load(Q_FULL + column + 1)
         ids = TILE_IDS + b * ib + h * ih + kb * ik
-        for qb in range(lo, hi):
-            tile = tl.load(ids + qb * iq)
-            for r0 in range(0, BLOCK_M, SUB_M):
-                rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
-                row_ok = rows < q_len
-                q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (SUB_M, BLOCK_D)
-                do = load_rows(DO + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
-                lse = tl.load(LSE + (b * H + h) * q_len + rows, mask=row_ok, other=float("inf"))
-                delta = tl.load(DELTA + (b * H + h) * q_len + rows, mask=row_ok, other=0.0)
-                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
-                in_tile = (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None]  # (BLOCK_N, SUB_M): transposed
-                s_t = mask_tile(s_t, TILES, tile, in_tile, BLOCK_M * BLOCK_N, SKIP_FULL)
-                p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # exactly 0 where unseen
-                ds_t = p_t * (dp_t - delta[None, :])
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        q_head, do_head = Q + b * sqb + h * sqh, DO + b * sob + h * soh
+        lse_head, delta_head = LSE + (b * H + h) * q_len, DELTA + (b * H + h) * q_len
+        dk, dv = _dkdv_walk(
+            k, v, dk, dv, q_head, do_head, lse_head, delta_head, lo, full_lo, ids, iq, TILES,
+            sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, True,
+        )  # fmt: skip
+        dk, dv = _dkdv_walk(
+            k, v, dk, dv, q_head, do_head, lse_head, delta_head, full_lo, full_hi, ids, iq, TILES,
+            sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, False,
+        )  # fmt: skip
+        dk, dv = _dkdv_walk(
+            k, v, dk, dv, q_head, do_head, lse_head, delta_head, full_hi, hi, ids, iq, TILES,
+            sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, True,
+        )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
         DK + b * dkb + hk * dkh + cols[:, None] * dkt + dims[None, :] * dkd, dk.to(DK.dtype.element_ty), mask=kv_mask
@@ -226,7 +302,6 @@ def _common(q: Tensor, blocks: Blocks) -> dict:
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
         PRECISION=dot_precision(q.dtype),
-        SKIP_FULL=blocks.skip_full,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
@@ -244,7 +319,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, bl
     grid = (table.kv_range.shape[2], b * h)
     FWD.on(q.device)[grid](
         q, k, v, out, lse,
-        table.kv_range, table.tile_ids, table.tiles,
+        table.kv_range, table.kv_full, table.tile_ids, table.tiles,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_table_strides(table, table.kv_range),
         h, h // h_kv, tq, tk, scale * LOG2E,
@@ -275,14 +350,14 @@ def backward(
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     BWD_DQ.on(q.device)[(table.kv_range.shape[2], b * h)](
         q, k, v, grad_out, lse, delta, dq,
-        table.kv_range, table.tile_ids, table.tiles,
+        table.kv_range, table.kv_full, table.tile_ids, table.tiles,
         *strides, *dq.stride(), *_table_strides(table, table.kv_range),
         h, h // h_kv, tq, tk, scale * LOG2E, scale,
         **common,
     )  # fmt: skip
     BWD_DKDV.on(q.device)[(table.q_range.shape[2], b * h_kv)](
         q, k, v, grad_out, lse, delta, dk, dv,
-        table.q_range, table.tile_ids, table.tiles,
+        table.q_range, table.q_full, table.tile_ids, table.tiles,
         *strides, *dk.stride(), *dv.stride(), *_table_strides(table, table.q_range),
         h, h_kv, h // h_kv, tq, tk, scale * LOG2E, scale,
         SUB_M=blocks.sub_m, **common,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..block_table import EMPTY_TILE, FULL_TILE
+from ..block_table import EMPTY_TILE
 
 
 @triton.jit
@@ -39,31 +39,20 @@ def softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
     p = tl.math.exp2(s * qk_scale - m_use[:, None])  # (rows, keys)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    # The rescaled sum is the dot's accumulator, not added after it: a separate add writes the
+    # accumulator's registers between tensor-core steps, which ptxas then serializes (C7515).
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
 
 
 EMPTY = tl.constexpr(EMPTY_TILE)  # a global a kernel reads must be a constexpr
-FULL = tl.constexpr(FULL_TILE)
 
 
 @triton.jit
-def mask_tile(s, TILES, tile, offsets, TILE_SIZE: tl.constexpr, SKIP_FULL: tl.constexpr):
+def mask_tile(s, TILES, tile, offsets, TILE_SIZE: tl.constexpr):
     """Scores ``s`` of block-table tile ``tile``, ``-inf`` where the pattern hides the key: a
     partial tile's stored bits, everything for an empty one, nothing for a full one. ``offsets``
-    (shaped like ``s``): each score's place among the tile's ``TILE_SIZE`` stored bits.
-    ``SKIP_FULL``: a full tile (every tile left of a causal diagonal) branches past the masking,
-    which otherwise costs about as many operations per score as the softmax itself."""
-    if SKIP_FULL:
-        if tile != FULL:
-            s = _masked(s, TILES, tile, offsets, TILE_SIZE)
-    else:
-        s = _masked(s, TILES, tile, offsets, TILE_SIZE)
-    return s
-
-
-@triton.jit
-def _masked(s, TILES, tile, offsets, TILE_SIZE: tl.constexpr):
+    (shaped like ``s``): each score's place among the tile's ``TILE_SIZE`` stored bits."""
     tile_block = offsets * 0 + tile  # a block: the interpreter mistypes scalars
     bits = tl.load(TILES + tile * TILE_SIZE + offsets, mask=tile_block >= 0, other=1)
     return tl.where((bits != 0) & (tile_block != EMPTY), s, float("-inf"))
