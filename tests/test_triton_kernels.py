@@ -5,6 +5,7 @@ On CPU the kernels run in Triton's interpreter, so these check the kernel code i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -76,10 +77,11 @@ def test_decode_kernels_match_the_oracle(device, tq, past, heads, hd, mode, seed
     hd=st.sampled_from([8, 32, 64]),
     spec=st.sampled_from(["causal", "sliding_window:37", "prefix_lm:20", "none"]),
     small_tiles=st.booleans(),
+    full_run=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_prefill_kernels_forward_and_backward_match_the_oracle(
-    device, tq, past, heads, hd, spec, small_tiles, seed
+    device, tq, past, heads, hd, spec, small_tiles, full_run, seed
 ) -> None:
     # One key in all: softmax over one score has an exactly-zero gradient, which FlashAttention's
     # backward (dS = P * (dP - rowsum(dO * O))) reproduces only to rounding, and the ratio rule's
@@ -92,7 +94,8 @@ def test_prefill_kernels_forward_and_backward_match_the_oracle(
     pattern = (lambda b, hh, qi, ki: ki > qi + 10_000) if spec == "none" else masks.from_spec(spec).mask_mod
     blocks = prefill_blocks(torch.float32, hd, torch.device(device))
     if small_tiles:  # many tiles: full runs with masked tiles either side, dK/dV sub-steps (CPU's are 256 wide)
-        blocks = Blocks(32, 16, blocks.num_warps, blocks.num_stages, 16)
+        blocks = Blocks(32, 16, blocks.num_warps, blocks.num_stages, 16, blocks.full_run)
+    blocks = dataclasses.replace(blocks, full_run=full_run)  # three loops, or one masked walk
     table = build_block_table(pattern, 1, h, tq, tk, blocks.block_m, blocks.block_n, device, past)
     visible = masks.dense_mask(pattern, 1, h, tq, tk, device, past)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -168,12 +171,12 @@ def test_kernels_refuse_what_they_would_misread() -> None:
         decode.attend(q, q, q, 0.25, q_offset=0, visible=decode.DENSE)
     table = build_block_table(masks.causal, 1, 2, 8, 8, 16, 16, "cpu")
     with pytest.raises(ValueError, match="16x16 tiles, the kernels use 32x16"):
-        prefill.forward(q, q, q, table, 0.25, Blocks(32, 16, 4, 1, 16))
+        prefill.forward(q, q, q, table, 0.25, Blocks(32, 16, 4, 1, 16, full_run=True))
     with pytest.raises(ValueError, match="for 8 queries and 8 keys"):
-        prefill.forward(q[:, :, :4], q, q, table, 0.25, Blocks(16, 16, 4, 1, 16))
+        prefill.forward(q[:, :, :4], q, q, table, 0.25, Blocks(16, 16, 4, 1, 16, full_run=True))
     for scale in (0.0, -0.25, float("nan")):  # the exp2 fold needs a positive scale
         with pytest.raises(ValueError, match="scale must be a positive finite number"):
-            prefill.forward(q, q, q, table, scale, Blocks(16, 16, 4, 1, 16))
+            prefill.forward(q, q, q, table, scale, Blocks(16, 16, 4, 1, 16, full_run=True))
         with pytest.raises(ValueError, match="scale must be a positive finite number"):
             decode.attend(q, q, q, scale, q_offset=0, visible=decode.ALL)
 

@@ -130,6 +130,7 @@ class Blocks:
     num_warps: int
     num_stages: int
     sub_m: int  # query rows per inner step of the dK/dV kernel (divides block_m)
+    full_run: bool  # walk each row's run of full tiles in a loop of its own (docs/design.md#triton-configs)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -138,6 +139,7 @@ class Blocks:
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
             "SUB_M": self.sub_m,
+            "FULL_RUN": int(self.full_run),
         }
 
 
@@ -162,11 +164,13 @@ def padded_head_dim(head_dim: int) -> int:
 def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
     """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
     for fp32 (twice the bytes per element: the same shared memory), 256 x 256 interpreted (fewer,
-    larger NumPy steps)."""
+    larger NumPy steps). The full-tile run's own loop pays for 16-bit inputs (tensor cores: the
+    walk's lookups and masking were most of the cost); fp32, whose dots are FMAs, walks one masked
+    loop, since three loops make ptxas spill its registers."""
     if device.type != "cuda":
-        return Blocks(256, 256, 4, 1, 256)
+        return Blocks(256, 256, 4, 1, 256, full_run=True)
     if dtype == torch.float32:
-        return Blocks(64, 32, 4, 2, 32)
+        return Blocks(64, 32, 4, 2, 32, full_run=False)
     if padded_head_dim(head_dim) <= 64:
-        return Blocks(128, 64, 4, 3, 64)
-    return Blocks(128, 64, 8, 3, 64)
+        return Blocks(128, 64, 4, 3, 64, full_run=True)
+    return Blocks(128, 64, 8, 3, 64, full_run=True)

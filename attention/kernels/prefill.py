@@ -59,7 +59,7 @@ def _fwd(
     ib, ih, iq, ik,  # strides of its (Bm, Hm, NQ, NK) tile ids; 0 where it ignores b or h
     H, G, q_len, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -80,18 +80,21 @@ def _fwd(
     ids = TILE_IDS + b * ib + h * ih + qb * iq
     in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
     k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
+    if not FULL_RUN:  # one masked walk over the whole range
+        full_lo, full_hi = hi, hi
     m_i, l_i, acc = _fwd_walk(
         q, m_i, l_i, acc, k_head, v_head, lo, full_lo, ids, ik, TILES, in_tile,
         skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
     )  # fmt: skip
-    m_i, l_i, acc = _fwd_walk(
-        q, m_i, l_i, acc, k_head, v_head, full_lo, full_hi, ids, ik, TILES, in_tile,
-        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, False,
-    )  # fmt: skip
-    m_i, l_i, acc = _fwd_walk(
-        q, m_i, l_i, acc, k_head, v_head, full_hi, hi, ids, ik, TILES, in_tile,
-        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
-    )  # fmt: skip
+    if FULL_RUN:
+        m_i, l_i, acc = _fwd_walk(
+            q, m_i, l_i, acc, k_head, v_head, full_lo, full_hi, ids, ik, TILES, in_tile,
+            skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, False,
+        )  # fmt: skip
+        m_i, l_i, acc = _fwd_walk(
+            q, m_i, l_i, acc, k_head, v_head, full_hi, hi, ids, ik, TILES, in_tile,
+            skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
+        )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # (BLOCK_M, BLOCK_D)
     tl.store(
@@ -133,7 +136,7 @@ def _bwd_dq(
     rb, rh, rq, ib, ih, iq, ik,
     H, G, q_len, kv_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
     qb = tl.program_id(0)
@@ -157,18 +160,21 @@ def _bwd_dq(
     ids = TILE_IDS + b * ib + h * ih + qb * iq
     in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
     k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
+    if not FULL_RUN:
+        full_lo, full_hi = hi, hi
     dq = _dq_walk(
         q, do, lse, delta, dq, k_head, v_head, lo, full_lo, ids, ik, TILES, in_tile,
         skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
     )  # fmt: skip
-    dq = _dq_walk(
-        q, do, lse, delta, dq, k_head, v_head, full_lo, full_hi, ids, ik, TILES, in_tile,
-        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, False,
-    )  # fmt: skip
-    dq = _dq_walk(
-        q, do, lse, delta, dq, k_head, v_head, full_hi, hi, ids, ik, TILES, in_tile,
-        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
-    )  # fmt: skip
+    if FULL_RUN:
+        dq = _dq_walk(
+            q, do, lse, delta, dq, k_head, v_head, full_lo, full_hi, ids, ik, TILES, in_tile,
+            skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, False,
+        )  # fmt: skip
+        dq = _dq_walk(
+            q, do, lse, delta, dq, k_head, v_head, full_hi, hi, ids, ik, TILES, in_tile,
+            skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
+        )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
         DQ + b * sdb + h * sdh + rows[:, None] * sdt + dims[None, :] * sdd, dq.to(DQ.dtype.element_ty), mask=q_mask
@@ -217,6 +223,7 @@ def _bwd_dkdv(
     H, H_KV, G, q_len, kv_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
+    FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
     kb = tl.program_id(0)
@@ -240,18 +247,21 @@ def _bwd_dkdv(
         ids = TILE_IDS + b * ib + h * ih + kb * ik
         q_head, do_head = Q + b * sqb + h * sqh, DO + b * sob + h * soh
         lse_head, delta_head = LSE + (b * H + h) * q_len, DELTA + (b * H + h) * q_len
+        if not FULL_RUN:
+            full_lo, full_hi = hi, hi
         dk, dv = _dkdv_walk(
             k, v, dk, dv, q_head, do_head, lse_head, delta_head, lo, full_lo, ids, iq, TILES,
             sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, True,
         )  # fmt: skip
-        dk, dv = _dkdv_walk(
-            k, v, dk, dv, q_head, do_head, lse_head, delta_head, full_lo, full_hi, ids, iq, TILES,
-            sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, False,
-        )  # fmt: skip
-        dk, dv = _dkdv_walk(
-            k, v, dk, dv, q_head, do_head, lse_head, delta_head, full_hi, hi, ids, iq, TILES,
-            sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, True,
-        )  # fmt: skip
+        if FULL_RUN:
+            dk, dv = _dkdv_walk(
+                k, v, dk, dv, q_head, do_head, lse_head, delta_head, full_lo, full_hi, ids, iq, TILES,
+                sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, False,
+            )  # fmt: skip
+            dk, dv = _dkdv_walk(
+                k, v, dk, dv, q_head, do_head, lse_head, delta_head, full_hi, hi, ids, iq, TILES,
+                sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, True,
+            )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
         DK + b * dkb + hk * dkh + cols[:, None] * dkt + dims[None, :] * dkd, dk.to(DK.dtype.element_ty), mask=kv_mask
@@ -302,6 +312,7 @@ def _common(q: Tensor, blocks: Blocks) -> dict:
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
         PRECISION=dot_precision(q.dtype),
+        FULL_RUN=blocks.full_run,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
