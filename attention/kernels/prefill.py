@@ -20,7 +20,6 @@ probabilities ``exp2(s - lse)`` are exactly zero there) and zero gradients.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -29,26 +28,6 @@ from .launch import Blocks, Kernel, check_scale, dot_precision, padded_head_dim
 from .tiles import load_columns, load_rows, mask_tile, softmax_step
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _fwd_walk(
-    q, m_i, l_i, acc, K, V, start, stop, ids, ik, TILES, in_tile,
-    skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """Fold key tiles ``start .. stop - 1`` of one KV head (``K``, ``V``) into the online softmax.
-    ``MASKED``: look each tile up and hide what it hides; else every tile is full."""
-    for kb in range(start, stop):
-        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        col_ok = cols < kv_len
-        k_t = load_columns(K, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
-        v = load_rows(V, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
-    return m_i, l_i, acc
 
 
 def _fwd(
@@ -80,21 +59,19 @@ def _fwd(
     ids = TILE_IDS + b * ib + h * ih + qb * iq
     in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
     k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
-    if not FULL_RUN:  # one masked walk over the whole range
-        full_lo, full_hi = hi, hi
-    m_i, l_i, acc = _fwd_walk(
-        q, m_i, l_i, acc, k_head, v_head, lo, full_lo, ids, ik, TILES, in_tile,
-        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
-    )  # fmt: skip
-    if FULL_RUN:
-        m_i, l_i, acc = _fwd_walk(
-            q, m_i, l_i, acc, k_head, v_head, full_lo, full_hi, ids, ik, TILES, in_tile,
-            skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, False,
-        )  # fmt: skip
-        m_i, l_i, acc = _fwd_walk(
-            q, m_i, l_i, acc, k_head, v_head, full_hi, hi, ids, ik, TILES, in_tile,
-            skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
-        )  # fmt: skip
+    for part in tl.static_range(3):  # the tiles before the full run, the run, the tiles after it
+        if FULL_RUN or part == 0:  # without the run's loop: one masked walk of the whole range
+            start = lo if part == 0 else (full_lo if part == 1 else full_hi)
+            stop = (full_lo if FULL_RUN else hi) if part == 0 else (full_hi if part == 1 else hi)
+            for kb in range(start, stop):
+                cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+                col_ok = cols < kv_len
+                k_t = load_columns(k_head, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+                v = load_rows(v_head, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
+                s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+                if part != 1:  # the run's tiles are full: no lookup, nothing to hide
+                    s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
+                m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # (BLOCK_M, BLOCK_D)
     tl.store(
@@ -104,28 +81,6 @@ def _fwd(
     )
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + bh * q_len + rows, lse, mask=row_ok)
-
-
-@triton.jit
-def _dq_walk(
-    q, do, lse, delta, dq, K, V, start, stop, ids, ik, TILES, in_tile,
-    skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """Add key tiles ``start .. stop - 1`` to ``dq`` (unscaled); ``MASKED`` as in :func:`_fwd_walk`."""
-    for kb in range(start, stop):
-        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < kv_len
-        k_t = load_columns(K, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
-        v_t = load_columns(V, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)  # accumulate in place
-    return dq
 
 
 def _bwd_dq(
@@ -160,57 +115,26 @@ def _bwd_dq(
     ids = TILE_IDS + b * ib + h * ih + qb * iq
     in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
     k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
-    if not FULL_RUN:
-        full_lo, full_hi = hi, hi
-    dq = _dq_walk(
-        q, do, lse, delta, dq, k_head, v_head, lo, full_lo, ids, ik, TILES, in_tile,
-        skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
-    )  # fmt: skip
-    if FULL_RUN:
-        dq = _dq_walk(
-            q, do, lse, delta, dq, k_head, v_head, full_lo, full_hi, ids, ik, TILES, in_tile,
-            skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, False,
-        )  # fmt: skip
-        dq = _dq_walk(
-            q, do, lse, delta, dq, k_head, v_head, full_hi, hi, ids, ik, TILES, in_tile,
-            skt, skd, svt, svd, dims, dim_ok, kv_len, qk_scale, BLOCK_M, BLOCK_N, PRECISION, True,
-        )  # fmt: skip
+    for part in tl.static_range(3):  # as the forward walks
+        if FULL_RUN or part == 0:
+            start = lo if part == 0 else (full_lo if part == 1 else full_hi)
+            stop = (full_lo if FULL_RUN else hi) if part == 0 else (full_hi if part == 1 else hi)
+            for kb in range(start, stop):
+                cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_ok = cols < kv_len
+                k_t = load_columns(k_head, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+                v_t = load_columns(v_head, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
+                s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+                dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+                if part != 1:
+                    s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
+                p = tl.math.exp2(s * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)  # accumulate in place
     dq = dq * sm_scale
     tl.store(
         DQ + b * sdb + h * sdh + rows[:, None] * sdt + dims[None, :] * sdd, dq.to(DQ.dtype.element_ty), mask=q_mask
     )
-
-
-@triton.jit
-def _dkdv_walk(
-    k, v, dk, dv, Q, DO, LSE, DELTA, start, stop, ids, iq, TILES,
-    sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
-):  # fmt: skip
-    """Add query tiles ``start .. stop - 1`` of one query head (``Q``, ``DO``, ``LSE``, ``DELTA``
-    at that head) to ``dk``/``dv`` (``dk`` unscaled), ``SUB_M`` rows at a time; ``MASKED`` as in
-    :func:`_fwd_walk`."""
-    sub = tl.arange(0, SUB_M)  # (SUB_M,)
-    tile_cols = tl.arange(0, BLOCK_N)
-    for qb in range(start, stop):
-        for r0 in range(0, BLOCK_M, SUB_M):
-            rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
-            row_ok = rows < q_len
-            q = load_rows(Q, rows, row_ok, sqt, dims, dim_ok, sqd)  # (SUB_M, BLOCK_D)
-            do = load_rows(DO, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
-            lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
-            if MASKED:
-                in_tile = (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None]  # (BLOCK_N, SUB_M): transposed
-                s_t = mask_tile(s_t, TILES, tl.load(ids + qb * iq), in_tile, BLOCK_M * BLOCK_N)
-            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # exactly 0 where unseen
-            ds_t = p_t * (dp_t - delta[None, :])
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # accumulate in place
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    return dk, dv
 
 
 def _bwd_dkdv(
@@ -239,6 +163,8 @@ def _bwd_dkdv(
     v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    sub = tl.arange(0, SUB_M)  # (SUB_M,)
+    tile_cols = tl.arange(0, BLOCK_N)
     for g in range(G):
         h = hk * G + g
         column = b * rb + h * rh + kb * rk
@@ -247,21 +173,27 @@ def _bwd_dkdv(
         ids = TILE_IDS + b * ib + h * ih + kb * ik
         q_head, do_head = Q + b * sqb + h * sqh, DO + b * sob + h * soh
         lse_head, delta_head = LSE + (b * H + h) * q_len, DELTA + (b * H + h) * q_len
-        if not FULL_RUN:
-            full_lo, full_hi = hi, hi
-        dk, dv = _dkdv_walk(
-            k, v, dk, dv, q_head, do_head, lse_head, delta_head, lo, full_lo, ids, iq, TILES,
-            sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, True,
-        )  # fmt: skip
-        if FULL_RUN:
-            dk, dv = _dkdv_walk(
-                k, v, dk, dv, q_head, do_head, lse_head, delta_head, full_lo, full_hi, ids, iq, TILES,
-                sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, False,
-            )  # fmt: skip
-            dk, dv = _dkdv_walk(
-                k, v, dk, dv, q_head, do_head, lse_head, delta_head, full_hi, hi, ids, iq, TILES,
-                sqt, sqd, sot, sod, dims, dim_ok, q_len, qk_scale, BLOCK_M, BLOCK_N, SUB_M, PRECISION, True,
-            )  # fmt: skip
+        for part in tl.static_range(3):  # the forward's walk, down this tile column
+            if FULL_RUN or part == 0:
+                start = lo if part == 0 else (full_lo if part == 1 else full_hi)
+                stop = (full_lo if FULL_RUN else hi) if part == 0 else (full_hi if part == 1 else hi)
+                for qb in range(start, stop):
+                    for r0 in range(0, BLOCK_M, SUB_M):
+                        rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
+                        row_ok = rows < q_len
+                        q = load_rows(q_head, rows, row_ok, sqt, dims, dim_ok, sqd)  # (SUB_M, BLOCK_D)
+                        do = load_rows(do_head, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
+                        lse = tl.load(lse_head + rows, mask=row_ok, other=float("inf"))
+                        delta = tl.load(delta_head + rows, mask=row_ok, other=0.0)
+                        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
+                        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
+                        if part != 1:
+                            in_tile = (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None]  # (BLOCK_N, SUB_M): transposed
+                            s_t = mask_tile(s_t, TILES, tl.load(ids + qb * iq), in_tile, BLOCK_M * BLOCK_N)
+                        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # exactly 0 where unseen
+                        ds_t = p_t * (dp_t - delta[None, :])
+                        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # accumulate in place
+                        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     dk = dk * sm_scale
     tl.store(
         DK + b * dkb + hk * dkh + cols[:, None] * dkt + dims[None, :] * dkd, dk.to(DK.dtype.element_ty), mask=kv_mask
