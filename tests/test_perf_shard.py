@@ -65,6 +65,9 @@ def test_costs_come_from_history_and_the_model_fills_in_at_historys_pace():
     }
     model = {k: shard.model_seconds(info, 0.2) for k, info in infos.items()}
     assert model["flex"] > model["sdpa"]  # compilation
+    triton = {"impl": "triton", "family": "other", "flops": 3e12}  # its family says nothing of it
+    compile_s = shard.model_seconds(triton, 0.2) - model["sdpa"]
+    assert compile_s == pytest.approx(shard.FIXED_S["triton"] - shard.DEFAULT_FIXED_S)
     assert model["decode"] > shard.model_seconds(dict(infos["decode"], min_bytes=0), 0.2)  # bytes count
     costs = shard.case_costs(infos, {"sdpa": 2 * model["sdpa"]}, 0.2)
     assert costs["sdpa"] == 2 * model["sdpa"]  # what it took before

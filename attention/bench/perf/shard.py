@@ -52,7 +52,8 @@ def model_seconds(info: Mapping[str, object], budget_s: float) -> float:
     fixed cost per implementation, then its calls at an assumed pace: forward+backward counted
     in its FLOPs, decode by the bytes it must read."""
     impl = str(info.get("impl"))
-    fixed = FIXED_S.get(str(info.get("family", impl)), DEFAULT_FIXED_S)
+    # By name first: a plugin or the triton implementation is family "other".
+    fixed = FIXED_S.get(impl, FIXED_S.get(str(info.get("family", impl)), DEFAULT_FIXED_S))
     per_call = max(
         float(info.get("flops") or 0.0) / FLOPS_PER_S.get(impl, DEFAULT_FLOPS_PER_S),
         float(info.get("min_bytes") or 0.0) / BYTES_PER_S,
