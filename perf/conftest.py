@@ -252,7 +252,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if shard := config.getoption("--perf-cases"):
         items[:] = _shard_items(config, items, Path(shard))
     for item in items:
-        case_id = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        case_id = _case_of(item)
         if case_id in state.cases:  # the GPU clock for every case: pytest-benchmark's default is a wall clock
             item.add_marker(pytest.mark.benchmark(timer=state.clock, group=perf_grid.group(state.cases[case_id])))
 

@@ -109,7 +109,7 @@ def test_table_json_and_plot(tmp_path: Path) -> None:
     report.print_table(result, console)
     text = console.export_text()
     assert "0.89" in text and "1.78x" in text  # 32k, two GPUs: efficiency and speed-up
-    assert "memory vs 1 GPU" in text and "1.00" in text and "128 MiB" in text  # 32k, two GPUs: no less memory
+    assert "memory vs 1 GPU" in text and "1.00" in text and "128.0 MiB" in text  # 32k, two GPUs: no less memory
     assert "skipped [1]" in text and "[1] needs ~200.0 GiB per GPU" in text
     assert "16k" in text and "off / on" in text
 

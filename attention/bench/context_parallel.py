@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .. import context_parallel as cp
 from ..sdpa import MHAPyTorchScaledDotProduct
-from .cost import DTYPES, dtype_name
+from .cost import DTYPES, dtype_name, fmt_gib
 from .files import unwritable
 from .memory import free_memory_bytes, method_for, peak_memory
 from .sweep import _dtype, _positive_float, _positive_int, device_name
@@ -105,7 +105,7 @@ def _skip_reason(config: BenchConfig, workload: Workload, world_size: int, load_
     need = local.estimated_peak_bytes() + (kv * (3 if workload.backward else 1) if world_size > 1 else 0)
     free = free_memory_bytes(workload.device)
     if free is not None and need > 0.92 * free:
-        return f"needs ~{need / 1024**3:.1f} GiB per GPU; {free / 1024**3:.1f} GiB free"
+        return f"needs ~{fmt_gib(need)} per GPU; {fmt_gib(free)} free"
     return None
 
 

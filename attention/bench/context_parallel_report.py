@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .cost import GiB
 from .files import write_atomically
-from .report import save_figure
+from .report import fmt_bytes, save_figure
 
 LEVELS = ("core", "module")
 DIRECTIONS = {"fwd": "forward", "fwd_bwd": "forward+backward"}
-_GIB = 1024**3
 
 
 def _ok(result: dict, *, gpus: int, level: str, direction: str, load_balance: bool = True) -> dict[int, dict]:
@@ -135,10 +135,6 @@ def _length(t: int) -> str:
     return f"{t // 1024}k" if t % 1024 == 0 else str(t)
 
 
-def _bytes(n: float) -> str:
-    return f"{n / _GIB:.2f} GiB" if n >= _GIB else f"{n / 1024**2:.0f} MiB"
-
-
 def print_table(result: dict, console) -> None:
     """Rich tables: every cell; then speed-up, efficiency and crossover; then the load balancer."""
     from rich.table import Table
@@ -167,7 +163,7 @@ def print_table(result: dict, console) -> None:
             *cols,
             f"{f['time_s'] * 1e3:.2f}",
             f"{f['tflops_per_gpu']:.0f}",
-            _bytes(f["peak_total_bytes"]),
+            fmt_bytes(f["peak_total_bytes"]),
             f"{s['memory_ratio']:.2f}" if s else "",
             f"{s['speed_up']:.2f}x" if s else "",
             f"{s['efficiency']:.2f}" if s else "",
@@ -230,7 +226,7 @@ def plot(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(max(1, len(panels)), 2, figsize=(12, 3.6 * max(1, len(panels))), squeeze=False)
     for row, (level, direction) in enumerate(panels):
         for col, (key, label, scale) in enumerate(
-            (("time_s", "median time (ms)", 1e3), ("peak_total_bytes", "peak memory per GPU (GiB)", 1 / _GIB))
+            (("time_s", "median time (ms)", 1e3), ("peak_total_bytes", "peak memory per GPU (GiB)", 1 / GiB))
         ):
             ax = axes[row][col]
             for i, gpus in enumerate(counts):

@@ -54,7 +54,8 @@ def _impls(result: dict) -> list[str]:
 # -- table -------------------------------------------------------------------------------------
 
 
-def _bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
+    """``n`` bytes in GiB from 1 GiB up, else MiB; ``n/a`` for ``None``."""
     if n is None:
         return "n/a"
     return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / _MIB:.1f} MiB"
@@ -90,7 +91,7 @@ def print_table(result: dict, console) -> None:
             else:
                 cols += [note(cell, f"{row['impl']} {direction.replace('_', '+')}"), ""]
         for direction in ("fwd", "fwd_bwd"):
-            cols.append(_bytes(_figure(row[direction], "peak_bytes")))
+            cols.append(fmt_bytes(_figure(row[direction], "peak_bytes")))
         accuracy = row.get("accuracy")
         for d in error_dtypes:
             if accuracy is None:

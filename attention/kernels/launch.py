@@ -15,6 +15,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from .. import checks
+
 
 class Kernel:
     """One ``@triton.jit`` kernel, launched as ``kernel[grid](*args)`` on CUDA tensors (compiled)
@@ -152,8 +154,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 def check_scale(scale: float) -> None:
     """The kernels scale scores inside exp2's argument after taking the row maximum of the raw
     scores, which holds for a positive finite scale only."""
-    if not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    checks.real("scale", scale, lambda s: 0 < s < math.inf, "a positive finite number")
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -155,11 +155,14 @@ def _pytest_cmd(label: str, args: argparse.Namespace, extra: list[str], out: Pat
         "--benchmark-sort=name",
         "--benchmark-group-by=group",
     ]
+    return cmd + _grid_args(args, cpu) + extra
+
+
+def _grid_args(args: argparse.Namespace, cpu: bool) -> list[str]:
+    """Which grid a pytest run of the suite collects: the tiny CPU grid, or ``--grid``'s."""
     if cpu:
-        cmd += ["--perf-device=cpu", "--perf-grid=tiny"]
-    elif args.grid:
-        cmd.append(f"--perf-grid={args.grid}")
-    return cmd + extra
+        return ["--perf-device=cpu", "--perf-grid=tiny"]
+    return [f"--perf-grid={args.grid}"] if args.grid else []
 
 
 def _pytest_run(
@@ -233,11 +236,8 @@ def _selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: 
     listed = out / "selected-cases.txt"
     listed.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", str(_find_perf_dir()), "-p", "no:cacheprovider", "--collect-only", "-q"]
-    if cpu:
-        cmd += ["--perf-device=cpu", "--perf-grid=tiny"]
-    elif args.grid:
-        cmd.append(f"--perf-grid={args.grid}")
-    done = subprocess.run([*cmd, *extra, f"--perf-list-cases={listed}"], capture_output=True, text=True)
+    cmd += [*_grid_args(args, cpu), *extra, f"--perf-list-cases={listed}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode not in (0, 5):  # 5: nothing collected
         raise PerfError(f"collecting the cases failed (pytest exit {done.returncode}): {done.stdout[-800:]}")
     return listed.read_text().split() if listed.is_file() else []
