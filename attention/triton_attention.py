@@ -105,11 +105,15 @@ class MHATritonAttention(AttentionBase):
         """Which kernels and tiles a call of this shape runs (recorded beside perf results; for
         GQA the decode kernels also need ``q_len x group <= DECODE_MAX_ROWS``)."""
         from .kernels import decode
-        from .kernels.launch import prefill_blocks
+        from .kernels.launch import dkdv_blocks, prefill_blocks
 
         if _decodes(q_len, 1, grad):
             return {"kernel": "decode_split_kv", "BLOCK_N": decode.BLOCK_N, "min_split": decode.MIN_SPLIT_KEYS}
-        return {"kernel": "prefill", **prefill_blocks(dtype, head_dim, torch.device(device)).as_dict()}
+        device = torch.device(device)
+        config: dict[str, object] = {"kernel": "prefill", **prefill_blocks(dtype, head_dim, device).as_dict()}
+        if grad:
+            config["dkdv"] = dkdv_blocks(dtype, head_dim, device).as_dict()
+        return config
 
     def block_table(
         self, q: Tensor, k: Tensor, q_offset: int, document_ids: Tensor | None, block_m: int, block_n: int
@@ -130,7 +134,7 @@ class MHATritonAttention(AttentionBase):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
         from .kernels import decode, prefill
-        from .kernels.launch import prefill_blocks
+        from .kernels.launch import dkdv_blocks, prefill_blocks
 
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if _decodes(q.shape[2], q.shape[1] // k.shape[1], wants_grad):
@@ -143,7 +147,13 @@ class MHATritonAttention(AttentionBase):
             return decode.attend(q, k, v, self.scale, q_offset=q_offset, visible=visible)  # (B, H, Tq, hd)
         blocks = prefill_blocks(q.dtype, self.head_dim, q.device)
         table = self.block_table(q, k, q_offset, document_ids, blocks.block_m, blocks.block_n)
-        return prefill.attend(q, k, v, table, self.scale, blocks)  # (B, H, Tq, hd)
+        if not wants_grad:
+            return prefill.attend(q, k, v, table, self.scale, blocks)  # (B, H, Tq, hd)
+        key_blocks = dkdv_blocks(q.dtype, self.head_dim, q.device)
+        key_tiles = key_blocks.block_m, key_blocks.block_n
+        same = key_tiles == (blocks.block_m, blocks.block_n)  # on CPU and for fp32
+        key_table = table if same else self.block_table(q, k, q_offset, document_ids, *key_tiles)
+        return prefill.attend(q, k, v, table, self.scale, blocks, key_table, key_blocks)  # (B, H, Tq, hd)
 
 
 def _decodes(q_len: int, group: int, grad: bool) -> bool:

@@ -78,10 +78,11 @@ def test_decode_kernels_match_the_oracle(device, tq, past, heads, hd, mode, seed
     spec=st.sampled_from(["causal", "sliding_window:37", "prefix_lm:20", "none"]),
     small_tiles=st.booleans(),
     full_run=st.booleans(),
+    own_key_tiles=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_prefill_kernels_forward_and_backward_match_the_oracle(
-    device, tq, past, heads, hd, spec, small_tiles, full_run, seed
+    device, tq, past, heads, hd, spec, small_tiles, full_run, own_key_tiles, seed
 ) -> None:
     # One key in all: softmax over one score has an exactly-zero gradient, which FlashAttention's
     # backward (dS = P * (dP - rowsum(dO * O))) reproduces only to rounding, and the ratio rule's
@@ -97,9 +98,16 @@ def test_prefill_kernels_forward_and_backward_match_the_oracle(
         blocks = Blocks(32, 16, blocks.num_warps, blocks.num_stages, 16, blocks.full_run)
     blocks = dataclasses.replace(blocks, full_run=full_run)  # three loops, or one masked walk
     table = build_block_table(pattern, 1, h, tq, tk, blocks.block_m, blocks.block_n, device, past)
+    keys = None, None  # dK/dV walk the forward's table
+    if own_key_tiles:  # a table of their own, the tiles transposed (as on a GPU), in sub-steps
+        key_blocks = dataclasses.replace(
+            blocks, block_m=blocks.block_n, block_n=blocks.block_m, sub_m=blocks.block_n // 2
+        )
+        key_table = build_block_table(pattern, 1, h, tq, tk, key_blocks.block_m, key_blocks.block_n, device, past)
+        keys = key_table, key_blocks
     visible = masks.dense_mask(pattern, 1, h, tq, tk, device, past)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = prefill.attend(*leaves, table, 1 / math.sqrt(hd), blocks)
+    out = prefill.attend(*leaves, table, 1 / math.sqrt(hd), blocks, *keys)
     oracle_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     baseline_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     oracle = _reference(*oracle_leaves, visible, torch.float64)
@@ -174,6 +182,11 @@ def test_kernels_refuse_what_they_would_misread() -> None:
         prefill.forward(q, q, q, table, 0.25, Blocks(32, 16, 4, 1, 16, full_run=True))
     with pytest.raises(ValueError, match="for 8 queries and 8 keys"):
         prefill.forward(q[:, :, :4], q, q, table, 0.25, Blocks(16, 16, 4, 1, 16, full_run=True))
+    tiles = Blocks(16, 16, 4, 1, 16, full_run=True)
+    with pytest.raises(ValueError, match="key_table and key_blocks together"):
+        prefill.attend(q, q, q, table, 0.25, tiles, key_table=table)
+    with pytest.raises(ValueError, match="16x16 tiles, the kernels use 32x16"):  # dK/dV's, before any kernel
+        prefill.attend(q, q, q, table, 0.25, tiles, table, Blocks(32, 16, 4, 1, 16, full_run=True))
     for scale in (0.0, -0.25, float("nan")):  # the exp2 fold needs a positive scale
         with pytest.raises(ValueError, match="scale must be a positive finite number"):
             prefill.forward(q, q, q, table, scale, Blocks(16, 16, 4, 1, 16, full_run=True))

@@ -175,3 +175,14 @@ def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> B
     if padded_head_dim(head_dim) <= 64:
         return Blocks(128, 64, 4, 3, 64, full_run=True)
     return Blocks(128, 64, 8, 3, 64, full_run=True)
+
+
+def dkdv_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
+    """The dK/dV kernel's tiles (docs/design.md#triton-configs), which it walks in a block table of
+    its own: for 16-bit inputs 128 keys per program (``block_n``) against 64-row query tiles, in 8
+    warps, so each warp group owns 64 keys' rows of dK and dV (the forward's 64 keys per program
+    gave each of 8 warps' groups 32, and took 2.3x as long at head dim 128 on an H200). fp32 and
+    CPU keep the forward's tiles, and so its table."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return prefill_blocks(dtype, head_dim, device)
+    return Blocks(64, 128, 8, 3, 64, full_run=True)

@@ -9,9 +9,11 @@ and after it, each looked up and masked (a partial tile loads its stored visibil
 outside the range are never visited. A key/value head serves its whole group of query heads in
 place (GQA without repeating K and V).
 
-Backward: ``dQ`` by one program per query tile (the forward's walk), ``dK``/``dV`` by one program
-per key tile of one KV head, walking the table's columns the same three ways for every query head
-of its group, so the group's contributions are summed in registers, without atomics.
+Backward: ``rowsum(dO * O)`` by a small kernel of its own, ``dQ`` by one program per query tile
+(the forward's walk), ``dK``/``dV`` by one program per key tile of one KV head, walking the
+columns of a table cut to its own tiles (twice the keys of the forward's per program on a GPU)
+the same three ways for every query head of its group, so the group's contributions are summed
+in registers, without atomics.
 
 A query row that sees no key gets a zero output, a log-sum-exp of ``+inf`` (so the backward's
 probabilities ``exp2(s - lse)`` are exactly zero there) and zero gradients.
@@ -81,6 +83,27 @@ def _fwd(
     )
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + bh * q_len + rows, lse, mask=row_ok)
+
+
+def _bwd_delta(
+    Out, DO, DELTA,
+    sob, soh, sot, sod, sgb, sgh, sgt, sgd,  # strides of Out and dO
+    H, q_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    # rowsum(dO * O) in fp32 from the 16-bit tensors as they are: in torch it made two fp32 copies
+    # of both, which took a tenth of the backward at 4k tokens (docs/design.md#triton-configs).
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
+    h = bh % H
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < q_len
+    dim_ok = dims < HEAD_DIM
+    o = load_rows(Out + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (BLOCK_M, BLOCK_D)
+    do = load_rows(DO + b * sgb + h * sgh, rows, row_ok, sgt, dims, dim_ok, sgd)  # (BLOCK_M, BLOCK_D)
+    tl.store(DELTA + bh * q_len + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
 
 
 def _bwd_dq(
@@ -204,6 +227,7 @@ def _bwd_dkdv(
 
 
 FWD = Kernel(_fwd)
+BWD_DELTA = Kernel(_bwd_delta)
 BWD_DQ = Kernel(_bwd_dq)
 BWD_DKDV = Kernel(_bwd_dkdv)
 
@@ -271,6 +295,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, bl
     return out, lse
 
 
+#: Rows per program of the ``rowsum(dO * O)`` kernel.
+DELTA_ROWS = 64
+
+
 def backward(
     grad_out: Tensor,
     q: Tensor,
@@ -281,52 +309,85 @@ def backward(
     table: BlockTable,
     scale: float,
     blocks: Blocks,
+    key_table: BlockTable,
+    key_blocks: Blocks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` shaped like ``q, k, v``."""
-    b, h, tq, _ = q.shape
+    """``(dq, dk, dv)`` shaped like ``q, k, v``: dQ over the forward's ``table`` and ``blocks``,
+    dK/dV over ``key_table``, cut to ``key_blocks``' tiles."""
+    _check_table(key_table, key_blocks, q, k)
+    b, h, tq, hd = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
-    delta = (out.float() * grad_out.float()).sum(-1)  # (B, H, Tq): rowsum(dO * O)
+    delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)  # (B, H, Tq): rowsum(dO * O)
+    BWD_DELTA.on(q.device)[(-(-tq // DELTA_ROWS), b * h)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), h, tq,
+        HEAD_DIM=hd, BLOCK_D=padded_head_dim(hd), BLOCK_M=DELTA_ROWS, num_warps=4,
+    )  # fmt: skip
     dq = torch.empty_like(q)  # (B, H, Tq, hd)
     dk = torch.empty_like(k)  # (B, H_kv, Tk, hd)
     dv = torch.empty_like(v)  # (B, H_kv, Tk, hd)
-    common = _common(q, blocks)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     BWD_DQ.on(q.device)[(table.kv_range.shape[2], b * h)](
         q, k, v, grad_out, lse, delta, dq,
         table.kv_range, table.kv_full, table.tile_ids, table.tiles,
         *strides, *dq.stride(), *_table_strides(table, table.kv_range),
         h, h // h_kv, tq, tk, scale * LOG2E, scale,
-        **common,
+        **_common(q, blocks),
     )  # fmt: skip
-    BWD_DKDV.on(q.device)[(table.q_range.shape[2], b * h_kv)](
+    BWD_DKDV.on(q.device)[(key_table.q_range.shape[2], b * h_kv)](
         q, k, v, grad_out, lse, delta, dk, dv,
-        table.q_range, table.q_full, table.tile_ids, table.tiles,
-        *strides, *dk.stride(), *dv.stride(), *_table_strides(table, table.q_range),
+        key_table.q_range, key_table.q_full, key_table.tile_ids, key_table.tiles,
+        *strides, *dk.stride(), *dv.stride(), *_table_strides(key_table, key_table.q_range),
         h, h_kv, h // h_kv, tq, tk, scale * LOG2E, scale,
-        SUB_M=blocks.sub_m, **common,
+        SUB_M=key_blocks.sub_m, **_common(q, key_blocks),
     )  # fmt: skip
     return dq, dk, dv
 
 
 class PrefillAttention(torch.autograd.Function):
-    """Differentiable block-sparse attention: ``apply(q, k, v, table, scale, blocks)``."""
+    """Differentiable block-sparse attention: ``apply(q, k, v, table, scale, blocks, key_table, key_blocks)``."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, blocks: Blocks) -> Tensor:
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        table: BlockTable,
+        scale: float,
+        blocks: Blocks,
+        key_table: BlockTable,
+        key_blocks: Blocks,
+    ) -> Tensor:
         out, lse = forward(q, k, v, table, scale, blocks)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.table, ctx.scale, ctx.blocks = table, scale, blocks
+        ctx.plan = table, scale, blocks, key_table, key_blocks
         return out  # (B, H, Tq, hd)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(grad_out, q, k, v, out, lse, ctx.table, ctx.scale, ctx.blocks)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = backward(grad_out, q, k, v, out, lse, *ctx.plan)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, blocks: Blocks) -> Tensor:
-    """Block-sparse attention, differentiable when any input requires grad."""
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: BlockTable,
+    scale: float,
+    blocks: Blocks,
+    key_table: BlockTable | None = None,
+    key_blocks: Blocks | None = None,
+) -> Tensor:
+    """Block-sparse attention, differentiable when any input requires grad. dK/dV walk
+    ``key_table`` in ``key_blocks``' tiles, both given or neither (then the forward's)."""
+    if (key_table is None) != (key_blocks is None):
+        raise ValueError("give key_table and key_blocks together (dK/dV's table and its tiles), or neither")
+    if key_table is not None:
+        _check_table(key_table, key_blocks, q, k)  # now, not when the backward runs
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return PrefillAttention.apply(q, k, v, table, scale, blocks)
+        if key_table is None:
+            key_table, key_blocks = table, blocks
+        return PrefillAttention.apply(q, k, v, table, scale, blocks, key_table, key_blocks)
     return forward(q, k, v, table, scale, blocks)[0]
