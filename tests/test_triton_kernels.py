@@ -51,9 +51,10 @@ def _inputs(b, h, h_kv, tq, tk, hd, device, seed):
     heads=st.sampled_from([(4, 4), (4, 1), (6, 2)]),
     hd=st.sampled_from([16, 24, 64]),
     mode=st.sampled_from(["all", "causal", "dense"]),
+    splits=st.one_of(st.none(), st.integers(1, 12)),
     seed=st.integers(0, 2**16),
 )
-def test_decode_kernels_match_the_oracle(device, tq, past, heads, hd, mode, seed) -> None:
+def test_decode_kernels_match_the_oracle(device, tq, past, heads, hd, mode, splits, seed) -> None:
     _skip_where_unavailable(device)
     h, h_kv = heads
     tk = past + tq
@@ -65,7 +66,7 @@ def test_decode_kernels_match_the_oracle(device, tq, past, heads, hd, mode, seed
     if mode == "all":
         visible = torch.ones_like(visible)
     mode_id = {"all": decode.ALL, "causal": decode.CAUSAL, "dense": decode.DENSE}[mode]
-    out = decode.attend(q, k, v, 1 / math.sqrt(hd), q_offset=past, visible=mode_id, mask=visible)
+    out = decode.attend(q, k, v, 1 / math.sqrt(hd), q_offset=past, visible=mode_id, mask=visible, splits=splits)
     assert_matches_oracle(out, _reference(q, k, v, visible, torch.float64), _reference(q, k, v, visible, torch.float32))
 
 
@@ -124,11 +125,23 @@ def test_prefill_kernels_forward_and_backward_match_the_oracle(
 
 
 def test_split_count_follows_the_machine_batch_heads_and_length() -> None:
-    assert decode.num_splits(8, 4, 4096, 132) == 16  # 4 programs per SM over 32 sequence-heads
-    assert decode.num_splits(8, 16, 4096, 132) == 5
+    assert decode.num_splits(8, 4, 4096, 132) == 4  # 128 of 132 slots in one wave
+    assert decode.num_splits(8, 4, 4096, 264) == 8  # two programs per SM
+    assert decode.num_splits(8, 16, 4096, 132) == 1  # 128 sequence-heads fill the wave unsplit
+    assert decode.num_splits(1, 8, 32768, 132) == 16  # 128 programs again
+    assert decode.num_splits(2, 30, 32768, 132) == 2  # 120 programs; 3 splits would start a second wave
     assert decode.num_splits(8, 4, 300, 132) == 2  # no split shorter than MIN_SPLIT_KEYS
     assert decode.num_splits(64, 16, 32768, 132) == 1  # enough programs without splitting
     assert decode.num_splits(1, 1, 1, 132) == 1
+
+
+def test_split_tiles_follow_dtype_rows_and_shared_memory() -> None:
+    h200 = 233472  # shared bytes per SM
+    assert decode.tiles(torch.bfloat16, 16, 128, h200) == decode.Tiles(128, 3, 1)  # 196 KB: one per SM
+    assert decode.tiles(torch.float16, 16, 64, h200) == decode.Tiles(128, 3, 2)
+    assert decode.tiles(torch.bfloat16, 64, 128, h200) == decode.Tiles(64, 3, 2)  # more rows: shorter steps
+    assert decode.tiles(torch.float32, 16, 128, h200) == decode.Tiles(64, 2, 1)
+    assert decode.tiles(torch.bfloat16, 16, 128, None) == decode.Tiles(128, 3, 1)  # unknown: one per SM
 
 
 def _compiled_variants(kernel) -> int:

@@ -3,19 +3,24 @@
 Decoding reads the whole cache to produce a handful of rows, so its speed is how fast the cache
 streams from memory. One program takes one KV head of one sequence and one slice ("split") of the
 keys: every query head of the GQA group and every query token is a row of one tile, so each key
-and value byte is read once for the whole group. Enough splits keep every SM streaming; a second
-small kernel merges the splits' partial sums, rescaled by their running maxima.
+and value byte is read once for the whole group. The splits fill the GPU with one wave of
+programs, each streaming a long slice in large steps; a second small kernel merges the splits'
+partial sums, rescaled by their running maxima.
 
 Lengths and offsets are not specialised on, so a growing cache never recompiles.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import checks
 from .launch import Kernel, check_scale, dot_precision, padded_head_dim
 from .prefill import LOG2E
 from .tiles import load_columns, load_rows, softmax_step
@@ -23,14 +28,19 @@ from .tiles import load_columns, load_rows, softmax_step
 #: Visibility inside the kernel: every cached key, causal (query ``t`` sees keys up to
 #: ``q_offset + t``), or a dense ``(B|1, H|1, Tq, Tk)`` bool mask.
 ALL, CAUSAL, DENSE = 0, 1, 2
-#: Keys per inner step, and the fewest keys a split is given (shorter splits cost more to merge
-#: than they gain in parallelism).
-BLOCK_N = 64
+#: The fewest keys a split is given (shorter splits cost more to merge than they gain).
 MIN_SPLIT_KEYS = 256
-#: Programs per SM the split count aims for, so loads from several programs overlap on each SM.
-PROGRAMS_PER_SM = 4
 #: Splits the merge reads per step.
 MERGE_SPLITS = 16
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Keys per inner step, K/V tiles in flight, and the programs of that size one SM holds."""
+
+    block_n: int
+    num_stages: int
+    per_sm: int
 
 
 def _split(
@@ -130,10 +140,16 @@ def _shape(mask: Tensor | None) -> object:
     return None if mask is None else tuple(mask.shape)
 
 
-def _stages(dtype: torch.dtype) -> int:
-    """K/V tiles in flight: 3 for 16-bit inputs; 2 for fp32, whose 128-row tiles at head dim 128
-    would not fit shared memory with 3 (64 KB of queries and 3 x 64 KB of keys and values)."""
-    return 2 if dtype == torch.float32 else 3
+def tiles(dtype: torch.dtype, block_m: int, block_d: int, shared_bytes_per_sm: int | None) -> Tiles:
+    """The split kernel's steps (docs/design.md#triton-decode). Up to 16 tile rows of 16-bit
+    inputs: 128 keys a step, 3 in flight (192 KB of shared memory at head dim 128, one program per
+    SM, each with 128 KB of loads in flight); more rows: 64 keys (a 128-key score tile would spill
+    registers); fp32: 64 keys, 2 in flight (its tiles are twice the bytes). ``per_sm`` follows
+    from the shared memory they take, or is 1 where the device does not say."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    block_n, stages = (128, 3) if elt == 2 and block_m <= 16 else (64, 3 if elt == 2 else 2)
+    shared = (stages * 2 * block_n + block_m) * block_d * elt  # K and V tiles in flight, the queries
+    return Tiles(block_n, stages, max(1, (shared_bytes_per_sm or 0) // shared))
 
 
 def rows_per_program(q: Tensor, k: Tensor) -> int:
@@ -141,34 +157,47 @@ def rows_per_program(q: Tensor, k: Tensor) -> int:
     return (q.shape[1] // k.shape[1]) * q.shape[2]
 
 
-def num_splits(batch: int, kv_heads: int, kv_len: int, multiprocessors: int) -> int:
-    """How many slices the keys are cut into: enough programs for :data:`PROGRAMS_PER_SM` per SM,
-    none shorter than :data:`MIN_SPLIT_KEYS` keys."""
-    wanted = -(-PROGRAMS_PER_SM * multiprocessors // (batch * kv_heads))
-    return max(1, min(wanted, -(-kv_len // MIN_SPLIT_KEYS)))
+def num_splits(batch: int, kv_heads: int, kv_len: int, slots: int) -> int:
+    """How many slices the keys of each (sequence, KV head) are cut into: as many as run in one
+    wave of ``slots`` programs (SMs x programs per SM), at least one, none shorter than
+    :data:`MIN_SPLIT_KEYS` keys. On an H200, one wave of long splits beat more and shorter ones
+    (a second wave, or a tail of one, cost more than a few idle slots: docs/design.md#triton-decode)."""
+    return max(1, min(slots // (batch * kv_heads), -(-kv_len // MIN_SPLIT_KEYS)))
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, *, q_offset: int, visible: int, mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    *,
+    q_offset: int,
+    visible: int,
+    mask: Tensor | None = None,
+    splits: int | None = None,
 ) -> Tensor:
     """``q`` ``(B, H, Tq, hd)`` against ``k, v`` ``(B, H_kv, Tk, hd)`` -> ``(B, H, Tq, hd)``; no autograd.
 
     ``visible`` is :data:`ALL`, :data:`CAUSAL` or :data:`DENSE` (then ``mask`` broadcasts to
-    ``(B, H, Tq, Tk)``)."""
+    ``(B, H, Tq, Tk)``). ``splits``: slices of the keys per sequence and KV head, by default
+    :func:`num_splits` for this device (one on CPU, where programs run one after another)."""
     check_scale(scale)
+    if splits is not None:
+        checks.integer("splits", splits)
+    if visible == DENSE and (mask is None or mask.dim() != 4):
+        raise ValueError(f"visible=DENSE needs a mask broadcastable to (B, H, Tq, Tk), got {_shape(mask)}")
     b, h, tq, hd = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
-    rows = rows_per_program(q, k)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 1
-    splits = num_splits(b, h_kv, tk, sms)
-    split_len = triton.cdiv(triton.cdiv(tk, splits), BLOCK_N) * BLOCK_N  # keys per split, whole inner steps
-    splits = triton.cdiv(tk, split_len)
     block_d = padded_head_dim(hd)
+    block_m = max(16, triton.next_power_of_2(rows_per_program(q, k)))
+    step = tiles(q.dtype, block_m, block_d, _shared_bytes_per_sm(q.device))
+    if splits is None:
+        splits = num_splits(b, h_kv, tk, _multiprocessors(q.device) * step.per_sm)
+    split_len = triton.cdiv(triton.cdiv(tk, splits), step.block_n) * step.block_n  # keys per split, whole steps
+    splits = triton.cdiv(tk, split_len)
     part_o = torch.empty(b * h * tq * splits, block_d, device=q.device, dtype=torch.float32)  # (rows x splits, hd')
     part_m = torch.empty(b * h * tq * splits, device=q.device, dtype=torch.float32)  # (rows x splits,)
     part_l = torch.empty_like(part_m)  # (rows x splits,)
-    if visible == DENSE and (mask is None or mask.dim() != 4):
-        raise ValueError(f"visible=DENSE needs a mask broadcastable to (B, H, Tq, Tk), got {_shape(mask)}")
     if mask is None or visible != DENSE:
         mask, mask_strides = q, (0, 0, 0, 0)  # never read
     else:
@@ -178,8 +207,8 @@ def attend(
         q, k, v, part_o, part_m, part_l, mask,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides,
         h_kv, h // h_kv, tq, tk, q_offset, split_len, splits, scale * LOG2E,
-        HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N,
-        VISIBLE=visible, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=_stages(q.dtype),
+        HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=step.block_n,
+        VISIBLE=visible, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=step.num_stages,
     )  # fmt: skip
     out = torch.empty_like(q)  # (B, H, Tq, hd)
     MERGE.on(q.device)[(b * h * tq,)](
@@ -187,3 +216,19 @@ def attend(
         HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_S=MERGE_SPLITS, num_warps=4,
     )  # fmt: skip
     return out
+
+
+@cache
+def _device_properties(device: torch.device) -> object:
+    return torch.cuda.get_device_properties(device)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return _device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _shared_bytes_per_sm(device: torch.device) -> int | None:
+    """Shared memory per SM, where this torch reports it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    return getattr(_device_properties(device), "shared_memory_per_multiprocessor", None)
