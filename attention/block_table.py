@@ -2,10 +2,8 @@
 
 The score matrix of ``Tq`` queries and ``Tk`` keys is cut into ``block_m x block_n`` tiles. A
 tile is *empty* (no query sees any of its keys: skipped), *full* (every query sees every key: no
-mask work), *causal* (it shows exactly the causal triangle, query position >= key position
-inside the matrix: the kernel computes it, as flex computes a ``mask_mod``) or *partial* (its
-``block_m x block_n`` visibility bits are stored and loaded by the kernel). Tiles that overhang
-the matrix's edge are partial or causal, their overhang invisible. This is
+mask work) or *partial* (its ``block_m x block_n`` visibility bits are stored and loaded by the
+kernel). Tiles that overhang the matrix's edge are partial, their overhang invisible. This is
 flex's BlockMask idea, with the partial tiles' bits stored instead of a ``mask_mod`` compiled
 into the kernel, so any Python ``mask_mod`` works unchanged; the stored bits are the diagonal
 band of a causal or sliding-window pattern and the boundaries of packed documents, so memory
@@ -23,15 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import masks
 from .masks import MaskMod, dense_mask
 
 #: Mask elements evaluated at once while building a table (one band of query rows).
 BAND_ELEMENTS = 1 << 26
 
-#: ``tile_ids`` of tiles that store no bits: every query sees every key, none does, or the
-#: causal triangle (the diagonal tiles of causal, sliding-window and document patterns).
-FULL_TILE, EMPTY_TILE, CAUSAL_TILE = -1, -2, -3
+#: ``tile_ids`` of tiles that store no bits: every query sees every key, or none does.
+FULL_TILE, EMPTY_TILE = -1, -2
 
 
 @dataclass(frozen=True)
@@ -57,12 +53,11 @@ class BlockTable:
     block_n: int
     q_len: int
     kv_len: int
-    q_offset: int  # the first query's position: a causal tile's triangle is q_offset + row >= column
     kv_range: Tensor  # (Bm, Hm, NQ, 2) int32: first and one-past-last visible tile column of each row
     q_range: Tensor  # (Bm, Hm, NK, 2) int32: first and one-past-last visible tile row of each column
     kv_full: Tensor  # (Bm, Hm, NQ, 2) int32: each row's longest run of full tiles (hi, hi where none)
     q_full: Tensor  # (Bm, Hm, NK, 2) int32: each column's longest run of full tiles (hi, hi where none)
-    tile_ids: Tensor  # (Bm, Hm, NQ, NK) int64: FULL_TILE, EMPTY_TILE, CAUSAL_TILE or a stored tile's index
+    tile_ids: Tensor  # (Bm, Hm, NQ, NK) int64: FULL_TILE, EMPTY_TILE or the index of a stored partial tile
     tiles: Tensor  # (P, block_m, block_n) int8: 1 where the query sees the key (P >= 1)
 
     @property
@@ -103,16 +98,12 @@ def build_block_table(
         )  # broadcasts to (bm, hm, rows, Tk)
         padded = torch.zeros(bm, hm, -(-rows // block_m) * block_m, nk * block_n, dtype=torch.bool, device=device)
         padded[:, :, :rows, :kv_len] = visible
-        blocks = _tiled(padded, block_m, block_n)  # (bm, hm, nq', NK, block_m, block_n)
-        triangle = torch.zeros_like(padded[0, 0])  # (rows', NK * block_n): the causal pattern, in the matrix
-        triangle[:rows, :kv_len] = dense_mask(masks.causal, 1, 1, rows, kv_len, device, q_offset + row0)[0, 0]
+        blocks = padded.view(bm, hm, -1, block_m, nk, block_n).transpose(3, 4)  # (bm, hm, nq', NK, block_m, block_n)
         seen = blocks.any(dim=(-2, -1))  # (bm, hm, nq', NK)
         whole = blocks.all(dim=(-2, -1))  # (bm, hm, nq', NK)
-        causal = seen & ~whole & (blocks == _tiled(triangle, block_m, block_n)).all(dim=(-2, -1))  # (bm, hm, nq', NK)
-        partial = seen & ~whole & ~causal  # (bm, hm, nq', NK): bits stored
+        partial = seen & ~whole  # (bm, hm, nq', NK)
         ids = stored + torch.cumsum(partial.flatten(), 0).view(partial.shape) - 1  # int64, in the tiles' order
-        kinds = torch.where(causal, CAUSAL_TILE, torch.where(whole, FULL_TILE, EMPTY_TILE))  # (bm, hm, nq', NK)
-        tile_ids.append(torch.where(partial, ids, kinds))
+        tile_ids.append(torch.where(partial, ids, torch.where(whole, FULL_TILE, EMPTY_TILE)))
         tiles.append(blocks[partial].to(torch.int8))  # (p, block_m, block_n)
         stored += len(tiles[-1])
     tile_ids = torch.cat(tile_ids, dim=2).contiguous()  # (bm, hm, NQ, NK)
@@ -125,7 +116,6 @@ def build_block_table(
         block_n,
         q_len,
         kv_len,
-        q_offset,
         kv_range,
         q_range,
         _full_run(full, kv_range),
@@ -133,12 +123,6 @@ def build_block_table(
         tile_ids,
         all_tiles.to(device).contiguous(),
     )
-
-
-def _tiled(mask: Tensor, block_m: int, block_n: int) -> Tensor:
-    """``(..., R, C)`` cut into ``(..., R / block_m, C / block_n, block_m, block_n)`` tiles."""
-    *lead, r, c = mask.shape
-    return mask.view(*lead, r // block_m, block_m, c // block_n, block_n).transpose(-3, -2)
 
 
 def _visible_range(visible: Tensor) -> Tensor:

@@ -5,9 +5,9 @@ in the :class:`~attention.block_table.BlockTable` (first to last visible), with 
 in fp32 (scores in base 2, ``exp2``), and saves the log-sum-exp for the backward. The walk is
 three loops: the row's longest run of full tiles in a loop of its own that neither reads the
 table nor masks (for causal attention, everything left of the diagonal), and the tiles before
-and after it, each looked up and masked (a causal tile by the triangle it computes, a partial
-one by the visibility bits it loads). Tiles outside the range are never visited. A key/value
-head serves its whole group of query heads in place (GQA without repeating K and V).
+and after it, each looked up and masked (a partial tile loads its stored visibility bits). Tiles
+outside the range are never visited. A key/value head serves its whole group of query heads in
+place (GQA without repeating K and V).
 
 Backward: ``rowsum(dO * O)`` by a small kernel of its own, ``dQ`` by one program per query tile
 (the forward's walk), ``dK``/``dV`` by one program per key tile of one KV head, walking the
@@ -38,7 +38,7 @@ def _fwd(
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
     rb, rh, rq,  # strides of the table's (Bm, Hm, NQ) ranges and full runs; 0 where it ignores b or h
     ib, ih, iq, ik,  # strides of its (Bm, Hm, NQ, NK) tile ids; 0 where it ignores b or h
-    H, G, q_len, kv_len, q_offset, qk_scale,
+    H, G, q_len, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
@@ -72,8 +72,7 @@ def _fwd(
                 v = load_rows(v_head, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
                 s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
                 if part != 1:  # the run's tiles are full: no lookup, nothing to hide
-                    triangle = ((q_offset + rows)[:, None] >= cols[None, :]) & col_ok[None, :]  # (BLOCK_M, BLOCK_N)
-                    s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N, triangle)
+                    s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
                 m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # (BLOCK_M, BLOCK_D)
@@ -113,7 +112,7 @@ def _bwd_dq(
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
     sdb, sdh, sdt, sdd,  # strides of DQ
     rb, rh, rq, ib, ih, iq, ik,
-    H, G, q_len, kv_len, q_offset, qk_scale, sm_scale,
+    H, G, q_len, kv_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
@@ -151,8 +150,7 @@ def _bwd_dq(
                 s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
                 dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
                 if part != 1:
-                    triangle = ((q_offset + rows)[:, None] >= cols[None, :]) & col_ok[None, :]  # (BLOCK_M, BLOCK_N)
-                    s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N, triangle)
+                    s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
                 p = tl.math.exp2(s * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N): exactly 0 where unseen
                 ds = p * (dp - delta[:, None])
                 dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)  # accumulate in place
@@ -169,7 +167,7 @@ def _bwd_dkdv(
     dkb, dkh, dkt, dkd, dvb, dvh, dvt, dvd,  # strides of DK and DV
     rb, rh, rk,  # strides of the table's (Bm, Hm, NK) column ranges and full runs
     ib, ih, iq, ik,
-    H, H_KV, G, q_len, kv_len, q_offset, qk_scale, sm_scale,
+    H, H_KV, G, q_len, kv_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
     FULL_RUN: tl.constexpr,
@@ -214,9 +212,7 @@ def _bwd_dkdv(
                         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
                         if part != 1:
                             in_tile = (r0 + sub)[None, :] * BLOCK_N + tile_cols[:, None]  # (BLOCK_N, SUB_M): transposed
-                            triangle = (q_offset + rows)[None, :] >= cols[:, None]  # (BLOCK_N, SUB_M): transposed
-                            triangle = triangle & col_ok[:, None]
-                            s_t = mask_tile(s_t, TILES, tl.load(ids + qb * iq), in_tile, BLOCK_M * BLOCK_N, triangle)
+                            s_t = mask_tile(s_t, TILES, tl.load(ids + qb * iq), in_tile, BLOCK_M * BLOCK_N)
                         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # exactly 0 where unseen
                         ds_t = p_t * (dp_t - delta[None, :])
                         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # accumulate in place
@@ -230,11 +226,10 @@ def _bwd_dkdv(
     )
 
 
-# A prefill that continues a KV cache starts at a new offset every call: no variants for it.
-FWD = Kernel(_fwd, do_not_specialize=("q_offset",))
+FWD = Kernel(_fwd)
 BWD_DELTA = Kernel(_bwd_delta)
-BWD_DQ = Kernel(_bwd_dq, do_not_specialize=("q_offset",))
-BWD_DKDV = Kernel(_bwd_dkdv, do_not_specialize=("q_offset",))
+BWD_DQ = Kernel(_bwd_dq)
+BWD_DKDV = Kernel(_bwd_dkdv)
 
 
 def _table_strides(table: BlockTable, ranges: Tensor) -> tuple[int, ...]:
@@ -294,7 +289,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, bl
         table.kv_range, table.kv_full, table.tile_ids, table.tiles,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_table_strides(table, table.kv_range),
-        h, h // h_kv, tq, tk, table.q_offset, scale * LOG2E,
+        h, h // h_kv, tq, tk, scale * LOG2E,
         **_common(q, blocks),
     )  # fmt: skip
     return out, lse
@@ -335,14 +330,14 @@ def backward(
         q, k, v, grad_out, lse, delta, dq,
         table.kv_range, table.kv_full, table.tile_ids, table.tiles,
         *strides, *dq.stride(), *_table_strides(table, table.kv_range),
-        h, h // h_kv, tq, tk, table.q_offset, scale * LOG2E, scale,
+        h, h // h_kv, tq, tk, scale * LOG2E, scale,
         **_common(q, blocks),
     )  # fmt: skip
     BWD_DKDV.on(q.device)[(key_table.q_range.shape[2], b * h_kv)](
         q, k, v, grad_out, lse, delta, dk, dv,
         key_table.q_range, key_table.q_full, key_table.tile_ids, key_table.tiles,
         *strides, *dk.stride(), *dv.stride(), *_table_strides(key_table, key_table.q_range),
-        h, h_kv, h // h_kv, tq, tk, key_table.q_offset, scale * LOG2E, scale,
+        h, h_kv, h // h_kv, tq, tk, scale * LOG2E, scale,
         SUB_M=key_blocks.sub_m, **_common(q, key_blocks),
     )  # fmt: skip
     return dq, dk, dv

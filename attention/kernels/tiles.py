@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..block_table import CAUSAL_TILE, EMPTY_TILE
+from ..block_table import EMPTY_TILE
 
 
 @triton.jit
@@ -46,17 +46,13 @@ def softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
 
 
 EMPTY = tl.constexpr(EMPTY_TILE)  # a global a kernel reads must be a constexpr
-CAUSAL = tl.constexpr(CAUSAL_TILE)
 
 
 @triton.jit
-def mask_tile(s, TILES, tile, offsets, TILE_SIZE: tl.constexpr, triangle):
+def mask_tile(s, TILES, tile, offsets, TILE_SIZE: tl.constexpr):
     """Scores ``s`` of block-table tile ``tile``, ``-inf`` where the pattern hides the key: a
-    causal tile's ``triangle`` (the caller's ``query position >= key position`` inside the
-    matrix, shaped like ``s``: nothing loaded), a partial tile's stored bits, everything for an
-    empty one, nothing for a full one. ``offsets`` (shaped like ``s``): each score's place among
-    the tile's ``TILE_SIZE`` stored bits."""
+    partial tile's stored bits, everything for an empty one, nothing for a full one. ``offsets``
+    (shaped like ``s``): each score's place among the tile's ``TILE_SIZE`` stored bits."""
     tile_block = offsets * 0 + tile  # a block: the interpreter mistypes scalars
     bits = tl.load(TILES + tile * TILE_SIZE + offsets, mask=tile_block >= 0, other=1)
-    seen = tl.where(tile_block == CAUSAL, triangle, bits != 0)
-    return tl.where(seen & (tile_block != EMPTY), s, float("-inf"))
+    return tl.where((bits != 0) & (tile_block != EMPTY), s, float("-inf"))
