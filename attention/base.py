@@ -176,10 +176,18 @@ class AttentionBase(nn.Module):
 
     @classmethod
     def kernel_config(
-        cls, dtype: torch.dtype, head_dim: int, q_len: int, *, grad: bool, device: torch.device | str
+        cls,
+        dtype: torch.dtype,
+        head_dim: int,
+        q_len: int,
+        *,
+        grad: bool,
+        device: torch.device | str,
+        group: int = 1,
     ) -> dict[str, object] | None:
-        """Which kernels and tiles a call of this shape runs, for an implementation with kernels
-        of its own (perf results record it); ``None`` for one that calls torch's."""
+        """Which kernels and tiles a call of this shape runs (``group``: query heads per KV head),
+        for an implementation with kernels of its own (perf results record it); ``None`` for one
+        that calls torch's."""
         return None
 
     @classmethod

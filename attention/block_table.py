@@ -53,6 +53,7 @@ class BlockTable:
     block_n: int
     q_len: int
     kv_len: int
+    q_offset: int  # the first query's position
     kv_range: Tensor  # (Bm, Hm, NQ, 2) int32: first and one-past-last visible tile column of each row
     q_range: Tensor  # (Bm, Hm, NK, 2) int32: first and one-past-last visible tile row of each column
     kv_full: Tensor  # (Bm, Hm, NQ, 2) int32: each row's longest run of full tiles (hi, hi where none)
@@ -86,6 +87,8 @@ def build_block_table(
 ) -> BlockTable:
     """The :class:`BlockTable` of ``mask_mod`` for queries at ``q_offset .. q_offset + q_len - 1``
     and keys ``0 .. kv_len - 1``."""
+    if q_len < 1 or kv_len < 1:
+        raise ValueError(f"a block table needs at least one query and one key, got {q_len} and {kv_len}")
     probe = dense_mask(mask_mod, batch, heads, 1, 1, device, q_offset).shape  # (B or 1, H or 1, 1, 1)
     bm, hm = probe[0], probe[1]
     nk = -(-kv_len // block_n)
@@ -116,6 +119,7 @@ def build_block_table(
         block_n,
         q_len,
         kv_len,
+        q_offset,
         kv_range,
         q_range,
         _full_run(full, kv_range),

@@ -100,23 +100,28 @@ class MHATritonAttention(AttentionBase):
 
     @classmethod
     def kernel_config(
-        cls, dtype: torch.dtype, head_dim: int, q_len: int, *, grad: bool, device: torch.device | str
+        cls,
+        dtype: torch.dtype,
+        head_dim: int,
+        q_len: int,
+        *,
+        grad: bool,
+        device: torch.device | str,
+        group: int = 1,
     ) -> dict[str, object]:
-        """Which kernels and tiles a call of this shape runs (recorded beside perf results; for
-        GQA the decode kernels also need ``q_len x group <= DECODE_MAX_ROWS``)."""
+        """Which kernels and tiles a call of this shape runs (recorded beside perf results)."""
         from .kernels import decode
         from .kernels.launch import dkdv_blocks, padded_head_dim, prefill_blocks
 
-        if _decodes(q_len, 1, grad):
-            rows = max(16, 1 << (q_len - 1).bit_length())  # the tile's rows for one query head per KV head
-            step = decode.tiles(dtype, rows, padded_head_dim(head_dim), None)
+        device = torch.device(device)
+        if _decodes(q_len, group, grad):
+            step = decode.tiles(dtype, decode.block_rows(group, q_len), padded_head_dim(head_dim), None)
             return {
                 "kernel": "decode_split_kv",
                 "BLOCK_N": step.block_n,
                 "num_stages": step.num_stages,
                 "min_split": decode.MIN_SPLIT_KEYS,
             }
-        device = torch.device(device)
         config: dict[str, object] = {"kernel": "prefill", **prefill_blocks(dtype, head_dim, device).as_dict()}
         if grad:
             config["dkdv"] = dkdv_blocks(dtype, head_dim, device).as_dict()

@@ -197,4 +197,32 @@ def reference_with_leaves(
     return y, [x_leaf, *params.values()]  # y: (B, T, d_out)
 
 
-__all__ += ["EDGE_TOKENS", "Config", "build_module", "configs", "make_input", "reference_with_leaves", "seeded_randn"]
+def oracle_and_baseline_grads(module, x, upstream, mask_mod, document_ids):
+    """Gradients of ``(reference(x) * upstream).sum()`` for ``x`` and every parameter, in float64
+    (oracle) and in ``x``'s dtype (baseline), on the whole sequence in one uncached call."""
+    result = []
+    for dtype in (torch.float64, x.dtype):
+        x_leaf = x.detach().to(dtype).requires_grad_()  # (B, T, d_in)
+        params = module_params(module, dtype, requires_grad=True)
+        y = attention.reference_mha(
+            x_leaf,
+            params,
+            num_heads=module.num_heads,
+            num_kv_heads=module.num_kv_heads,
+            mask_mod=mask_mod,
+            document_ids=document_ids,
+        )  # (B, T, d_out)
+        result.append(torch.autograd.grad(y, [x_leaf, *params.values()], upstream.to(dtype)))
+    return result
+
+
+__all__ += [
+    "EDGE_TOKENS",
+    "Config",
+    "build_module",
+    "configs",
+    "make_input",
+    "oracle_and_baseline_grads",
+    "reference_with_leaves",
+    "seeded_randn",
+]

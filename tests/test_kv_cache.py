@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 import attention
 from attention import masks
-from attention.reference import module_params
 
 from .support import (
     CUDA,
@@ -27,6 +26,7 @@ from .support import (
     assert_matches_oracle,
     assert_module_matches_oracle,
     mask_for,
+    oracle_and_baseline_grads,
     random_document_ids,
 )
 
@@ -459,25 +459,6 @@ def test_truncate_validates():
 
 
 # -- gradients through the cache --------------------------------------------------------------
-
-
-def oracle_and_baseline_grads(module, x, upstream, mask_mod, document_ids):
-    """Gradients of ``(reference(x) * upstream).sum()`` for ``x`` and every parameter, in float64
-    (oracle) and in ``x``'s dtype (baseline), on the whole sequence in one uncached call."""
-    result = []
-    for dtype in (torch.float64, x.dtype):
-        x_leaf = x.detach().to(dtype).requires_grad_()  # (B, T, d_in)
-        params = module_params(module, dtype, requires_grad=True)
-        y = attention.reference_mha(
-            x_leaf,
-            params,
-            num_heads=module.num_heads,
-            num_kv_heads=module.num_kv_heads,
-            mask_mod=mask_mod,
-            document_ids=document_ids,
-        )  # (B, T, d_out)
-        result.append(torch.autograd.grad(y, [x_leaf, *params.values()], upstream.to(dtype)))
-    return result
 
 
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)

@@ -17,12 +17,12 @@ import attention
 from attention import masks
 from attention.accuracy import assert_matches_oracle
 from attention.reference import reference_attention
-from tests.support import CUDA, DEVICES, random_document_ids, seeded_randn
+from tests.support import CUDA, DEVICES, oracle_and_baseline_grads, random_document_ids, seeded_randn
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 from attention.block_table import build_block_table
-from attention.kernels import decode, prefill
+from attention.kernels import decode, launch, prefill
 from attention.kernels.launch import Blocks, prefill_blocks
 
 
@@ -100,10 +100,9 @@ def test_prefill_kernels_forward_and_backward_match_the_oracle(
     blocks = dataclasses.replace(blocks, full_run=full_run)  # three loops, or one masked walk
     table = build_block_table(pattern, 1, h, tq, tk, blocks.block_m, blocks.block_n, device, past)
     keys = None, None  # dK/dV walk the forward's table
-    if own_key_tiles:  # a table of their own, the tiles transposed (as on a GPU), in sub-steps
-        key_blocks = dataclasses.replace(
-            blocks, block_m=blocks.block_n, block_n=blocks.block_m, sub_m=blocks.block_n // 2
-        )
+    if own_key_tiles:  # a table of their own: half the query rows, twice the keys (as on a GPU), in sub-steps
+        key_m = max(16, blocks.block_m // 2)
+        key_blocks = dataclasses.replace(blocks, block_m=key_m, block_n=2 * blocks.block_n, sub_m=max(16, key_m // 2))
         key_table = build_block_table(pattern, 1, h, tq, tk, key_blocks.block_m, key_blocks.block_n, device, past)
         keys = key_table, key_blocks
     visible = masks.dense_mask(pattern, 1, h, tq, tk, device, past)
@@ -142,6 +141,51 @@ def test_split_tiles_follow_dtype_rows_and_shared_memory() -> None:
     assert decode.tiles(torch.bfloat16, 64, 128, h200) == decode.Tiles(64, 3, 2)  # more rows: shorter steps
     assert decode.tiles(torch.float32, 16, 128, h200) == decode.Tiles(64, 2, 1)
     assert decode.tiles(torch.bfloat16, 16, 128, None) == decode.Tiles(128, 3, 1)  # unknown: one per SM
+    assert decode.tiles(torch.bfloat16, 16, 16, h200) == decode.Tiles(128, 3, decode.MAX_PROGRAMS_PER_SM)
+    assert decode.block_rows(4, 1) == 16 and decode.block_rows(8, 3) == 32  # every head of the group x tokens
+
+
+def test_kernel_config_names_the_tiles_a_call_runs() -> None:
+    config = attention.get("triton").kernel_config
+    bf16 = torch.bfloat16
+    assert config(bf16, 128, 1, grad=False, device="cuda", group=4)["BLOCK_N"] == 128  # 4 rows
+    assert config(bf16, 128, 4, grad=False, device="cuda", group=8)["BLOCK_N"] == 64  # 32 rows
+    assert config(bf16, 128, 4, grad=False, device="cuda", group=64)["kernel"] == "prefill"  # 256 rows
+    training = config(bf16, 128, 4096, grad=True, device="cuda")
+    assert (training["BLOCK_M"], training["BLOCK_N"]) == (128, 64)
+    assert (training["dkdv"]["BLOCK_M"], training["dkdv"]["BLOCK_N"]) == (64, 128)
+    assert "dkdv" not in config(bf16, 128, 4096, grad=False, device="cuda")
+
+
+def test_decode_merges_more_splits_than_one_merge_step_reads() -> None:
+    _skip_where_unavailable("cpu")
+    q, k, v = _inputs(1, 4, 1, 1, 1500, 16, "cpu", seed=7)
+    splits = 2 * decode.MERGE_SPLITS - 3  # the merge's second step reads a part-filled block
+    out = decode.attend(q, k, v, 0.25, q_offset=1499, visible=decode.ALL, splits=splits)
+    visible = torch.ones(1, 1, 1, 1500, dtype=torch.bool)
+    assert_matches_oracle(out, _reference(q, k, v, visible, torch.float64), _reference(q, k, v, visible, torch.float32))
+
+
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_module_backward_walks_a_key_table_of_its_own_tiles(monkeypatch, with_documents) -> None:
+    """On a GPU dK/dV walk a second table cut to their own tiles (on CPU and for fp32 they share the
+    forward's): here they get tiles of their own on CPU too, through the module's table cache."""
+    _skip_where_unavailable("cpu")
+    own = Blocks(64, 128, 4, 1, 32, full_run=True)  # the CPU forward's are 256 x 256
+    monkeypatch.setattr(launch, "dkdv_blocks", lambda dtype, head_dim, device: own)
+    torch.manual_seed(3)
+    module = attention.get("triton")(24, 64, 4, 300, num_kv_heads=2)
+    x = seeded_randn(2, 300, 24, seed=3, device="cpu", dtype=torch.float32).requires_grad_()  # (B, T, d_in)
+    ids = random_document_ids(2, 300, seed=3) if with_documents else None
+    y = module(x, document_ids=ids)  # (B, T, d_out)
+    upstream = seeded_randn(*y.shape, seed=4, device="cpu", dtype=torch.float32)  # (B, T, d_out)
+    grads = torch.autograd.grad(y, [x, *module.parameters()], upstream)
+    oracle, baseline = oracle_and_baseline_grads(module, x, upstream, masks.causal, ids)
+    names = ["x", *(name for name, _ in module.named_parameters())]
+    for name, *triple in zip(names, grads, oracle, baseline, strict=True):
+        assert_matches_oracle(*triple, factor=attention.accuracy.GRAD_FACTOR, what=f"gradient of {name}")
+    tiles = sorted(key[-2:] for key in module._tables)  # cached unless document ids vary per call
+    assert tiles == ([] if with_documents else [(64, 128), (256, 256)])
 
 
 def _compiled_variants(kernel) -> int:
@@ -198,8 +242,20 @@ def test_kernels_refuse_what_they_would_misread() -> None:
     tiles = Blocks(16, 16, 4, 1, 16, full_run=True)
     with pytest.raises(ValueError, match="key_table and key_blocks together"):
         prefill.attend(q, q, q, table, 0.25, tiles, key_table=table)
-    with pytest.raises(ValueError, match="16x16 tiles, the kernels use 32x16"):  # dK/dV's, before any kernel
+    with pytest.raises(ValueError, match="key_table has 16x16 tiles, the kernels use 32x16"):  # before any kernel
         prefill.attend(q, q, q, table, 0.25, tiles, table, Blocks(32, 16, 4, 1, 16, full_run=True))
+    later = build_block_table(masks.causal, 1, 2, 8, 8, 16, 16, "cpu", q_offset=4)  # another query offset
+    with pytest.raises(ValueError, match="offset 4 vs 0"):
+        prefill.attend(q, q, q, table, 0.25, tiles, later, tiles)
+    per_head = build_block_table(lambda b, h, qi, ki: (ki <= qi) | (h == 0), 1, 2, 8, 8, 16, 16, "cpu")
+    with pytest.raises(ValueError, match=r"\(batch, heads\) \(1, 2\) vs \(1, 1\)"):
+        prefill.attend(q, q, q, table, 0.25, tiles, per_head, tiles)
+    with pytest.raises(ValueError, match="block table is for batch 1 and 2 heads, got 1 and 3"):
+        prefill.forward(torch.randn(1, 3, 8, 16), q, q, per_head, 0.25, tiles)
+    with pytest.raises(ValueError, match="at least one query and one key, got 1 and 0"):
+        decode.attend(q[:, :, :1], q[:, :, :0], q[:, :, :0], 0.25, q_offset=0, visible=decode.ALL)
+    with pytest.raises(ValueError, match="at least one query and one key, got 0 and 8"):
+        build_block_table(masks.causal, 1, 2, 0, 8, 16, 16, "cpu")
     for scale in (0.0, -0.25, float("nan")):  # the exp2 fold needs a positive scale
         with pytest.raises(ValueError, match="scale must be a positive finite number"):
             prefill.forward(q, q, q, table, scale, Blocks(16, 16, 4, 1, 16, full_run=True))

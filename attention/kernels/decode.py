@@ -30,6 +30,10 @@ from .tiles import load_columns, load_rows, softmax_step
 ALL, CAUSAL, DENSE = 0, 1, 2
 #: The fewest keys a split is given (shorter splits cost more to merge than they gain).
 MIN_SPLIT_KEYS = 256
+#: The most split programs counted per SM: shared memory is what :func:`tiles` measures, and
+#: at small head dims registers run out first (64K per SM; a 4-warp program of up to 128 per
+#: thread takes 16K).
+MAX_PROGRAMS_PER_SM = 4
 #: Splits the merge reads per step.
 MERGE_SPLITS = 16
 
@@ -142,19 +146,21 @@ def _shape(mask: Tensor | None) -> object:
 
 def tiles(dtype: torch.dtype, block_m: int, block_d: int, shared_bytes_per_sm: int | None) -> Tiles:
     """The split kernel's steps (docs/design.md#triton-decode). Up to 16 tile rows of 16-bit
-    inputs: 128 keys a step, 3 in flight (192 KB of shared memory at head dim 128, one program per
-    SM, each with 128 KB of loads in flight); more rows: 64 keys (a 128-key score tile would spill
-    registers); fp32: 64 keys, 2 in flight (its tiles are twice the bytes). ``per_sm`` follows
-    from the shared memory they take, or is 1 where the device does not say."""
+    inputs: 128 keys a step, 3 in flight (196 KB of shared memory with the queries at head dim
+    128: one program per SM, with 128 KB of loads in flight); more rows: 64 keys (a 128-key score
+    tile would spill registers); fp32: 64 keys, 2 in flight (its tiles are twice the bytes).
+    ``per_sm``: the programs whose tiles fit the SM's shared memory, at most
+    :data:`MAX_PROGRAMS_PER_SM`; 1 where the device does not say."""
     elt = torch.empty((), dtype=dtype).element_size()
     block_n, stages = (128, 3) if elt == 2 and block_m <= 16 else (64, 3 if elt == 2 else 2)
     shared = (stages * 2 * block_n + block_m) * block_d * elt  # K and V tiles in flight, the queries
-    return Tiles(block_n, stages, max(1, (shared_bytes_per_sm or 0) // shared))
+    return Tiles(block_n, stages, min(MAX_PROGRAMS_PER_SM, max(1, (shared_bytes_per_sm or 0) // shared)))
 
 
-def rows_per_program(q: Tensor, k: Tensor) -> int:
-    """Tile rows a split program holds: every query head of a KV head's group, times the query tokens."""
-    return (q.shape[1] // k.shape[1]) * q.shape[2]
+def block_rows(group: int, q_len: int) -> int:
+    """Tile rows of a split program: every query head of a KV head's group times the query
+    tokens, padded to a power of two, at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(group * q_len))
 
 
 def num_splits(batch: int, kv_heads: int, kv_len: int, slots: int) -> int:
@@ -179,8 +185,9 @@ def attend(
     """``q`` ``(B, H, Tq, hd)`` against ``k, v`` ``(B, H_kv, Tk, hd)`` -> ``(B, H, Tq, hd)``; no autograd.
 
     ``visible`` is :data:`ALL`, :data:`CAUSAL` or :data:`DENSE` (then ``mask`` broadcasts to
-    ``(B, H, Tq, Tk)``). ``splits``: slices of the keys per sequence and KV head, by default
-    :func:`num_splits` for this device (one on CPU, where programs run one after another)."""
+    ``(B, H, Tq, Tk)``). ``splits``: at most this many slices of the keys per sequence and KV
+    head (fewer where whole steps cover the keys sooner), by default :func:`num_splits` for this
+    device (one on CPU, where programs run one after another)."""
     check_scale(scale)
     if splits is not None:
         checks.integer("splits", splits)
@@ -188,8 +195,10 @@ def attend(
         raise ValueError(f"visible=DENSE needs a mask broadcastable to (B, H, Tq, Tk), got {_shape(mask)}")
     b, h, tq, hd = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
+    if tq == 0 or tk == 0:
+        raise ValueError(f"decoding needs at least one query and one key, got {tq} and {tk}")
     block_d = padded_head_dim(hd)
-    block_m = max(16, triton.next_power_of_2(rows_per_program(q, k)))
+    block_m = block_rows(h // h_kv, tq)
     step = tiles(q.dtype, block_m, block_d, _shared_bytes_per_sm(q.device))
     if splits is None:
         splits = num_splits(b, h_kv, tk, _multiprocessors(q.device) * step.per_sm)

@@ -11,7 +11,7 @@ place (GQA without repeating K and V).
 
 Backward: ``rowsum(dO * O)`` by a small kernel of its own, ``dQ`` by one program per query tile
 (the forward's walk), ``dK``/``dV`` by one program per key tile of one KV head, walking the
-columns of a table cut to its own tiles (twice the keys of the forward's per program on a GPU)
+columns of a table cut to its own tiles (for 16-bit inputs on a GPU, twice the keys of the forward's per program)
 the same three ways for every query head of its group, so the group's contributions are summed
 in registers, without atomics.
 
@@ -248,17 +248,21 @@ def _table_strides(table: BlockTable, ranges: Tensor) -> tuple[int, ...]:
     )
 
 
-def _check_table(table: BlockTable, blocks: Blocks, q: Tensor, k: Tensor) -> None:
-    """A table cut into other tiles than the kernels', or on another device, would be misread."""
+def _check_table(table: BlockTable, blocks: Blocks, q: Tensor, k: Tensor, name: str = "block table") -> None:
+    """A table cut into other tiles than the kernels', for other lengths, batch or heads, or on
+    another device, would be misread; ``name`` says which table in the error."""
     if (table.block_m, table.block_n) != (blocks.block_m, blocks.block_n):
         raise ValueError(
-            f"block table has {table.block_m}x{table.block_n} tiles, the kernels use {blocks.block_m}x{blocks.block_n}"
+            f"{name} has {table.block_m}x{table.block_n} tiles, the kernels use {blocks.block_m}x{blocks.block_n}"
         )
     if (table.q_len, table.kv_len) != (q.shape[2], k.shape[2]) or table.tile_ids.device != q.device:
         raise ValueError(
-            f"block table is for {table.q_len} queries and {table.kv_len} keys on {table.tile_ids.device}, "
+            f"{name} is for {table.q_len} queries and {table.kv_len} keys on {table.tile_ids.device}, "
             f"got {q.shape[2]} and {k.shape[2]} on {q.device}"
         )
+    bm, hm = table.tile_ids.shape[:2]
+    if bm not in (1, q.shape[0]) or hm not in (1, q.shape[1]):
+        raise ValueError(f"{name} is for batch {bm} and {hm} heads, got {q.shape[0]} and {q.shape[1]}")
 
 
 def _common(q: Tensor, blocks: Blocks) -> dict:
@@ -314,7 +318,7 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` shaped like ``q, k, v``: dQ over the forward's ``table`` and ``blocks``,
     dK/dV over ``key_table``, cut to ``key_blocks``' tiles."""
-    _check_table(key_table, key_blocks, q, k)
+    _check_table(key_table, key_blocks, q, k, "key_table")
     b, h, tq, hd = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)  # (B, H, Tq): rowsum(dO * O)
@@ -381,11 +385,18 @@ def attend(
     key_blocks: Blocks | None = None,
 ) -> Tensor:
     """Block-sparse attention, differentiable when any input requires grad. dK/dV walk
-    ``key_table`` in ``key_blocks``' tiles, both given or neither (then the forward's)."""
+    ``key_table`` (the same pattern as ``table``, cut to ``key_blocks``' tiles), both given or
+    neither (then the forward's)."""
     if (key_table is None) != (key_blocks is None):
         raise ValueError("give key_table and key_blocks together (dK/dV's table and its tiles), or neither")
-    if key_table is not None:
-        _check_table(key_table, key_blocks, q, k)  # now, not when the backward runs
+    if key_table is not None:  # checked now, not when the backward runs
+        _check_table(key_table, key_blocks, q, k, "key_table")
+        if key_table.q_offset != table.q_offset or key_table.tile_ids.shape[:2] != table.tile_ids.shape[:2]:
+            raise ValueError(
+                "key_table must be built from the forward table's pattern, query offset, batch and heads: "
+                f"offset {key_table.q_offset} vs {table.q_offset}, "
+                f"(batch, heads) {tuple(key_table.tile_ids.shape[:2])} vs {tuple(table.tile_ids.shape[:2])}"
+            )
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         if key_table is None:
             key_table, key_blocks = table, blocks

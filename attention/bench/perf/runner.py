@@ -108,7 +108,8 @@ def describe(w: Workload | DecodeWorkload) -> dict:
     cls = None if w.impl in CORE_REFERENCES or w.impl in MODULE_REFERENCES else registry.get(w.impl)
     if cls is not None and cls.unavailable(w.device) is None:
         q_len = 1 if isinstance(w, DecodeWorkload) else w.seq_len
-        config = cls.kernel_config(w.dtype, w.head_dim, q_len, grad=w.backward, device=w.device)
+        group = w.num_heads // w.kv_heads
+        config = cls.kernel_config(w.dtype, w.head_dim, q_len, grad=w.backward, device=w.device, group=group)
         if config is not None:
             info["kernel_config"] = config
     if isinstance(w, DecodeWorkload):
