@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .base import AttentionBase
+from .device_info import multiprocessors
 from .kv_cache import KVCache
 from .masks import dense_mask, offset_mask
 from .score_mods import ScoreMod, offset_score_mod
@@ -242,8 +243,7 @@ class MHAPyTorchFlexAttention(AttentionBase):
             return {"FORCE_USE_FLEX_ATTENTION": True}
         if q.device.type != "cuda":
             return {}
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        return {"SPLIT_KV": decode_split_kv(k.shape[0], k.shape[1], sms)}
+        return {"SPLIT_KV": decode_split_kv(k.shape[0], k.shape[1], multiprocessors(q.device))}
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
         self._refuse_unsupported(q.device, torch.is_grad_enabled() and q.requires_grad)

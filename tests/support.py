@@ -187,13 +187,24 @@ def make_input(cfg: Config, device: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def reference_with_leaves(
-    module: attention.AttentionBase, x: torch.Tensor, dtype: torch.dtype
+    module: attention.AttentionBase,
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    mask_mod: attention.masks.MaskMod = attention.masks.causal,
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The reference output of ``module`` for ``x`` in ``dtype`` and the leaves it was computed
     from: ``x``, then the parameters in ``module.named_parameters()`` order (for gradients)."""
     x_leaf = x.detach().to(dtype).requires_grad_()  # (B, T, d_in)
     params = module_params(module, dtype, requires_grad=True)
-    y = attention.reference_mha(x_leaf, params, num_heads=module.num_heads, num_kv_heads=module.num_kv_heads)
+    y = attention.reference_mha(
+        x_leaf,
+        params,
+        num_heads=module.num_heads,
+        num_kv_heads=module.num_kv_heads,
+        mask_mod=mask_mod,
+        document_ids=document_ids,
+    )
     return y, [x_leaf, *params.values()]  # y: (B, T, d_out)
 
 
@@ -202,17 +213,8 @@ def oracle_and_baseline_grads(module, x, upstream, mask_mod, document_ids):
     (oracle) and in ``x``'s dtype (baseline), on the whole sequence in one uncached call."""
     result = []
     for dtype in (torch.float64, x.dtype):
-        x_leaf = x.detach().to(dtype).requires_grad_()  # (B, T, d_in)
-        params = module_params(module, dtype, requires_grad=True)
-        y = attention.reference_mha(
-            x_leaf,
-            params,
-            num_heads=module.num_heads,
-            num_kv_heads=module.num_kv_heads,
-            mask_mod=mask_mod,
-            document_ids=document_ids,
-        )  # (B, T, d_out)
-        result.append(torch.autograd.grad(y, [x_leaf, *params.values()], upstream.to(dtype)))
+        y, leaves = reference_with_leaves(module, x, dtype, mask_mod, document_ids)  # y: (B, T, d_out)
+        result.append(torch.autograd.grad(y, leaves, upstream.to(dtype)))
     return result
 
 

@@ -13,7 +13,6 @@ Lengths and offsets are not specialised on, so a growing cache never recompiles.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import triton
@@ -21,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import checks
+from ..device_info import multiprocessors, shared_bytes_per_sm
 from .launch import Kernel, check_scale, dot_precision, padded_head_dim
 from .prefill import LOG2E
 from .tiles import load_columns, load_rows, softmax_step
@@ -151,7 +151,7 @@ def tiles(dtype: torch.dtype, block_m: int, block_d: int, shared_bytes_per_sm: i
     tile would spill registers); fp32: 64 keys, 2 in flight (its tiles are twice the bytes).
     ``per_sm``: the programs whose tiles fit the SM's shared memory, at most
     :data:`MAX_PROGRAMS_PER_SM`; 1 where the device does not say."""
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = dtype.itemsize
     block_n, stages = (128, 3) if elt == 2 and block_m <= 16 else (64, 3 if elt == 2 else 2)
     shared = (stages * 2 * block_n + block_m) * block_d * elt  # K and V tiles in flight, the queries
     return Tiles(block_n, stages, min(MAX_PROGRAMS_PER_SM, max(1, (shared_bytes_per_sm or 0) // shared)))
@@ -199,9 +199,9 @@ def attend(
         raise ValueError(f"decoding needs at least one query and one key, got {tq} and {tk}")
     block_d = padded_head_dim(hd)
     block_m = block_rows(h // h_kv, tq)
-    step = tiles(q.dtype, block_m, block_d, _shared_bytes_per_sm(q.device))
+    step = tiles(q.dtype, block_m, block_d, shared_bytes_per_sm(q.device))
     if splits is None:
-        splits = num_splits(b, h_kv, tk, _multiprocessors(q.device) * step.per_sm)
+        splits = num_splits(b, h_kv, tk, multiprocessors(q.device) * step.per_sm)
     split_len = triton.cdiv(triton.cdiv(tk, splits), step.block_n) * step.block_n  # keys per split, whole steps
     splits = triton.cdiv(tk, split_len)
     part_o = torch.empty(b * h * tq * splits, block_d, device=q.device, dtype=torch.float32)  # (rows x splits, hd')
@@ -225,19 +225,3 @@ def attend(
         HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_S=MERGE_SPLITS, num_warps=4,
     )  # fmt: skip
     return out
-
-
-@cache
-def _device_properties(device: torch.device) -> object:
-    return torch.cuda.get_device_properties(device)
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return _device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-def _shared_bytes_per_sm(device: torch.device) -> int | None:
-    """Shared memory per SM, where this torch reports it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    return getattr(_device_properties(device), "shared_memory_per_multiprocessor", None)

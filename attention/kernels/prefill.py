@@ -11,9 +11,9 @@ place (GQA without repeating K and V).
 
 Backward: ``rowsum(dO * O)`` by a small kernel of its own, ``dQ`` by one program per query tile
 (the forward's walk), ``dK``/``dV`` by one program per key tile of one KV head, walking the
-columns of a table cut to its own tiles (for 16-bit inputs on a GPU, twice the keys of the forward's per program)
-the same three ways for every query head of its group, so the group's contributions are summed
-in registers, without atomics.
+columns of a table cut to its own tiles (for 16-bit inputs on a GPU, twice the forward's keys
+per program) the same three ways for every query head of its group, so the group's
+contributions are summed in registers, without atomics.
 
 A query row that sees no key gets a zero output, a log-sum-exp of ``+inf`` (so the backward's
 probabilities ``exp2(s - lse)`` are exactly zero there) and zero gradients.
@@ -317,8 +317,7 @@ def backward(
     key_blocks: Blocks,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` shaped like ``q, k, v``: dQ over the forward's ``table`` and ``blocks``,
-    dK/dV over ``key_table``, cut to ``key_blocks``' tiles."""
-    _check_table(key_table, key_blocks, q, k, "key_table")
+    dK/dV over ``key_table``, cut to ``key_blocks``' tiles (both checked by :func:`attend`)."""
     b, h, tq, hd = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)  # (B, H, Tq): rowsum(dO * O)
