@@ -82,14 +82,40 @@ def _agreed(world_size: int, value: object) -> list[object]:
     return values
 
 
+def ring_bytes(workload: Workload, world_size: int, rotate_method: str) -> int:
+    """What torch's ring attention holds on one rank beyond a one-GPU run of the rank's shard,
+    from its buffers as docs/design.md#context-parallel breaks them down (with the shard's own
+    estimate, above every per-rank peak measured there, 2 to 8 ranks).
+
+    Forward: the keys and values in flight (``allgather``: the whole sequence's, plus the rank's
+    own concatenated to be gathered; ``alltoall``: the rank's concatenated to be sent on, the
+    received shard and, beyond two ranks, the one received before) and torch's fp32 merge (the
+    running output, each block's output made fp32, two temporaries of the update). Backward:
+    the keys and values in flight again, fp32 gradients of q, k and v accumulated over the ring,
+    and the fp32 dK, dV passed on and received.
+    """
+    if world_size == 1:
+        return 0
+    b, t, d = workload.batch, workload.seq_len, workload.head_dim
+    shard_kv = 2 * b * workload.kv_heads * (t // world_size) * d * workload.elt  # K and V of one shard
+    shard_out32 = b * workload.num_heads * (t // world_size) * d * 4  # a query shard's output in fp32
+    if rotate_method == "allgather":
+        in_flight = world_size * shard_kv + shard_kv
+    else:
+        in_flight = shard_kv * (2 if world_size == 2 else 3)
+    forward = in_flight + 4 * shard_out32
+    if not workload.backward:
+        return forward
+    grads32 = shard_out32 + 2 * shard_kv * 4 // workload.elt  # dq, dk, dv accumulated in fp32
+    return max(forward, in_flight + grads32 + 2 * shard_kv * 4 // workload.elt)
+
+
 def _skip_reason(config: BenchConfig, workload: Workload, world_size: int, load_balance: bool) -> str | None:
     if world_size > 1:
         try:
             cp.check_length(workload.seq_len, world_size, load_balance=load_balance, dtype=config.dtype)
         except ValueError as error:
             return str(error)
-    # Each rank holds its shard of the case, plus (allgather rotation) every rank's keys and values,
-    # twice over in the backward (keys, values and their gradients travel).
     local = Workload(
         "sdpa",
         workload.batch,
@@ -101,8 +127,7 @@ def _skip_reason(config: BenchConfig, workload: Workload, world_size: int, load_
         backward=workload.backward,
         level=workload.level,
     )
-    kv = 2 * workload.batch * workload.num_heads * workload.seq_len * workload.head_dim * workload.elt
-    need = local.estimated_peak_bytes() + (kv * (3 if workload.backward else 1) if world_size > 1 else 0)
+    need = local.estimated_peak_bytes() + ring_bytes(workload, world_size, config.rotate_method)
     free = free_memory_bytes(workload.device)
     if free is not None and need > 0.92 * free:
         return f"needs ~{fmt_gib(need)} per GPU; {fmt_gib(free)} free"
