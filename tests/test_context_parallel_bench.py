@@ -189,9 +189,10 @@ MEASURED_PEAKS = {
     (2, "allgather", "core", "fwd"): 4.29,
     (2, "alltoall", "core", "fwd"): 3.83, (2, "alltoall", "core", "fwd_bwd"): 7.57,
     (2, "alltoall", "module", "fwd"): 4.11, (2, "alltoall", "module", "fwd_bwd"): 8.36,
-    (4, "alltoall", "core", "fwd"): 2.44, (4, "alltoall", "module", "fwd_bwd"): 4.48,
+    (4, "alltoall", "core", "fwd"): 2.44, (4, "alltoall", "core", "fwd_bwd"): 4.07,
+    (4, "alltoall", "module", "fwd"): 2.60, (4, "alltoall", "module", "fwd_bwd"): 4.48,
     (8, "alltoall", "core", "fwd"): 1.25, (8, "alltoall", "core", "fwd_bwd"): 2.07,
-    (8, "alltoall", "module", "fwd_bwd"): 2.29,
+    (8, "alltoall", "module", "fwd"): 1.35, (8, "alltoall", "module", "fwd_bwd"): 2.29,
 }  # fmt: skip
 
 
@@ -204,7 +205,7 @@ def test_memory_guard_stays_above_measured_ring_peaks(ranks: int, rotate: str, l
     measured = MEASURED_PEAKS[ranks, rotate, level, direction]
     # Never below what ran (the guard would let an out-of-memory through); above it by no more
     # than the one-GPU estimate's own margin and slack put it above one GPU's peaks (1.3-1.9x).
-    assert measured <= estimate <= 1.6 * measured
+    assert measured <= estimate <= 1.5 * measured
 
 
 def test_ring_memory_falls_with_ranks_only_under_alltoall() -> None:

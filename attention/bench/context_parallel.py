@@ -106,8 +106,9 @@ def ring_bytes(workload: Workload, world_size: int, rotate_method: str) -> int:
     forward = in_flight + 4 * shard_out32
     if not workload.backward:
         return forward
-    grads32 = shard_out32 + 2 * shard_kv * 4 // workload.elt  # dq, dk, dv accumulated in fp32
-    return max(forward, in_flight + grads32 + 2 * shard_kv * 4 // workload.elt)
+    shard_kv32 = shard_kv * 4 // workload.elt  # dK and dV of one shard in fp32
+    # dq, dk, dv accumulated in fp32; dK, dV sent on and received
+    return max(forward, in_flight + shard_out32 + shard_kv32 + 2 * shard_kv32)
 
 
 def _skip_reason(config: BenchConfig, workload: Workload, world_size: int, load_balance: bool) -> str | None:
