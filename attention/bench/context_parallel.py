@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -111,24 +111,20 @@ def ring_bytes(workload: Workload, world_size: int, rotate_method: str) -> int:
     return max(forward, in_flight + shard_out32 + shard_kv32 + 2 * shard_kv32)
 
 
+def rank_peak_bytes(workload: Workload, world_size: int, rotate_method: str) -> int:
+    """Estimated peak memory of one rank running ``workload`` sharded over ``world_size`` ranks:
+    its shard's own estimate plus :func:`ring_bytes`."""
+    shard = replace(workload, seq_len=workload.seq_len // world_size)
+    return shard.estimated_peak_bytes() + ring_bytes(workload, world_size, rotate_method)
+
+
 def _skip_reason(config: BenchConfig, workload: Workload, world_size: int, load_balance: bool) -> str | None:
     if world_size > 1:
         try:
             cp.check_length(workload.seq_len, world_size, load_balance=load_balance, dtype=config.dtype)
         except ValueError as error:
             return str(error)
-    local = Workload(
-        "sdpa",
-        workload.batch,
-        workload.seq_len // world_size,
-        workload.num_heads,
-        workload.head_dim,
-        workload.dtype,
-        workload.device,
-        backward=workload.backward,
-        level=workload.level,
-    )
-    need = local.estimated_peak_bytes() + ring_bytes(workload, world_size, config.rotate_method)
+    need = rank_peak_bytes(workload, world_size, config.rotate_method)
     free = free_memory_bytes(workload.device)
     if free is not None and need > 0.92 * free:
         return f"needs ~{fmt_gib(need)} per GPU; {fmt_gib(free)} free"
