@@ -1,9 +1,10 @@
 """Sessions for a laptop, CPU CI and GPU runners alike.
 
 By default each session builds its own virtualenv and installs the package (torch included)
-plus its dependency group from ``pyproject.toml``. On a machine that already has torch (a GPU
-runner with a CUDA build preinstalled, maybe without network) run ``nox --no-venv -s NAME``:
-the session then uses the current interpreter and installs nothing.
+with the extras it needs from ``pyproject.toml`` (``lint`` installs its dependency group alone).
+On a machine that already has torch (a GPU runner with a CUDA build preinstalled, maybe without
+network) run ``nox --no-venv -s NAME``: the session then uses the current interpreter and
+installs nothing.
 """
 
 from __future__ import annotations
@@ -20,28 +21,29 @@ PYPROJECT = nox.project.load_toml("pyproject.toml")
 HERE = Path(__file__).resolve().parent
 
 
-def install(session: nox.Session, *groups: str, package: bool = True, extras: str = "") -> None:
-    """Install the package and dependency ``groups``, unless the session reuses the interpreter."""
+def install(session: nox.Session, extras: str = "", *, group: str | None = None) -> None:
+    """Install the package with ``extras`` (e.g. ``"[test]"``), or only the dependency ``group``;
+    nothing when the session reuses the interpreter."""
     if session.venv_backend == "none":
         return
-    if package:
-        session.install("-e", f".{extras}")
-    for group in groups:
+    if group is not None:
         session.install(*nox.project.dependency_groups(PYPROJECT, group))
+    else:
+        session.install("-e", f".{extras}")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Property tests on CPU, and on CUDA where present, one worker per core. Args go to pytest
     (``-n 0`` runs them in one process)."""
-    install(session, "test", extras="[bench]")
+    install(session, "[test,perf]")  # tests/ also covers the perf gate's machinery
     session.run("pytest", "-n", "auto", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and format check."""
-    install(session, "lint", package=False)
+    install(session, group="lint")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -49,7 +51,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def benchmark(session: nox.Session) -> None:
     """The benchmark report (time, memory, accuracy vs sequence length). Args go to it: -- --help."""
-    install(session, extras="[bench]")
+    install(session, "[bench]")
     session.run("python", "-m", "attention.bench", *session.posargs)
 
 
@@ -59,7 +61,7 @@ def notebook(session: nox.Session) -> None:
 
     Arg: the output file (default out/notebook.html).
     """
-    install(session, "notebook", extras="[bench]")
+    install(session, "[bench,notebook]")
     out = session.posargs[0] if session.posargs else "out/notebook.html"
     # marimo puts the notebook's folder on sys.path, not the repo root: under --no-venv nothing
     # is installed, so point Python at the checkout.
@@ -80,7 +82,7 @@ def perf(session: nox.Session) -> None:
     """
     import sys
 
-    install(session, "perf", extras="[bench]")
+    install(session, "[perf]")
     # Under --no-venv nothing is installed: the checkout must be importable as is, and the
     # interpreter running nox (the one with torch) runs the grid.
     python = sys.executable if session.venv_backend == "none" else "python"
