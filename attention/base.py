@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks
+from .capabilities import MEANING, Capabilities
 from .kv_cache import KVCache
 from .masks import MaskMod, PerDocument, and_masks, causal, check_mask_mod, dense_mask, document, prefix_length
 from .score_mods import ScoreMod
@@ -108,6 +109,7 @@ class AttentionBase(nn.Module):
         try:
             q, k, v, q_offset = self._project(x, kv_cache, document_ids)
             context = self._attend(q, k, v, q_offset=q_offset, document_ids=document_ids)  # (B, H, T, hd)
+            self._check_context(context, q)
             return self._merge(context)  # (B, T, d_out)
         except BaseException:
             if start is not None:
@@ -136,12 +138,29 @@ class AttentionBase(nn.Module):
         ``0 .. Tk-1``. Rows with no visible key must come out as zeros."""
         raise NotImplementedError
 
+    def _check_context(self, context: object, q: Tensor) -> None:
+        """``_attend``'s result, checked before the merge: a wrong shape would be reshaped into a
+        wrong answer or fail deep inside the projection, naming nobody."""
+        name = f"{type(self).__name__}._attend"
+        if not isinstance(context, Tensor):
+            raise TypeError(f"{name} must return a torch.Tensor, returned {type(context).__name__}")
+        if context.shape != q.shape:
+            raise ValueError(f"{name} returned shape {tuple(context.shape)}; expected q's shape {tuple(q.shape)}")
+        if context.dtype != q.dtype:
+            raise TypeError(f"{name} returned {context.dtype} for {q.dtype} queries; return the queries' dtype")
+
     def _merge(self, context: Tensor) -> Tensor:
         b, _, t, _ = context.shape
         context = context.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
         return self.proj(context)  # (B, T, d_out)
 
     # -- what an implementation can do: class methods it overrides --------------------------
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        """What this implementation declares (docs/design.md#capabilities): a subclass that
+        overrides ``_attend`` takes on the whole contract, so the default declares everything."""
+        return Capabilities()
 
     @classmethod
     def supports_dropout(cls) -> bool:
@@ -216,6 +235,7 @@ class AttentionBase(nn.Module):
     @mask_mod.setter
     def mask_mod(self, mask_mod: MaskMod) -> None:
         check_mask_mod(mask_mod)
+        self._check_declared_mask(mask_mod)
         self._store("mask_mod", mask_mod)
         self._patterns_changed()
 
@@ -355,7 +375,19 @@ class AttentionBase(nn.Module):
             raise ValueError(f"{type(self).__name__} does not support dropout; got dropout={dropout}")
         checks.boolean("qkv_bias", qkv_bias)
         check_mask_mod(mask_mod)
+        self._check_declared_mask(mask_mod)
         self._check_score_mod(score_mod, num_heads)
+
+    def _undeclared(self, capability: str, asked: str) -> ValueError:
+        """The error for a call that needs a capability this implementation does not declare."""
+        return ValueError(
+            f"{type(self).__name__} does not declare the capability {capability!r} "
+            f"({MEANING[capability]}), which {asked} needs"
+        )
+
+    def _check_declared_mask(self, mask_mod: MaskMod) -> None:
+        if mask_mod is not causal and not self.capabilities().masks:
+            raise self._undeclared("masks", f"mask_mod={_fn_name(mask_mod)}")
 
     def _check_score_mod(self, score_mod: ScoreMod | None, num_heads: int) -> None:
         if score_mod is None:
@@ -383,6 +415,17 @@ class AttentionBase(nn.Module):
             raise TypeError(f"x is {x.dtype} but the weights are {weight.dtype}; cast one to match")
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the weights are on {weight.device}")
+        declared = self.capabilities()
+        if not declared.allows_dtype(x.dtype):
+            shown = ", ".join(sorted(str(d) for d in declared.dtypes))
+            raise TypeError(f"{type(self).__name__} declares dtypes {shown} only; x is {x.dtype}")
+        if not declared.allows_device(x.device):
+            shown = ", ".join(sorted(declared.devices))
+            raise ValueError(f"{type(self).__name__} declares devices {shown} only; x is on {x.device}")
+        if kv_cache is not None and not declared.kv_cache:
+            raise self._undeclared("kv_cache", "a call with kv_cache")
+        if document_ids is not None and not declared.masks:
+            raise self._undeclared("masks", "a call with document_ids")
         past = 0 if kv_cache is None else self._check_cache(kv_cache, x)
         if past + t > self.context_length:
             raise ValueError(

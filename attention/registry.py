@@ -1,7 +1,8 @@
 """The single list of attention implementations: tests, perf and the benchmark iterate over it.
 
 Add your own implementation (a subclass of :class:`attention.AttentionBase` with the seed
-constructor) either in code::
+constructor, or a plain ``attn(q, k, v)`` function, which :func:`attention.from_function` wraps)
+either in code::
 
     from attention import register
     register("mine", MyAttention)
@@ -10,6 +11,9 @@ or, from an installed package, through the ``attention.implementations`` entry-p
 
     [project.entry-points."attention.implementations"]
     mine = "my_package.module:MyAttention"
+
+or by where it lives, ``resolve("my_package.module:MyAttention")``, which is what the suite's
+``--attention-impl`` and the tools' ``--impl`` accept besides registered names.
 
 Entry points are loaded once, the first time the registry is read. One that cannot be
 registered (its import raises, it is not an AttentionBase subclass, its name is not an
@@ -20,15 +24,22 @@ reads return the same registry without warning again.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from .base import AttentionBase
 from .flex import MHAPyTorchFlexAttention
 from .from_scratch import MultiHeadAttentionCombinedQKV
+from .function import from_function
 from .sdpa import MHAPyTorchScaledDotProduct
 from .triton_attention import MHATritonAttention
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ENTRY_POINT_GROUP = "attention.implementations"
 
@@ -39,6 +50,8 @@ _BUILTINS: dict[str, type[AttentionBase]] = {
     "triton": MHATritonAttention,
 }
 _registry: dict[str, type[AttentionBase]] = dict(_BUILTINS)
+#: Where each implementation that is not a built-in was loaded from, ``"module:attr"``.
+_sources: dict[str, str] = {}
 #: True once every entry point of the group has been tried (registered or skipped with a warning).
 _entry_points_loaded = False
 #: Entry points already tried, so each is loaded (and warned about) once, even when a plugin's
@@ -55,18 +68,85 @@ def builtin_implementations() -> dict[str, type[AttentionBase]]:
     return dict(_BUILTINS)
 
 
-def register(name: str, cls: type[AttentionBase]) -> type[AttentionBase]:
-    """Add ``cls`` under ``name``; returns ``cls`` so it also works as ``register(name, cls)`` inline."""
+def register(name: str, impl: type[AttentionBase] | Callable[..., Tensor]) -> type[AttentionBase]:
+    """Add ``impl`` under ``name`` and return its class: an AttentionBase subclass as it is, a
+    plain function through :func:`attention.from_function` with its defaults (plain causal only;
+    call ``from_function`` yourself to declare more)."""
     if not isinstance(name, str):
         raise TypeError(f"implementation name must be a str, got {type(name).__name__} ({name!r})")
     if not name.isidentifier():
         raise ValueError(f"implementation name must be an identifier-like string, got {name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, AttentionBase)):
-        raise TypeError(f"{cls!r} is not a subclass of attention.AttentionBase")
+    problem = _class_problem(impl)
+    if problem is not None:
+        raise TypeError(problem)
+    cls = _as_class(impl)
     if _registry.get(name, cls) is not cls:
         raise ValueError(f"an implementation named {name!r} is already registered ({_registry[name].__name__})")
     _registry[name] = cls
+    if name not in _BUILTINS:
+        _sources.setdefault(name, f"{getattr(impl, '__module__', '?')}:{getattr(impl, '__qualname__', name)}")
     return cls
+
+
+def _as_class(impl: object) -> type[AttentionBase]:
+    return impl if isinstance(impl, type) else from_function(impl)
+
+
+def _class_problem(impl: object) -> str | None:
+    """Why ``impl`` cannot be an implementation, or ``None``: the subclass door's contract is
+    checked here (``_attend`` overridden), the function door's when the function is called."""
+    if isinstance(impl, type):
+        if not issubclass(impl, AttentionBase):
+            return f"{_describe(impl)} is not a subclass of attention.AttentionBase (or a plain attn(q, k, v) function)"
+        if impl._attend is AttentionBase._attend:
+            return f"{_describe(impl)} does not override _attend(q, k, v, *, q_offset, document_ids): it cannot attend"
+        return None
+    if isinstance(impl, AttentionBase):
+        return f"{_describe(impl)} is a module instance: register its class, {_describe(type(impl))}"
+    if not callable(impl):
+        return f"{_describe(impl)} is neither an AttentionBase subclass nor a plain attn(q, k, v) function"
+    return None
+
+
+def resolve(spec: str) -> str:
+    """The registered name ``spec`` stands for: a name already registered, or ``"module:attr"``
+    (an AttentionBase subclass or a plain function), imported and registered under ``attr``'s
+    last part. A clear ``ValueError`` says what is wrong with a spec that is neither."""
+    if not isinstance(spec, str):
+        raise TypeError(f"an implementation spec must be a str, got {type(spec).__name__} ({spec!r})")
+    known = implementations()
+    if spec in known:
+        return spec
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"unknown implementation {spec!r}; registered: {', '.join(known)} (or give module:attr)")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{spec}: cannot import {module_name} ({type(error).__name__}: {error})") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"{spec}: {module_name} has no attribute {attr}") from None
+    problem = _class_problem(obj)
+    if problem is not None:
+        raise ValueError(f"{spec}: {problem}")
+    cls = _as_class(obj)
+    for name, registered in known.items():
+        if registered is cls:
+            return name
+    name = attr.rsplit(".", 1)[-1]
+    _sources[name] = spec
+    register(name, cls)
+    return name
+
+
+def source(name: str) -> str | None:
+    """``"module:attr"`` that implementation ``name`` was loaded from (``None`` for a built-in):
+    the same-run A/B loads it from there at another revision of its repository."""
+    get(name)
+    return _sources.get(name)
 
 
 def _distribution(ep: object) -> str | None:
@@ -98,16 +178,17 @@ def _plugin_problem(ep: object) -> str | None:
     if name in _BUILTINS:
         return f"{name!r} is the name of a built-in implementation ({_BUILTINS[name].__name__})"
     try:
-        cls = ep.load()
+        impl = ep.load()
     except Exception as error:  # the plugin's own bug: ImportError, SyntaxError, AttributeError...
         return f"loading it raised {type(error).__name__}: {error}"
-    if not isinstance(cls, type):
-        return f"it refers to {_describe(cls)}, which is not a class"
-    if not issubclass(cls, AttentionBase):
-        return f"{_describe(cls)} is not a subclass of attention.AttentionBase"
+    problem = _class_problem(impl)
+    if problem is not None:
+        return problem
+    cls = _as_class(impl)
     if _registry.get(name, cls) is not cls:
         return f"an implementation named {name!r} is already registered ({_describe(_registry[name])})"
     _registry[name] = cls
+    _sources[name] = ep.value
     return None
 
 

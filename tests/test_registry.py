@@ -125,14 +125,28 @@ def test_register_rejects_a_name_that_is_no_string(isolated_registry: None, plug
         attention.register(name, plugin.EinsumAttention)
 
 
-@pytest.mark.parametrize("cls", [int, "EinsumAttention", None, attention.AttentionBase.__init__])
-def test_register_rejects_a_non_subclass(isolated_registry: None, cls: object) -> None:
-    with pytest.raises(TypeError, match=re.escape(f"{cls!r} is not a subclass of attention.AttentionBase")):
-        attention.register("mine", cls)
+def test_register_rejects_a_class_that_is_no_attention(isolated_registry: None) -> None:
+    with pytest.raises(TypeError, match=re.escape("builtins.int is not a subclass of attention.AttentionBase")):
+        attention.register("mine", int)
+
+
+@pytest.mark.parametrize("obj", ["EinsumAttention", None, 3])
+def test_register_rejects_what_is_neither_class_nor_function(isolated_registry: None, obj: object) -> None:
+    message = f"{obj!r} is neither an AttentionBase subclass nor a plain attn(q, k, v) function"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        attention.register("mine", obj)
+
+
+def test_register_rejects_a_subclass_that_does_not_attend(isolated_registry: None) -> None:
+    class Silent(attention.AttentionBase):
+        pass
+
+    with pytest.raises(TypeError, match=r"Silent does not override _attend\(q, k, v, \*, q_offset, document_ids\)"):
+        attention.register("mine", Silent)
 
 
 def test_register_rejects_an_instance(isolated_registry: None, plugin: ModuleType) -> None:
-    with pytest.raises(TypeError, match=re.escape("is not a subclass of attention.AttentionBase")):
+    with pytest.raises(TypeError, match=re.escape("is a module instance: register its class, user_attention.Einsum")):
         attention.register("mine", plugin.EinsumAttention(4, 4, 1, 8))
 
 
@@ -206,12 +220,12 @@ def _bad_plugins(plugin: ModuleType) -> dict[str, tuple[FakeEntryPoint, str]]:
             "loading it raised ImportError: No module named 'cuda_only_kernels'",
         ),
         "not_a_class": (
-            FakeEntryPoint("factory", "user_attention:make", lambda: print),
-            "it refers to <built-in function print>, which is not a class",
+            FakeEntryPoint("factory", "user_attention:make", lambda: 42),
+            "42 is neither an AttentionBase subclass nor a plain attn(q, k, v) function",
         ),
         "not_a_subclass": (
             FakeEntryPoint("a_dict", "builtins:dict", lambda: dict),
-            "builtins.dict is not a subclass of attention.AttentionBase",
+            "builtins.dict is not a subclass of attention.AttentionBase (or a plain attn(q, k, v) function)",
         ),
         "builtin_name": (
             FakeEntryPoint("sdpa", "user_attention:EinsumAttention", lambda: plugin.EinsumAttention),

@@ -1,0 +1,69 @@
+"""What an implementation declares it can do, so the suite tests exactly that.
+
+Every :class:`attention.AttentionBase` subclass answers :meth:`~attention.AttentionBase.capabilities`.
+A subclass that overrides ``_attend`` takes on the whole contract (any ``mask_mod``, packed
+documents, a KV cache, zero rows where no key is visible), so the default declares everything;
+an implementation built from a plain function with :func:`attention.from_function` declares what
+that function does. The property suite skips what is not declared, naming the capability, and
+the module refuses it with a ``ValueError`` naming it: nothing is ever run through a fallback
+while reported as the implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: How a row with no visible key comes out: ``"zeros"`` (the convention every built-in follows,
+#: FlashAttention's and flex's) or ``"any"`` (the implementation promises nothing there: an
+#: additive ``finfo.min`` mask gives a uniform average, a plain softmax NaN).
+EMPTY_ROWS = ("zeros", "any")
+
+#: What each capability means, for skip reasons and error messages.
+MEANING = {
+    "masks": "any mask_mod (sliding windows, prefixes, packed documents), not only plain causal",
+    "kv_cache": "query rows that continue a KV cache (a query offset)",
+    "dropout": "dropout on the attention weights",
+    "backward": "gradients",
+    "zero_empty_rows": "zeros for a row with no visible key",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """An implementation's declared abilities; the defaults are a full ``_attend`` subclass's.
+
+    ``dtypes`` and ``devices`` (device types such as ``"cpu"``, ``"cuda"``) are ``None`` for any.
+    """
+
+    masks: bool = True
+    kv_cache: bool = True
+    empty_rows: str = "zeros"
+    dtypes: frozenset[torch.dtype] | None = None
+    devices: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("masks", "kv_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.empty_rows not in EMPTY_ROWS:
+            raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {self.empty_rows!r}")
+        if self.dtypes is not None:
+            bad = [d for d in self.dtypes if not (isinstance(d, torch.dtype) and d.is_floating_point)]
+            if bad or not self.dtypes:
+                raise TypeError(f"dtypes must be floating torch dtypes (or None for any), got {sorted(map(str, bad))}")
+        if self.devices is not None:
+            bad = [d for d in self.devices if not isinstance(d, str) or ":" in d]
+            if bad or not self.devices:
+                raise TypeError(f"devices must be device types such as 'cpu' or 'cuda' (or None), got {bad}")
+
+    def allows_dtype(self, dtype: torch.dtype) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
+
+    def allows_device(self, device: torch.device | str) -> bool:
+        return self.devices is None or torch.device(device).type in self.devices
+
+    @property
+    def zero_empty_rows(self) -> bool:
+        return self.empty_rows == "zeros"
