@@ -21,6 +21,7 @@ does: see :func:`attention.bench.timing.cpu_threads`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -136,10 +137,11 @@ def _dtype(text: str) -> torch.dtype:
 
 
 def _impl(text: str) -> str:
-    known = registry.implementations()
-    if text not in known:
-        raise argparse.ArgumentTypeError(f"unknown implementation {text!r}; registered: {', '.join(known)}")
-    return text
+    """A registered name, or ``module:attr`` imported and registered (:func:`attention.registry.resolve`)."""
+    try:
+        return registry.resolve(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="NAME",
-        help=f"registry names (default: all that run natively on the device: {names})",
+        help=f"registry names or module:attr of your own AttentionBase subclass or attn(q, k, v) function "
+        f"(default: all registered that run natively on the device: {names})",
     )
     parser.add_argument(
         "--out",
@@ -451,6 +454,43 @@ def steps(config: Config) -> int:
     return len(config.seq_lens) * len(config.impls) * (len(DIRECTIONS) + int(config.accuracy))
 
 
+def accuracy_failures(result: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Implementations with a case outside the accuracy rule (the table's FAIL), each with its
+    worst case: ``{"max_error", "baseline_max_error", "dtype", "seq_len"}``."""
+    worst: dict[str, dict[str, object]] = {}
+    for row in result["cells"]:
+        accuracy = row.get("accuracy") or {}
+        if accuracy.get("status") != "ok":
+            continue
+        for dtype, errors in accuracy["figures"].items():
+            if not isinstance(errors, dict) or errors["passes"]:
+                continue
+            previous = worst.get(row["impl"])
+            if previous is None or _severity(errors["max_error"]) > _severity(previous["max_error"]):
+                worst[row["impl"]] = {
+                    "max_error": errors["max_error"],
+                    "baseline_max_error": errors["baseline_max_error"],
+                    "dtype": dtype,
+                    "seq_len": row["seq_len"],
+                }
+    return worst
+
+
+def _severity(max_error: float) -> float:
+    """Orders errors; NaN (which never passes) above every number."""
+    return math.inf if math.isnan(max_error) else max_error
+
+
+def failure_line(failed: dict[str, dict[str, object]]) -> str:
+    """The last line of a run where an implementation failed the accuracy rule (exit status 1)."""
+    parts = [
+        f"{impl} (worst max error {case['max_error']:.3g} in {case['dtype']} at T={case['seq_len']}; "
+        f"a plain {case['dtype']} implementation: {case['baseline_max_error']:.3g})"
+        for impl, case in failed.items()
+    ]
+    return "FAIL: outside the accuracy rule (attention/accuracy.py): " + ", ".join(parts)
+
+
 #: Exit status after Ctrl-C, as a shell reports a process killed by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
 
@@ -507,8 +547,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERRUPTED
     Console(stderr=True).print("wrote " + ", ".join(str(p) for p in paths))
+    failed = accuracy_failures(result)
+    if failed:
+        # One plain line (no rich wrapping), last on screen: what a CI log shows.
+        print(failure_line(failed), file=sys.stderr, flush=True)
     statuses = [row.get(key, {}).get("status") for row in result["cells"] for key in ("fwd", "fwd_bwd", "accuracy")]
-    return 1 if "error" in statuses else 0
+    return 1 if failed or "error" in statuses else 0
 
 
 if __name__ == "__main__":
