@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 
+from attention.bench.perf import launcher
 from attention.bench.perf.machine import KEY
 from attention.bench.perf.results import parse_run
 
@@ -84,6 +85,8 @@ def with_machine(**changes) -> dict:
     return m
 
 
-def on_gpu(monkeypatch, cli, info: dict) -> None:
-    """The CLI as on a GPU machine whose child-process facts report ``info`` (``cli._gpu_facts``)."""
-    monkeypatch.setattr(cli, "_gpu_facts", lambda gpus, grid_name="": {"names": [info["gpu_name"]], "machine": info})
+def on_gpu(monkeypatch, info: dict) -> None:
+    """The CLI as on a GPU machine whose child-process facts report ``info`` (``launcher.gpu_facts``)."""
+    monkeypatch.setattr(
+        launcher, "gpu_facts", lambda gpus, grid_name="", impls=(): {"names": [info["gpu_name"]], "machine": info}
+    )

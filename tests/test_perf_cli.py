@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention.bench.perf import cli
+from attention.bench.perf import cli, launcher
 from attention.bench.perf.results import write_run
 
 from .perf_support import H100, make_run, on_gpu, samples, with_machine
@@ -150,10 +150,10 @@ def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, mo
     def dead_pytest(cmd, stdout=None, env=None):
         (tmp_path / "run-1.json").write_text("")  # pytest-benchmark opens it at start
 
-    monkeypatch.setattr(cli, "_start", dead_pytest)
-    monkeypatch.setattr(cli, "_wait", lambda procs, limit: [2])
+    monkeypatch.setattr(launcher, "start", dead_pytest)
+    monkeypatch.setattr(launcher, "wait", lambda procs, limit: [2])
     args, extra = cli.run_parser().parse_known_args(["--out", str(tmp_path)])
-    rc, run = cli._pytest_run("run-1", args, extra, tmp_path, cpu=False, limit=None)
+    rc, run = launcher.pytest_run("run-1", args, extra, tmp_path, cpu=False, limit=None)
     assert rc == 2 and list(run.records) == [KEY]
     assert "rebuilding" in capsys.readouterr().out
 
@@ -161,7 +161,7 @@ def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, mo
 def fake_gpu_runs(monkeypatch, tmp_path, medians):
     """cmd_run as on a GPU machine, with pytest replaced by synthetic runs of the given medians."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    on_gpu(monkeypatch, cli, dict(H100))
+    on_gpu(monkeypatch, dict(H100))
     queue = list(medians)
 
     def fake(label, args, extra, out, cpu, limit):
@@ -169,7 +169,7 @@ def fake_gpu_runs(monkeypatch, tmp_path, medians):
         path = write(tmp_path, f"{label}.json", queue.pop(0))
         return 0, cli.load_run(path)
 
-    monkeypatch.setattr(cli, "_pytest_run", fake)
+    monkeypatch.setattr(launcher, "pytest_run", fake)
     return queue
 
 
@@ -200,16 +200,16 @@ def test_bare_compare_without_a_baseline_is_refused_before_any_case_runs(tmp_pat
 def test_bare_compare_with_another_torch_minor_is_refused_before_any_case_runs(tmp_path, monkeypatch, capsys):
     write_run(make_run({KEY: {"median": 1e-3}}), tmp_path / "b" / H100["slug"] / "baseline.json")
     queue = fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
-    on_gpu(monkeypatch, cli, dict(H100, torch="2.15.0", torch_minor="2.15"))
+    on_gpu(monkeypatch, dict(H100, torch="2.15.0", torch_minor="2.15"))
     assert cli.main(["--benchmark-compare", "--out", str(tmp_path), "--baselines", str(tmp_path / "b")]) == 2
     out = capsys.readouterr().out
     assert "recorded with torch 2.11" in out and "--benchmark-compare=main" in out and queue == [1.0e-3]
 
 
 def test_the_first_run_gets_twice_a_later_runs_share_of_the_budget():
-    assert cli.run_time_limit(600, 1, 1) == 600
-    assert cli.run_time_limit(600, 1, 2) == pytest.approx(400)  # it compiles; the second finds the cache
-    assert cli.run_time_limit(200, 2, 2) == pytest.approx(200)
-    assert cli.run_time_limit(600, 1, 3) == pytest.approx(300)
-    assert cli.run_time_limit(300, 2, 3) == pytest.approx(150)
-    assert cli.run_time_limit(10, 3, 3) == 30.0  # never less than 30 s
+    assert launcher.run_time_limit(600, 1, 1) == 600
+    assert launcher.run_time_limit(600, 1, 2) == pytest.approx(400)  # it compiles; the second finds the cache
+    assert launcher.run_time_limit(200, 2, 2) == pytest.approx(200)
+    assert launcher.run_time_limit(600, 1, 3) == pytest.approx(300)
+    assert launcher.run_time_limit(300, 2, 3) == pytest.approx(150)
+    assert launcher.run_time_limit(10, 3, 3) == 30.0  # never less than 30 s

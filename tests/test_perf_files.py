@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from attention.bench.perf import cli
+from attention.bench.perf import cli, launcher
 
 from .perf_support import H100, make_raw, with_machine
 
@@ -142,7 +142,7 @@ def test_a_run_without_a_slug_is_refused(tmp_path, capsys):
 
 
 def test_an_unwritable_out_is_refused_before_any_case_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert cli.main(["--out", str(blocker / "out")]) == 2

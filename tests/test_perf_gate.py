@@ -3,7 +3,6 @@ work, fast refusals, the interleaved A/B timing order, the base revision, and th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from attention import registry
-from attention.bench.perf import cli, flags, machine, runner
+from attention.bench.perf import cli, flags, launcher, machine, runner
 from attention.bench.perf.base_revision import BaseRevision
 from attention.bench.perf.results import NoBaseline, PerfError, Refused, write_run
 from attention.bench.workload import Workload
@@ -123,9 +122,9 @@ def test_compare_fail_replaces_the_baseline_thresholds(tmp_path, capsys):
     ],
 )
 def test_cli_refuses_before_running_anything(argv, message, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(cli, "_pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    on_gpu(monkeypatch, cli, dict(H100))
+    on_gpu(monkeypatch, dict(H100))
     write_run(make_run({KEY: {"median": 1e-3}}), tmp_path / H100["slug"] / "baseline.json")
     assert cli.main([*argv, "--out", str(tmp_path / "out"), "--baselines", str(tmp_path)]) == 2
     assert message in capsys.readouterr().out
@@ -148,7 +147,7 @@ def test_an_ab_without_cuda_is_refused_within_seconds(tmp_path):
 @needs_git
 def test_cli_ab_passes_the_revision_to_pytest_and_reads_the_verdict(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    on_gpu(monkeypatch, cli, dict(H100))
+    on_gpu(monkeypatch, dict(H100))
     seen = {}
 
     def fake_pytest(label, args, extra, out, cpu, limit, verdict):
@@ -162,7 +161,7 @@ def test_cli_ab_passes_the_revision_to_pytest_and_reads_the_verdict(tmp_path, mo
         ({"failed": True, "counts": {"regressed": 1}, "refused": []}, 1),
         ({"failed": True, "counts": {"error": 1}, "refused": [f"{KEY}: TypeError: x"]}, 2),
     ):
-        monkeypatch.setattr(cli, "_pytest_run", lambda *a, v=verdict: fake_pytest(*a, v))
+        monkeypatch.setattr(launcher, "pytest_run", lambda *a, v=verdict: fake_pytest(*a, v))
         out = tmp_path / f"out{status}"
         argv = ["--benchmark-compare=HEAD", "--benchmark-compare-fail=median:3%", "--out", str(out)]
         assert cli.main(argv) == status
@@ -174,8 +173,8 @@ def test_cli_ab_passes_the_revision_to_pytest_and_reads_the_verdict(tmp_path, mo
 @needs_git
 def test_cli_refuses_an_unknown_revision_before_running(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    on_gpu(monkeypatch, cli, dict(H100))
-    monkeypatch.setattr(cli, "_pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    on_gpu(monkeypatch, dict(H100))
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
     assert cli.main(["--benchmark-compare=no-such-branch-xyz", "--out", str(tmp_path)]) == 2
     assert "unknown git revision 'no-such-branch-xyz'" in capsys.readouterr().out
 
@@ -249,12 +248,14 @@ def test_a_base_that_cannot_build_the_case_is_a_refusal_not_a_regression():
 @needs_git
 def test_base_revision_imports_another_copy_of_the_library_and_cleans_up():
     before = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
-    with BaseRevision("HEAD", ROOT) as base:
+    with BaseRevision("HEAD", registry.builtin_implementations(), cwd=ROOT) as base:
         impls = base.implementations
-        assert set(registry.builtin_implementations()) <= set(impls)
+        assert set(registry.builtin_implementations()) <= set(impls) and base.not_compared == {}
         assert impls["sdpa"] is not registry.get("sdpa") and impls["sdpa"].__module__.startswith("attention_base_")
-        assert base.tree.is_dir() and base.label.startswith("HEAD = ") and base.only_in_base() == []
-    assert not base.tree.exists()
+        (tree,) = base.trees.values()
+        assert tree.is_dir() and base.label.startswith("HEAD = ") and base.only_in_base() == []
+        assert base.head_label.startswith("working tree (")
+    assert not tree.exists()
     assert not any(name.startswith("attention_base_") for name in sys.modules)
     after = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert after == before
@@ -312,16 +313,14 @@ def test_gpu_state_reads_throttle_reasons_and_other_processes(monkeypatch):
 
 
 def test_saved_runs_are_compared_on_gpu_and_torch_minor_only(monkeypatch):
-    spec = importlib.util.spec_from_file_location("perf_conftest_for_test", ROOT / "perf" / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, conftest)  # dataclasses look their module up there
-    spec.loader.exec_module(conftest)
+    from attention.bench.perf import plugin
+
     said = []
     session = type("Session", (), {"logger": type("Logger", (), {"warning": staticmethod(said.append)})})
 
     def compare(ours: dict, theirs: dict) -> list[str]:
         said.clear()
-        conftest.pytest_benchmark_compare_machine_info(
+        plugin.pytest_benchmark_compare_machine_info(
             None, session, {machine.KEY: ours}, {"machine_info": {machine.KEY: theirs}}
         )
         return list(said)

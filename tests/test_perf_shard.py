@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attention.bench.perf import ab, cli, shard
+from attention.bench.perf import ab, cli, launcher, shard
 from attention.bench.perf.results import PerfError, load_run, parse_run
 
 from .perf_support import H100, make_raw, make_run, on_gpu, samples, with_machine
@@ -157,7 +157,7 @@ def test_selection_does_not_depend_on_pytest_verbosity(tmp_path, monkeypatch, ve
     for key in [k for k in os.environ if k.startswith("PYTEST_")]:
         monkeypatch.delenv(key)
     args, _ = cli.run_parser().parse_known_args([])
-    ids = cli._selected_cases(args, ["-k", "core-sdpa-fp32", *verbosity], True, tmp_path)
+    ids = launcher.selected_cases(args, ["-k", "core-sdpa-fp32", *verbosity], True, tmp_path)
     assert ids and all(i.startswith("core-sdpa-fp32") for i in ids)
 
 
@@ -176,12 +176,12 @@ def test_a_worker_that_dies_fails_the_run_and_its_cases_are_refused(tmp_path, mo
             report = ab.report_from_cases([(k, head, info) for k in keys], base_rev="b", head_rev="h", gpu="G")
             ab.write_outputs(report, where)
 
-    monkeypatch.setattr(cli, "_start", worker)
-    monkeypatch.setattr(cli, "_wait", lambda procs, limit: [0, -9])
+    monkeypatch.setattr(launcher, "start", worker)
+    monkeypatch.setattr(launcher, "wait", lambda procs, limit: [0, -9])
     args, extra = cli.run_parser().parse_known_args(["-k", "core-sdpa-fp32 or decode-sdpa"])
     extra.append("--perf-compare-rev=HEAD")
-    plan = cli._plan(args, extra, tmp_path, [0, 1], cpu=True)
-    rc, run = cli._sharded_run("run-1", args, extra, tmp_path, None, plan, cpu=True)
+    plan = launcher.gpu_plan(args, extra, tmp_path, [0, 1], cpu=True)
+    rc, run = launcher.sharded_run("run-1", args, extra, tmp_path, None, plan, cpu=True)
     assert rc == 1 and run is None  # -9 is no pass; neither worker left a run
     doc = json.loads((tmp_path / "ab.json").read_text())
     lost = (tmp_path / "gpu1" / "cases.txt").read_text().split()
@@ -192,13 +192,27 @@ def test_a_worker_that_dies_fails_the_run_and_its_cases_are_refused(tmp_path, mo
 def test_a_gpu_plan_reads_cuda_facts_in_a_child_and_refuses_mixed_models(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: pytest.fail("CUDA opened in the parent"))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: pytest.fail("CUDA opened in the parent"))
-    on_gpu(monkeypatch, cli, dict(H100))
-    facts = cli._gpu_facts([0, 1], "full")
-    monkeypatch.setattr(cli, "_gpu_facts", lambda gpus, grid_name="": {**facts, "names": ["NVIDIA H100", "A100"]})
+    on_gpu(monkeypatch, dict(H100))
+    facts = launcher.gpu_facts([0, 1], "full")
+    monkeypatch.setattr(
+        launcher, "gpu_facts", lambda gpus, grid_name="", impls=(): {**facts, "names": ["NVIDIA H100", "A100"]}
+    )
     args, extra = cli.run_parser().parse_known_args([])
     with pytest.raises(PerfError, match="--gpus mixes GPU models"):
-        cli._plan(args, extra, tmp_path, [0, 1])
-    compile(cli._GPU_FACTS, "<gpu facts>", "exec")  # the child's script (it needs a GPU to run)
+        launcher.gpu_plan(args, extra, tmp_path, [0, 1])
+
+
+def test_the_gpu_facts_child_is_a_module_that_prints_one_json_line(monkeypatch, capsys):
+    from attention.bench.perf import facts, machine
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda g: f"GPU{g}")
+    monkeypatch.setattr(machine, "machine_info", lambda device: dict(H100, device=device))
+    cpu_grid = facts.grid
+    monkeypatch.setattr(facts, "grid", lambda name, device, impls: cpu_grid(name, "cpu", impls=impls))
+    facts.main(["--grid=tiny", "--impl=sdpa", "0", "1"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["names"] == ["GPU0", "GPU1"] and doc["machine"]["device"] == "cuda:0"
+    assert {info["impl"] for info in doc["cases"].values()} == {"sdpa", "raw_sdpa", "gemms"}
 
 
 def _env() -> dict:
@@ -241,17 +255,17 @@ def test_two_workers_run_disjoint_shards_merged_into_one_run(tmp_path, monkeypat
         monkeypatch.delenv(key)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # worker i gets the i-th visible GPU
-    pinned, start = [], cli._start
+    pinned, start = [], launcher.start
 
     def spy(cmd, stdout=None, env=None):
         pinned.append(env["CUDA_VISIBLE_DEVICES"])
         return start(cmd, stdout, env)
 
-    monkeypatch.setattr(cli, "_start", spy)
+    monkeypatch.setattr(launcher, "start", spy)
     args, extra = cli.run_parser().parse_known_args(["--out", str(tmp_path), "-k", "core-sdpa-fp32 or decode-sdpa"])
     extra.append("--perf-budget=0.02")
-    plan = cli._plan(args, extra, tmp_path, [0, 1], cpu=True)
-    rc, run = cli._sharded_run("run-1", args, extra, tmp_path, None, plan, cpu=True)
+    plan = launcher.gpu_plan(args, extra, tmp_path, [0, 1], cpu=True)
+    rc, run = launcher.sharded_run("run-1", args, extra, tmp_path, None, plan, cpu=True)
     assert rc == 0
     shards = [(tmp_path / f"gpu{i}" / "cases.txt").read_text().split() for i in (0, 1)]
     assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
@@ -269,6 +283,6 @@ def test_gpus_with_a_saved_run_compare_is_refused_before_any_case(tmp_path, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(cli, "_resolve", lambda args, extra, cuda: flags.CompareTarget("saved", "0001"))
-    monkeypatch.setattr(cli, "_sharded_run", lambda *a, **k: pytest.fail("a case ran"))
+    monkeypatch.setattr(launcher, "sharded_run", lambda *a, **k: pytest.fail("a case ran"))
     assert cli.main(["--gpus", "all", "--benchmark-compare=0001", "--out", str(tmp_path)]) == 2
     assert "pytest-benchmark compares inside one process" in capsys.readouterr().out

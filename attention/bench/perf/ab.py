@@ -41,9 +41,9 @@ DEFAULT_LEVEL = 0.99
 DEFAULT_MIN_EFFECT = 0.02
 MIN_SAMPLES = 5
 STATUSES = ("regressed", "improved", "unchanged", "error", "base_only", "head_only")
-#: perf/min_effects.json: the minimum effect per case pattern, read by the A/B and, as floors,
-#: by baseline thresholds.
-MIN_EFFECTS_FILE = "min_effects.json"
+#: The minimum effect per case pattern, shipped beside this module: read by the A/B (unless
+#: ``--perf-min-effects FILE`` names another) and, as floors, by baseline thresholds.
+MIN_EFFECTS_FILE = Path(__file__).with_name("min_effects.json")
 #: The refusal of a gate that compared nothing (every selected case skipped, failed or not reached).
 NOTHING_COMPARED = ("all cases", "nothing was compared: every selected case was skipped, failed or not reached")
 SCIPY_MISSING = "scipy not installed: no p-values (verdicts use the bootstrap intervals alone)"

@@ -2,13 +2,18 @@
 
 ``nox -s perf -- ARGS`` runs ``python -m attention.bench.perf run ARGS`` (``run`` is the default).
 
-* ``run``: the perf grid under pytest (``perf/``), JSON and tables to ``--out``. Gates:
+* ``run``: the perf grid under pytest (the package's case modules with its plugin,
+  :mod:`.launcher`; from any directory), JSON and tables to ``--out``. ``--impl NAME|module:attr``
+  (repeatable) times those implementations beside the references instead of every registered one.
+  Gates:
 
-  - ``--benchmark-compare=REV`` (any git revision): the same-run A/B. REV's implementations and
+  - ``--benchmark-compare=REV`` (any git revision of the repository holding the implementation
+    under test, :mod:`.base_revision`): the same-run A/B. REV's implementations and
     the working tree's are timed on this GPU in one process, rounds interleaved; a case fails
     when the 99% interval of its median ratio lies above 1 + its minimum effect. Works on any
     CUDA GPU and torch; writes ``summary.md``, ``ab.json``, ``ab.png``.
-  - bare ``--benchmark-compare``: this GPU's committed baseline (``perf/baselines/<gpu>/``,
+  - bare ``--benchmark-compare``: this GPU's committed baseline (``perf/baselines/<gpu>/`` of the
+    current directory, or ``--baselines``;
     thresholds from its recorded spread); refused at once where there is none for this GPU and
     torch minor version.
   - ``--benchmark-compare=NUM`` (a pytest-benchmark saved run) or ``=FILE.json``: see
@@ -34,16 +39,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ... import registry
 from ..files import unwritable, write_atomically
-from . import ab, flags, guards, machine, report, revision, shard
+from . import ab, base_revision, flags, guards, launcher, machine, report, revision, shard
 from . import compare as cmp
+from .launcher import say as _say
 from .results import (
     BASELINE_FILE,
     THRESHOLDS_FILE,
@@ -66,30 +71,15 @@ NO_CUDA = (
 )
 
 
-def _say(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def _find_perf_dir() -> Path:
-    for root in (Path.cwd(), *Path.cwd().parents):
-        if (root / "perf" / "conftest.py").exists():
-            return root / "perf"
-    raise PerfError("cannot find perf/conftest.py: run from the repository checkout (perf/ holds the benchmarks)")
-
-
 def _default_out() -> Path:
     return Path(os.environ.get("PERF_OUT") or Path(".benchmarks") / "attention-perf")
 
 
-def _min_effects() -> Callable[[str], float] | None:
-    """The A/B's per-case minimum effects (perf/min_effects.json), as floors for baseline thresholds."""
+def _min_effects() -> Callable[[str], float]:
+    """The A/B's per-case minimum effects (the packaged min_effects.json), as floors for baseline thresholds."""
     try:
-        path = _find_perf_dir() / ab.MIN_EFFECTS_FILE
-    except PerfError:  # outside a checkout: no perf/ folder, no floors beyond the spread's
-        return None
-    try:
-        return ab.load_min_effects(path).for_case if path.is_file() else None
-    except ValueError as exc:
+        return ab.load_min_effects(ab.MIN_EFFECTS_FILE).for_case
+    except (OSError, ValueError) as exc:
         raise PerfError(str(exc)) from None
 
 
@@ -138,259 +128,14 @@ def record(runs: list[Run], baselines: Path, *, with_thresholds: bool) -> Path:
     return target
 
 
-def _pytest_cmd(label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool) -> list[str]:
-    json_path = out / f"{label}.json"
-    json_path.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(_find_perf_dir()),
-        "-p",
-        "no:cacheprovider",
-        f"--benchmark-json={json_path}",
-        f"--perf-log={out / 'cases.jsonl'}",
-        f"--perf-run-label={label}",
-        "--benchmark-columns=median,iqr,rounds",
-        "--benchmark-sort=name",
-        "--benchmark-group-by=group",
-    ]
-    return cmd + _grid_args(args, cpu) + extra
-
-
-def _grid_args(args: argparse.Namespace, cpu: bool) -> list[str]:
-    """Which grid a pytest run of the suite collects: the tiny CPU grid, or ``--grid``'s."""
-    if cpu:
-        return ["--perf-device=cpu", "--perf-grid=tiny"]
-    return [f"--perf-grid={args.grid}"] if args.grid else []
-
-
-def _pytest_run(
-    label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool, limit: float | None
-) -> tuple[int, Run | None]:
-    cmd = _pytest_cmd(label, args, extra, out, cpu)
-    _say(f"== {label}: {' '.join(cmd[1:])}")
-    start = time.time()
-    if args.quiet_pytest:
-        with (out / "pytest.log").open("a") as log:
-            log.write(f"\n== {label}: {' '.join(cmd)}\n")
-            log.flush()
-            rc = _wait([_start(cmd, log)], limit)[0]
-        tail = (out / "pytest.log").read_text().splitlines()[-6:]
-        _say("\n".join(f"   {line}" for line in tail))
-    else:
-        rc = _wait([_start(cmd)], limit)[0]
-    _say(f"== {label}: pytest exit {rc}, {time.time() - start:.0f} s wall")
-    return rc, _load_or_salvage(label, out)
-
-
-def _load_or_salvage(label: str, out: Path) -> Run | None:
-    """The run's JSON, or one rebuilt from its per-case log if pytest died before writing it."""
-    json_path = out / f"{label}.json"
-    try:
-        return load_run(json_path)
-    except PerfError as exc:  # pytest-benchmark creates the file at start: a dead run leaves it empty
-        _say(f"{label}: {exc}")
-    if (out / "cases.jsonl").exists():
-        _say(f"{label}: rebuilding its JSON from the finished cases in cases.jsonl")
-        json_path.write_text(json.dumps(salvage(out / "cases.jsonl", label)))
-        try:
-            return load_run(json_path)
-        except PerfError as exc:
-            _say(f"{label}: nothing to salvage ({exc})")
-    return None
-
-
-def _start(cmd: list[str], stdout=None, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None, env=env)
-
-
-def _wait(procs: list[subprocess.Popen], time_limit: float | None) -> list[int]:
-    """Exit codes of ``procs``; past ``time_limit`` seconds the ones still running are
-    interrupted like Ctrl-C, so pytest still ends its session and pytest-benchmark writes the
-    JSON of the cases already timed."""
-    deadline = None if time_limit is None else time.time() + time_limit
-    for proc in procs:
-        try:
-            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            break
-    running = [p for p in procs if p.poll() is None]
-    if running:
-        _say(f"time limit ({time_limit:.0f} s) reached: interrupting pytest; finished cases are kept")
-        for proc in running:
-            proc.send_signal(signal.SIGINT)
-        grace = time.time() + 60  # one minute for all of them to write their results, not each
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.0, grace - time.time()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return [p.returncode for p in procs]
-
-
-def _selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: Path) -> list[str]:
-    """The case ids this run selects (``-k``, ``-m`` and the grid applied), by pytest's own
-    collection (perf/conftest.py writes them to a file: no parsing of pytest's output)."""
-    listed = out / "selected-cases.txt"
-    listed.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", str(_find_perf_dir()), "-p", "no:cacheprovider", "--collect-only", "-q"]
-    cmd += [*_grid_args(args, cpu), *extra, f"--perf-list-cases={listed}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode not in (0, 5):  # 5: nothing collected
-        raise PerfError(f"collecting the cases failed (pytest exit {done.returncode}): {done.stdout[-800:]}")
-    return listed.read_text().split() if listed.is_file() else []
-
-
-_GPU_FACTS = """
-import json, sys, torch
-from attention.bench.perf import machine
-from attention.bench.perf.grid import grid
-from attention.bench.perf.runner import describe
-grid_name, gpus = sys.argv[1], [int(g) for g in sys.argv[2:]]
-facts = {"names": [torch.cuda.get_device_name(g) for g in gpus], "machine": machine.machine_info(f"cuda:{gpus[0]}")}
-if grid_name:
-    facts["cases"] = {c.case_id: describe(c) for c in grid(grid_name, "cuda")}
-print(json.dumps(facts))
-"""
-
-
-def _gpu_facts(gpus: list[int], grid_name: str = "") -> dict:
-    """``names`` (the models of ``gpus``), ``machine`` (the first one's machine info) and, given a
-    grid, ``cases`` (its cases described), read by a child process: a CUDA context in this one
-    would sit on a GPU through the whole run, taking memory there and counted by the run's noise
-    checks as another process computing on it."""
-    cmd = [sys.executable, "-c", _GPU_FACTS, grid_name, *map(str, gpus)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise PerfError(f"reading the GPUs' facts failed (exit {done.returncode}): {done.stderr[-800:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _plan(
-    args: argparse.Namespace, extra: list[str], out: Path, gpus: list[int], cpu: bool = False
-) -> list[tuple[int, list[str], float]]:
-    """``(gpu, case ids, estimated seconds)`` per GPU with work: the selected cases dealt longest
-    first (:mod:`.shard`), once for all of a run's repeats. ``cpu``: the tiny CPU grid (the
-    machinery, tested without GPUs). Opens no CUDA context here (:func:`_gpu_facts`)."""
-    from .grid import grid
-    from .runner import describe
-
-    grid_name = args.grid or ("tiny" if cpu else "full")
-    if cpu:
-        info, cases = machine.machine_info("cpu"), {c.case_id: describe(c) for c in grid(grid_name, "cpu")}
-    else:
-        facts = _gpu_facts(gpus, grid_name)
-        if len(models := set(facts["names"])) > 1:
-            raise PerfError(f"--gpus mixes GPU models ({', '.join(sorted(models))}): a run is per model")
-        info, cases = facts["machine"], facts["cases"]
-    selection = [a for a in extra if not a.startswith(("--perf-compare-rev", "--perf-ab-out", "--perf-min-effect"))]
-    ids = set(_selected_cases(args, selection, cpu, out))
-    infos = {case: cases[case] for case in ids if case in cases}
-    if missing := sorted(ids - set(infos)):
-        raise PerfError(f"pytest collected cases the grid does not describe: {', '.join(missing[:3])}")
-    history_path = baseline_dir(Path(args.baselines), info) / BASELINE_FILE
-    history = shard.history_seconds(load_run(history_path) if not cpu and history_path.is_file() else None)
-    costs = shard.case_costs(infos, history, _budget(extra))
-    shards = shard.lpt_shards(costs, len(gpus))
-    return [(gpu, dealt, sum(costs[c] for c in dealt)) for gpu, dealt in zip(gpus, shards, strict=True) if dealt]
-
-
-def _sharded_run(
-    label: str,
-    args: argparse.Namespace,
-    extra: list[str],
-    out: Path,
-    limit: float | None,
-    plan: list[tuple[int, list[str], float]],
-    cpu: bool = False,
-) -> tuple[int, Run | None]:
-    """The grid as ``plan`` (:func:`_plan`) deals it: one pytest process per GPU, each pinned with
-    CUDA_VISIBLE_DEVICES and given its shard, merged into one run (and one A/B report)."""
-    import torch
-
-    if not plan:
-        _say(f"== {label}: no case selected")
-        return 5, None
-    started = time.time()
-    ab_run = any(a.startswith("--perf-compare-rev") for a in extra)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    physical = visible.split(",") if visible else None
-    procs, dirs, logs = [], [], []
-    for gpu, cases, seconds in plan:
-        where = out / f"gpu{gpu}"
-        where.mkdir(parents=True, exist_ok=True)
-        for stale in ("cases.jsonl", "pytest.log", "ab.json", "summary.md", "ab.png"):
-            (where / stale).unlink(missing_ok=True)
-        (where / "cases.txt").write_text("\n".join(cases) + "\n")
-        own = ["--perf-cases", str(where / "cases.txt"), f"--perf-ab-out={where}"]
-        cmd = _pytest_cmd(label, args, extra + own, where, cpu)
-        env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}  # the merged summary only
-        env["CUDA_VISIBLE_DEVICES"] = physical[gpu] if physical else str(gpu)
-        _say(f"== {label} on GPU {gpu}: {len(cases)} cases, ~{seconds:.0f} s estimated; log {where / 'pytest.log'}")
-        logs.append((where / "pytest.log").open("a"))
-        procs.append(_start(cmd, logs[-1], env))
-        dirs.append((gpu, where))
-    try:
-        codes = _wait(procs, limit)
-    finally:
-        for log in logs:
-            log.close()
-    wall = time.time() - started
-    parts, lost = [], []
-    for (gpu, where), rc in zip(dirs, codes, strict=True):
-        _say(f"== {label} on GPU {gpu}: pytest exit {rc}")
-        _say("\n".join(f"   {line}" for line in (where / "pytest.log").read_text().splitlines()[-3:]))
-        run = _load_or_salvage(label, where)
-        if run is not None:
-            parts.append((gpu, run))
-        with (out / "cases.jsonl").open("a") as merged_log:
-            merged_log.write((where / "cases.jsonl").read_text() if (where / "cases.jsonl").exists() else "")
-        if ab_run and not (where / "ab.json").is_file():  # it died before judging its shard
-            why = f"GPU {gpu}'s pytest process ended (exit {rc}) before it wrote its A/B report"
-            lost += [f"{key}: {why}" for key in (where / "cases.txt").read_text().split()]
-    _say(f"== {label}: {len(dirs)} GPUs, {wall:.0f} s wall")
-    # A worker killed by a signal has a negative code: a failure too, never a pass.
-    status = 0 if all(rc == 0 for rc in codes) else max([1, *(rc for rc in codes if rc > 0)])
-    if ab_run:
-        reports = [
-            ab.report_from_json(json.loads((w / "ab.json").read_text())) for _, w in dirs if (w / "ab.json").is_file()
-        ]
-        if reports:
-            ab.write_outputs(ab.merge_reports(reports, refused=lost), out)
-    if not parts:
-        return status, None
-    host_gpus = len(plan) if cpu else torch.cuda.device_count()
-    merged = shard.merge_shards(parts, wall, host_gpus=host_gpus)
-    write_atomically(out / f"{label}.json", json.dumps(merged, indent=1) + "\n")
-    return status, load_run(out / f"{label}.json")
-
-
-def _budget(extra: list[str]) -> float:
-    """Timed seconds per case the workers will use (``--perf-budget``, else its default)."""
-    from .runner import DEFAULT_BUDGET_S
-
-    given = flags.given(extra, "--perf-budget")
-    try:
-        return float(given[-1]) if given and given[-1] else DEFAULT_BUDGET_S
-    except ValueError:
-        raise PerfError(f"--perf-budget must be a number of seconds, got {given[-1]!r}") from None
-
-
-def run_time_limit(remaining_s: float, run: int, repeat: int) -> float:
-    """Seconds run ``run`` of ``repeat`` may take out of the ``remaining_s`` left of the budget.
-
-    The first run of a process tree compiles every flex kernel (the later ones find them in
-    inductor's on-disk cache), so it gets twice a later run's share; never less than 30 s.
-    """
-    weights = [2.0 if i == 1 else 1.0 for i in range(run, repeat + 1)]
-    return max(30.0, remaining_s * weights[0] / sum(weights))
-
-
 def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.CompareTarget | None:
     """What ``--benchmark-compare`` means here, decided before any case runs (refusals are fast)."""
     flags.check_native(extra)
+    for spec in args.impl:  # an unknown name or a module:attr that does not import: refused here
+        try:
+            registry.resolve(spec)
+        except (ValueError, TypeError) as exc:
+            raise PerfError(f"--impl {spec}: {exc}") from None
     if args.benchmark_disable and (args.benchmark_compare is not None or args.record):
         raise flags.FlagRefused("--benchmark-disable times nothing: nothing to compare or record")
     if args.benchmark_compare is None:
@@ -404,7 +149,7 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
             f"--benchmark-compare{what} needs a CUDA GPU: perf numbers are compared on GPUs only; none here. "
             "Without it the tiny CPU grid runs to show the machinery."
         )
-    info = _gpu_facts([0])["machine"]  # read in a child process, as _plan does
+    info = launcher.gpu_facts([0])["machine"]  # read in a child process, as gpu_plan does
     storage = Path(_storage(extra))
     target = flags.resolve_compare(value, baselines=Path(args.baselines), storage=storage, machine=info)
     if target.kind == "saved":
@@ -414,8 +159,12 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
     if target.kind == "revision":
         if args.record or args.repeat > 1:
             raise PerfError("--benchmark-compare=REV times two revisions: run it again for another A/B, record apart")
-        base = revision.resolve(value, revision.repo_root(_find_perf_dir()))
-        _say(f"A/B: {value} = {base[:12]} against the working tree, on {info['gpu_name']}")
+        names = [registry.resolve(spec) for spec in args.impl] or list(registry.implementations())
+        plan = base_revision.plan(value, names)  # REV in each repository the A/B checks out
+        for root, sha in plan.shas.items():
+            _say(f"A/B: {value} = {sha[:12]} of {root} against its working tree, on {info['gpu_name']}")
+        for name, why in plan.not_compared.items():
+            _say(f"A/B: {name} is not compared: {why}")
     elif target.kind == "baseline":
         _say(f"Comparing with {target.path}")
     return target
@@ -460,19 +209,19 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         (out / name).unlink(missing_ok=True)
     if not cuda:
         _say(NO_CUDA)
-    extra = [*extra, *_pytest_args(args, target, out)]
+    extra = [*extra, *(f"--perf-impl={spec}" for spec in args.impl), *_pytest_args(args, target, out)]
     if args.benchmark_disable:
         extra.append("--benchmark-disable")
     status, runs, started = 0, [], time.time()
-    plan = _plan(args, extra, out, gpus) if len(gpus) > 1 else None  # dealt once for every repeat
+    plan = launcher.gpu_plan(args, extra, out, gpus) if len(gpus) > 1 else None  # dealt once for every repeat
     for i in range(1, args.repeat + 1):
         limit = None
         if args.time_budget:  # what is left, shared by the runs still to go
-            limit = run_time_limit(args.time_budget - (time.time() - started), i, args.repeat)
+            limit = launcher.run_time_limit(args.time_budget - (time.time() - started), i, args.repeat)
         if plan is not None:
-            rc, run = _sharded_run(f"run-{i}", args, extra, out, limit, plan)
+            rc, run = launcher.sharded_run(f"run-{i}", args, extra, out, limit, plan)
         else:
-            rc, run = _pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
+            rc, run = launcher.pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
         status = max(status, 1 if rc != 0 else 0)
         if run is not None:
             runs.append(run)
@@ -538,7 +287,7 @@ def _gate_on_baseline(args: argparse.Namespace, runs: list[Run], baseline: Path)
 
 
 def _gate_on_ab(out: Path, pytest_status: int) -> int:
-    """The A/B verdict pytest wrote (perf/conftest.py): 2 where the base could not build a case."""
+    """The A/B verdict pytest wrote (:mod:`.plugin`): 2 where the base could not build a case."""
     path = out / "ab.json"
     if not path.is_file():
         raise PerfError(f"the A/B run wrote no {path}: see the pytest output above")
@@ -631,8 +380,12 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", action="store_true", help="write the run(s) as this GPU's baseline")
     run.add_argument("--repeat", type=int, default=1, help="run the grid N times; N >= 2 measures spread")
     run.add_argument("--grid", choices=("full", "quick", "tiny"), default=None, help="default: full on CUDA")
+    run.add_argument(
+        "--impl", action="append", default=[], metavar="NAME|module:attr",
+        help="time this implementation (repeatable; default every registered one) beside raw_sdpa and gemms",
+    )  # fmt: skip
     run.add_argument("--out", default=None, help="where JSON and tables go (default: $PERF_OUT or .benchmarks/)")
-    run.add_argument("--baselines", default=str(DEFAULT_BASELINES), help="baseline root (default perf/baselines)")
+    run.add_argument("--baselines", default=str(DEFAULT_BASELINES), help="baseline root (default ./perf/baselines)")
     run.add_argument("--thresholds", default=None, help="thresholds JSON (default: beside the baseline)")
     run.add_argument("--quiet-pytest", action="store_true", help="pytest output to OUT/pytest.log")
     run.add_argument(

@@ -8,8 +8,9 @@
 * ``quick``: the same kinds at fewer shapes, for iterating on one lever.
 * ``tiny``: CPU-sized shapes of every kind, so the machinery can be seen working without a GPU.
 
-Every registered implementation is included, plugins too; cases it cannot run skip themselves
-(:meth:`attention.bench.workload.Workload.skip_reason`).
+Every registered implementation is included, plugins too, unless ``impls`` names the ones to
+time (``--perf-impl``); the references (``raw_sdpa``, ``gemms``) are in every grid. Cases an
+implementation cannot run skip themselves (:meth:`attention.bench.workload.Workload.skip_reason`).
 """
 
 from __future__ import annotations
@@ -53,13 +54,20 @@ def _prefill(
     ]
 
 
-def grid(name: str, device: str, *, flex_kernel_options: Mapping[str, object] | None = None) -> list[Case]:
+def grid(
+    name: str,
+    device: str,
+    *,
+    impls: Iterable[str] | None = None,
+    flex_kernel_options: Mapping[str, object] | None = None,
+) -> list[Case]:
     """The cases of grid ``name`` on ``device``, in run order (unique ``case_id``).
 
+    ``impls``: the registered implementations to time (default every one), beside the references.
     ``flex_kernel_options`` go to every prefill case (flex modules take them; decode keeps
     flex's own split-KV choice).
     """
-    cases = _cases(name, device)
+    cases = _cases(name, device, list(registry.implementations()) if impls is None else list(impls))
     if flex_kernel_options:
         cases = [
             dataclasses.replace(c, kernel_options=dict(flex_kernel_options)) if isinstance(c, Workload) else c
@@ -68,10 +76,9 @@ def grid(name: str, device: str, *, flex_kernel_options: Mapping[str, object] | 
     return cases
 
 
-def _cases(name: str, device: str) -> list[Case]:
+def _cases(name: str, device: str, impls: list[str]) -> list[Case]:
     if name not in GRIDS:
         raise ValueError(f"unknown perf grid {name!r}; choose one of {', '.join(GRIDS)}")
-    impls = list(registry.implementations())
     raw = ["raw_sdpa", "raw_sdpa_flash"]
     both = (False, True)
     bf16 = torch.bfloat16

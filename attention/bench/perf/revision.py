@@ -6,13 +6,15 @@ revision without touching the user's checkout, REV goes into a temporary *detach
 (no branch is created; HEAD, the index and the working tree stay as they are), which is removed
 afterwards, also on Ctrl-C, SIGTERM or an exception. :func:`load_package` then imports that
 revision's ``attention`` package as ``attention_base``, which works because the package only
-uses relative imports.
+uses relative imports; :func:`load_module_at` does the same for a user's package, which may
+import itself by absolute name.
 
 Standard library only, so it is importable (and tested) without torch or a GPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
@@ -274,3 +276,53 @@ def load_package(path: Path, name: str = "attention_base") -> types.ModuleType:
         forget_package(name)
         raise
     return module
+
+
+def is_tracked(path: Path, root: Path) -> bool:
+    """Whether git tracks ``path`` (a file, or a folder with tracked files) in the repository at ``root``."""
+    proc = _git(root, "ls-files", "--error-unmatch", "--", str(Path(path).resolve().relative_to(root)))
+    return proc.returncode == 0
+
+
+def module_location(top: str) -> Path:
+    """Where top-level module ``top`` is imported from: its package's folder, or its file."""
+    module = importlib.import_module(top)
+    origin = getattr(module, "__file__", None)
+    if origin is None:  # a namespace package: its first folder
+        return Path(next(iter(module.__path__))).resolve()
+    origin = Path(origin).resolve()
+    return origin.parent if origin.name == "__init__.py" else origin
+
+
+def _take(name: str) -> dict[str, types.ModuleType]:
+    """Remove module ``name`` and its submodules from ``sys.modules``, returning them."""
+    return {key: sys.modules.pop(key) for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]}
+
+
+def load_module_at(location: Path, module: str, alias: str) -> types.ModuleType:
+    """Import ``module`` from another copy of its top-level package, at ``location`` (that copy's
+    folder, or file for a one-file module), and file that copy's modules under ``alias``.
+
+    A package that imports itself by absolute name (``from my_pkg.x import f``) would get the
+    already imported copy's modules; so while importing, the imported copy's ``my_pkg*`` entries
+    leave ``sys.modules`` (earlier loads of the other copy come back under their own names) and
+    ``location``'s folder comes first on ``sys.path``. Afterwards the other copy's modules are
+    filed as ``alias``, ``alias.x``, ... and the imported copy's entries are put back, so both
+    live side by side. Imports the other copy runs later, inside its functions, find the imported
+    copy's modules: import at module level what the implementation needs.
+    """
+    top = module.partition(".")[0]
+    if not alias.isidentifier():
+        raise RevisionError(f"{alias!r} is not a valid top-level module name")
+    entry = str(Path(location).resolve().parent)
+    head = _take(top)
+    sys.modules.update({top + key[len(alias) :]: mod for key, mod in _take(alias).items()})
+    sys.path.insert(0, entry)
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(entry)
+        sys.modules.update({alias + key[len(top) :]: mod for key, mod in _take(top).items()})
+        sys.modules.update(head)
+        importlib.invalidate_caches()

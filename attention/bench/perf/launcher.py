@@ -1,0 +1,278 @@
+"""How ``python -m attention.bench.perf run`` launches pytest: the command, time limits, salvage, and several GPUs.
+
+Every run is a pytest process on the case modules that ship in the package
+(:mod:`attention.bench.perf.cases`) with the perf plugin loaded by name
+(``-p attention.bench.perf.plugin``), so it needs no checkout and runs from any directory.
+``--gpus`` deals the selected cases over one process per GPU (:func:`gpu_plan`,
+:func:`sharded_run`); what it must know of the GPUs is read by a child process
+(:mod:`.facts`), so this one never holds a CUDA context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ... import registry
+from ..files import write_atomically
+from . import ab, flags, machine, shard
+from .cases import __file__ as _cases_init
+from .results import BASELINE_FILE, PerfError, Run, baseline_dir, load_run, salvage
+
+#: The grid's test modules and the plugin that parametrises them.
+CASES = str(Path(_cases_init).parent)
+PLUGIN = "attention.bench.perf.plugin"
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def pytest_cmd(label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool) -> list[str]:
+    json_path = out / f"{label}.json"
+    json_path.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        CASES,
+        "-p",
+        PLUGIN,
+        "-p",
+        "no:cacheprovider",
+        f"--benchmark-json={json_path}",
+        f"--perf-log={out / 'cases.jsonl'}",
+        f"--perf-run-label={label}",
+        "--benchmark-columns=median,iqr,rounds",
+        "--benchmark-sort=name",
+        "--benchmark-group-by=group",
+    ]
+    return cmd + _grid_args(args, cpu) + extra
+
+
+def _grid_args(args: argparse.Namespace, cpu: bool) -> list[str]:
+    """Which grid a pytest run of the suite collects: the tiny CPU grid, or ``--grid``'s."""
+    if cpu:
+        return ["--perf-device=cpu", "--perf-grid=tiny"]
+    return [f"--perf-grid={args.grid}"] if args.grid else []
+
+
+def pytest_run(
+    label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool, limit: float | None
+) -> tuple[int, Run | None]:
+    cmd = pytest_cmd(label, args, extra, out, cpu)
+    say(f"== {label}: {' '.join(cmd[1:])}")
+    began = time.time()
+    if args.quiet_pytest:
+        with (out / "pytest.log").open("a") as log:
+            log.write(f"\n== {label}: {' '.join(cmd)}\n")
+            log.flush()
+            rc = wait([start(cmd, log)], limit)[0]
+        tail = (out / "pytest.log").read_text().splitlines()[-6:]
+        say("\n".join(f"   {line}" for line in tail))
+    else:
+        rc = wait([start(cmd)], limit)[0]
+    say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
+    return rc, load_or_salvage(label, out)
+
+
+def load_or_salvage(label: str, out: Path) -> Run | None:
+    """The run's JSON, or one rebuilt from its per-case log if pytest died before writing it."""
+    json_path = out / f"{label}.json"
+    try:
+        return load_run(json_path)
+    except PerfError as exc:  # pytest-benchmark creates the file at start: a dead run leaves it empty
+        say(f"{label}: {exc}")
+    if (out / "cases.jsonl").exists():
+        say(f"{label}: rebuilding its JSON from the finished cases in cases.jsonl")
+        json_path.write_text(json.dumps(salvage(out / "cases.jsonl", label)))
+        try:
+            return load_run(json_path)
+        except PerfError as exc:
+            say(f"{label}: nothing to salvage ({exc})")
+    return None
+
+
+def start(cmd: list[str], stdout=None, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None, env=env)
+
+
+def wait(procs: list[subprocess.Popen], time_limit: float | None) -> list[int]:
+    """Exit codes of ``procs``; past ``time_limit`` seconds the ones still running are
+    interrupted like Ctrl-C, so pytest still ends its session and pytest-benchmark writes the
+    JSON of the cases already timed."""
+    deadline = None if time_limit is None else time.time() + time_limit
+    for proc in procs:
+        try:
+            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            break
+    running = [p for p in procs if p.poll() is None]
+    if running:
+        say(f"time limit ({time_limit:.0f} s) reached: interrupting pytest; finished cases are kept")
+        for proc in running:
+            proc.send_signal(signal.SIGINT)
+        grace = time.time() + 60  # one minute for all of them to write their results, not each
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.0, grace - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return [p.returncode for p in procs]
+
+
+def selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: Path) -> list[str]:
+    """The case ids this run selects (``-k``, ``-m`` and the grid applied), by pytest's own
+    collection (the plugin writes them to a file: no parsing of pytest's output)."""
+    listed = out / "selected-cases.txt"
+    listed.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", CASES, "-p", PLUGIN, "-p", "no:cacheprovider", "--collect-only", "-q"]
+    cmd += [*_grid_args(args, cpu), *extra, f"--perf-list-cases={listed}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode not in (0, 5):  # 5: nothing collected
+        raise PerfError(f"collecting the cases failed (pytest exit {done.returncode}): {done.stdout[-800:]}")
+    return listed.read_text().split() if listed.is_file() else []
+
+
+def gpu_facts(gpus: list[int], grid_name: str = "", impls: Sequence[str] = ()) -> dict:
+    """``names`` (the models of ``gpus``), ``machine`` (the first one's machine info) and, given a
+    grid, ``cases`` (its cases described), read by a child process: a CUDA context in this one
+    would sit on a GPU through the whole run, taking memory there and counted by the run's noise
+    checks as another process computing on it."""
+    cmd = [sys.executable, "-m", "attention.bench.perf.facts", f"--grid={grid_name}", *map(str, gpus)]
+    cmd += [f"--impl={spec}" for spec in impls]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise PerfError(f"reading the GPUs' facts failed (exit {done.returncode}): {done.stderr[-800:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gpu_plan(
+    args: argparse.Namespace, extra: list[str], out: Path, gpus: list[int], cpu: bool = False
+) -> list[tuple[int, list[str], float]]:
+    """``(gpu, case ids, estimated seconds)`` per GPU with work: the selected cases dealt longest
+    first (:mod:`.shard`), once for all of a run's repeats. ``cpu``: the tiny CPU grid (the
+    machinery, tested without GPUs). Opens no CUDA context here (:func:`gpu_facts`)."""
+    from .grid import grid
+    from .runner import describe
+
+    grid_name = args.grid or ("tiny" if cpu else "full")
+    specs = [spec for spec in flags.given(extra, "--perf-impl") if spec]
+    if cpu:
+        impls = [registry.resolve(spec) for spec in specs] or None
+        info = machine.machine_info("cpu")
+        cases = {c.case_id: describe(c) for c in grid(grid_name, "cpu", impls=impls)}
+    else:
+        facts = gpu_facts(gpus, grid_name, specs)
+        if len(models := set(facts["names"])) > 1:
+            raise PerfError(f"--gpus mixes GPU models ({', '.join(sorted(models))}): a run is per model")
+        info, cases = facts["machine"], facts["cases"]
+    selection = [a for a in extra if not a.startswith(("--perf-compare-rev", "--perf-ab-out", "--perf-min-effect"))]
+    ids = set(selected_cases(args, selection, cpu, out))
+    infos = {case: cases[case] for case in ids if case in cases}
+    if missing := sorted(ids - set(infos)):
+        raise PerfError(f"pytest collected cases the grid does not describe: {', '.join(missing[:3])}")
+    history_path = baseline_dir(Path(args.baselines), info) / BASELINE_FILE
+    history = shard.history_seconds(load_run(history_path) if not cpu and history_path.is_file() else None)
+    costs = shard.case_costs(infos, history, _budget(extra))
+    shards = shard.lpt_shards(costs, len(gpus))
+    return [(gpu, dealt, sum(costs[c] for c in dealt)) for gpu, dealt in zip(gpus, shards, strict=True) if dealt]
+
+
+def sharded_run(
+    label: str,
+    args: argparse.Namespace,
+    extra: list[str],
+    out: Path,
+    limit: float | None,
+    plan: list[tuple[int, list[str], float]],
+    cpu: bool = False,
+) -> tuple[int, Run | None]:
+    """The grid as ``plan`` (:func:`gpu_plan`) deals it: one pytest process per GPU, each pinned with
+    CUDA_VISIBLE_DEVICES and given its shard, merged into one run (and one A/B report)."""
+    import torch
+
+    if not plan:
+        say(f"== {label}: no case selected")
+        return 5, None
+    started = time.time()
+    ab_run = any(a.startswith("--perf-compare-rev") for a in extra)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = visible.split(",") if visible else None
+    procs, dirs, logs = [], [], []
+    for gpu, cases, seconds in plan:
+        where = out / f"gpu{gpu}"
+        where.mkdir(parents=True, exist_ok=True)
+        for stale in ("cases.jsonl", "pytest.log", "ab.json", "summary.md", "ab.png"):
+            (where / stale).unlink(missing_ok=True)
+        (where / "cases.txt").write_text("\n".join(cases) + "\n")
+        own = ["--perf-cases", str(where / "cases.txt"), f"--perf-ab-out={where}"]
+        cmd = pytest_cmd(label, args, extra + own, where, cpu)
+        env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}  # the merged summary only
+        env["CUDA_VISIBLE_DEVICES"] = physical[gpu] if physical else str(gpu)
+        say(f"== {label} on GPU {gpu}: {len(cases)} cases, ~{seconds:.0f} s estimated; log {where / 'pytest.log'}")
+        logs.append((where / "pytest.log").open("a"))
+        procs.append(start(cmd, logs[-1], env))
+        dirs.append((gpu, where))
+    try:
+        codes = wait(procs, limit)
+    finally:
+        for log in logs:
+            log.close()
+    wall = time.time() - started
+    parts, lost = [], []
+    for (gpu, where), rc in zip(dirs, codes, strict=True):
+        say(f"== {label} on GPU {gpu}: pytest exit {rc}")
+        say("\n".join(f"   {line}" for line in (where / "pytest.log").read_text().splitlines()[-3:]))
+        run = load_or_salvage(label, where)
+        if run is not None:
+            parts.append((gpu, run))
+        with (out / "cases.jsonl").open("a") as merged_log:
+            merged_log.write((where / "cases.jsonl").read_text() if (where / "cases.jsonl").exists() else "")
+        if ab_run and not (where / "ab.json").is_file():  # it died before judging its shard
+            why = f"GPU {gpu}'s pytest process ended (exit {rc}) before it wrote its A/B report"
+            lost += [f"{key}: {why}" for key in (where / "cases.txt").read_text().split()]
+    say(f"== {label}: {len(dirs)} GPUs, {wall:.0f} s wall")
+    # A worker killed by a signal has a negative code: a failure too, never a pass.
+    status = 0 if all(rc == 0 for rc in codes) else max([1, *(rc for rc in codes if rc > 0)])
+    if ab_run:
+        reports = [
+            ab.report_from_json(json.loads((w / "ab.json").read_text())) for _, w in dirs if (w / "ab.json").is_file()
+        ]
+        if reports:
+            ab.write_outputs(ab.merge_reports(reports, refused=lost), out)
+    if not parts:
+        return status, None
+    host_gpus = len(plan) if cpu else torch.cuda.device_count()
+    merged = shard.merge_shards(parts, wall, host_gpus=host_gpus)
+    write_atomically(out / f"{label}.json", json.dumps(merged, indent=1) + "\n")
+    return status, load_run(out / f"{label}.json")
+
+
+def _budget(extra: list[str]) -> float:
+    """Timed seconds per case the workers will use (``--perf-budget``, else its default)."""
+    from .runner import DEFAULT_BUDGET_S
+
+    given = flags.given(extra, "--perf-budget")
+    try:
+        return float(given[-1]) if given and given[-1] else DEFAULT_BUDGET_S
+    except ValueError:
+        raise PerfError(f"--perf-budget must be a number of seconds, got {given[-1]!r}") from None
+
+
+def run_time_limit(remaining_s: float, run: int, repeat: int) -> float:
+    """Seconds run ``run`` of ``repeat`` may take out of the ``remaining_s`` left of the budget.
+
+    The first run of a process tree compiles every flex kernel (the later ones find them in
+    inductor's on-disk cache), so it gets twice a later run's share; never less than 30 s.
+    """
+    weights = [2.0 if i == 1 else 1.0 for i in range(run, repeat + 1)]
+    return max(30.0, remaining_s * weights[0] / sum(weights))
