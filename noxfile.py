@@ -77,6 +77,8 @@ def perf(session: nox.Session) -> None:
     -- --benchmark-compare: compare with perf/baselines/<this GPU>/ and fail on regressions.
     -- --record: make this run the baseline for this GPU (commit perf/baselines/<gpu>/).
     -- --repeat 3: run three times and derive per-case thresholds from the spread.
+    -- --benchmark-compare=main: same-run A/B of main against the working tree.
+    -- --impl NAME|module:attr: time only that implementation (and the references).
     Other args go to pytest (-k flex, --perf-grid=quick, --perf-graphs=all). Without CUDA it runs
     a tiny CPU grid to show the machinery working and compares nothing. See perf/README.md.
     """

@@ -287,8 +287,8 @@ def thresholds_from_spread(
     min_effect: Callable[[str], float] | None = None,
 ) -> dict:
     """Per-case time thresholds from measured run-to-run spread: ``max(floor, k x max deviation)``,
-    and never below the case's ``min_effect`` (the A/B's minimum effects, perf/min_effects.json):
-    a case whose speed varies between compilations (docs/design.md#between-compile-offsets) can
+    and never below the case's ``min_effect`` (the A/B's minimum effects, the packaged
+    min_effects.json): a case whose speed varies between compilations (docs/design.md#between-compile-offsets) can
     look steady over a few runs and still move that much in the next process.
 
     Cases measured here get their own entry; the default for cases not measured is the 90th

@@ -87,7 +87,7 @@ def _positive(value: object) -> bool:
 
 def _check_machine(machine: object, path: str | Path) -> dict:
     if not isinstance(machine, dict) or "torch" not in machine or "device" not in machine:
-        raise _bad(path, f"machine_info has no '{KEY}' section (written by perf/conftest.py)")
+        raise _bad(path, f"machine_info has no '{KEY}' section (written by the perf plugin)")
     slug = machine.get("slug")
     # The slug names the baseline's folder: it must be one path component, derived from the GPU.
     if not isinstance(slug, str) or not _SLUG.fullmatch(slug):

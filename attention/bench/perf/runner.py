@@ -200,7 +200,7 @@ def _check_timer(benchmark, device: torch.device):
     timer = getattr(benchmark, "_timer", None)
     if device.type == "cuda" and not isinstance(timer, CudaEventClock):
         raise RuntimeError(
-            f"the benchmark fixture times with {timer!r}, not the CUDA event clock; perf/conftest.py "
+            f"the benchmark fixture times with {timer!r}, not the CUDA event clock; the perf plugin "
             "must mark every case with pytest.mark.benchmark(timer=clock_for(device))"
         )
     if isinstance(timer, CudaEventClock):
