@@ -10,8 +10,11 @@
 * :mod:`.flags`: what ``--benchmark-compare[=X]`` means; pytest-benchmark's flags that work,
   are applied or are refused.
 * :mod:`.revision`: a git revision in a temporary worktree, its package imported under another name.
-* :mod:`.base_revision`: the A/B's base side: another revision's implementations.
+* :mod:`.base_revision`: the A/B's base side: each implementation at REV of its own repository.
 * :mod:`.ab`: A/B verdicts (bootstrap interval of the median ratio), Markdown summary, plot.
 * :mod:`.report`: the tables a run prints.
+* :mod:`.plugin`: the pytest plugin (options, cases, timer, guards, the A/B); :mod:`.state`: a run's state.
+* :mod:`.cases`: the grid's test modules, run from any directory.
+* :mod:`.launcher`: runs pytest (time limits, salvage, ``--gpus``); :mod:`.facts`: GPU facts, in a child.
 * :mod:`.cli`: ``python -m attention.bench.perf`` (what ``nox -s perf`` runs).
 """
