@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import gpu_for_worker
+from attention.suite.plugin import gpu_for_worker
 
 
 def test_workers_take_gpus_round_robin() -> None:

@@ -15,11 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attention
-from tests.support import DEVICE_DTYPES, IMPL_NAMES, Config, build_module, configs, make_input, seeded_randn
+from attention.suite.support import DEVICE_DTYPES, Config, build_module, configs, make_input, seeded_randn
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
-@pytest.mark.parametrize("impl_name", IMPL_NAMES)
 @given(cfg=configs(min_tokens=2), data=st.data())
 def test_replacing_later_tokens_leaves_earlier_outputs_unchanged(
     impl_name: str, device: str, dtype: torch.dtype, cfg: Config, data: st.DataObject
@@ -44,7 +43,6 @@ def test_replacing_later_tokens_leaves_earlier_outputs_unchanged(
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
-@pytest.mark.parametrize("impl_name", IMPL_NAMES)
 @given(cfg=configs(min_tokens=2), data=st.data())
 def test_gradient_of_early_outputs_wrt_later_inputs_is_zero(
     impl_name: str, device: str, dtype: torch.dtype, cfg: Config, data: st.DataObject

@@ -1,5 +1,9 @@
-"""What the test modules share: the devices, dtypes and implementations to sweep, and the
-oracle check. Everything iterates over the registry, so a registered plugin is tested too."""
+"""What the suite's test modules share: the devices and dtypes to sweep, drawn configurations,
+module builders and the oracle check. The implementations come from the plugin
+(:mod:`attention.suite.plugin`): a test takes ``impl_name`` and runs for each selected one.
+
+Importing it loads the suite's Hypothesis profile (:mod:`attention.suite.profiles`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from hypothesis import strategies as st
 import attention
 from attention.accuracy import GRAD_FACTOR, OUTPUT_FACTOR, assert_matches_oracle, check_module
 from attention.reference import module_params
+from attention.suite import profiles
+
+profiles.load()
 
 CUDA = torch.cuda.is_available()
 
@@ -38,7 +45,12 @@ DEVICES = [
     ),
 ]
 
-IMPL_NAMES = list(attention.implementations())
+
+def mask_kinds(*kinds: str) -> list:
+    """Pattern names as parameters; every one but ``causal`` marked as needing the ``masks``
+    capability, so an implementation of plain causal attention runs the causal case only."""
+    needs_masks = pytest.mark.attention_needs("masks")
+    return [pytest.param(kind, marks=() if kind == "causal" else needs_masks) for kind in kinds]
 
 
 def random_document_ids(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -67,12 +79,12 @@ __all__ = [
     "DEVICES",
     "DEVICE_DTYPES",
     "GRAD_FACTOR",
-    "IMPL_NAMES",
     "OUTPUT_FACTOR",
     "assert_matches_oracle",
     "assert_module_matches_oracle",
     "grad_context",
     "mask_for",
+    "mask_kinds",
     "random_document_ids",
 ]
 

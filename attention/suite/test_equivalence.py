@@ -13,10 +13,9 @@ import torch
 from hypothesis import given
 
 import attention
-from tests.support import (
+from attention.suite.support import (
     DEVICE_DTYPES,
     GRAD_FACTOR,
-    IMPL_NAMES,
     Config,
     assert_matches_oracle,
     build_module,
@@ -28,7 +27,6 @@ from tests.support import (
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
-@pytest.mark.parametrize("impl_name", IMPL_NAMES)
 @given(cfg=configs())
 def test_output_and_gradients_match_float64_oracle(
     impl_name: str, device: str, dtype: torch.dtype, cfg: Config

@@ -8,14 +8,13 @@ import torch
 from hypothesis import example, given
 
 import attention
-from tests.support import DEVICE_DTYPES, IMPL_NAMES, Config, build_module, configs, grad_context, make_input
+from attention.suite.support import DEVICE_DTYPES, Config, build_module, configs, grad_context, make_input
 
 #: The largest drawn problem, always tried: 4 x 300 tokens, 8 heads of 64, 4 KV heads.
 LARGEST = Config(batch=4, tokens=300, num_heads=8, num_kv_heads=4, head_dim=64, d_in=96, qkv_bias=True, seed=0)
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
-@pytest.mark.parametrize("impl_name", IMPL_NAMES)
 @given(cfg=configs())
 @example(cfg=LARGEST)
 def test_output_shape_dtype_and_device(impl_name: str, device: str, dtype: torch.dtype, cfg: Config) -> None:

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import attention
-
-from .support import DEVICES, IMPL_NAMES, mask_for
+from attention.suite.support import DEVICES, mask_for, mask_kinds
 
 VOCAB = 61
 D_MODEL = 64
@@ -88,7 +87,7 @@ def top2_gap(logits: Tensor) -> float:
     return (top[:, 0] - top[:, 1]).min().item()
 
 
-MASK_KINDS = ["causal", "sliding_window", "prefix_lm"]
+MASK_KINDS = mask_kinds("causal", "sliding_window", "prefix_lm")
 
 
 @st.composite
@@ -113,8 +112,8 @@ def generation_cases(draw: st.DrawFn, device: str) -> dict:
     )
 
 
+@pytest.mark.attention_needs("kv_cache")
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("impl_name", IMPL_NAMES)
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=max(2, settings.default.max_examples // 4))
 @given(data=st.data())

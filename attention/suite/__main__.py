@@ -1,0 +1,24 @@
+"""``python -m attention.suite [--impl NAME ...] [pytest args]``: the property suite from anywhere."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m attention.suite",
+        description="Run the attention property suite on registered implementations or module:attr ones; "
+        "other arguments go to pytest (-x, -k, -n auto, ...).",
+    )
+    parser.add_argument("--impl", action="append", default=[], metavar="NAME", help="name or module:attr (repeatable)")
+    args, rest = parser.parse_known_args(argv)
+    impls = [f"--attention-impl={spec}" for spec in args.impl]
+    return int(pytest.main(["--pyargs", "attention.suite", "-p", "attention.suite.plugin", *impls, *rest]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The property suite as a pytest plugin (entry point ``pytest11``: active wherever the package is installed).
+
+Run the suite on any registered implementation, or on one named by where it lives, from any
+directory::
+
+    pytest --pyargs attention.suite --attention-impl my_package.attn:my_attention
+
+What it adds to pytest:
+
+* ``--attention-impl NAME`` (repeatable): a registered name or ``module:attr`` (an
+  :class:`attention.AttentionBase` subclass or a plain ``attn(q, k, v)`` function); default:
+  every registered implementation. Read when tests are collected, so ``register()`` calls in a
+  ``conftest.py`` count.
+* Any test taking an ``impl_name`` argument runs once per selected implementation; one taking
+  ``source_name`` and ``target_name`` once per ordered pair (each selected implementation with
+  every selected one and the ``from_scratch`` reference), so a failing implementation fails its
+  own tests and its pairs, never another's.
+* Skips with a reason: an implementation that cannot run here (``unavailable()``), a device or
+  dtype it does not declare, and tests marked ``attention_needs(capability, ...)`` for a
+  capability it does not declare (:mod:`attention.capabilities`).
+* Under ``pytest -n N`` on several GPUs, each xdist worker runs its CUDA cases on one GPU,
+  round-robin by worker number (``gw0`` on GPU 0, ``gw1`` on GPU 1, ...).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+#: The implementation every pairwise test also pairs with: the readable from-scratch path.
+REFERENCE = "from_scratch"
+
+_SELECTED = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("attention-suite", "attention property suite")
+    group.addoption(
+        "--attention-impl",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="implementation to test: a registered name or module:attr (repeatable; default: all registered)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped with a reason when none is present)")
+    config.addinivalue_line(
+        "markers", "attention_needs(*capabilities): skip for implementations that do not declare these capabilities"
+    )
+    _pin_worker_gpu()
+
+
+def gpu_for_worker(worker: str | None, gpus: int) -> int | None:
+    """The GPU index xdist worker ``worker`` (``"gw3"``) takes among ``gpus``, or ``None`` when
+    there is nothing to choose (not under xdist, or fewer than two GPUs)."""
+    if worker is None or gpus < 2:
+        return None
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        raise ValueError(f"unexpected xdist worker id {worker!r} (expected gw<N>)")
+    return int(worker[2:]) % gpus
+
+
+def _pin_worker_gpu() -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return  # torch is imported only where there is a choice to make
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = gpu_for_worker(worker, gpus)
+    if index is not None:
+        torch.cuda.set_device(index)  # "cuda" in every test of this worker now means this GPU
+
+
+def selected(config: pytest.Config) -> list[str]:
+    """The registered names of the implementations under test (resolved once, at collection)."""
+    if _SELECTED not in config.stash:
+        import attention
+
+        specs = config.getoption("--attention-impl")
+        try:
+            names = [attention.resolve(spec) for spec in specs] if specs else list(attention.implementations())
+        except (TypeError, ValueError) as error:
+            raise pytest.UsageError(f"--attention-impl: {error}") from None
+        config.stash[_SELECTED] = list(dict.fromkeys(names))
+    return config.stash[_SELECTED]
+
+
+def _parametrized(metafunc: pytest.Metafunc) -> set[str]:
+    """Argument names the test parametrizes itself (those stay as it wrote them)."""
+    names: set[str] = set()
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        argnames = mark.args[0] if mark.args else mark.kwargs["argnames"]
+        names.update(n.strip() for n in argnames.split(",")) if isinstance(argnames, str) else names.update(argnames)
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    fixtures, own = set(metafunc.fixturenames), _parametrized(metafunc)
+    if "impl_name" in fixtures and "impl_name" not in own:
+        metafunc.parametrize("impl_name", selected(metafunc.config))
+    if {"source_name", "target_name"} <= fixtures and not {"source_name", "target_name"} & own:
+        names = selected(metafunc.config)
+        pool = list(dict.fromkeys([*names, REFERENCE]))
+        pairs = [(s, t) for s in pool for t in pool if s in names or t in names]
+        metafunc.parametrize(("source_name", "target_name"), pairs, ids=[f"{s}->{t}" for s, t in pairs])
+
+
+def skip_reason(impl_name: str, device: str, dtype: object, needs: tuple[str, ...]) -> str | None:
+    """Why a test of ``impl_name`` on ``device`` in ``dtype`` needing ``needs`` cannot run, or ``None``."""
+    import attention
+    from attention.capabilities import MEANING
+
+    impl = attention.get(impl_name)
+    reason = impl.unavailable(device)
+    if reason is not None:
+        return reason
+    declared = impl.capabilities()
+    if not declared.allows_device(device):
+        return f"declares devices {', '.join(sorted(declared.devices))} only"
+    if dtype is not None and not declared.allows_dtype(dtype):
+        return f"declares dtypes {', '.join(sorted(map(str, declared.dtypes)))} only, not {dtype}"
+    for capability in needs:
+        has = {
+            "masks": declared.masks,
+            "kv_cache": declared.kv_cache,
+            "zero_empty_rows": declared.zero_empty_rows,
+            "dropout": impl.supports_dropout(),
+            "backward": impl.supports_backward(device),
+        }[capability]
+        if not has:
+            return f"does not declare the capability {capability!r} ({MEANING[capability]})"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        names = [params[key] for key in ("impl_name", "source_name", "target_name") if key in params]
+        if not names:
+            continue
+        needs = tuple(cap for mark in item.iter_markers("attention_needs") for cap in mark.args)
+        for name in dict.fromkeys(names):
+            reason = skip_reason(name, params.get("device", "cpu"), params.get("dtype"), needs)
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=f"{name}: {reason}"))
+                break

@@ -1,0 +1,44 @@
+"""Hypothesis profiles of the property suite, chosen by ``HYPOTHESIS_PROFILE`` (default ``dev``).
+
+* ``ci``: deterministic (derandomized, no example database), example counts sized so the whole
+  suite runs in a few minutes on a 2-core CPU.
+* ``dev``: random examples, remembered failures, a little more search than ``ci``.
+* ``cuda-quick``: deterministic and few examples, for a GPU run on a time budget: flex
+  compiles once per shape, dtype and grad mode (seconds each), so example counts set its cost.
+* ``thorough``: many examples, for a GPU box or a nightly run.
+
+A profile of the same name that the user's own code registered first is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis.errors import InvalidArgument
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROFILES = {
+    "ci": dict(max_examples=10, derandomize=True, database=None, print_blob=True, **_COMMON),
+    "dev": dict(max_examples=20, **_COMMON),
+    "cuda-quick": dict(max_examples=3, derandomize=True, database=None, **_COMMON),
+    "thorough": dict(max_examples=200, **_COMMON),
+}
+
+
+def _registered(name: str) -> bool:
+    try:
+        settings.get_profile(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def load() -> str:
+    """Register the profiles not registered yet and load ``HYPOTHESIS_PROFILE`` (default ``dev``)."""
+    for name, options in PROFILES.items():
+        if not _registered(name):
+            settings.register_profile(name, **options)
+    name = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+    settings.load_profile(name)
+    return name
