@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention import AttentionBase, masks, registry
+from attention import AttentionBase, from_function, masks, registry
 from attention.bench import cost, workload
 from attention.bench.cost import attention_flops, visible_counts
 from attention.bench.perf import grid as perf_grid
@@ -91,6 +91,22 @@ def test_other_skip_reasons():
     assert "CUDA" in Workload("raw_sdpa_flash", 1, 64, 2, 16, torch.float32, "cpu").skip_reason()
     if not torch.cuda.is_available():
         assert "no CUDA" in Workload("sdpa", 1, 64, 2, 16, torch.float32, "cuda").skip_reason()
+
+
+def test_cases_needing_an_undeclared_capability_skip_naming_it(monkeypatch):
+    def plain_causal(q, k, v):  # (B, H, T, D) -> (B, H, T, D)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    monkeypatch.setitem(registry._registry, "plain_perf_test", from_function(plain_causal, dtypes=[torch.float32]))
+    window = Workload("plain_perf_test", 1, 256, 4, 16, torch.float32, "cpu", mask="sliding_window:64")
+    assert "does not declare the capability 'masks'" in window.skip_reason()
+    step = decode("plain_perf_test", 256, device="cpu", dtype=torch.float32)
+    assert "does not declare the capability 'kv_cache'" in step.skip_reason()
+    assert (
+        "does not declare dtype torch.bfloat16"
+        in Workload("plain_perf_test", 1, 256, 4, 16, torch.bfloat16, "cpu").skip_reason()
+    )
+    assert Workload("plain_perf_test", 1, 256, 4, 16, torch.float32, "cpu").skip_reason() is None
 
 
 @pytest.mark.parametrize("level", ["core", "module"])

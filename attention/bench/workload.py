@@ -23,6 +23,7 @@ import torch
 
 from .. import checks, masks, registry
 from ..base import AttentionBase
+from ..capabilities import MEANING, Capabilities
 from . import build as builders
 from .build import CORE_REFERENCES, MODULE_REFERENCES, RAW_SDPA_BACKENDS
 from .cost import ESTIMATE_MARGIN, ESTIMATE_SLACK, attention_flops, dtype_name, fmt_gib, score_copies, visible_counts
@@ -292,6 +293,19 @@ def decode(
 # -- shared ---------------------------------------------------------------------------------
 
 
+def _undeclared(w: Workload | DecodeWorkload, declared: Capabilities) -> str | None:
+    """What the case needs that the implementation does not declare (docs/design.md#capabilities)."""
+    if getattr(w, "mask", "causal") != "causal" and not declared.masks:
+        return f"the capability 'masks' ({MEANING['masks']})"
+    if isinstance(w, DecodeWorkload) and not declared.kv_cache:
+        return f"the capability 'kv_cache' ({MEANING['kv_cache']})"
+    if not declared.allows_dtype(w.dtype):
+        return f"dtype {w.dtype}"
+    if not declared.allows_device(w.device):
+        return f"device {torch.device(w.device).type}"
+    return None
+
+
 def _common_skip_reason(w: Workload | DecodeWorkload, copies: int) -> str | None:
     device = torch.device(w.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -318,6 +332,8 @@ def _common_skip_reason(w: Workload | DecodeWorkload, copies: int) -> str | None
         return f"{w.impl} runs interpreted on {device.type}: its timings would measure the interpreter"
     if w.backward and cls is not None and not cls.supports_backward(device):
         return f"{w.impl} has no backward on {device.type}"
+    if cls is not None and (undeclared := _undeclared(w, cls.capabilities())):
+        return f"{w.impl} does not declare {undeclared}: the case would time something else"
     need = copies * w.estimated_peak_bytes()
     free = free_memory_bytes(device)
     if free is not None and need > 0.92 * free:
