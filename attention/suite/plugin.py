@@ -51,6 +51,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "attention_needs(*capabilities): skip for implementations that do not declare these capabilities"
     )
     _pin_worker_gpu()
+    # module:attr specs resolve now, so a typo is one clean usage error; names may still be
+    # registered by conftest files collected later, so they resolve at collection.
+    for spec in config.getoption("--attention-impl") or ():
+        if ":" in spec:
+            _resolve(spec)
+
+
+def _resolve(spec: str) -> str:
+    import attention
+
+    try:
+        return attention.resolve(spec)
+    except (TypeError, ValueError) as error:
+        raise pytest.UsageError(f"--attention-impl: {error}") from None
 
 
 def gpu_for_worker(worker: str | None, gpus: int) -> int | None:
@@ -81,10 +95,7 @@ def selected(config: pytest.Config) -> list[str]:
         import attention
 
         specs = config.getoption("--attention-impl")
-        try:
-            names = [attention.resolve(spec) for spec in specs] if specs else list(attention.implementations())
-        except (TypeError, ValueError) as error:
-            raise pytest.UsageError(f"--attention-impl: {error}") from None
+        names = [_resolve(spec) for spec in specs] if specs else list(attention.implementations())
         config.stash[_SELECTED] = list(dict.fromkeys(names))
     return config.stash[_SELECTED]
 
