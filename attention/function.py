@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .base import AttentionBase
 from .capabilities import Capabilities
-from .masks import offset_mask
+from .masks import checked, offset_mask
 
 #: How keys and values reach the function: with their own ``H_kv`` heads, or repeated to ``H``.
 GQA_MODES = ("repeat", "native")
@@ -70,8 +70,9 @@ class FunctionAttention(AttentionBase):
         kwargs: dict[str, object] = {}
         if declared["masks"]:
             # Row i of q is query position q_offset + i: the pattern is shifted so the function
-            # evaluates it on row indices of q, whatever the cache holds.
-            kwargs["mask_mod"] = offset_mask(self._pattern(document_ids), q_offset)
+            # evaluates it on row indices of q, whatever the cache holds; each result is checked,
+            # so a pattern that misbehaves fails by name, not inside the function.
+            kwargs["mask_mod"] = checked(offset_mask(self._pattern(document_ids), q_offset))
         elif declared["kv_cache"]:
             kwargs["q_offset"] = q_offset
         if declared["dropout"]:

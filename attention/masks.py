@@ -33,6 +33,7 @@ __all__ = [
     "and_masks",
     "causal",
     "check_mask_mod",
+    "checked",
     "dense_mask",
     "document",
     "document_starts",
@@ -280,17 +281,36 @@ def dense_mask(
     q_idx = torch.arange(q_offset, q_offset + q_len, device=device).view(1, 1, -1, 1)  # (1, 1, Tq, 1)
     kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)  # (1, 1, 1, Tk)
     mask = mask_mod(b, h, q_idx, kv_idx)
+    _check_result(mask, (batch, heads, q_len, kv_len))
+    return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
+
+
+def _check_result(mask: object, grid: tuple[int, ...]) -> None:
+    """A pattern's result on index tensors spanning ``grid``: a bool tensor broadcastable to it.
+
+    Checked at construction on a tiny grid (check_mask_mod); a pattern may still misbehave on a
+    real one, and a wrong shape would otherwise fail deep in torch or broadcast into nonsense.
+    """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         # SDPA would read a float 0/1 mask as an additive bias and silently attend everywhere.
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"mask_mod must return a bool tensor, got {got}")
-    # Checked at construction on a tiny grid (check_mask_mod); a pattern may still misbehave on a
-    # real one, and a wrong shape would otherwise fail deep in torch or broadcast into nonsense.
-    grid = (batch, heads, q_len, kv_len)
-    shape = (*(1,) * (4 - mask.dim()), *mask.shape)  # right-aligned, as broadcasting reads it
-    if len(shape) != 4 or any(n not in (1, full) for n, full in zip(shape, grid, strict=True)):
+    shape = (*(1,) * (len(grid) - mask.dim()), *mask.shape)  # right-aligned, as broadcasting reads it
+    if len(shape) != len(grid) or any(n not in (1, full) for n, full in zip(shape, grid, strict=True)):
         raise ValueError(f"mask_mod must return a bool tensor broadcastable to {grid}, got shape {tuple(mask.shape)}")
-    return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
+
+
+def checked(mask_mod: MaskMod) -> MaskMod:
+    """``mask_mod`` with each result checked as :func:`dense_mask` checks it, for code that
+    evaluates the pattern itself (a function behind :func:`attention.from_function`): a pattern
+    that misbehaves on a real grid fails here, by name, not inside the caller's kernel."""
+
+    def checked_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        mask = mask_mod(b, h, q_idx, kv_idx)
+        _check_result(mask, tuple(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)))
+        return mask
+
+    return checked_mask
 
 
 def _tensor_device(fn: object, depth: int = 0) -> torch.device:

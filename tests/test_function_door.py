@@ -1,0 +1,111 @@
+"""The function door: a plain attn(q, k, v) as a module, doing what it declares and refusing the rest by name."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention
+from attention import from_function, masks
+from attention.accuracy import check_module
+
+
+def plain_causal(q, k, v):  # (B, H, T, D) -> (B, H, T, D)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _grid(n: int, dim: int) -> torch.Tensor:
+    return torch.arange(n).view(*[n if d == dim else 1 for d in range(4)])
+
+
+def dense_mask_mod(q, k, v, mask_mod):  # (B, H, Tq, D), (B, H, Tk, D) x2 -> (B, H, Tq, D)
+    b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    visible = mask_mod(_grid(b, 0), _grid(h, 1), _grid(tq, 2), _grid(tk, 3))  # broadcasts to (B, H, Tq, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+def native_gqa(q, k, v):  # (B, H, T, D), (B, H_kv, T, D) x2 -> (B, H, T, D)
+    assert k.shape[1] < q.shape[1], "a native-GQA function gets H_kv heads"
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+@pytest.mark.parametrize(("fn", "declared"), [(plain_causal, {}), (native_gqa, {"gqa": "native"})])
+def test_a_declared_function_matches_the_oracle_with_grouped_heads(fn, declared) -> None:
+    module = from_function(fn, **declared)(12, 16, 4, 32, num_kv_heads=2)
+    assert check_module(module, torch.randn(2, 9, 12)).passes
+
+
+def test_undeclared_capabilities_are_refused_by_name() -> None:
+    cls = from_function(plain_causal)
+    with pytest.raises(ValueError, match=r"plain_causal does not declare the capability 'masks' .* mask_mod=sliding"):
+        cls(8, 8, 2, 16, mask_mod=masks.sliding_window(4))
+    module = cls(8, 8, 2, 16)
+    with pytest.raises(ValueError, match="'kv_cache'"):
+        module(torch.randn(1, 4, 8), kv_cache=module.make_kv_cache(1, 16))
+    with pytest.raises(ValueError, match=r"'masks' .* a call with document_ids"):
+        module(torch.randn(1, 4, 8), document_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not support dropout"):
+        cls(8, 8, 2, 16, dropout=0.1)
+    narrow = from_function(plain_causal, dtypes=[torch.float64])(8, 8, 2, 16)
+    with pytest.raises(TypeError, match=r"declares dtypes torch.float64 only; x is torch.float32"):
+        narrow.float()(torch.randn(1, 4, 8))
+
+
+def test_a_mask_mod_function_gets_the_pattern_shifted_by_the_cache() -> None:
+    module = from_function(dense_mask_mod, masks=True, kv_cache=True)(8, 8, 2, 16, mask_mod=masks.sliding_window(3))
+    x = torch.randn(2, 10, 8)  # (B, T, d_in)
+    cache = module.make_kv_cache(2, 16)
+    with torch.no_grad():
+        chunked = torch.cat([module(x[:, :4], kv_cache=cache), module(x[:, 4:], kv_cache=cache)], dim=1)
+    assert check_module(module, x, chunked).passes
+
+
+def test_a_pattern_that_misbehaves_inside_the_function_is_named() -> None:
+    module = from_function(dense_mask_mod, masks=True)(4, 8, 2, 16)
+    module.mask_mod = lambda b, h, q, kv: (q >= kv).float() if q.numel() > 4 else q >= kv
+    with pytest.raises(TypeError, match=r"mask_mod must return a bool tensor, got torch\.float32"):
+        module(torch.randn(1, 6, 4))
+    module.mask_mod = lambda b, h, q, kv: (q >= kv).unsqueeze(0) if q.numel() > 4 else q >= kv
+    with pytest.raises(ValueError, match=r"broadcastable to \(1, 2, 6, 6\), got shape \(1, 1, 1, 6, 6\)"):
+        module(torch.randn(1, 6, 4))
+
+
+def test_a_wrong_result_is_refused_naming_the_function() -> None:
+    def drops_a_row(q, k, v):
+        return plain_causal(q, k, v)[:, :, 1:]
+
+    with pytest.raises(ValueError, match=r"drops_a_row._attend returned shape \(1, 2, 3, 4\); expected q's shape"):
+        from_function(drops_a_row)(8, 8, 2, 16)(torch.randn(1, 4, 8))
+
+
+def test_the_class_is_cached_and_modules_pickle() -> None:
+    cls = from_function(plain_causal)
+    assert from_function(plain_causal) is cls
+    module = cls(8, 8, 2, 16)
+    x = torch.randn(1, 5, 8)
+    loaded = pickle.loads(pickle.dumps(module))
+    assert type(loaded) is cls
+    assert torch.equal(loaded(x), module(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"masks": 1}, TypeError, "masks must be a bool"),
+        ({"gqa": "grouped"}, ValueError, "gqa must be one of"),
+        ({"empty_rows": "nan"}, ValueError, "empty_rows must be one of"),
+        ({"dtypes": [torch.int32]}, TypeError, "dtypes must be floating torch dtypes"),
+        ({"devices": ["cuda:0"]}, TypeError, "devices must be device types"),
+    ],
+)
+def test_bad_declarations_are_refused(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        from_function(plain_causal, **kwargs)
+
+
+def test_a_class_is_not_a_function() -> None:
+    with pytest.raises(TypeError, match="plain callable"):
+        from_function(attention.MHAPyTorchScaledDotProduct)
