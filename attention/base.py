@@ -138,10 +138,14 @@ class AttentionBase(nn.Module):
         ``0 .. Tk-1``. Rows with no visible key must come out as zeros."""
         raise NotImplementedError
 
+    def _attends(self) -> str:
+        """What computes the attention, for messages about its result."""
+        return f"{type(self).__name__}._attend"
+
     def _check_context(self, context: object, q: Tensor) -> None:
         """``_attend``'s result, checked before the merge: a wrong shape would be reshaped into a
         wrong answer or fail deep inside the projection, naming nobody."""
-        name = f"{type(self).__name__}._attend"
+        name = self._attends()
         if not isinstance(context, Tensor):
             raise TypeError(f"{name} must return a torch.Tensor, returned {type(context).__name__}")
         if context.shape != q.shape:

@@ -79,6 +79,9 @@ class FunctionAttention(AttentionBase):
             kwargs["dropout_p"] = self.dropout if self.training else 0.0
         return self.function(q, k, v, **kwargs)  # (B, H, Tq, hd)
 
+    def _attends(self) -> str:
+        return f"{getattr(self.function, '__qualname__', self.function)}() (from_function)"
+
     def __reduce_ex__(self, protocol: int):
         # The class is made at run time, so pickle cannot find it by name: rebuild it from the
         # function (found by name) and the declaration, then restore the module's state.

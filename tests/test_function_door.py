@@ -77,7 +77,9 @@ def test_a_wrong_result_is_refused_naming_the_function() -> None:
     def drops_a_row(q, k, v):
         return plain_causal(q, k, v)[:, :, 1:]
 
-    with pytest.raises(ValueError, match=r"drops_a_row._attend returned shape \(1, 2, 3, 4\); expected q's shape"):
+    with pytest.raises(
+        ValueError, match=r"drops_a_row\(\) \(from_function\) returned shape \(1, 2, 3, 4\); expected q's shape"
+    ):
         from_function(drops_a_row)(8, 8, 2, 16)(torch.randn(1, 4, 8))
 
 

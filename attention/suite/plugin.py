@@ -9,8 +9,8 @@ What it adds to pytest:
 
 * ``--attention-impl NAME`` (repeatable): a registered name or ``module:attr`` (an
   :class:`attention.AttentionBase` subclass or a plain ``attn(q, k, v)`` function); default:
-  every registered implementation. Read when tests are collected, so ``register()`` calls in a
-  ``conftest.py`` count.
+  every registered implementation (read at collection). ``register()`` calls in a ``conftest.py``
+  of a path given to pytest count: pytest imports those before the plugin resolves names.
 * Any test taking an ``impl_name`` argument runs once per selected implementation; one taking
   ``source_name`` and ``target_name`` once per ordered pair (each selected implementation with
   every selected one and the ``from_scratch`` reference), so a failing implementation fails its
@@ -51,11 +51,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "attention_needs(*capabilities): skip for implementations that do not declare these capabilities"
     )
     _pin_worker_gpu()
-    # module:attr specs resolve now, so a typo is one clean usage error; names may still be
-    # registered by conftest files collected later, so they resolve at collection.
-    for spec in config.getoption("--attention-impl") or ():
-        if ":" in spec:
-            _resolve(spec)
+    # Resolved now, so a typo is one usage error; conftest files of the paths given to pytest
+    # (where a register() call may live) are imported before this hook runs.
+    if specs := config.getoption("--attention-impl"):
+        config.stash[_SELECTED] = list(dict.fromkeys(_resolve(spec) for spec in specs))
 
 
 def _resolve(spec: str) -> str:
@@ -90,13 +89,11 @@ def _pin_worker_gpu() -> None:
 
 
 def selected(config: pytest.Config) -> list[str]:
-    """The registered names of the implementations under test (resolved once, at collection)."""
+    """The registered names of the implementations under test."""
     if _SELECTED not in config.stash:
         import attention
 
-        specs = config.getoption("--attention-impl")
-        names = [_resolve(spec) for spec in specs] if specs else list(attention.implementations())
-        config.stash[_SELECTED] = list(dict.fromkeys(names))
+        config.stash[_SELECTED] = list(attention.implementations())
     return config.stash[_SELECTED]
 
 

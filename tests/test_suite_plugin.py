@@ -1,0 +1,51 @@
+"""The suite's pytest plugin as a user meets it: selecting implementations, pairs, and usage errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PLAIN = """
+import torch.nn.functional as F
+
+
+def plain_causal(q, k, v):  # (B, H, T, D) -> (B, H, T, D)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+"""
+
+
+def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """pytest from a folder outside the repository, with ``tmp_path`` importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    cmd = [sys.executable, "-m", "pytest", "-p", "attention.suite.plugin", "-p", "no:cacheprovider", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_function_named_by_module_attr_runs_alone_and_in_pairs_with_the_reference(tmp_path: Path) -> None:
+    (tmp_path / "theirs.py").write_text(PLAIN)
+    done = _pytest(
+        tmp_path, "--pyargs", "attention.suite.test_state_dict", "--attention-impl", "theirs:plain_causal", "--co", "-q"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    ids = [line for line in done.stdout.splitlines() if "::" in line]
+    pairs = {line.split("[", 1)[1].rsplit("-cpu", 1)[0] for line in ids if "-cpu-" in line}
+    expected = {"plain_causal->plain_causal", "plain_causal->from_scratch", "from_scratch->plain_causal"}
+    assert pairs == expected
+    assert not [line for line in ids if "[sdpa" in line or "-sdpa" in line], "only the selected implementation runs"
+
+
+def test_a_register_call_in_a_conftest_of_a_given_path_counts(tmp_path: Path) -> None:
+    (tmp_path / "theirs.py").write_text(PLAIN)
+    (tmp_path / "conftest.py").write_text("import attention, theirs\nattention.register('mine', theirs.plain_causal)\n")
+    done = _pytest(tmp_path, ".", "--pyargs", "attention.suite.test_shapes", "--attention-impl", "mine", "--co", "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test_output_shape_dtype_and_device[mine-cpu-fp32]" in done.stdout
+
+
+def test_a_misspelled_implementation_is_one_usage_error(tmp_path: Path) -> None:
+    done = _pytest(tmp_path, "--pyargs", "attention.suite", "--attention-impl", "sdpaa")
+    assert done.returncode == 4
+    assert "ERROR: --attention-impl: unknown implementation 'sdpaa'; registered: from_scratch" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
