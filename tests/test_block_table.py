@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from attention import block_table, masks
 from attention.block_table import EMPTY_TILE, FULL_TILE, build_block_table
-from tests.support import random_document_ids
+from attention.suite.support import random_document_ids
 
 
 def _rebuild(table: block_table.BlockTable, batch: int, heads: int, *, by_columns: bool = False) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 import attention
 from attention import context_parallel as cp
 from attention.accuracy import GRAD_FACTOR, ratio_rule_violation
-from tests.support import CUDA, IMPL_NAMES, Config, build_module, make_input, reference_with_leaves, seeded_randn
+from attention.suite.support import CUDA, Config, build_module, make_input, reference_with_leaves, seeded_randn
 
+IMPL_NAMES = list(attention.implementations())
 CP_IMPLS = [name for name in IMPL_NAMES if attention.get(name).context_parallel_unsupported() is None]
 DECLINING_IMPLS = [name for name in IMPL_NAMES if name not in CP_IMPLS]
 GPUS = torch.cuda.device_count() if CUDA else 0

@@ -21,9 +21,10 @@ import pytest
 
 import attention
 import attention.registry as registry
-from tests.support import IMPL_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: What the registry lists before a test adds to it (built-ins and installed plugins).
+IMPL_NAMES = list(attention.implementations())
 
 #: A user's implementation, as it would live in their own package: a subclass of AttentionBase
 #: that overrides only ``_attend`` with its own math (grouped einsums, a hand-written softmax)
@@ -35,7 +36,6 @@ PLUGIN_SOURCE = textwrap.dedent(
     import torch
 
     import attention
-
 
     class EinsumAttention(attention.AttentionBase):
         @classmethod

@@ -17,7 +17,7 @@ import attention
 from attention import masks
 from attention.accuracy import assert_matches_oracle
 from attention.reference import reference_attention
-from tests.support import CUDA, DEVICES, oracle_and_baseline_grads, random_document_ids, seeded_randn
+from attention.suite.support import CUDA, DEVICES, oracle_and_baseline_grads, random_document_ids, seeded_randn
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 
