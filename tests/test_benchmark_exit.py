@@ -95,3 +95,20 @@ def test_a_bad_module_attr_is_a_usage_error(spec, message, tmp_path, capsys):
         sweep.parse_args([*TINY, "--impl", spec, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_cell_that_raised_is_named_on_a_fail_line_with_its_first_error():
+    """ERROR cells (a wrong shape, a crash) fail the run like accuracy does, and say which and why;
+    out of memory is a limit of the machine, not a failure of the implementation."""
+
+    def cell(status: str, reason: str | None = None) -> dict[str, object]:
+        return {"status": status, "reason": reason, "figures": {}}
+
+    rows = [
+        {"impl": "sdpa", "seq_len": 64, "fwd": cell("ok"), "fwd_bwd": cell("oom", "OutOfMemoryError: ...")},
+        {"impl": "mine", "seq_len": 64, "fwd": cell("ok"), "accuracy": cell("error", "ValueError: shape (1, 2)")},
+        {"impl": "mine", "seq_len": 128, "fwd": cell("error", "RuntimeError: later")},
+    ]
+    line = sweep.errored_cells({"cells": rows})
+    assert line == "FAIL: raised an error: mine (accuracy at T=64: ValueError: shape (1, 2))"
+    assert sweep.errored_cells({"cells": rows[:1]}) == ""

@@ -213,3 +213,16 @@ def test_the_first_run_gets_twice_a_later_runs_share_of_the_budget():
     assert launcher.run_time_limit(600, 1, 3) == pytest.approx(300)
     assert launcher.run_time_limit(300, 2, 3) == pytest.approx(150)
     assert launcher.run_time_limit(10, 3, 3) == 30.0  # never less than 30 s
+
+
+def test_a_run_without_pytest_benchmark_names_the_extra_before_any_case_runs(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pytest_benchmark" else real_find_spec(name, *a)
+    )
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    assert cli.main(["run"]) == 2
+    out = capsys.readouterr().out
+    assert "pytest-benchmark" in out and 'pip install "attention-suite[perf]"' in out

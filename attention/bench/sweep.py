@@ -491,6 +491,20 @@ def failure_line(failed: dict[str, dict[str, object]]) -> str:
     return "FAIL: outside the accuracy rule (attention/accuracy.py): " + ", ".join(parts)
 
 
+def errored_cells(result: dict[str, object]) -> str:
+    """A ``FAIL:`` line naming each implementation with a cell that raised (the table's ERROR),
+    with its first error; empty when none did. Out of memory is a limit, not an error."""
+    first: dict[str, str] = {}
+    for row in result["cells"]:
+        for key in ("fwd", "fwd_bwd", "accuracy"):
+            cell = row.get(key) or {}
+            if cell.get("status") == "error":
+                first.setdefault(row["impl"], f"{key.replace('_', '+')} at T={row['seq_len']}: {cell['reason']}")
+    if not first:
+        return ""
+    return "FAIL: raised an error: " + "; ".join(f"{impl} ({what})" for impl, what in first.items())
+
+
 #: Exit status after Ctrl-C, as a shell reports a process killed by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
 
@@ -548,11 +562,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     Console(stderr=True).print("wrote " + ", ".join(str(p) for p in paths))
     failed = accuracy_failures(result)
+    errored = errored_cells(result)
+    # Plain lines (no rich wrapping), last on screen: what a CI log shows.
+    if errored:
+        print(errored, file=sys.stderr, flush=True)
     if failed:
-        # One plain line (no rich wrapping), last on screen: what a CI log shows.
         print(failure_line(failed), file=sys.stderr, flush=True)
-    statuses = [row.get(key, {}).get("status") for row in result["cells"] for key in ("fwd", "fwd_bwd", "accuracy")]
-    return 1 if failed or "error" in statuses else 0
+    return 1 if failed or errored else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the attention property suite on registered implementations or module:attr ones; "
         "other arguments go to pytest (-x, -k, -n auto, ...).",
     )
-    parser.add_argument("--impl", action="append", default=[], metavar="NAME", help="name or module:attr (repeatable)")
+    parser.add_argument(
+        "--impl",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="name or module:attr (repeatable); pytest's --attention-impl works here too",
+    )
     args, rest = parser.parse_known_args(argv)
     impls = [f"--attention-impl={spec}" for spec in args.impl]
     return int(pytest.main(["--pyargs", "attention.suite", "-p", "attention.suite.plugin", *impls, *rest]))

@@ -37,6 +37,7 @@ cannot build a case, no CUDA for an A/B, an unreadable file, a refused flag).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -444,6 +445,16 @@ TOOLS = {
 }
 
 
+def _require_runner() -> None:
+    """The grid runs under pytest with pytest-benchmark and scipy: say what to install, before any case runs."""
+    missing = [name for name in ("pytest", "pytest_benchmark", "scipy") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PerfError(
+            f"the perf grid needs {', '.join(m.replace('_', '-') for m in missing)}, not installed here: "
+            'pip install "attention-suite[perf]"'
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -459,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = extra[1:]
         if args.repeat < 1:
             run.error("--repeat must be >= 1")
+        _require_runner()
         return cmd_run(args, extra)
     except (PerfError, revision.RevisionError) as exc:
         _say(f"ERROR: {exc}")
