@@ -24,6 +24,12 @@ GRAD_FACTOR = 3.0
 FLOOR_ULPS = 4.0
 
 
+def grad_factor(impl: type[AttentionBase], device: torch.device | str) -> float:
+    """The gradient factor for ``impl`` on ``device``: :data:`GRAD_FACTOR` times the allowance the
+    implementation declares for a backward known to be less precise (docs/design.md#correctness)."""
+    return GRAD_FACTOR * impl.grad_error_allowance(device)
+
+
 def max_error(actual: Tensor, oracle: Tensor) -> float:
     """Largest absolute difference, computed in float64; NaN anywhere gives NaN."""
     return (actual.detach().double() - oracle.detach().double()).abs().max().item()

@@ -177,6 +177,13 @@ class AttentionBase(nn.Module):
         return True
 
     @classmethod
+    def grad_error_allowance(cls, device: torch.device | str) -> float:
+        """A multiplier of the accuracy rule's gradient factor (``attention.accuracy.grad_factor``)
+        for a backward known to be less precise than a plain one on ``device``, with the reason
+        in docs/design.md#correctness; 1.0 (none) by default."""
+        return 1.0
+
+    @classmethod
     def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
         """Whether this implementation can apply ``score_mod`` (default: no, so a subclass that
         attends its own way never silently ignores one)."""

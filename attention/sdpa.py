@@ -14,6 +14,11 @@ from torch import Tensor
 from .base import AttentionBase
 from .score_mods import ScoreMod, dense_bias, is_additive
 
+#: SDPA's gradients on CPU (torch's flash-attention backward) reach 5.9x a plain same-precision
+#: backward's error on low-rank inputs, against the rule's 3x (docs/design.md#sdpa-on-cpu-gradients):
+#: 3x the factor, 9x in all, keeps a margin over the worst measured without hiding a real bug.
+CPU_FLASH_GRAD_ALLOWANCE = 3.0
+
 
 class MHAPyTorchScaledDotProduct(AttentionBase):
     """Causal MHA on ``F.scaled_dot_product_attention``; dropout only in training.
@@ -29,6 +34,11 @@ class MHAPyTorchScaledDotProduct(AttentionBase):
     @classmethod
     def supports_score_mod(cls, score_mod: ScoreMod) -> bool:
         return is_additive(score_mod)
+
+    @classmethod
+    def grad_error_allowance(cls, device: torch.device | str) -> float:
+        # On GPUs its backends are within the plain rule; on CPU see CPU_FLASH_GRAD_ALLOWANCE.
+        return CPU_FLASH_GRAD_ALLOWANCE if torch.device(device).type == "cpu" else 1.0
 
     @classmethod
     def context_parallel_unsupported(cls) -> str | None:

@@ -16,7 +16,7 @@ from hypothesis import reject
 from hypothesis import strategies as st
 
 import attention
-from attention.accuracy import GRAD_FACTOR, OUTPUT_FACTOR, assert_matches_oracle, check_module
+from attention.accuracy import GRAD_FACTOR, OUTPUT_FACTOR, assert_matches_oracle, check_module, grad_factor
 from attention.reference import module_params
 from attention.suite import profiles
 
@@ -83,6 +83,7 @@ __all__ = [
     "assert_matches_oracle",
     "assert_module_matches_oracle",
     "grad_context",
+    "grad_factor",
     "mask_for",
     "mask_kinds",
     "random_document_ids",
