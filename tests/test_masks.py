@@ -259,3 +259,25 @@ def test_partials_of_one_function_get_their_own_compile_keys():
 
     keys = {pattern_key(functools.partial(band, w=w)) for w in (2, 3, 4)}
     assert len(keys) == 3 and pattern_key(functools.partial(band, w=2)) == pattern_key(functools.partial(band, w=2))
+
+
+# -- mask specs (command lines, perf files) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [("causal", ("causal", 0)), ("sliding_window:12", ("sliding_window", 12)), ("prefix_lm:0", ("prefix_lm", 0))],
+)
+def test_parse_spec_reads_ascii_numbers(spec, parsed):
+    assert masks.parse_spec(spec) == parsed
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["sliding_window:²", "sliding_window:٣", "prefix_lm:３", "document:1²", "sliding_window: 3", "sliding_window:+3"],
+)
+def test_parse_spec_refuses_digits_other_than_ascii(spec):
+    """``str.isdigit`` takes superscripts (``int`` then raises its own error) and other scripts'
+    digits (``int`` reads '٣' as 3): both must be the spec's own ValueError, naming what it takes."""
+    with pytest.raises(ValueError, match=rf"unknown mask {re.escape(repr(spec))}: .*ASCII digits 0-9"):
+        masks.parse_spec(spec)
