@@ -136,6 +136,20 @@ def test_targets_report_the_design_ratios():
     assert "flex/cuDNN 0.83 ok" in text
     assert "0.90 of copy ok" in text
     assert "x anchor 414" in text
+    cpu = report.targets(make_run(cases, with_machine(device="cpu", gpu_name=None, slug="cpu")))
+    assert "not judged" in cpu and "MISS" not in cpu and "ok" not in cpu
+
+
+def test_mask_lines_say_when_no_peak_memory_was_measured():
+    from attention.bench.perf import report
+
+    mask = dict(kind="mask", mask="sliding_window", seq_len=4096)
+    cases = {
+        "mask-flex": dict(median=1e-3, impl="flex", peak_mem_mib=None, **mask),
+        "mask-sdpa": dict(median=2e-3, impl="sdpa", peak_mem_mib=512.4, **mask),
+    }
+    line = "\n".join(report._mask_lines(make_run(cases)))
+    assert "None" not in line and "peak memory not measured" in line and "512 MiB" in line
 
 
 def test_an_empty_json_from_a_dead_run_is_rebuilt_from_the_case_log(tmp_path, monkeypatch, capsys):

@@ -115,6 +115,8 @@ def _find(run: Run, **want) -> dict | None:
 
 def targets(run: Run) -> str:
     """The targets of docs/design.md#perf-targets, from this run's numbers."""
+    if run.machine.get("device") != "cuda":
+        return "Targets (docs/design.md#perf-targets) are GPU figures: a CPU run is not judged against them."
     lines = ["Targets (sdpa/best raw <= 1.03, module/(gemms+core) <= 1.10, flex/cuDNN fwd >= 0.8 from 4k):"]
     shapes = sorted(
         {
@@ -191,6 +193,12 @@ def _decode_lines(run: Run) -> list[str]:
     return (["Decode (docs/design.md#decode-case):", *out]) if out else []
 
 
+def _mib(info: dict) -> str:
+    """A case's peak memory for a line of text; a run that measured none (CPU) says so."""
+    peak = info.get("peak_mem_mib")
+    return "peak memory not measured" if peak is None else f"{peak:.0f} MiB"
+
+
 def _mask_lines(run: Run) -> list[str]:
     out = []
     masks = sorted({r.info.get("mask") for r in run.records.values() if r.info.get("kind") == "mask"})
@@ -200,13 +208,13 @@ def _mask_lines(run: Run) -> list[str]:
         raw = _find(run, kind="mask", mask=mask, impl="raw_sdpa")
         if flex and sdpa:
             line = (
-                f"  {mask}: flex {flex['median'] * 1e3:.3f} ms ({flex.get('peak_mem_mib')} MiB) vs SDPA module, "
-                f"dense mask built per call, {sdpa['median'] * 1e3:.3f} ms ({sdpa.get('peak_mem_mib')} MiB): "
+                f"  {mask}: flex {flex['median'] * 1e3:.3f} ms ({_mib(flex)}) vs SDPA module, "
+                f"dense mask built per call, {sdpa['median'] * 1e3:.3f} ms ({_mib(sdpa)}): "
                 f"SDPA/flex time {sdpa['median'] / flex['median']:.2f}x"
             )
             if raw:
                 line += (
-                    f"; raw SDPA on a prebuilt mask {raw['median'] * 1e3:.3f} ms ({raw.get('peak_mem_mib')} MiB), "
+                    f"; raw SDPA on a prebuilt mask {raw['median'] * 1e3:.3f} ms ({_mib(raw)}), "
                     f"{raw['median'] / flex['median']:.2f}x"
                 )
             out.append(line)
