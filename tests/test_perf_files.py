@@ -9,10 +9,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from attention.bench.perf import cli, launcher
 
-from .perf_support import H100, make_raw, with_machine
+from .perf_support import H100, make_raw, on_gpu, with_machine
 
 KEY = "core-sdpa-bf16-fwd-B4-T4096-H32-D64"
 
@@ -147,3 +148,44 @@ def test_an_unwritable_out_is_refused_before_any_case_runs(tmp_path, monkeypatch
     blocker.write_text("")
     assert cli.main(["--out", str(blocker / "out")]) == 2
     assert f"--out {blocker / 'out'}: cannot create the folder: Not a directory" in capsys.readouterr().out
+
+
+def test_a_thresholds_file_that_does_not_exist_is_refused_not_replaced_by_the_defaults(tmp_path, capsys):
+    base = write_raw(tmp_path / "base.json", run_doc())
+    slow = write_raw(tmp_path / "slow.json", run_doc(median=1.3e-3))
+    missing = tmp_path / "no" / "thresholds.json"
+    assert cli.main(["compare", slow, "--baseline", base, "--thresholds", str(missing)]) == 2
+    out = capsys.readouterr().out
+    assert f"--thresholds {missing}: no such file" in out
+    assert "Thresholds: defaults" not in out and "REGRESSION" not in out
+
+
+def test_a_thresholds_flag_is_checked_before_any_case_runs(tmp_path, monkeypatch, capsys):
+    baselines = tmp_path / "b"
+    (baselines / H100["slug"]).mkdir(parents=True)
+    write_raw(baselines / H100["slug"] / "baseline.json", run_doc())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu(monkeypatch, dict(H100))
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    common = ["--out", str(tmp_path / "out"), "--baselines", str(baselines), "--thresholds", str(tmp_path / "typo")]
+    assert cli.main(["--benchmark-compare", *common]) == 2
+    assert f"--thresholds {tmp_path / 'typo'}: no such file" in capsys.readouterr().out
+    assert cli.main(common) == 2  # no gate of this run would read it
+    assert "--thresholds needs --benchmark-compare" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["same path", "another spelling", "a copy"])
+@pytest.mark.parametrize("command", ["record", "spread"])
+def test_one_run_given_twice_is_refused_not_counted_as_two(tmp_path, capsys, command, how):
+    run = write_raw(tmp_path / "run.json", run_doc())
+    twin = {
+        "same path": run,
+        "another spelling": str(tmp_path / "." / "run.json"),
+        "a copy": write_raw(tmp_path / "copy.json", run_doc()),
+    }[how]
+    argv = [command, run, twin] + (["--baselines", str(tmp_path / "b")] if command == "record" else [])
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out
+    expected = "copy.json holds the same timings as" if how == "a copy" else "the same file is given twice"
+    assert expected in out and "run.json" in out
+    assert "Run-to-run spread" not in out and not (tmp_path / "b").exists()

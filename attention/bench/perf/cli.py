@@ -59,6 +59,7 @@ from .results import (
     check_comparable,
     find_baseline,
     load_run,
+    load_runs,
     merge_runs,
     parse_run,
     salvage,
@@ -85,7 +86,16 @@ def _min_effects() -> Callable[[str], float]:
 
 
 def _thresholds_path(explicit: str | None, baseline: Path) -> Path:
-    return Path(explicit) if explicit else baseline.parent / THRESHOLDS_FILE
+    """``--thresholds`` as given, which must exist (a typo must not pass as the defaults), else the
+    file beside the baseline, whose absence means the defaults."""
+    if explicit is None:
+        return baseline.parent / THRESHOLDS_FILE
+    if not Path(explicit).is_file():
+        raise PerfError(
+            f"--thresholds {explicit}: no such file (without --thresholds, {THRESHOLDS_FILE} beside "
+            "the baseline applies, or the defaults where there is none)"
+        )
+    return Path(explicit)
 
 
 def compare_one(
@@ -140,8 +150,9 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
     if args.benchmark_disable and (args.benchmark_compare is not None or args.record):
         raise flags.FlagRefused("--benchmark-disable times nothing: nothing to compare or record")
     if args.benchmark_compare is None:
-        if args.benchmark_compare_fail:
-            raise flags.FlagRefused("--benchmark-compare-fail needs --benchmark-compare")
+        if args.benchmark_compare_fail or args.thresholds:
+            flag = "--benchmark-compare-fail" if args.benchmark_compare_fail else "--thresholds"
+            raise flags.FlagRefused(f"{flag} needs --benchmark-compare")
         return None
     value = None if args.benchmark_compare is True else args.benchmark_compare
     if not cuda:
@@ -168,7 +179,18 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
             _say(f"A/B: {name} is not compared: {why}")
     elif target.kind == "baseline":
         _say(f"Comparing with {target.path}")
+    _check_thresholds_flag(args.thresholds, target)
     return target
+
+
+def _check_thresholds_flag(explicit: str | None, target: flags.CompareTarget) -> None:
+    """``--thresholds`` read before any case runs: a missing or bad file, or one no gate of this
+    run reads, is refused now, not after the grid."""
+    if explicit is None:
+        return
+    if target.kind not in ("baseline", "file"):
+        raise flags.FlagRefused("--thresholds applies to a compare with a baseline; this run's gate does not read it")
+    cmp.load_thresholds(_thresholds_path(explicit, target.path))
 
 
 def _storage(extra: list[str]) -> str:
@@ -310,7 +332,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    runs = [load_run(p) for p in args.runs]
+    runs = load_runs(args.runs)
     record(runs, Path(args.baselines), with_thresholds=len(runs) >= 2 and not args.no_thresholds)
     return 0
 
@@ -318,7 +340,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_spread(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise PerfError("spread needs at least two runs of the same grid: one run has no spread")
-    runs = [load_run(p) for p in args.runs]
+    runs = load_runs(args.runs)
     thresholds = cmp.thresholds_from_spread(runs, k=args.k, floor=args.floor, min_effect=_min_effects())
     _say(cmp.format_spread(thresholds))
     if args.write:

@@ -158,6 +158,30 @@ def load_run(path: str | Path) -> Run:
     return parse_run(raw, path)
 
 
+def load_runs(paths: list[str] | list[Path]) -> list[Run]:
+    """Several runs of one grid, each a different run: a file named twice, or a copy of one, would
+    count as two runs with no spread between them, and thresholds derived from that spread would
+    fall to the floor (a later compare then flags noise)."""
+    seen: dict[Path, str] = {}
+    for path in map(str, paths):
+        real = Path(path).resolve()
+        if real in seen:
+            raise PerfError(f"the same file is given twice ({seen[real]} and {path}): give each run once")
+        seen[real] = path
+    runs = [load_run(path) for path in paths]
+    timings: dict[tuple, str] = {}
+    for run in runs:
+        same = timings.setdefault(_timings(run), run.path)
+        if same != run.path:
+            raise PerfError(f"{run.path} holds the same timings as {same}: a copy of one run is not a second run")
+    return runs
+
+
+def _timings(run: Run) -> tuple:
+    """Every timed round of every case: two separate runs never share all of them."""
+    return tuple(sorted((key, record.median, tuple(record.data)) for key, record in run.records.items()))
+
+
 def baseline_dir(root: str | Path, machine: dict) -> Path:
     """``root/<slug>``: one folder under ``root``, never a path out of it (the slug was checked on reading)."""
     slug = machine.get("slug")
