@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import attention
-from attention.bench import report, sweep
+from attention.bench import report, sweep, timing
 from attention.bench.memory import peak_memory
 
 
@@ -206,7 +206,8 @@ def test_cpu_defaults_fit_the_machine():
     assert config.threads == 1  # thread-pool wake-ups would swamp small cases (timing.cpu_threads)
 
 
-def test_threads_flag_sets_the_cpu_thread_count():
+def test_threads_flag_sets_the_cpu_thread_count(monkeypatch):
+    monkeypatch.setattr(timing, "usable_cpus", lambda: 4)  # --threads is capped at the CPUs the process may use
     assert sweep.parse_args(["--device", "cpu", "--threads", "3"]).threads == 3
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention.bench import report, sweep
+from attention.bench import report, sweep, timing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: 2 lengths x 3 implementations = 6 rows ("cells" of report.json).
@@ -111,6 +111,7 @@ def test_cpu_cases_run_with_the_configured_threads_which_are_restored(tmp_path, 
         return sweep.Cell("skipped", "stand-in")
 
     monkeypatch.setattr(sweep, "time_cell", time_cell)
+    monkeypatch.setattr(timing, "usable_cpus", lambda: 4)  # 3 threads: neither the default nor the caller's 2
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -122,6 +123,21 @@ def test_cpu_cases_run_with_the_configured_threads_which_are_restored(tmp_path, 
     assert config.threads == expected
     assert seen == [expected] * 4  # 2 lengths x (fwd, fwd+bwd)
     assert result["meta"]["cpu_threads"] == expected
+
+
+@pytest.mark.parametrize("threads", ["100000", "3"])
+def test_more_threads_than_the_process_may_run_on_is_a_usage_error(tmp_path, monkeypatch, capsys, threads):
+    """--threads 100000 used to reach torch.set_num_threads and kill the process (OpenMP cannot start them)."""
+    monkeypatch.setattr(timing, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail(f"set_num_threads({n}) reached"))
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main([*TINY, "--threads", threads, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--threads: {threads} threads: this process may run on 2 CPUs; give 1 to 2" in err
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
+    with pytest.raises(ValueError, match="give 1 to 2"), timing.cpu_threads(int(threads)):
+        pytest.fail("the body ran")
 
 
 def test_cli_screen_has_no_profiler_logging(tmp_path):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import statistics
 import sys
@@ -39,7 +38,7 @@ from ..accuracy import check_module
 from .cost import DTYPES, dtype_name
 from .files import unwritable
 from .memory import free_cached_memory, method_for, peak_memory, quiet_profiler_logs
-from .timing import clock_for, cpu_threads, measure
+from .timing import check_threads, clock_for, cpu_threads, measure, usable_cpus
 from .workload import Workload
 
 #: Defaults per device: the CPU sweep fits in well under two minutes on 2 cores (flex runs
@@ -103,6 +102,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _threads(text: str) -> int:
+    """A thread count this machine can run (:func:`attention.bench.timing.check_threads`)."""
+    try:
+        return check_threads(_positive_int(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -217,11 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_threads,
         default=None,
         metavar="N",
         help="torch CPU threads during the sweep (default: 1 on CPU, as torch.utils.benchmark.Timer: "
-        "waking a thread pool costs more than a small case; unchanged on CUDA)",
+        "waking a thread pool costs more than a small case; unchanged on CUDA); at most the CPUs this "
+        "process may run on",
     )
     parser.add_argument("--no-accuracy", action="store_true", help="skip the comparison with the float64 oracle")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON and table only")
@@ -368,7 +376,7 @@ def device_name(device: str) -> str:
     the sweep used are ``cpu_threads`` in the metadata)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = usable_cpus()
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

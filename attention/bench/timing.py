@@ -11,6 +11,7 @@ starts with a cold cache, as triton's ``do_bench`` does and as the anchors of do
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +61,28 @@ class CudaEventClock:
         return self._total_s
 
 
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_threads(count: int) -> int:
+    """``count`` if this machine can give it; else :class:`ValueError` saying what it allows.
+
+    More threads than CPUs time the scheduler, not the attention (see :func:`cpu_threads`), and
+    far more make torch's OpenMP pool fail to start them: a segfault or an abort, not an error.
+    """
+    cpus = usable_cpus()
+    if not 1 <= count <= cpus:
+        raise ValueError(
+            f"{count} threads: this process may run on {cpus} CPU{'s' if cpus != 1 else ''}; "
+            f"give 1 to {cpus} (more threads than CPUs would time the scheduler, not the attention)"
+        )
+    return count
+
+
 @contextmanager
 def cpu_threads(count: int | None) -> Iterator[int]:
     """Run the body with ``torch.set_num_threads(count)`` (``None``: leave it), restoring the previous
@@ -72,7 +95,7 @@ def cpu_threads(count: int | None) -> Iterator[int]:
     """
     previous = torch.get_num_threads()
     if count is not None:
-        torch.set_num_threads(count)
+        torch.set_num_threads(check_threads(count))
     try:
         yield torch.get_num_threads()
     finally:
