@@ -187,6 +187,38 @@ def document_starts(document_ids: Tensor) -> Tensor:
     return torch.where(begins, positions, 0).cummax(dim=1).values  # (B, T)
 
 
+def _check_one_run_each(document_ids: Tensor) -> None:
+    """Refuse an id that labels two separate runs (``[1, 1, 0, 0, 2, 2, 0, 0]``): the pattern is
+    evaluated on positions counted from each run's start, so two runs of one id would each count
+    from their own start while matching each other's keys, and a query would see the later run's
+    keys as if they were its own past (docs/design.md#per-document-ids)."""
+    begins = torch.ones(document_ids.shape, dtype=torch.bool, device=document_ids.device)  # (B, T)
+    begins[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    ordered = document_ids.sort(dim=1).values  # (B, T)
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1) + 1  # (B,)
+    split = (begins.sum(dim=1) != distinct).nonzero().flatten()  # (rows,)
+    if split.numel():
+        row = int(split[0])
+        doc, first, second = _second_run(document_ids[row].tolist())
+        raise ValueError(
+            f"document_ids row {row} gives id {doc} to two separate runs, starting at positions {first} and "
+            f"{second}: per_document needs each document to be one contiguous run (its pattern counts positions "
+            "from the document's start); give each run its own id"
+        )
+
+
+def _second_run(ids: list[int]) -> tuple[int, int, int]:
+    """The first id in ``ids`` that starts a second run: ``(id, first run's start, second's)``."""
+    seen: dict[int, int] = {}
+    for pos, doc in enumerate(ids):
+        if pos and doc == ids[pos - 1]:
+            continue
+        if doc in seen:
+            return doc, seen[doc], pos
+        seen[doc] = pos
+    raise AssertionError("unreachable: the caller counted more runs than distinct ids")
+
+
 class PerDocument:
     """What :func:`per_document` returns; pickles with its ids, equal only to itself (its ids
     are a tensor, compared by identity, as flex's caches need)."""
@@ -202,6 +234,7 @@ class PerDocument:
         # Frozen, and the ids copied: flex caches BlockMasks per module, so ids changed in place
         # or a swapped pattern would keep attending with the old ones.
         document_ids = document_ids.clone()  # (B, T)
+        _check_one_run_each(document_ids)
         starts = document_starts(document_ids)  # (B, T)
         object.__setattr__(self, "mask_mod", mask_mod)
         object.__setattr__(self, "document_ids", document_ids)
@@ -238,7 +271,8 @@ def per_document(mask_mod: MaskMod, document_ids: Tensor) -> MaskMod:
     document-local indices, and only within a document (attention-gym's document wrapper).
 
     ``document_ids`` is ``(batch, tokens)``, one id per position from the first cached key to the
-    last query, each document one contiguous run. Query ``q`` sees key ``kv`` when both are in one
+    last query, each document one contiguous run (an id given to two separate runs is refused with
+    a ``ValueError``: docs/design.md#per-document-ids). Query ``q`` sees key ``kv`` when both are in one
     document and ``mask_mod(b, h, q - start, kv - start)`` holds, ``start`` being where that
     document begins. So ``per_document(prefix_lm(p), ids)`` gives *every* document a bidirectional
     prefix of its first ``p`` tokens, as packed prefix-LM training needs, whereas

@@ -178,6 +178,18 @@ def test_per_document_validates_arguments():
         masks.per_document(masks.causal, ids[0])
 
 
+def test_per_document_refuses_a_document_in_two_runs():
+    """An id given to two separate runs would let a query see the later run's keys as its own
+    past (docs/design.md#per-document-ids): refused, naming the row, the id and both starts."""
+    ids = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3, 4, 4], [1, 1, 0, 0, 2, 2, 0, 0, 1, 1]])  # (2, 10): row 1 splits
+    with pytest.raises(ValueError, match=r"row 1 gives id 0 to two separate runs, starting at positions 2 and 6"):
+        masks.per_document(masks.causal, ids)
+    with pytest.raises(ValueError, match=r"row 0 gives id 5 to two separate runs, starting at positions 0 and 3"):
+        masks.per_document(masks.prefix_lm(2), torch.tensor([[5, 5, 7, 5]]))
+    masks.per_document(masks.causal, ids[:1])  # one run per id: accepted
+    masks.per_document(masks.causal, torch.tensor([[3, 3, 1, 1, 2]]))  # ids need not be sorted
+
+
 @pytest.mark.parametrize(
     ("result", "shape"),
     [

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import or_masks
 
@@ -228,6 +228,92 @@ def test_prefix_tokens_see_each_other(length, prefix_len, seed, device, impl_nam
         assert torch.equal(moved, expected), (
             f"prefix_lm({prefix_len}), T={length}, perturbed token {j}: rows moved {moved.nonzero().flatten().tolist()}"
         )
+
+
+# -- no query sees the future: worked out from positions and ids, never from the mask code ----------
+
+#: The patterns above (their call-time document ids may give one id to separate runs, which
+#: ``document`` joins into one document) and ``per_document`` ones (one run per id).
+FUTURE_KINDS = [*PATTERNS, "per_document", "per_document+sliding_window", "per_document+prefix_lm"]
+
+
+def scattered_document_ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    """``(B, T)`` ids in runs of 1 to 6 tokens, each run's id drawn from 0..2: one id often
+    labels several separate runs."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        row: list[int] = []
+        while len(row) < length:
+            row += [int(torch.randint(0, 3, (), generator=gen))] * int(torch.randint(1, 7, (), generator=gen))
+        rows.append(row[:length])
+    return torch.tensor(rows)  # (B, T)
+
+
+def runs(ids: list[int]) -> list[tuple[int, int]]:
+    """For each position of one row, ``(start, end)`` of the run of equal ids it sits in."""
+    bounds, start = [], 0
+    for pos in range(1, len(ids) + 1):
+        if pos == len(ids) or ids[pos] != ids[start]:
+            bounds += [(start, pos)] * (pos - start)
+            start = pos
+    return bounds
+
+
+def furthest_keys(kind: str, ids: torch.Tensor | None, length: int, prefix_len: int) -> torch.Tensor:
+    """``(B or 1, T)``: the furthest key each query may see, from positions and ids alone: its own
+    position, or the last key of a bidirectional prefix reaching past it (``prefix_lm``: the first
+    ``prefix_len`` keys; ``per_document+prefix_lm``: the first ``prefix_len`` of its run)."""
+    own = list(range(length))
+    if kind in ("prefix_lm", "document+prefix_lm"):
+        return torch.tensor([[max(i, prefix_len - 1) for i in own]])
+    if kind == "per_document+prefix_lm":
+        rows = [runs(row) for row in ids.tolist()]
+        return torch.tensor([[max(i, min(s + prefix_len, e) - 1) for i, (s, e) in enumerate(r)] for r in rows])
+    return torch.tensor([own])
+
+
+def future_problem(impl_name: str, case: dict, device: str):
+    """The module for ``case``, its input ``(B, T, d_in)``, the call's document ids (or ``None``)
+    and each query's furthest visible key ``(B or 1, T)``."""
+    kind, batch, length = case["kind"], case["batch"], case["length"]
+    call_ids = None
+    if kind.startswith("per_document"):
+        ids = random_document_ids(batch, length, case["seed"])  # (B, T), one run per id
+        base = mask_for(kind.partition("+")[2] or "causal", case["window"], case["prefix_len"])
+        mask_mod = masks.per_document(base, ids.to(device))
+    else:
+        mask_mod, with_documents = pattern_parts(kind, case["window"], case["prefix_len"])
+        ids = scattered_document_ids(batch, length, case["seed"]) if with_documents else None  # (B, T)
+        call_ids = None if ids is None else ids.to(device)
+    module, x = build(impl_name, case, device, torch.float32, mask_mod)
+    return module, x, call_ids, furthest_keys(kind, ids, length, case["prefix_len"]).to(device)
+
+
+@pytest.mark.attention_needs("masks")
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_no_query_sees_the_future(data, device, impl_name):
+    """Replace every token after position ``t``: a row whose furthest visible key is at or before
+    ``t`` stays as it was. Which rows those are comes from positions and ids alone, not from the
+    mask code, which the float64 oracle shares (docs/design.md#per-document-ids)."""
+    case = data.draw(cases(device, FUTURE_KINDS), label="case")
+    assume(case["length"] >= 2)
+    module, x, ids, furthest = future_problem(impl_name, case, device)
+    t = data.draw(st.integers(0, case["length"] - 2), label="last token kept")
+    replaced = x.clone()
+    replaced[:, t + 1 :] = torch.randn(replaced[:, t + 1 :].shape).to(device)  # (B, T - t - 1, d_in)
+    with torch.no_grad():
+        out = module(x, document_ids=ids)  # (B, T, d_out)
+        out2 = module(replaced, document_ids=ids)  # (B, T, d_out)
+    change = (out2 - out).abs().amax(dim=-1)  # (B, T)
+    tol = unchanged_tolerance(out)
+    leaked = (change > tol) & (furthest <= t)  # (B, T)
+    assert not leaked.any(), (
+        f"{case['kind']}: replacing the tokens after {t} changed rows that may see no key after {t}: "
+        f"{leaked.nonzero().tolist()[:8]} (max change {change[leaked].max().item():.3e} > {tol:.3e})"
+    )
+    assert (change[:, -1] > tol).all(), "the last row ignored its own replaced token"
 
 
 # -- rows with no visible key ------------------------------------------------------------------
