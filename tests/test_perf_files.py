@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -51,15 +52,24 @@ def test_salvage_of_a_run_the_log_lacks_leaves_the_existing_file_alone(tmp_path,
 
 @pytest.mark.parametrize(
     ("target", "message"),
-    [("log", "is the log itself"), ("missing_dir", "does not exist"), ("missing_log", "no such log")],
+    [
+        ("log", "is the log itself"),
+        ("missing_dir", "does not exist"),
+        ("missing_log", "no such log"),
+        ("a_folder", "a folder, not a file"),
+        ("under_a_file", "is a file"),
+    ],
 )
 def test_salvage_refuses_bad_paths(tmp_path, capsys, target, message):
     log = log_with(tmp_path, "run-1")
     before = log.read_text()
+    (tmp_path / "folder").mkdir()
     args = {
         "log": [str(log), "-o", str(log)],
         "missing_dir": [str(log), "-o", str(tmp_path / "nope" / "run.json")],
         "missing_log": [str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "run.json")],
+        "a_folder": [str(log), "-o", str(tmp_path / "folder")],
+        "under_a_file": [str(log), "-o", str(log / "run.json")],
     }[target]
     assert cli.main(["salvage", *args]) == 2
     assert message in capsys.readouterr().out
@@ -189,3 +199,80 @@ def test_one_run_given_twice_is_refused_not_counted_as_two(tmp_path, capsys, com
     expected = "copy.json holds the same timings as" if how == "a copy" else "the same file is given twice"
     assert expected in out and "run.json" in out
     assert "Run-to-run spread" not in out and not (tmp_path / "b").exists()
+
+
+NOT_UTF8 = b'{"machine_info": "\xff\xfe"}\n'
+
+
+@pytest.mark.parametrize("command", ["table", "compare-baseline", "thresholds", "salvage"])
+def test_a_file_that_is_not_utf8_is_exit_2_naming_it(tmp_path, capsys, command):
+    good = write_raw(tmp_path / "good.json", run_doc())
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(NOT_UTF8)
+    argv = {
+        "table": ["table", str(bad)],
+        "compare-baseline": ["compare", good, "--baseline", str(bad)],
+        "thresholds": ["compare", good, "--baseline", good, "--thresholds", str(bad)],
+        "salvage": ["salvage", str(bad), "-o", str(tmp_path / "run.json")],
+    }[command]
+    assert cli.main(argv) == 2
+    assert f"{bad}: not UTF-8 text (byte 0xff at offset 18)" in capsys.readouterr().out
+    assert not (tmp_path / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"status": "passed", "data": [1e-3]}, "a passed case whose name is None"),
+        (
+            {"case": KEY, "status": "passed", "data": ["fast", "slow"]},
+            "data is ['fast', 'slow'], not a list of seconds",
+        ),
+        ({"case": KEY, "status": "passed", "data": 0.001}, "data is 0.001, not a list of seconds"),
+    ],
+)
+def test_salvage_of_a_whole_but_malformed_line_is_exit_2_naming_the_line(tmp_path, capsys, line, message):
+    log = log_with(tmp_path, "run-1")
+    with log.open("a") as f:
+        f.write(json.dumps({"run": "run-1", **line}) + "\n")
+    assert cli.main(["salvage", str(log), "-o", str(tmp_path / "run.json")]) == 2
+    assert f"{log}, line 3: " in (out := capsys.readouterr().out) and message in out
+    assert not (tmp_path / "run.json").exists()
+
+
+def test_record_into_a_baselines_path_that_is_a_file_is_exit_2(tmp_path, capsys):
+    run = write_raw(tmp_path / "run.json", run_doc())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for baselines in (blocker, blocker / "deeper"):
+        assert cli.main(["record", run, "--baselines", str(baselines)]) == 2
+        assert f"--baselines {baselines}: cannot create the folder" in capsys.readouterr().out
+    assert blocker.read_text() == ""
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_record_into_a_read_only_baselines_folder_is_exit_2(tmp_path, capsys):
+    run = write_raw(tmp_path / "run.json", run_doc())
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert cli.main(["record", run, "--baselines", str(locked)]) == 2
+    assert f"--baselines {locked}: cannot create the folder: Permission denied" in capsys.readouterr().out
+
+
+def test_spread_write_to_an_unwritable_path_is_exit_2(tmp_path, capsys):
+    runs = [write_raw(tmp_path / f"run-{i}.json", run_doc(median=m)) for i, m in enumerate((1e-3, 1.01e-3))]
+    target = tmp_path / "run-0.json" / "thresholds.json"
+    assert cli.main(["spread", *runs, "--write", str(target)]) == 2
+    assert f"{target}: {target.parent}: cannot create the folder" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--benchmark-json", "--baselines"])
+def test_run_outputs_that_cannot_be_written_are_refused_before_any_case_runs(tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu(monkeypatch, dict(H100))
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    bad = blocker / "x"
+    assert cli.main(["--out", str(tmp_path / "out"), "--record", flag, str(bad)]) == 2
+    assert f"{flag} {bad}: " in capsys.readouterr().out

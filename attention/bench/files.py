@@ -15,7 +15,11 @@ def unwritable(folder: Path) -> str | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        where = f" ({error.filename})" if error.filename and Path(error.filename) != folder else ""
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            where = f" ({blocker} is a file)"
+        else:
+            where = f" ({error.filename})" if error.filename and Path(error.filename) != folder else ""
         return f"cannot create the folder: {error.strerror or error}{where}"
     probe = folder / f".write-probe-{os.getpid()}"
     try:
@@ -24,6 +28,14 @@ def unwritable(folder: Path) -> str | None:
     except OSError as error:
         return f"cannot write files in it: {error.strerror or error}"
     return None
+
+
+def unwritable_file(path: Path) -> str | None:
+    """Why ``path`` cannot be written as a file (its folder created if missing), or ``None``."""
+    if path.is_dir():
+        return "a folder, not a file: name the file to write"
+    problem = unwritable(path.parent)
+    return f"{path.parent}: {problem}" if problem else None
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ... import registry
-from ..files import unwritable, write_atomically
+from ..files import unwritable, unwritable_file
 from . import ab, base_revision, flags, guards, launcher, machine, report, revision, shard
 from . import compare as cmp
 from .launcher import say as _say
@@ -63,6 +63,7 @@ from .results import (
     merge_runs,
     parse_run,
     salvage,
+    write_json,
     write_run,
 )
 
@@ -127,11 +128,13 @@ def record(runs: list[Run], baselines: Path, *, with_thresholds: bool) -> Path:
             f"refusing to record a baseline with guard failures ({', '.join(failures[:5])}): fix them first"
         )
     target = baseline_dir(baselines, merged.machine)
+    if problem := unwritable(target):
+        raise PerfError(f"--baselines {baselines}: {problem}")
     write_run(merged, target / BASELINE_FILE)
     _say(f"Recorded {len(merged.records)} cases from {len(runs)} run(s) as {target / BASELINE_FILE}")
     if with_thresholds:
         thresholds = cmp.thresholds_from_spread(runs, min_effect=_min_effects())
-        (target / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1) + "\n")
+        write_json(thresholds, target / THRESHOLDS_FILE)
         _say(f"Wrote thresholds from the spread of {len(runs)} runs: {target / THRESHOLDS_FILE}")
     elif not (target / THRESHOLDS_FILE).exists():
         _say(f"No {THRESHOLDS_FILE} yet: defaults apply until `--repeat 3 --record` measures the spread.")
@@ -227,6 +230,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
             "GPU's process would see only its shard; compare without --gpus"
         )
     out = _writable(Path(args.out or _default_out()))
+    _check_outputs(args, cuda)
     # A previous run's verdicts must not pass for this one's, nor its cases join this one's log.
     for name in ("summary.md", "ab.json", "ab.png", "cases.jsonl", "pytest.log"):
         (out / name).unlink(missing_ok=True)
@@ -260,7 +264,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     summary += [f"warning: {w}" for w in _noise(runs[-1])]
     if len(runs) >= 2:
         thresholds = cmp.thresholds_from_spread(runs, min_effect=_min_effects())
-        (out / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1) + "\n")
+        write_json(thresholds, out / THRESHOLDS_FILE)
         summary.append(cmp.format_spread(thresholds))
     (out / "summary.txt").write_text("\n\n".join([*summary, report.cases_table(runs[-1])]) + "\n")
     _say("\n\n".join(summary))  # the tables first: verdicts, the part to read, come last
@@ -287,6 +291,14 @@ def _writable(out: Path) -> Path:
     if problem := unwritable(out):
         raise PerfError(f"--out {out}: {problem}")
     return out
+
+
+def _check_outputs(args: argparse.Namespace, cuda: bool) -> None:
+    """The files a run writes after its cases, proven writable before the first case runs."""
+    if args.benchmark_json and (problem := unwritable_file(Path(args.benchmark_json))):
+        raise PerfError(f"--benchmark-json {args.benchmark_json}: {problem}")
+    if args.record and cuda and (problem := unwritable(Path(args.baselines))):
+        raise PerfError(f"--baselines {args.baselines}: {problem}")
 
 
 def _noise(run: Run) -> list[str]:
@@ -344,7 +356,7 @@ def cmd_spread(args: argparse.Namespace) -> int:
     thresholds = cmp.thresholds_from_spread(runs, k=args.k, floor=args.floor, min_effect=_min_effects())
     _say(cmp.format_spread(thresholds))
     if args.write:
-        Path(args.write).write_text(json.dumps(thresholds, indent=1) + "\n")
+        write_json(thresholds, args.write)
         _say(f"wrote {args.write}")
     return 0
 
@@ -355,14 +367,16 @@ def cmd_salvage(args: argparse.Namespace) -> int:
         raise PerfError(f"{log}: no such log (OUT/cases.jsonl of a perf run)")
     if output.resolve() == log.resolve():
         raise PerfError(f"-o {output} is the log itself: write the run somewhere else")
-    if not output.parent.is_dir():
+    if not output.parent.exists():
         raise PerfError(f"-o {output}: folder {output.parent} does not exist")
+    if problem := unwritable_file(output):
+        raise PerfError(f"-o {output}: {problem}")
     doc = salvage(log, args.run)
     # Checked before anything is written: a log without this run must not overwrite a good file.
     if not doc["benchmarks"]:
         raise PerfError(f"{log} holds no finished case of {args.run!r}: {output} left as it was")
     run = parse_run(doc, log)
-    write_atomically(output, json.dumps(doc))
+    write_json(doc, output)
     _say(f"salvaged {len(run.records)} cases of {args.run} into {output}")
     return 0
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ...checks import is_finite
 from . import guards
-from .results import BadResultFile, Run
+from .results import BadResultFile, Run, read_json
 
 ALPHA = 0.01
 DEFAULT_THRESHOLDS = {
@@ -36,6 +36,10 @@ DEFAULT_THRESHOLDS = {
     "patterns": [],
     "cases": {},
 }
+THRESHOLDS_HINT = (
+    "It is not a thresholds file; fix it, or write one from repeated runs "
+    "(`python -m attention.bench.perf spread RUN RUN... --write FILE`)."
+)
 #: thresholds_from_spread: threshold = max(floor, SPREAD_K x worst relative deviation of a run's median).
 SPREAD_K = 3.0
 
@@ -67,10 +71,7 @@ def load_thresholds(path: str | Path | None) -> dict:
     """The thresholds file, or the defaults if there is none; :class:`BadResultFile` if unreadable."""
     if path is None or not Path(path).exists():
         return json.loads(json.dumps(DEFAULT_THRESHOLDS))
-    try:
-        loaded = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadResultFile(f"{path}: unreadable thresholds file ({exc}); fix or delete it") from None
+    loaded = read_json(path, THRESHOLDS_HINT)
     if not isinstance(loaded, dict) or not isinstance(loaded.get("default", {}), dict):
         raise BadResultFile(f"{path}: thresholds must be an object with a 'default' object")
     merged = json.loads(json.dumps(DEFAULT_THRESHOLDS))

@@ -24,7 +24,7 @@ from ... import registry
 from ..files import write_atomically
 from . import ab, flags, machine, shard
 from .cases import __file__ as _cases_init
-from .results import BASELINE_FILE, PerfError, Run, baseline_dir, load_run, salvage
+from .results import BASELINE_FILE, PerfError, Run, baseline_dir, load_run, salvage, write_json
 
 #: The grid's test modules and the plugin that parametrises them.
 CASES = str(Path(_cases_init).parent)
@@ -92,8 +92,8 @@ def load_or_salvage(label: str, out: Path) -> Run | None:
         say(f"{label}: {exc}")
     if (out / "cases.jsonl").exists():
         say(f"{label}: rebuilding its JSON from the finished cases in cases.jsonl")
-        json_path.write_text(json.dumps(salvage(out / "cases.jsonl", label)))
         try:
+            write_json(salvage(out / "cases.jsonl", label), json_path)
             return load_run(json_path)
         except PerfError as exc:
             say(f"{label}: nothing to salvage ({exc})")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...checks import is_finite
-from ..files import write_atomically
+from ..files import unwritable_file, write_atomically
 from .machine import KEY, slugify
 
 BASELINE_FILE = "baseline.json"
@@ -68,11 +69,58 @@ class Run:
         return self.machine.get("gpu_name") or f"no GPU ({self.machine.get('device', '?')})"
 
 
+RUN_HINT = (
+    "It is not a complete pytest-benchmark JSON from this suite's perf run; "
+    "regenerate it (`nox -s perf`, or re-record the baseline with `nox -s perf -- --record`)."
+)
+LOG_HINT = "It is not the per-case log a perf run writes (OUT/cases.jsonl)."
+
+
 def _bad(path: str | Path, what: str) -> BadResultFile:
-    return BadResultFile(
-        f"{path}: {what}. It is not a complete pytest-benchmark JSON from this suite's perf run; "
-        "regenerate it (`nox -s perf`, or re-record the baseline with `nox -s perf -- --record`)."
-    )
+    return BadResultFile(f"{path}: {what}. {RUN_HINT}")
+
+
+def read_text(path: str | Path, hint: str) -> str:
+    """The UTF-8 text of ``path``; :class:`BadResultFile` naming it when it is missing, a folder,
+    unreadable or not UTF-8 (``hint`` says what the file should have been)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadResultFile(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BadResultFile(f"{path}: a folder, not a file") from None
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise BadResultFile(f"{path}: not UTF-8 text (byte {byte:#04x} at offset {exc.start}). {hint}") from None
+    except OSError as exc:
+        raise BadResultFile(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def read_json(path: str | Path, hint: str = RUN_HINT) -> object:
+    """The JSON document at ``path``: the one reader of the perf files (runs, baselines, thresholds),
+    so every one of them fails the same way, naming the file and what is wrong, then ``hint``."""
+    text = read_text(path, hint)
+    if not text.strip():
+        raise BadResultFile(f"{path}: the file is empty. {hint}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise BadResultFile(f"{path}: invalid JSON at {where} ({exc.msg}; truncated?). {hint}") from None
+
+
+def write_json(doc: object, path: str | Path) -> Path:
+    """``doc`` as JSON at ``path`` (its folder created), whole or not at all; :class:`PerfError`
+    naming the path where it cannot be written, never an ``OSError`` traceback."""
+    path = Path(path)
+    if problem := unwritable_file(path):
+        raise PerfError(f"{path}: {problem}")
+    try:
+        write_atomically(path, json.dumps(doc, indent=1) + "\n")
+    except OSError as exc:
+        raise PerfError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    return path
 
 
 #: Numbers a case's ``extra_info`` may carry that verdicts and tables read: each must be a finite
@@ -142,20 +190,7 @@ def parse_run(raw: object, path: str | Path = "<memory>") -> Run:
 
 def load_run(path: str | Path) -> Run:
     """Read a run or baseline file; :class:`BadResultFile` (saying what is wrong) if it is unusable."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise BadResultFile(f"{path}: no such file") from None
-    except OSError as exc:
-        raise BadResultFile(f"{path}: cannot read it ({exc})") from None
-    if not text.strip():
-        raise _bad(path, "the file is empty")
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _bad(path, f"invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}; truncated?)") from None
-    return parse_run(raw, path)
+    return parse_run(read_json(path), Path(path))
 
 
 def load_runs(paths: list[str] | list[Path]) -> list[Run]:
@@ -246,10 +281,7 @@ def merge_runs(runs: list[Run]) -> Run:
 
 
 def write_run(run: Run, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(run.raw, indent=1, sort_keys=False) + "\n")
-    return path
+    return write_json(run.raw, path)
 
 
 def salvage(jsonl: str | Path, run: str | None = None) -> dict:
@@ -258,7 +290,7 @@ def salvage(jsonl: str | Path, run: str | None = None) -> dict:
     cut off are skipped."""
     machine_info: dict = {}
     benches = []
-    for line in Path(jsonl).read_text().splitlines():
+    for number, line in enumerate(read_text(jsonl, LOG_HINT).splitlines(), 1):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
@@ -268,13 +300,21 @@ def salvage(jsonl: str | Path, run: str | None = None) -> dict:
         if entry.get("machine_info"):
             machine_info = entry["machine_info"]
         elif entry.get("status") == "passed" and entry.get("data"):
-            data = entry["data"]
-            benches.append(
-                {
-                    "name": entry["case"],
-                    "group": entry.get("group"),
-                    "extra_info": entry.get("extra_info", {}),
-                    "stats": {"median": statistics.median(data), "data": data, "rounds": len(data)},
-                }
-            )
+            benches.append(_salvaged_case(entry, f"{jsonl}, line {number}"))
     return {"machine_info": machine_info, "benchmarks": benches, "salvaged_from": str(jsonl)}
+
+
+def _salvaged_case(entry: dict, where: str) -> dict:
+    """One finished case of the log as pytest-benchmark writes it; a whole line that is not one
+    (no case name, timings that are not numbers) is :class:`BadResultFile`, not skipped."""
+    case, data = entry.get("case"), entry["data"]
+    if not isinstance(case, str) or not case:
+        raise BadResultFile(f"{where}: a passed case whose name is {case!r}, not a case key. {LOG_HINT}")
+    if not isinstance(data, list) or not all(is_finite(x) for x in data):
+        raise BadResultFile(f"{where}: case {case!r}: data is {reprlib.repr(data)}, not a list of seconds. {LOG_HINT}")
+    return {
+        "name": case,
+        "group": entry.get("group"),
+        "extra_info": entry.get("extra_info", {}),
+        "stats": {"median": statistics.median(data), "data": data, "rounds": len(data)},
+    }
