@@ -161,6 +161,25 @@ def test_on_cpu_it_says_it_needs_cuda(capsys: pytest.CaptureFixture, monkeypatch
     assert "needs CUDA GPUs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_without_cuda(capsys: pytest.CaptureFixture, monkeypatch, flag: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: python -m attention.bench.context_parallel") and "--seq-lens" in captured.out
+    assert "needs CUDA" not in captured.err
+
+
+def test_a_usage_error_is_named_before_the_missing_gpus(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--rotate", "sideways"])
+    assert exit_info.value.code == 2
+    assert "argument --rotate: invalid choice: 'sideways'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

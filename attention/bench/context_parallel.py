@@ -352,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None, gpus: int) -> tuple[BenchConfig, Path, bool]:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return _config(parser, parser.parse_args(argv), gpus)
+
+
+def _config(parser: argparse.ArgumentParser, args: argparse.Namespace, gpus: int) -> tuple[BenchConfig, Path, bool]:
+    """The run ``args`` ask for on ``gpus`` GPUs; a usage error (exit 2) where they cannot have it."""
     counts = tuple(sorted(set(args.gpus))) if args.gpus else default_gpu_counts(max(gpus, 1))
     if counts[-1] > gpus:
         parser.error(f"--gpus {counts[-1]}: only {gpus} GPU(s) present")
@@ -379,11 +383,13 @@ def parse_args(argv: Sequence[str] | None, gpus: int) -> tuple[BenchConfig, Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # --help and usage errors first: they need no GPU
     if not torch.cuda.is_available():
         print("the context parallel benchmark needs CUDA GPUs; this machine has none", file=sys.stderr)
         return 2
     gpus = torch.cuda.device_count()
-    config, out, plots = parse_args(argv, gpus)
+    config, out, plots = _config(parser, args, gpus)
     from rich.console import Console
 
     from . import context_parallel_report as report
