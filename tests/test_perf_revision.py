@@ -7,9 +7,11 @@ or SIGTERM inside the block. CPU only, no torch.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from attention.bench.perf import revision
 from attention.bench.perf.revision import (
     RevisionError,
     describe,
@@ -202,6 +205,16 @@ def test_is_dirty_tracks_tracked_files_only(repo):
     assert not is_dirty(repo)
 
 
+@needs_git
+def test_resolve_in_a_repository_with_no_commits_says_so_not_fetch(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    git(empty, "init", "-q")
+    with pytest.raises(RevisionError, match="has no commits yet") as info:
+        resolve("HEAD", empty)
+    assert "fetch" not in str(info.value)
+
+
 # -- worktree ---------------------------------------------------------------------------------------
 
 
@@ -346,6 +359,81 @@ def test_worktree_cleans_up_on_a_signal(repo, signame, codes):
     assert path.name.startswith("base-"), proc.stdout + proc.stderr
     assert not path.exists() and not path.parent.exists()
     assert snapshot(repo) == before
+
+
+KILL_SCRIPT = """
+import importlib.util, os, signal, sys, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("revision", {module!r})
+revision = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(revision)
+with revision.worktree("HEAD~1", Path({repo!r}), parent=Path({parent!r})) as path:
+    print(path, flush=True)
+    if {kill}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+"""
+
+
+def leave_worktree(repo: Path, parent: Path, *, kill: bool) -> tuple[subprocess.Popen, Path]:
+    """A process holding an A/B worktree of ``repo`` in ``parent``: SIGKILLed at once (a CI timeout), or alive."""
+    script = textwrap.dedent(KILL_SCRIPT).format(module=str(MODULE), repo=str(repo), parent=str(parent), kill=kill)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    path = Path(proc.stdout.readline().strip())
+    if kill:
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        proc.stdout.close()
+    assert path.name.startswith("base-") and path.is_dir()
+    return proc, path
+
+
+@needs_git
+def test_a_worktree_left_by_a_killed_run_is_removed_by_the_next(repo, tmp_path):
+    before = snapshot(repo)
+    parent = tmp_path / "tmp"
+    parent.mkdir()
+    _, left = leave_worktree(repo, parent, kill=True)
+    assert str(left) in git(repo, "worktree", "list", "--porcelain")  # the SIGKILL skipped every cleanup
+    with worktree("HEAD~2", repo, parent=parent) as path:
+        listed = git(repo, "worktree", "list", "--porcelain")
+        assert str(path) in listed and str(left) not in listed
+        assert not left.parent.exists()
+    assert not list(parent.iterdir())
+    assert snapshot(repo) == before
+
+
+@needs_git
+def test_stale_worktree_cleanup_leaves_what_it_cannot_prove_dead(repo, tmp_path):
+    parent = tmp_path / "tmp"
+    parent.mkdir()
+    live, held = leave_worktree(repo, parent, kill=False)
+    dead = os.getpid() + 1_000_000  # above any pid_max: no such process
+    started = revision._process_start(os.getpid())
+    folders = {
+        "no owner file": None,
+        "another host": {"pid": dead, "host": "elsewhere", "started": None},
+        "pid reused by a later process": {"pid": os.getpid(), "host": socket.gethostname(), "started": "0"},
+        "dead": {"pid": dead, "host": socket.gethostname(), "started": started},
+    }
+    for name, owner in folders.items():
+        folder = parent / f"attention-compare-{name.replace(' ', '-')}"
+        folder.mkdir()
+        if owner is not None:
+            (folder / "owner.json").write_text(json.dumps(owner))
+    try:
+        removed = revision.remove_stale_worktrees(repo, parent)
+        assert sorted(p.name for p in removed) == [
+            "attention-compare-dead",
+            "attention-compare-pid-reused-by-a-later-process",
+        ]
+        assert held.is_dir() and str(held) in git(repo, "worktree", "list", "--porcelain")  # alive: kept
+        assert (parent / "attention-compare-no-owner-file").is_dir()
+        assert (parent / "attention-compare-another-host").is_dir()
+    finally:
+        live.terminate()
+        live.wait(timeout=60)
+        live.stdout.close()
+    assert not held.exists()  # its owner cleaned up after itself on SIGTERM
 
 
 # -- load_package -----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ A same-run A/B comparison times both revisions in one process, on one warmed-up 
 and thermal drift between two separate runs cannot pass for a regression. To get the base
 revision without touching the user's checkout, REV goes into a temporary *detached* git worktree
 (no branch is created; HEAD, the index and the working tree stay as they are), which is removed
-afterwards, also on Ctrl-C, SIGTERM or an exception. :func:`load_package` then imports that
+afterwards, also on Ctrl-C, SIGTERM or an exception; one a SIGKILL left behind (a CI timeout)
+is removed by the next A/B (:func:`remove_stale_worktrees`). :func:`load_package` then imports that
 revision's ``attention`` package as ``attention_base``, which works because the package only
 uses relative imports; :func:`load_module_at` does the same for a user's package, which may
 import itself by absolute name.
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +45,12 @@ _FULL_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 SUBJECT_MAX = 50
 
 _FETCH_HINT = "fetch it (CI: actions/checkout with fetch-depth: 0)"
+_NO_COMMITS_HINT = "the repository has no commits yet: commit the code to compare against first"
+
+#: Each A/B's temporary folder: ``<parent>/attention-compare-XXXX/`` holding the worktree
+#: ``base-<sha12>/`` and the owner file, written before the worktree is added.
+_PREFIX = "attention-compare-"
+_OWNER = "owner.json"
 
 
 class RevisionError(Exception):
@@ -103,9 +112,17 @@ def resolve(rev: str, repo: Path) -> str:
     proc = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     sha = proc.stdout.strip()
     if proc.returncode != 0 or not _FULL_SHA.fullmatch(sha):
+        if not _has_commits(root):
+            raise RevisionError(f"unknown git revision {rev!r} in {root}: {_NO_COMMITS_HINT}")
         shallow = " (this clone is shallow)" if _is_shallow(root) else ""
         raise RevisionError(f"unknown git revision {rev!r} in {root}{shallow}: {_FETCH_HINT}")
     return sha
+
+
+def _has_commits(repo: Path) -> bool:
+    """Whether any ref reaches a commit: in a fresh ``git init`` nothing can be fetched deeper."""
+    proc = _git(repo, "rev-list", "-n", "1", "--all")
+    return proc.returncode != 0 or bool(proc.stdout.strip())
 
 
 def describe(sha: str, repo: Path) -> str:
@@ -191,10 +208,84 @@ def _remove_worktree(repo: Path, path: Path, tmp: Path) -> None:
     """Undo ``git worktree add``, also a half-done one (killed mid-checkout, still locked as "initializing")."""
     _git(repo, "worktree", "unlock", str(path), detach=True)
     _git(repo, "worktree", "remove", "--force", str(path), detach=True)
+    shutil.rmtree(path, ignore_errors=True)  # the owner file goes last: a cleanup cut short is found again
     shutil.rmtree(tmp, ignore_errors=True)
     _git(repo, "worktree", "prune", detach=True)  # after the rmtree, so an entry whose directory is gone goes too
     if tmp.exists():
         warnings.warn(f"could not remove the temporary worktree {tmp}; delete it by hand", RuntimeWarning, stacklevel=3)
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot), so a reused pid is told apart; else ``None``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22, counted after the command name
+
+
+def _owner(repo: Path) -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid()), "repo": str(repo)}
+
+
+def _alive(owner: dict) -> bool:
+    """Whether the process that wrote ``owner`` may still be running (on another host: assumed so)."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    started = owner.get("started")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _dead_owner(tmp: Path) -> dict | None:
+    """The owner record of A/B folder ``tmp`` if its process is gone (SIGKILL, a CI timeout, a
+    power cut); ``None`` where it is alive, or the folder has no record or is another user's: not
+    provably ours to remove."""
+    try:
+        if tmp.is_symlink() or tmp.stat().st_uid != os.getuid():
+            return None
+        owner = json.loads((tmp / _OWNER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and not _alive(owner) else None
+
+
+def _registered(repo: Path) -> list[Path]:
+    """The folders of ``repo``'s worktrees (``git worktree list``)."""
+    proc = _git(repo, "worktree", "list", "--porcelain")
+    return [Path(line[len("worktree ") :]) for line in proc.stdout.splitlines() if line.startswith("worktree ")]
+
+
+def remove_stale_worktrees(repo: Path, parent: Path | None = None) -> list[Path]:
+    """Remove the A/B folders whose process died without cleaning up, and their worktrees; returns them.
+
+    A SIGKILL leaves no ``finally`` to run, so the next A/B does it: it looks at the A/B folders in
+    ``parent`` (default: the temporary folder) and at those ``repo``'s worktrees live in, and
+    removes each whose owner file names a process of this host that is gone (pid and start time,
+    so a reused pid does not count). A folder without an owner file, or owned by a live process or
+    another host, is left alone.
+    """
+    folders = {p.parent for p in _registered(repo) if p.parent.name.startswith(_PREFIX)}
+    scan = Path(parent or tempfile.gettempdir()).resolve()  # its entries unresolved: a symlink is not ours
+    folders.update(p for p in scan.glob(f"{_PREFIX}*") if p.is_dir())
+    removed = []
+    for tmp in sorted(folders):
+        owner = _dead_owner(tmp)
+        if owner is None:
+            continue
+        home = Path(str(owner.get("repo")))  # the repository the worktree was added to
+        home = home if home.is_absolute() and home.is_dir() else repo
+        trees = [path for path in tmp.glob("base-*") if not path.is_symlink()]
+        for path in trees or [tmp]:  # none: killed before `git worktree add`
+            _remove_worktree(home, path, tmp)
+        removed.append(tmp)
+    return removed
 
 
 @contextmanager
@@ -215,8 +306,10 @@ def worktree(rev: str, repo: Path, *, parent: Path | None = None, signals: bool 
         tmp: Path | None = None
         path = Path()
         try:
+            remove_stale_worktrees(root, parent)
             try:
-                tmp = Path(tempfile.mkdtemp(prefix="attention-compare-", dir=parent)).resolve()
+                tmp = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=parent)).resolve()
+                (tmp / _OWNER).write_text(json.dumps(_owner(root)), encoding="utf-8")
             except OSError as exc:
                 raise RevisionError(f"cannot create a temporary directory for the worktree of {rev!r}: {exc}") from exc
             path = tmp / f"base-{sha[:12]}"
