@@ -104,7 +104,20 @@ class KVCache(nn.Module):
             raise ValueError(f"kv_cache is on {self.k_cache.device}, input is on {x.device}")
         if x.dtype != self.k_cache.dtype:
             raise TypeError(f"kv_cache holds {self.k_cache.dtype}, input is {x.dtype}")
+        self._check_writable()
         self._check_room(num_new)
+
+    def _check_writable(self) -> None:
+        """Refuse a write that torch would refuse deep inside, naming nobody, or that would
+        silently give a wrong answer (docs/design.md#kv-cache-writes)."""
+        if torch.compiler.is_compiling():  # dynamo traces forward only: no replay, no mode switch
+            return
+        if _in_backward():
+            raise RuntimeError(
+                "kv_cache cannot be written during a backward pass: torch.utils.checkpoint replays a "
+                "checkpointed forward there, which would append its chunk to the cache a second time and "
+                "attend from the wrong position; checkpoint only calls without a kv_cache"
+            )
 
     def _check_room(self, num_new: int) -> None:
         if self._pos + num_new > self.max_tokens:
@@ -120,6 +133,7 @@ class KVCache(nn.Module):
         grad they are copies: attention saves its inputs for backward, and the next chunk's write
         into the buffers would change a saved view in place, which autograd refuses.
         """
+        self._check_writable()
         self._check_room(k.shape[2])
         start, end = self._pos, self._pos + k.shape[2]
         if start == 0:
@@ -131,3 +145,10 @@ class KVCache(nn.Module):
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
             return keys.clone(), values.clone()  # (B, H_kv, pos, D) each
         return keys, values
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward node on this thread: a forward called now is a
+    replay (``torch.utils.checkpoint`` recomputing what it did not save)."""
+    current_node = getattr(torch._C, "_current_autograd_node", None)  # what torch.autograd.graph asks
+    return current_node is not None and current_node() is not None

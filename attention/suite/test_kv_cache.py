@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.checkpoint import checkpoint
 
 import attention
 from attention import masks
@@ -288,6 +289,23 @@ def test_make_kv_cache_validates(impl_name):
 def test_a_cache_that_is_not_a_kv_cache_rejected(impl_name):
     with pytest.raises(TypeError, match=r"kv_cache must be a KVCache"), torch.no_grad():
         cpu_module(impl_name)(torch.randn(1, 2, 8), kv_cache={"k": None})
+
+
+@pytest.mark.attention_needs("kv_cache", "backward")
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointed_cached_call_is_refused_when_replayed(impl_name, reentrant):
+    """``torch.utils.checkpoint`` replays the forward in the backward, which would write the chunk
+    into the cache a second time and attend from the wrong position (docs/design.md#kv-cache-writes):
+    the replay raises, naming the cache, and the cache keeps what the forward wrote."""
+    module = cpu_module(impl_name)
+    x = torch.randn(2, 6, 8).requires_grad_()  # (B, T, d_in)
+    cache = module.make_kv_cache(2, 12)
+    out = checkpoint(lambda chunk: module(chunk, kv_cache=cache), x, use_reentrant=reentrant)  # (B, T, d_out)
+    assert cache.pos == 6
+    before = snapshot(cache)
+    with pytest.raises(RuntimeError, match=r"kv_cache cannot be written during a backward pass.*checkpoint"):
+        out.backward(torch.randn_like(out))
+    assert_unchanged(cache, before)
 
 
 # -- a call that fails after validation: the cache rolls back ---------------------------------
