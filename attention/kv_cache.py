@@ -118,6 +118,12 @@ class KVCache(nn.Module):
                 "checkpointed forward there, which would append its chunk to the cache a second time and "
                 "attend from the wrong position; checkpoint only calls without a kv_cache"
             )
+        if self.k_cache.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                "kv_cache was made under torch.inference_mode(), so its buffers are inference tensors, which "
+                "only inference mode may write: extend it inside torch.inference_mode(), or make the cache "
+                "outside it (under torch.no_grad() decoding is as fast)"
+            )
 
     def _check_room(self, num_new: int) -> None:
         if self._pos + num_new > self.max_tokens:

@@ -308,6 +308,26 @@ def test_checkpointed_cached_call_is_refused_when_replayed(impl_name, reentrant)
     assert_unchanged(cache, before)
 
 
+@pytest.mark.attention_needs("kv_cache")
+def test_cache_made_under_inference_mode_is_refused_outside_it(impl_name):
+    """Its buffers are inference tensors, which only inference mode may write in place: outside
+    it, an error naming the cache (not torch's in-place error), the cache as it was, and inside
+    it decoding goes on right (docs/design.md#kv-cache-writes)."""
+    module = cpu_module(impl_name)
+    x = torch.randn(2, 5, 8)  # (B, T, d_in)
+    with torch.inference_mode():
+        cache = module.make_kv_cache(2, 8)
+        first = module(x[:, :3], kv_cache=cache)  # (B, 3, d_out)
+    before = snapshot(cache)
+    for mode in (torch.no_grad, torch.enable_grad):
+        with pytest.raises(ValueError, match=r"kv_cache was made under torch.inference_mode\(\)"), mode():
+            module(x[:, 3:4], kv_cache=cache)
+        assert_unchanged(cache, before)
+    with torch.inference_mode():
+        rest = module(x[:, 3:], kv_cache=cache)  # (B, 2, d_out)
+    assert_module_matches_oracle(module, x, torch.cat([first, rest], dim=1), what="output after the refused call")
+
+
 # -- a call that fails after validation: the cache rolls back ---------------------------------
 
 
