@@ -33,6 +33,12 @@ DECODE_MAX_ROWS = 128
 #: would need smaller tiles to fit shared memory.
 MAX_HEAD_DIM = 128
 _MAX_CACHED_TABLES = 64
+#: The dtypes the kernels compute right, per device type (docs/design.md#triton-dtypes).
+DTYPES = {
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": (torch.float16, torch.float32),
+}
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 class MHATritonAttention(AttentionBase):
@@ -86,13 +92,24 @@ class MHATritonAttention(AttentionBase):
         reason = self.unavailable(x.device)
         if reason is not None:
             raise RuntimeError(f"{type(self).__name__} cannot run here: {reason}")
-        if x.device.type == "cuda" and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{type(self).__name__} runs fp16, bf16 or fp32 on CUDA, got {x.dtype}")
+        self._check_dtype(_attention_dtype(x), x.device)
         if x.device.type == "cuda" and self.head_dim > MAX_HEAD_DIM:
             raise ValueError(
                 f"{type(self).__name__} supports head_dim (d_out // num_heads) up to {MAX_HEAD_DIM} on CUDA, "
                 f"got {self.head_dim}"
             )
+
+    def _check_dtype(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Refuse a dtype the kernels would compute wrong on ``device`` (see :data:`DTYPES`)."""
+        if dtype in DTYPES[device.type]:
+            return
+        allowed = [_DTYPE_NAMES[d] for d in DTYPES[device.type]]
+        where = "CUDA" if device.type == "cuda" else "CPU (interpreted)"
+        autocast = " (torch.autocast's dtype)" if torch.is_autocast_enabled(device.type) else ""
+        raise TypeError(
+            f"{type(self).__name__} runs {', '.join(allowed[:-1])} or {allowed[-1]} on {where}, "
+            f"got {dtype}{autocast}{_why_not(dtype)}"
+        )
 
     @classmethod
     def runs_interpreted(cls, device: torch.device | str) -> bool:
@@ -148,6 +165,8 @@ class MHATritonAttention(AttentionBase):
         from .kernels import decode, prefill
         from .kernels.launch import dkdv_blocks, prefill_blocks
 
+        k, v = _in_query_dtype(q, k, v)  # (B, H_kv, Tk, hd) each
+        self._check_dtype(q.dtype, q.device)  # what the kernels get, whatever changed it since the input
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if _decodes(q.shape[2], q.shape[1] // k.shape[1], wants_grad):
             if not self._is_plain_causal(document_ids):
@@ -172,3 +191,32 @@ def _decodes(q_len: int, group: int, grad: bool) -> bool:
     """Whether a call takes the split-KV decode kernels: a few tokens, no gradients, and a tile of
     ``group x q_len`` rows small enough for one program."""
     return q_len <= DECODE_MAX_TOKENS and q_len * group <= DECODE_MAX_ROWS and not grad
+
+
+def _why_not(dtype: torch.dtype) -> str:
+    """Why the kernels would compute ``dtype`` wrong, for the refusal."""
+    if dtype == torch.float64:
+        return ": the kernels accumulate in fp32, so a float64 result would carry fp32 error"
+    if dtype == torch.bfloat16:
+        return ": Triton's interpreter holds bfloat16 as raw 16-bit integers, and tl.dot multiplies them as integers"
+    return ""
+
+
+def _attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the projections hand to attention for input ``x``: ``torch.autocast``'s where it
+    is on for ``x``'s device (it casts the ``qkv`` matmul of any floating input but float64)."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _in_query_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``k, v`` in ``q``'s dtype. Under ``torch.autocast`` the queries come cast while keys and
+    values read back from a KV cache keep the cache's dtype; the kernels take one dtype, so they
+    are cast as autocast casts a matmul's inputs in the other implementations."""
+    if k.dtype == v.dtype == q.dtype:
+        return k, v
+    if not torch.is_autocast_enabled(q.device.type):
+        raise TypeError(f"MHATritonAttention needs one dtype for q, k and v, got {q.dtype}, {k.dtype} and {v.dtype}")
+    return k.to(q.dtype), v.to(q.dtype)  # (B, H_kv, Tk, hd) each

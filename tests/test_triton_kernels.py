@@ -269,3 +269,63 @@ def test_float64_is_refused_on_cuda() -> None:
     module = attention.get("triton")(16, 32, 2, 8).to("cuda", torch.float64)
     with pytest.raises(TypeError, match=r"fp16, bf16 or fp32 on CUDA, got torch\.float64"):
         module(torch.randn(1, 4, 16, device="cuda", dtype=torch.float64))
+
+def _cpu_module_and_input(dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    module = attention.get("triton")(16, 32, 2, 24).to(dtype)
+    return module, torch.randn(2, 20, 16).to(dtype)  # (B, T, d_in)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "why"),
+    [
+        (torch.bfloat16, r"holds bfloat16 as raw 16-bit integers, and tl\.dot multiplies them as integers"),
+        (torch.float64, r"accumulate in fp32, so a float64 result would carry fp32 error"),
+    ],
+    ids=["bf16", "fp64"],
+)
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_dtypes_the_interpreter_computes_wrong_are_refused_on_cpu(dtype, why, grad) -> None:
+    """bf16 on CPU came back around 1e8 and float64 with fp32 error, both silently
+    (docs/design.md#triton-dtypes): refused before the cache is written, with the reason."""
+    _skip_where_unavailable("cpu")
+    module, x = _cpu_module_and_input(dtype)
+    cache = module.make_kv_cache(2, 24)
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(TypeError, match=rf"runs fp16 or fp32 on CPU \(interpreted\), got {dtype}: .*{why}"):
+            module(x.requires_grad_(grad))
+        with pytest.raises(TypeError, match=rf"got {dtype}"):
+            module(x, kv_cache=cache)
+    assert cache.pos == 0
+
+
+def test_autocast_to_bf16_is_refused_on_cpu() -> None:
+    """The projections hand attention autocast's dtype, so an fp32 module under bf16 autocast fed
+    the interpreter bf16 as well."""
+    _skip_where_unavailable("cpu")
+    module, x = _cpu_module_and_input(torch.float32)
+    with (
+        torch.autocast("cpu", torch.bfloat16),
+        pytest.raises(TypeError, match=r"got torch\.bfloat16 \(torch\.autocast"),
+    ):
+        module(x)
+
+
+def test_fp16_and_fp16_autocast_on_cpu_match_the_oracle() -> None:
+    """What the interpreter computes right, by the ratio rule: fp16 (a baseline in fp16), and an
+    fp32 module under fp16 autocast, decoded through an fp32 cache whose keys are cast to the
+    queries' dtype."""
+    _skip_where_unavailable("cpu")
+    module, x = _cpu_module_and_input(torch.float16, seed=1)
+    with torch.no_grad():
+        out = module(x)  # (B, T, d_out)
+    assert_matches_oracle(
+        out, attention.reference_forward(module, x), attention.reference_forward(module, x, dtype=torch.float16)
+    )
+    module, x = _cpu_module_and_input(torch.float32, seed=2)
+    cache = module.make_kv_cache(2, 24)
+    with torch.autocast("cpu", torch.float16), torch.no_grad():
+        out = torch.cat([module(x[:, :12], kv_cache=cache), module(x[:, 12:13], kv_cache=cache)], dim=1)
+    assert out.dtype == torch.float16
+    oracle = attention.reference_forward(module, x[:, :13])  # (B, 13, d_out) float64
+    assert_matches_oracle(out, oracle, attention.reference_forward(module, x[:, :13], dtype=torch.float16))
