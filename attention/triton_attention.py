@@ -67,6 +67,9 @@ class MHATritonAttention(AttentionBase):
         kind = torch.device(device).type
         if kind not in ("cuda", "cpu"):
             return f"Triton kernels run on CUDA (or, interpreted, on CPU), not {kind}"
+        problem = _import_problem()
+        if problem is not None:
+            return problem
         if kind == "cpu":
             from .kernels.launch import interpreter_problem
 
@@ -185,6 +188,17 @@ class MHATritonAttention(AttentionBase):
         same = key_tiles == (blocks.block_m, blocks.block_n)  # on CPU and for fp32
         key_table = table if same else self.block_table(q, k, q_offset, document_ids, *key_tiles)
         return prefill.attend(q, k, v, table, self.scale, blocks, key_table, key_blocks)  # (B, H, Tq, hd)
+
+
+def _import_problem() -> str | None:
+    """Why the kernels cannot be imported, or ``None``: an installed triton may still fail to
+    import (no driver it can load, a build for another Python or CUDA), and a question about
+    availability must answer with that reason, never raise it."""
+    try:
+        importlib.import_module("attention.kernels.launch")  # imports triton
+    except Exception as error:  # whatever triton's own import raised
+        return f"the triton package is installed but failed to import ({type(error).__name__}: {error})"
+    return None
 
 
 def _decodes(q_len: int, group: int, grad: bool) -> bool:
