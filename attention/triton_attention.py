@@ -92,6 +92,13 @@ class MHATritonAttention(AttentionBase):
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
         super()._check_input(x, kv_cache, document_ids)
         # Refused here, before the cache is written, so a refused call leaves the cache as it was.
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"{type(self).__name__} does not run under torch.func transforms (grad, vmap, jacrev, jvp, ...): "
+                "its Triton kernels read raw tensor memory, which functorch's wrapped tensors do not expose "
+                "(docs/design.md#triton-and-torch-func); for gradients use torch.autograd (loss.backward(), "
+                "torch.autograd.grad), for many inputs a batch dimension"
+            )
         reason = self.unavailable(x.device)
         if reason is not None:
             raise RuntimeError(f"{type(self).__name__} cannot run here: {reason}")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import attention
 from attention import masks
-from attention.accuracy import assert_matches_oracle
+from attention.accuracy import assert_matches_oracle, check_module
 from attention.reference import reference_attention
 from attention.suite.support import CUDA, DEVICES, oracle_and_baseline_grads, random_document_ids, seeded_randn
 
@@ -270,6 +270,7 @@ def test_float64_is_refused_on_cuda() -> None:
     with pytest.raises(TypeError, match=r"fp16, bf16 or fp32 on CUDA, got torch\.float64"):
         module(torch.randn(1, 4, 16, device="cuda", dtype=torch.float64))
 
+
 def _cpu_module_and_input(dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
     module = attention.get("triton")(16, 32, 2, 24).to(dtype)
@@ -329,3 +330,23 @@ def test_fp16_and_fp16_autocast_on_cpu_match_the_oracle() -> None:
     assert out.dtype == torch.float16
     oracle = attention.reference_forward(module, x[:, :13])  # (B, 13, d_out) float64
     assert_matches_oracle(out, oracle, attention.reference_forward(module, x[:, :13], dtype=torch.float16))
+
+
+def test_torch_func_transforms_are_refused_and_leave_the_process_well() -> None:
+    """The kernels read raw memory, which functorch's wrapped tensors lack: grad and vmap over the
+    module are refused, naming torch.func and what to use instead (docs/design.md#triton-and-torch-func).
+    The interpreter's self-check, first asked under a transform as in a fresh process, answers for
+    plain tensors, so it never caches a failure that would refuse every later call."""
+    _skip_where_unavailable("cpu")
+    module, x = _cpu_module_and_input(torch.float32, seed=3)
+    launch._probe_interpreter.cache_clear()  # the first question of a process, asked below under grad
+    reasons = []
+    torch.func.grad(lambda t: (reasons.append(module.unavailable("cpu")), t.sum())[1])(x)
+    assert reasons == [None]
+    refused = r"does not run under torch\.func transforms .* use torch\.autograd"
+    with pytest.raises(RuntimeError, match=refused):
+        torch.func.grad(lambda t: module(t).sum())(x)
+    with pytest.raises(RuntimeError, match=refused):
+        torch.func.vmap(lambda row: module(row[None]))(x)
+    check = check_module(module, x)  # and afterwards the module still runs, right
+    assert check.passes, check.problem

@@ -107,12 +107,21 @@ def _count_to(N, Out):
 _COUNT_TO = Kernel(_count_to)
 
 
-@functools.cache
 def interpreter_problem() -> str | None:
     """Why this Triton's interpreter cannot run the kernels on CPU tensors, or ``None``.
 
     Some releases (3.6, for one) turn a loop bound loaded from memory into a Python int with
-    ``int(array)``, which NumPy 2 refuses for the one-element arrays the interpreter holds."""
+    ``int(array)``, which NumPy 2 refuses for the one-element arrays the interpreter holds.
+
+    The answer is the interpreter's, so it is worked out once per process, on plain tensors even
+    when asked under a ``torch.func`` transform: there the probe's tensors would be functorch
+    wrappers without storage, and a failure cached from them would refuse every later call."""
+    with torch._C._DisableFuncTorch():  # tensors made inside are plain
+        return _probe_interpreter()
+
+
+@functools.cache
+def _probe_interpreter() -> str | None:
     bound, out = torch.tensor([3], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
     try:
         _COUNT_TO.on(torch.device("cpu"))[(1,)](bound, out)
