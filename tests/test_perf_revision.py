@@ -335,6 +335,8 @@ from pathlib import Path
 spec = importlib.util.spec_from_file_location("revision", {module!r})
 revision = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(revision)
+# A process started in the background inherits SIGINT ignored, which worktree() respects.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with revision.worktree("HEAD~1", Path({repo!r})) as path:
     print(path, flush=True)
     os.kill(os.getpid(), signal.{signame})
@@ -367,6 +369,8 @@ from pathlib import Path
 spec = importlib.util.spec_from_file_location("revision", {module!r})
 revision = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(revision)
+# A process started in the background inherits SIGINT ignored, which worktree() respects.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with revision.worktree("HEAD~1", Path({repo!r}), parent=Path({parent!r})) as path:
     print(path, flush=True)
     if {kill}:

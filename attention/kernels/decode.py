@@ -157,6 +157,11 @@ def tiles(dtype: torch.dtype, block_m: int, block_d: int, shared_bytes_per_sm: i
     return Tiles(block_n, stages, min(MAX_PROGRAMS_PER_SM, max(1, (shared_bytes_per_sm or 0) // shared)))
 
 
+#: Interpreted (CPU): short steps, so a small cache spans several steps and splits (each step
+#: costs the interpreter about the same at any size: docs/design.md#triton-configs).
+INTERPRETED_TILES = Tiles(16, 1, 1)
+
+
 def block_rows(group: int, q_len: int) -> int:
     """Tile rows of a split program: every query head of a KV head's group times the query
     tokens, padded to a power of two, at least 16 (``tl.dot``'s smallest)."""
@@ -199,7 +204,7 @@ def attend(
         raise ValueError(f"decoding needs at least one query and one key, got {tq} and {tk}")
     block_d = padded_head_dim(hd)
     block_m = block_rows(h // h_kv, tq)
-    step = tiles(q.dtype, block_m, block_d, shared_bytes_per_sm(q.device))
+    step = tiles(q.dtype, block_m, block_d, shared_bytes_per_sm(q.device)) if q.is_cuda else INTERPRETED_TILES
     if splits is None:
         splits = num_splits(b, h_kv, tk, multiprocessors(q.device) * step.per_sm)
     split_len = triton.cdiv(triton.cdiv(tk, splits), step.block_n) * step.block_n  # keys per split, whole steps

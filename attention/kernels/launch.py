@@ -173,12 +173,13 @@ def padded_head_dim(head_dim: int) -> int:
 
 def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
     """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
-    for fp32 (twice the bytes per element: the same shared memory), 256 x 256 interpreted (fewer,
-    larger NumPy steps). The full-tile run's own loop pays for 16-bit inputs (tensor cores: the
-    walk's lookups and masking were most of the cost); fp32, whose dots are FMAs, walks one masked
-    loop, since three loops make ptxas spill its registers."""
+    for fp32 (twice the bytes per element: the same shared memory), 32 x 32 interpreted (each
+    step costs the interpreter about the same at any tile size, so small cases reach several
+    tiles, a partial one and the full-tile run cheaply). The full-tile run's own loop pays for
+    16-bit inputs (tensor cores: the walk's lookups and masking were most of the cost); fp32,
+    whose dots are FMAs, walks one masked loop, since three loops make ptxas spill its registers."""
     if device.type != "cuda":
-        return Blocks(256, 256, 4, 1, 256, full_run=True)
+        return Blocks(32, 32, 4, 1, 32, full_run=True)
     if dtype == torch.float32:
         return Blocks(64, 32, 4, 2, 32, full_run=False)
     if padded_head_dim(head_dim) <= 64:

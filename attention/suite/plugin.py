@@ -28,6 +28,8 @@ import os
 
 import pytest
 
+from .timing import SlowestFiles
+
 #: The implementation every pairwise test also pairs with: the readable from-scratch path.
 REFERENCE = "from_scratch"
 
@@ -43,6 +45,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="NAME",
         help="implementation to test: a registered name or module:attr (repeatable; default: all registered)",
     )
+    group.addoption(
+        "--slowest-files",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at the end, list the N test files that took longest (summed over xdist workers)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,6 +60,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "attention_needs(*capabilities): skip for implementations that do not declare these capabilities"
     )
     _pin_worker_gpu()
+    _share_cpus()
+    if (count := config.getoption("--slowest-files")) > 0 and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(SlowestFiles(count), "attention-slowest-files")
     # Resolved now, so a typo is one usage error; conftest files of the paths given to pytest
     # (where a register() call may live) are imported before this hook runs.
     if specs := config.getoption("--attention-impl"):
@@ -74,6 +86,24 @@ def gpu_for_worker(worker: str | None, gpus: int) -> int | None:
     if not (worker.startswith("gw") and worker[2:].isdigit()):
         raise ValueError(f"unexpected xdist worker id {worker!r} (expected gw<N>)")
     return int(worker[2:]) % gpus
+
+
+def threads_for_worker(cpus: int, workers: int) -> int:
+    """CPU threads each of ``workers`` xdist workers gives torch on ``cpus`` CPUs: its share, at
+    least one. torch's default (every CPU, in every worker) oversubscribes the machine, and its
+    OpenMP threads then spin waiting for each other: small ops took 100x longer on 2 cores with
+    2 workers (docs/design.md#cpu-threads-under-xdist)."""
+    return max(1, cpus // max(1, workers))
+
+
+def _share_cpus() -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None or not workers.isdigit():
+        return
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads_for_worker(cpus, int(workers)))
 
 
 def _pin_worker_gpu() -> None:
@@ -156,3 +186,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if reason is not None:
                 item.add_marker(pytest.mark.skip(reason=f"{name}: {reason}"))
                 break
+
+
+@pytest.fixture(autouse=True)
+def _attention_sizing(request: pytest.FixtureRequest):
+    """Size the running test's drawn cases for its implementation(s) on its device
+    (:func:`attention.suite.support.sizing_for`): shapes through the sizing the strategies read,
+    and the example count of its Hypothesis test, both put back afterwards."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    names = [params[key] for key in ("impl_name", "source_name", "target_name") if key in params]
+    if not names:
+        yield
+        return
+    import attention
+    from attention.suite import support
+
+    device = params.get("device", "cpu")
+    sizes = [support.sizing_for(attention.get(name), device) for name in names]
+    size = next((s for s in sizes if s is not support.FULL), support.FULL)  # the costlier one sizes a pair
+    token = support.use_sizing(size)
+    test = getattr(request.node, "obj", None)
+    # Hypothesis reads a test's settings from this attribute each time it runs the test.
+    settings = getattr(test, "_hypothesis_internal_use_settings", None)
+    if settings is not None and size.max_examples is not None and settings.max_examples > size.max_examples:
+        from hypothesis import settings as Settings
+
+        test._hypothesis_internal_use_settings = Settings(settings, max_examples=size.max_examples)
+    try:
+        yield
+    finally:
+        if settings is not None:
+            test._hypothesis_internal_use_settings = settings
+        support.reset_sizing(token)

@@ -7,6 +7,8 @@ Importing it loads the suite's Hypothesis profile (:mod:`attention.suite.profile
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -130,18 +132,85 @@ class Config:
         return self.num_heads * self.head_dim
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """The shapes a drawn case may take for one implementation on one device, and how many
+    examples a property draws for it (``None``: the Hypothesis profile's count)."""
+
+    batch: int = 4
+    heads: tuple[int, int] = (1, 8)
+    head_dim: int = 64
+    tokens: tuple[int, int] = (1, 300)
+    decode_steps: int = 8  # tokens a generation or decoding case draws one at a time
+    max_examples: int | None = None
+
+    def clamp(self, cfg: Config) -> Config:
+        """``cfg`` within this sizing (an explicit example drawn for the full range, say); a KV
+        head count that no longer divides the heads becomes 1."""
+        heads = min(max(cfg.num_heads, self.heads[0]), self.heads[1])
+        kv_heads = cfg.num_kv_heads if cfg.num_kv_heads <= heads and heads % cfg.num_kv_heads == 0 else 1
+        return dataclasses.replace(
+            cfg,
+            batch=min(cfg.batch, self.batch),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=min(cfg.head_dim, self.head_dim),
+            tokens=min(max(cfg.tokens, self.tokens[0]), self.tokens[1]),
+        )
+
+
+#: Compiled kernels and PyTorch's own paths: the full range.
+FULL = Sizing()
+#: Kernels run by Triton's interpreter (on CPU): each launch walks every program's tile steps in
+#: Python, about 0.1 s a step, so cases are the smallest that reach every branch on the
+#: interpreter's 32 x 32 tiles: two query tiles with a partial one (33..48 tokens, full tiles
+#: below the diagonal), GQA (2 heads, 1 KV head drawn), a batch of two (docs/design.md#triton-configs).
+INTERPRETED = Sizing(batch=2, heads=(2, 2), head_dim=32, tokens=(33, 48), decode_steps=3, max_examples=3)
+
+_SIZING: contextvars.ContextVar[Sizing] = contextvars.ContextVar("attention_suite_sizing", default=FULL)
+
+
+def sizing_for(impl: type[attention.AttentionBase], device: str) -> Sizing:
+    """:data:`INTERPRETED` where ``impl`` runs interpreted on ``device``, else :data:`FULL`."""
+    return INTERPRETED if impl.runs_interpreted(device) else FULL
+
+
+def sizing() -> Sizing:
+    """The sizing of the test now running (the plugin sets it per implementation and device)."""
+    return _SIZING.get()
+
+
+def use_sizing(value: Sizing) -> contextvars.Token:
+    """Make ``value`` the sizing of the test about to run; :func:`reset_sizing` undoes it."""
+    return _SIZING.set(value)
+
+
+def reset_sizing(token: contextvars.Token) -> None:
+    _SIZING.reset(token)
+
+
 @st.composite
 def configs(draw: st.DrawFn, *, min_tokens: int = 1, max_tokens: int = 300, gqa: bool = True) -> Config:
     """Batch 1..4, ``min_tokens..max_tokens`` tokens (block edges favoured), 1..8 heads, head_dim
-    8..64, ``d_in != d_out``, a KV head count dividing the heads (when ``gqa``), bias or not."""
-    num_heads = draw(st.integers(1, 8))
+    8..64, ``d_in != d_out``, a KV head count dividing the heads (when ``gqa``), bias or not;
+    each range narrowed to the running test's :func:`sizing`."""
+    size = sizing()
+    num_heads = draw(st.integers(*size.heads))
     divisors = [n for n in range(1, num_heads + 1) if num_heads % n == 0]
-    head_dim = draw(st.integers(8, 64))
+    head_dim = draw(st.integers(8, size.head_dim))
     d_out = num_heads * head_dim
+    low, high = max(min_tokens, size.tokens[0]), min(max_tokens, size.tokens[1])
+    if low > high:  # a test's own range outside the sizing's: the test's wins
+        low, high = min_tokens, max_tokens
+    min_tokens, max_tokens = low, high
     edges = [t for t in EDGE_TOKENS if min_tokens <= t <= max_tokens]
     return Config(
-        batch=draw(st.integers(1, 4)),
-        tokens=draw(st.one_of(st.sampled_from(edges), st.integers(min_tokens, max_tokens))),
+        batch=draw(st.integers(1, size.batch)),
+        tokens=draw(
+            st.one_of(st.sampled_from(edges), st.integers(min_tokens, max_tokens))
+            if edges
+            else st.integers(min_tokens, max_tokens)
+        ),
         num_heads=num_heads,
         num_kv_heads=draw(st.sampled_from(divisors[::-1])) if gqa else num_heads,  # plain MHA first
         head_dim=head_dim,
@@ -233,11 +302,18 @@ def oracle_and_baseline_grads(module, x, upstream, mask_mod, document_ids):
 
 __all__ += [
     "EDGE_TOKENS",
+    "FULL",
+    "INTERPRETED",
     "Config",
+    "Sizing",
     "build_module",
     "configs",
     "make_input",
     "oracle_and_baseline_grads",
     "reference_with_leaves",
+    "reset_sizing",
     "seeded_randn",
+    "sizing",
+    "sizing_for",
+    "use_sizing",
 ]

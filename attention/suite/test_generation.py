@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import attention
-from attention.suite.support import DEVICES, mask_for, mask_kinds
+from attention.suite.support import DEVICES, mask_for, mask_kinds, sizing
 
 VOCAB = 61
 D_MODEL = 64
@@ -95,9 +95,10 @@ def generation_cases(draw: st.DrawFn, device: str) -> dict:
     if device == "cuda":  # fixed shapes and patterns: compiled flex kernels are reused across examples
         batch, prompt_len, new_tokens, num_kv_heads, window, prefix_len = 2, 5, 6, 2, 3, 3
     else:
-        batch = draw(st.integers(1, 3))
+        size = sizing()
+        batch = draw(st.integers(1, min(3, size.batch)))
         prompt_len = draw(st.integers(1, 8))
-        new_tokens = draw(st.integers(1, 8))
+        new_tokens = draw(st.integers(1, size.decode_steps))
         num_kv_heads = draw(st.sampled_from([NUM_HEADS, 2, 1]))
         window = draw(st.integers(1, 4))
         prefix_len = draw(st.integers(0, prompt_len))  # a bidirectional prefix lies inside the prompt

@@ -34,6 +34,7 @@ from attention.suite.support import (
     grad_context,
     mask_for,
     random_document_ids,
+    sizing,
 )
 
 PATTERNS = [
@@ -77,13 +78,16 @@ def cases(draw: st.DrawFn, device: str, kinds: list[str] = PATTERNS) -> dict:
         num_kv_heads = draw(st.sampled_from([4, 1]))
         window = draw(st.sampled_from([1, 64]))
         prefix_len = draw(st.sampled_from([0, 100]))
-    else:
-        batch = draw(st.integers(1, 3))
-        num_heads = draw(st.sampled_from([1, 2, 4]))
+    else:  # narrowed to the running implementation's sizing (an interpreter's: a few tiles)
+        size = sizing()
+        batch = draw(st.integers(1, min(3, size.batch)))
+        num_heads = draw(st.sampled_from([n for n in (1, 2, 4) if size.heads[0] <= n <= size.heads[1]]))
         num_kv_heads = draw(st.sampled_from([n for n in (1, 2, 4) if num_heads % n == 0]))
         head_dim = draw(st.sampled_from([8, 16]))
         d_in = draw(st.integers(4, 32))
-        length = draw(st.one_of(st.sampled_from([1, 127, 129, 200]), st.integers(1, 160)))
+        low, high = max(1, size.tokens[0]), min(160, size.tokens[1])
+        edges = [t for t in (1, 127, 129, 200) if low <= t <= high]
+        length = draw(st.one_of(st.sampled_from(edges), st.integers(low, high)) if edges else st.integers(low, high))
         window = draw(st.integers(1, length + 1))
         prefix_len = draw(st.integers(0, length + 1))
     return dict(
