@@ -1,14 +1,23 @@
 """Sessions for a laptop, CPU CI and GPU runners alike.
 
-By default each session builds its own virtualenv and installs the package (torch included)
-with the extras it needs from ``pyproject.toml`` (``lint`` installs its dependency group alone).
-On a machine that already has torch (a GPU runner with a CUDA build preinstalled, maybe without
-network) run ``nox --no-venv -s NAME``: the session then uses the current interpreter and
-installs nothing.
+Every session that needs torch runs in one shared environment, ``.nox/env``: torch is installed
+once, not once per session, and pip runs only when that environment lacks an extra a session
+needs or ``pyproject.toml`` changed since it last ran. Where a system (not virtualenv) Python
+already has torch (a GPU box with a CUDA build, a conda env), the environment is made on top of
+it (``--system-site-packages``): that torch is used, nothing is downloaded, and the rest
+installs into ``.nox/env``. Torch in a virtualenv of yours: ``nox --no-venv -s NAME`` runs a
+session in the interpreter running nox, with the checkout importable, and installs nothing.
+``lint`` installs its dependency group alone, beside.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nox
@@ -19,58 +28,114 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 HERE = Path(__file__).resolve().parent
+#: The one environment of every session that needs torch.
+ENV = HERE / ".nox" / "env"
+STAMP = ENV / "attention-installed.json"
 
 
-def install(session: nox.Session, extras: str = "", *, group: str | None = None) -> None:
-    """Install the package with ``extras`` (e.g. ``"[test]"``), or only the dependency ``group``;
-    nothing when the session reuses the interpreter."""
-    if session.venv_backend == "none":
-        return
-    if group is not None:
-        session.install(*nox.project.dependency_groups(PYPROJECT, group))
-    else:
-        session.install("-e", f".{extras}")
+def _python_with_torch() -> str | None:
+    """A base interpreter (not itself a virtualenv, whose packages --system-site-packages would
+    not see) that already imports torch: the one running nox, else the ``python3`` on PATH."""
+    probe = "import sys, torch; sys.exit(sys.prefix != sys.base_prefix)"
+    for python in (sys.executable, shutil.which("python3")):
+        if python and subprocess.run([python, "-c", probe], capture_output=True).returncode == 0:
+            return python
+    return None
 
 
-@nox.session
+def _bin(name: str) -> str:
+    return str(ENV / "bin" / name)
+
+
+def _shared_env(session: nox.Session, extras: set[str]) -> dict[str, str]:
+    """Make or top up ``.nox/env`` with the package and ``extras``; the variables that run in it."""
+    digest = hashlib.sha256((HERE / "pyproject.toml").read_bytes()).hexdigest()
+    installed = json.loads(STAMP.read_text()) if STAMP.exists() else {}
+    if not (ENV / "bin" / "python").exists():
+        base = _python_with_torch()
+        if base:
+            session.log(f"using the torch of {base} (--system-site-packages)")
+            session.run(base, "-m", "venv", "--system-site-packages", str(ENV), external=True)
+        else:
+            session.run(sys.executable, "-m", "venv", str(ENV), external=True)
+        installed = {}
+    have = set(installed.get("extras", [])) if installed.get("pyproject") == digest else set()
+    if not extras <= have:
+        wanted = sorted(extras | have)
+        session.run(_bin("python"), "-m", "pip", "install", "-q", "-e", f".[{','.join(wanted)}]", external=True)
+        STAMP.write_text(json.dumps({"pyproject": digest, "extras": wanted}))
+    return {"VIRTUAL_ENV": str(ENV), "PATH": os.pathsep.join([str(ENV / "bin"), os.environ.get("PATH", "")])}
+
+
+def _runner(session: nox.Session, extras: set[str]) -> tuple[str, dict[str, str]]:
+    """The Python a session runs and its variables: the shared environment, or under ``--no-venv``
+    the interpreter running nox, as it is, with the checkout importable."""
+    # nox has no public flag for --no-venv once a session's own backend is "none".
+    if session._runner.global_config.no_venv:
+        return sys.executable, {"PYTHONPATH": str(HERE)}
+    return _bin("python"), _shared_env(session, extras)
+
+
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Property tests on CPU, and on CUDA where present, one worker per core. Args go to pytest
-    (``-n 0`` runs them in one process)."""
-    install(session, "[test,perf]")  # tests/ also covers the perf gate's machinery
-    session.run("pytest", "-n", "auto", *session.posargs)
+    """Property tests on CPU, and on CUDA where present, one worker per core; deterministic
+    (Hypothesis profile ``ci``). Args go to pytest (``-n 0`` runs them in one process)."""
+    python, env = _runner(session, {"test", "perf", "notebook"})  # tests/ also covers perf and the notebook
+    session.run(python, "-m", "pytest", "-n", "auto", "--slowest-files=10", *session.posargs, env=env, external=True)
+
+
+@nox.session(venv_backend="none")
+def explore(session: nox.Session) -> None:
+    """The property suite with fresh random draws and deep search (Hypothesis profile ``thorough``,
+    failures remembered in .hypothesis/): the nightly run, or yours after a change. Args go to pytest."""
+    python, env = _runner(session, {"test", "perf", "notebook"})
+    env = {**env, "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "thorough")}
+    session.run(python, "-m", "pytest", "-n", "auto", "attention/suite", *session.posargs, env=env, external=True)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and format check."""
-    install(session, group="lint")
+    if session.venv_backend != "none":
+        session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def benchmark(session: nox.Session) -> None:
     """The benchmark report (time, memory, accuracy vs sequence length). Args go to it: -- --help."""
-    install(session, "[bench]")
-    session.run("python", "-m", "attention.bench", *session.posargs)
+    python, env = _runner(session, {"bench"})
+    session.run(python, "-m", "attention.bench", *session.posargs, env=env, external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def notebook(session: nox.Session) -> None:
     """Run notebooks/explore_attention.py headless and export it to HTML; any cell error fails the session.
 
     Arg: the output file (default out/notebook.html).
     """
-    install(session, "[bench,notebook]")
+    python, env = _runner(session, {"bench", "notebook"})
     out = session.posargs[0] if session.posargs else "out/notebook.html"
     # marimo puts the notebook's folder on sys.path, not the repo root: under --no-venv nothing
     # is installed, so point Python at the checkout.
+    env = {**env, "PYTHONPATH": str(HERE)}
     session.run(
-        "marimo", "export", "html", "notebooks/explore_attention.py", "-o", out, "-f", env={"PYTHONPATH": str(HERE)}
+        python,
+        "-m",
+        "marimo",
+        "export",
+        "html",
+        "notebooks/explore_attention.py",
+        "-o",
+        out,
+        "-f",
+        env=env,
+        external=True,
     )
 
 
-@nox.session(default=False)
+@nox.session(venv_backend="none", default=False)
 def perf(session: nox.Session) -> None:
     """GPU perf grid (pytest-benchmark), JSON under .benchmarks/attention-perf/ (or --out DIR).
 
@@ -82,10 +147,6 @@ def perf(session: nox.Session) -> None:
     Other args go to pytest (-k flex, --perf-grid=quick, --perf-graphs=all). Without CUDA it runs
     a tiny CPU grid to show the machinery working and compares nothing. See perf/README.md.
     """
-    import sys
-
-    install(session, "[perf]")
-    # Under --no-venv nothing is installed: the checkout must be importable as is, and the
-    # interpreter running nox (the one with torch) runs the grid.
-    python = sys.executable if session.venv_backend == "none" else "python"
-    session.run(python, "-m", "attention.bench.perf", "run", *session.posargs, env={"PYTHONPATH": str(HERE)})
+    python, env = _runner(session, {"perf"})
+    env = {**env, "PYTHONPATH": str(HERE)}
+    session.run(python, "-m", "attention.bench.perf", "run", *session.posargs, env=env, external=True)

@@ -44,8 +44,14 @@ from .workload import Workload
 #: Defaults per device: the CPU sweep fits in well under two minutes on 2 cores (flex runs
 #: eager there, and materialises scores); on CUDA the full sweep, as in docs/design.md#method.
 DEFAULTS = {
-    "cpu": {"dtype": "fp32", "seq_lens": (128, 256, 512, 1024, 2048), "batch": 1, "hidden": 256},
-    "cuda": {"dtype": "bf16", "seq_lens": (512, 1024, 2048, 4096, 8192, 16384), "batch": 1, "hidden": 2048},
+    "cpu": {"dtype": "fp32", "seq_lens": (128, 256, 512, 1024, 2048), "batch": 1, "hidden": 256, "cell_seconds": 0.5},
+    "cuda": {
+        "dtype": "bf16",
+        "seq_lens": (512, 1024, 2048, 4096, 8192, 16384),
+        "batch": 1,
+        "hidden": 2048,
+        "cell_seconds": 1.0,
+    },
 }
 DIRECTIONS = {"fwd": False, "fwd_bwd": True}
 #: Accuracy runs on one sequence with this many heads: errors do not depend on the head count,
@@ -219,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cell-seconds",
         type=_positive_float,
-        default=1.0,
-        help="timing budget per case in seconds; rounds adapt to it, at least 3, at most 20 (default: 1)",
+        default=None,
+        help="timing budget per case in seconds; rounds adapt to it, at least 3, at most 20 "
+        f"(default: {cuda['cell_seconds']:g} on CUDA, {cpu['cell_seconds']:g} on CPU)",
     )
     parser.add_argument(
         "--threads",
@@ -264,7 +271,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         out=args.out,
         batch=args.batch or defaults["batch"],
         hidden=hidden,
-        cell_seconds=args.cell_seconds,
+        cell_seconds=args.cell_seconds or defaults["cell_seconds"],
         accuracy=not args.no_accuracy,
         plots=not args.no_plots,
         threads=args.threads or (1 if torch.device(device).type == "cpu" else None),
