@@ -79,7 +79,7 @@ def _runner(session: nox.Session, extras: set[str]) -> tuple[str, dict[str, str]
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Property tests on CPU, and on CUDA where present, one worker per core; deterministic
-    (Hypothesis profile ``ci``). Args go to pytest (``-n 0`` runs them in one process)."""
+    (Hypothesis profile ``quick``). Args go to pytest (``-n 0`` runs them in one process)."""
     python, env = _runner(session, {"test", "perf", "notebook"})  # tests/ also covers perf and the notebook
     session.run(python, "-m", "pytest", "-n", "auto", "--slowest-files=10", *session.posargs, env=env, external=True)
 

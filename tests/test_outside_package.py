@@ -129,7 +129,7 @@ SELECTION = {
     "my_eager": "test_masks or test_kv_cache or test_generation or test_causality",
 }
 
-#: A Hypothesis profile for these runs: the suite's ``ci`` one without shrinking, which would
+#: A Hypothesis profile for these runs: the suite's ``quick`` one without shrinking, which would
 #: spend tens of seconds minimising the failures this test causes on purpose. Loaded by ``-p``
 #: before the suite registers its own profiles (it leaves one registered first as it is).
 NO_SHRINK = """
@@ -138,7 +138,7 @@ from hypothesis import Phase, settings
 from attention.suite.profiles import PROFILES
 
 phases = [phase for phase in Phase if phase not in (Phase.shrink, Phase.explain)]
-settings.register_profile("ci-no-shrink", **{**PROFILES["ci"], "phases": phases})
+settings.register_profile("quick-no-shrink", **{**PROFILES["quick"], "phases": phases})
 """
 
 
@@ -158,7 +158,7 @@ def run_suite(installed: Installed) -> tuple[dict[str, list[Case]], str]:
     command += ["-p", "no:cacheprovider", "-q", f"--junitxml={report}"]
     command += [arg for impl in SELECTION for arg in ("--attention-impl", impl)]
     command += ["-k", " or ".join(f"({impl} and ({k}))" for impl, k in SELECTION.items())]
-    env = {**_clean_env(), "HYPOTHESIS_PROFILE": "ci-no-shrink"}
+    env = {**_clean_env(), "HYPOTHESIS_PROFILE": "quick-no-shrink"}
     done = subprocess.run(command, cwd=installed.workdir, env=env, capture_output=True, text=True, timeout=600)
     screen = done.stdout + done.stderr
     assert done.returncode == 1, screen  # some failed (on purpose); 2 or more: the run itself broke

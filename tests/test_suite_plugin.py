@@ -49,3 +49,19 @@ def test_a_misspelled_implementation_is_one_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 4
     assert "ERROR: --attention-impl: unknown implementation 'sdpaa'; registered: from_scratch" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_default_profile_is_the_suites_own():
+    """Hypothesis registers ``ci`` and ``default`` itself on import: a suite profile of either name
+    would never be registered, and the suite would run Hypothesis's 100 examples a property."""
+    from hypothesis import settings
+
+    from attention.suite.profiles import PROFILES
+
+    assert not {"ci", "default"} & set(PROFILES)
+    for name, options in PROFILES.items():
+        profile = settings.get_profile(name)
+        assert profile.max_examples == options["max_examples"], name
+    if os.environ.get("HYPOTHESIS_PROFILE", "quick") == "quick":
+        assert settings.default.max_examples == PROFILES["quick"]["max_examples"]
+        assert settings.default.derandomize and settings.default.database is None

@@ -1,15 +1,17 @@
-"""Hypothesis profiles of the property suite, chosen by ``HYPOTHESIS_PROFILE`` (default ``ci``).
+"""Hypothesis profiles of the property suite, chosen by ``HYPOTHESIS_PROFILE`` (default ``quick``).
 
-* ``ci`` (the default): deterministic (derandomized, no example database), so a first run can
+* ``quick`` (the default): deterministic (derandomized, no example database), so a first run can
   never fail on a draw nobody has seen; example counts sized so the whole suite runs in a couple
   of minutes on a 2-core CPU.
 * ``dev``: fresh random examples and remembered failures (``.hypothesis/``), a little more
-  search than ``ci``: for exploring after a change.
+  search than ``quick``: for exploring after a change.
 * ``cuda-quick``: deterministic and few examples, for a GPU run on a time budget: flex
   compiles once per shape, dtype and grad mode (seconds each), so example counts set its cost.
 * ``thorough``: fresh random examples, many of them: the nightly run (``nox -s explore``).
 
-A profile of the same name that the user's own code registered first is left as it is.
+A profile of the same name that the user's own code registered first is left as it is. None is
+named ``ci`` or ``default``: Hypothesis registers those itself, on import, so a suite profile
+of either name would never be registered (its ``ci`` runs 100 examples a property).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hypothesis.errors import InvalidArgument
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILES = {
-    "ci": dict(max_examples=5, derandomize=True, database=None, print_blob=True, **_COMMON),
+    "quick": dict(max_examples=5, derandomize=True, database=None, print_blob=True, **_COMMON),
     "dev": dict(max_examples=20, **_COMMON),
     "cuda-quick": dict(max_examples=3, derandomize=True, database=None, **_COMMON),
     "thorough": dict(max_examples=200, **_COMMON),
@@ -37,10 +39,10 @@ def _registered(name: str) -> bool:
 
 
 def load() -> str:
-    """Register the profiles not registered yet and load ``HYPOTHESIS_PROFILE`` (default ``ci``)."""
+    """Register the profiles not registered yet and load ``HYPOTHESIS_PROFILE`` (default ``quick``)."""
     for name, options in PROFILES.items():
         if not _registered(name):
             settings.register_profile(name, **options)
-    name = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    name = os.environ.get("HYPOTHESIS_PROFILE", "quick")
     settings.load_profile(name)
     return name
