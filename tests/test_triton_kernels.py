@@ -210,10 +210,11 @@ def _compiled_variants(kernel) -> int:
 def test_decoding_a_growing_cache_compiles_once() -> None:
     torch.manual_seed(0)
     module = attention.get("triton")(512, 512, 8, 600, num_kv_heads=2).to("cuda", torch.bfloat16)
-    cache = module.make_kv_cache(2, 600)
+    cache, other = module.make_kv_cache(2, 600), module.make_kv_cache(2, 600)
     with torch.no_grad():
-        module(torch.randn(2, 240, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
-        module(torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)
+        for tokens, kv_cache in ((240, cache), (300, other)):  # then 241 keys: one split; 301: two and the merge
+            module(torch.randn(2, tokens, 512, device="cuda", dtype=torch.bfloat16), kv_cache=kv_cache)
+            module(torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16), kv_cache=kv_cache)
         before = _compiled_variants(decode.SPLIT), _compiled_variants(decode.MERGE)
         for _ in range(40):  # cache lengths 242..281: across multiples of 16 and from 1 split to 2
             module(torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16), kv_cache=cache)

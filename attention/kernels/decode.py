@@ -5,7 +5,8 @@ streams from memory. One program takes one KV head of one sequence and one slice
 keys: every query head of the GQA group and every query token is a row of one tile, so each key
 and value byte is read once for the whole group. The splits fill the GPU with one wave of
 programs, each streaming a long slice in large steps; a second small kernel merges the splits'
-partial sums, rescaled by their running maxima.
+partial sums, rescaled by their running maxima. Where one split covers the keys (short caches,
+many sequences, the CPU interpreter) it normalises and writes the output itself: one launch.
 
 Lengths and offsets are not specialised on, so a growing cache never recompiles.
 """
@@ -48,12 +49,13 @@ class Tiles:
 
 
 def _split(
-    Q, K, V, PART_O, PART_M, PART_L, MASK,
+    Q, K, V, PART_O, PART_M, PART_L, MASK, Out,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
     smb, smh, smt, smk,  # the dense mask's strides, 0 along dims it ignores
+    sob, soh, sot, sod,
     H_KV, G, q_len, kv_len, q_offset, split_len, n_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VISIBLE: tl.constexpr, PRECISION: tl.constexpr,
+    VISIBLE: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
     bhk = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,13 +94,18 @@ def _split(
             seen = seen & (bits != 0)
         s = tl.where(seen, s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION)
-    # The split's unnormalised sum, running max and denominator: the merge rescales them by
-    # exp2(max - overall max), the way one pass over all keys would, with no log2/exp2 round trip
-    # of a log-sum-exp (its approximate log2 cost fp32 outputs several ulps).
-    part = ((b * H_KV + hk) * G * q_len + r) * n_splits + split  # rows (b, h, t) in order, then splits
-    tl.store(PART_O + part[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
-    tl.store(PART_M + part, m_i, mask=row_ok)  # -inf: the split saw no key, weight 0 in the merge
-    tl.store(PART_L + part, l_i, mask=row_ok)
+    if FINAL:  # the only split: normalise here, no merge launch (a row that saw nothing is zero)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # (BLOCK_M, BLOCK_D)
+        o_ptr = Out + b * sob + h[:, None] * soh + t[:, None] * sot + dims[None, :] * sod
+        tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    else:
+        # The split's unnormalised sum, running max and denominator: the merge rescales them by
+        # exp2(max - overall max), the way one pass over all keys would, with no log2/exp2 round
+        # trip of a log-sum-exp (its approximate log2 cost fp32 outputs several ulps).
+        part = ((b * H_KV + hk) * G * q_len + r) * n_splits + split  # rows (b, h, t) in order, then splits
+        tl.store(PART_O + part[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(PART_M + part, m_i, mask=row_ok)  # -inf: the split saw no key, weight 0 in the merge
+        tl.store(PART_L + part, l_i, mask=row_ok)
 
 
 def _merge(
@@ -209,22 +216,28 @@ def attend(
         splits = num_splits(b, h_kv, tk, multiprocessors(q.device) * step.per_sm)
     split_len = triton.cdiv(triton.cdiv(tk, splits), step.block_n) * step.block_n  # keys per split, whole steps
     splits = triton.cdiv(tk, split_len)
-    part_o = torch.empty(b * h * tq * splits, block_d, device=q.device, dtype=torch.float32)  # (rows x splits, hd')
-    part_m = torch.empty(b * h * tq * splits, device=q.device, dtype=torch.float32)  # (rows x splits,)
-    part_l = torch.empty_like(part_m)  # (rows x splits,)
+    out = torch.empty_like(q)  # (B, H, Tq, hd)
+    final = splits == 1  # one split writes the output itself: one launch, no partial sums
+    if final:
+        part_o = part_m = part_l = out  # never read or written
+    else:
+        part_o = torch.empty(b * h * tq * splits, block_d, device=q.device, dtype=torch.float32)  # (rows x splits, hd')
+        part_m = torch.empty(b * h * tq * splits, device=q.device, dtype=torch.float32)  # (rows x splits,)
+        part_l = torch.empty_like(part_m)  # (rows x splits,)
     if mask is None or visible != DENSE:
         mask, mask_strides = q, (0, 0, 0, 0)  # never read
     else:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         mask_strides = tuple(st if n > 1 else 0 for st, n in zip(mask.stride(), mask.shape, strict=True))
     SPLIT.on(q.device)[(b * h_kv, splits)](
-        q, k, v, part_o, part_m, part_l, mask,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+        q, k, v, part_o, part_m, part_l, mask, out,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         h_kv, h // h_kv, tq, tk, q_offset, split_len, splits, scale * LOG2E,
         HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=step.block_n,
-        VISIBLE=visible, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=step.num_stages,
+        VISIBLE=visible, PRECISION=dot_precision(q.dtype), FINAL=final, num_warps=4, num_stages=step.num_stages,
     )  # fmt: skip
-    out = torch.empty_like(q)  # (B, H, Tq, hd)
+    if final:
+        return out
     MERGE.on(q.device)[(b * h * tq,)](
         part_o, part_m, part_l, out, *out.stride(), h, tq, splits,
         HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_S=MERGE_SPLITS, num_warps=4,

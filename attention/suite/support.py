@@ -142,6 +142,7 @@ class Sizing:
     head_dim: int = 64
     tokens: tuple[int, int] = (1, 300)
     decode_steps: int = 8  # tokens a generation or decoding case draws one at a time
+    chunks: int | None = None  # the most pieces a cached sequence is fed in (None: any)
     max_examples: int | None = None
 
     def clamp(self, cfg: Config) -> Config:
@@ -164,8 +165,9 @@ FULL = Sizing()
 #: Kernels run by Triton's interpreter (on CPU): each launch walks every program's tile steps in
 #: Python, about 0.1 s a step, so cases are the smallest that reach every branch on the
 #: interpreter's 32 x 32 tiles: two query tiles with a partial one (33..48 tokens, full tiles
-#: below the diagonal), GQA (2 heads, 1 KV head drawn), a batch of two (docs/design.md#triton-configs).
-INTERPRETED = Sizing(batch=2, heads=(2, 2), head_dim=32, tokens=(33, 48), decode_steps=3, max_examples=3)
+#: below the diagonal), GQA (2 heads, 1 KV head drawn), a batch of two; a cached sequence in a
+#: prefill and two chunks (docs/design.md#triton-configs).
+INTERPRETED = Sizing(batch=2, heads=(2, 2), head_dim=32, tokens=(33, 48), decode_steps=3, chunks=3, max_examples=3)
 
 _SIZING: contextvars.ContextVar[Sizing] = contextvars.ContextVar("attention_suite_sizing", default=FULL)
 

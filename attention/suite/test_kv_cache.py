@@ -12,6 +12,8 @@ other than plain causal, and packed documents, need ``masks`` too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -30,6 +32,7 @@ from attention.suite.support import (
     mask_kinds,
     oracle_and_baseline_grads,
     random_document_ids,
+    sizing,
 )
 
 NUM_HEADS = 4
@@ -42,6 +45,22 @@ MASK_KINDS = mask_kinds("causal", "sliding_window", "prefix_lm", "document")
 #: fp16 (bf16 covers half precision): about a hundred compiles in all. On CPU all is drawn freely.
 CUDA_SPLITS = (9, 1, 1, 6, 1, 1, 1, 1, 1, 1, 1)  # 24 tokens
 CACHE_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.id != "cuda-fp16"]
+
+
+def draw_splits(
+    draw: st.DrawFn,
+    length: int,
+    prefill: st.SearchStrategy[int],
+    chunk: Callable[[int], st.SearchStrategy[int]] = lambda remaining: st.integers(1, remaining),
+) -> list[int]:
+    """``length`` tokens cut into a prefill and then chunks drawn by ``chunk(tokens remaining)``;
+    where the sizing caps the pieces (an interpreted kernel: each is a launch), the last takes the rest."""
+    splits = [draw(prefill)]
+    most = sizing().chunks
+    while (remaining := length - sum(splits)) > 0:
+        last = most is not None and len(splits) == most - 1
+        splits.append(remaining if last else draw(chunk(remaining)))
+    return splits
 
 
 @st.composite
@@ -59,10 +78,8 @@ def cache_cases(draw: st.DrawFn, device: str, mask_kind: str) -> dict:
         prefix_len = draw(st.integers(0, length + 2))
         # A bidirectional prefix sees keys that come later, so the prefill must hold all of it.
         first = min(prefix_len, length) if mask_kind == "prefix_lm" else 1
-        splits = [draw(st.integers(max(first, 1), length))]
-        while sum(splits) < length:
-            remaining = length - sum(splits)
-            splits.append(draw(st.one_of(st.just(1), st.integers(1, min(remaining, 8)))))
+        chunk = lambda remaining: st.one_of(st.just(1), st.integers(1, min(remaining, 8)))  # noqa: E731
+        splits = draw_splits(draw, length, st.integers(max(first, 1), length), chunk)
     length = sum(splits)
     context_length = draw(st.integers(length, length + 8))
     max_tokens = draw(st.integers(length, context_length))
@@ -386,9 +403,7 @@ def test_failed_call_leaves_cache_as_it_was(data, impl_name, failure):
     gives (oracle), as if the failure had never happened."""
     batch = data.draw(st.integers(1, 3), label="batch")
     length = data.draw(st.integers(2, 16), label="length")
-    splits = [data.draw(st.integers(1, length - 1), label="prefill")]
-    while sum(splits) < length:
-        splits.append(data.draw(st.integers(1, length - sum(splits)), label="chunk"))
+    splits = draw_splits(data.draw, length, st.integers(1, length - 1))
     failing = data.draw(st.integers(0, len(splits) - 1), label="failing chunk")
     attempts = data.draw(st.integers(1, 3), label="failed attempts before the retry")
     num_kv_heads = data.draw(st.sampled_from([4, 2, 1]), label="num_kv_heads")
@@ -488,9 +503,7 @@ def test_gradients_through_cached_chunks_match_oracle(data, impl_name, mask_kind
     # At least two chunks, so the cache carries keys from one to the next; a bidirectional prefix
     # must lie whole in the first.
     first = min(max(prefix_len, 1), length - 1) if mask_kind == "prefix_lm" else 1
-    splits = [data.draw(st.integers(first, length - 1), label="prefill")]
-    while sum(splits) < length:
-        splits.append(data.draw(st.integers(1, length - sum(splits)), label="chunk"))
+    splits = draw_splits(data.draw, length, st.integers(first, length - 1))
     num_kv_heads = data.draw(st.sampled_from([NUM_HEADS, 2, 1]), label="num_kv_heads")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     mask_mod = mask_for(mask_kind, window, prefix_len)
