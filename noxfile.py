@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ import nox
 nox.needs_version = ">=2024.10"
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
+# nox logs "uv binary not found." each time it looks for uv, which no session here uses.
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 HERE = Path(__file__).resolve().parent
