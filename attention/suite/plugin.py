@@ -103,7 +103,10 @@ def _share_cpus() -> None:
     import torch
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(threads_for_worker(cpus, int(workers)))
+    threads = threads_for_worker(cpus, int(workers))
+    torch.set_num_threads(threads)
+    # And for the processes a test starts (a pytest run, a sweep): torch reads it when it loads.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def _pin_worker_gpu() -> None:
