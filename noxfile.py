@@ -98,11 +98,21 @@ def explore(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and format check."""
+    """ruff check and format check; zizmor on the workflows (offline: no GitHub API calls)."""
     if session.venv_backend != "none":
         session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("zizmor", "--offline", ".github/workflows")
+
+
+@nox.session(default=False)
+def actionlint(session: nox.Session) -> None:
+    """actionlint on the workflows. Its package downloads the actionlint binary from GitHub while
+    it installs, so this is not part of ``lint``: the lint workflow job runs both."""
+    if session.venv_backend != "none":
+        session.install(*nox.project.dependency_groups(PYPROJECT, "actionlint"))
+    session.run("actionlint")
 
 
 @nox.session(venv_backend="none")
