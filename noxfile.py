@@ -88,6 +88,24 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none")
+def no_triton(session: nox.Session) -> None:
+    """Where triton cannot be imported (not installed, or not on this platform): every test whose
+    id names triton, which must skip with the reason or pass, and ``unavailable()`` saying so.
+    A sitecustomize puts ``None`` in ``sys.modules["triton"]``, which ``import triton`` and
+    ``importlib.util.find_spec`` both read as absent, in pytest and its subprocesses alike."""
+    python, env = _runner(session, {"test", "perf", "notebook"})
+    blocker = HERE / ".nox" / "no_triton"
+    blocker.mkdir(parents=True, exist_ok=True)
+    (blocker / "sitecustomize.py").write_text('import sys\n\nsys.modules["triton"] = None\n')
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), env.get("PYTHONPATH")]))}
+    check = "import attention; r = attention.get('triton').unavailable('cpu'); assert 'not installed' in str(r), r"
+    session.run(python, "-c", check, env=env, external=True)
+    session.run(
+        python, "-m", "pytest", "attention/suite", "tests", "-k", "triton", *session.posargs, env=env, external=True
+    )
+
+
+@nox.session(venv_backend="none")
 def explore(session: nox.Session) -> None:
     """The property suite with fresh random draws and deep search (Hypothesis profile ``thorough``,
     failures remembered in .hypothesis/): the nightly run, or yours after a change. Args go to pytest."""
