@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from attention.bench.perf import ab
+from attention.bench.perf import ab, stats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OK = {"match": "a*", "min_effect": 0.01}
@@ -227,7 +227,7 @@ def test_p_value_with_scipy(rng):
     pytest.importorskip("scipy.stats")
     iv = ab.ratio_interval(timings(rng), timings(rng, scale=1.03))
     assert iv.p_value is not None and iv.p_value < 1e-6
-    assert ab.scipy_warning() is None
+    assert stats.scipy_warning() is None
 
 
 def test_without_scipy_no_p_value_and_a_warning(rng, monkeypatch):
@@ -235,7 +235,7 @@ def test_without_scipy_no_p_value_and_a_warning(rng, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.stats", None)
     v = ab.judge("case", timings(rng), timings(rng, scale=1.03))
     assert v.status == "regressed" and v.interval.p_value is None and "p=" not in v.message
-    assert ab.scipy_warning() == ab.SCIPY_MISSING
+    assert stats.scipy_warning() == stats.SCIPY_MISSING
     report = ab.make_report("a", "b", "gpu", [v])
-    assert report.warnings == [ab.SCIPY_MISSING]
-    assert ab.SCIPY_MISSING in ab.summary_markdown(report)
+    assert report.warnings == [stats.SCIPY_MISSING]
+    assert stats.SCIPY_MISSING in ab.summary_markdown(report)

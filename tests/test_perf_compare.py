@@ -145,3 +145,14 @@ def test_a_missing_scipy_is_said_in_the_verdict(monkeypatch):
     base = make_run({"core-sdpa-bf16-fwd-B4-T4096-H32-D64": {"median": 1e-3, "data": samples(1e-3)}})
     result = cmp.compare(base, base)
     assert any("scipy is not installed" in w for w in result.warnings)
+
+
+def test_a_slowdown_with_too_few_samples_to_test_is_judged_on_the_ratio():
+    """Four rounds a side cannot reach p < 0.01 (the exact test's floor is 1/70); the ratio decides
+    instead of every such slowdown being called noise."""
+    pytest.importorskip("scipy")
+    base = base_cases(**{A: {"median": 1.0e-3, "data": samples(1.0e-3, n=4, seed=1)}})
+    slow = base_cases(**{A: {"median": 2.0e-3, "data": samples(2.0e-3, n=4, seed=2)}})
+    result = cmp.compare(make_run(base), make_run(slow))
+    assert [(v.key, v.kind) for v in result.regressions] == [(A, "slower")]
+    assert "p=" not in result.regressions[0].message

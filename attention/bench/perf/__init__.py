@@ -12,6 +12,8 @@
 * :mod:`.revision`: a git revision in a temporary worktree, its package imported under another name.
 * :mod:`.base_revision`: the A/B's base side: each implementation at REV of its own repository.
 * :mod:`.ab`: A/B verdicts (bootstrap interval of the median ratio), Markdown summary, plot.
+* :mod:`.stats`: the statistics both gates share (Mann-Whitney U, bootstrap interval of a median
+  ratio); :mod:`.case_patterns`: their files' per-case pattern lists.
 * :mod:`.report`: the tables a run prints.
 * :mod:`.plugin`: the pytest plugin (options, cases, timer, guards, the A/B); :mod:`.state`: a run's state.
 * :mod:`.cases`: the grid's test modules, run from any directory.

@@ -8,9 +8,10 @@ Method:
   stored baseline or hand-tuned threshold per GPU.
 * The effect is the ratio of medians, ``median(head) / median(base)``: the median shrugs off the
   occasional slow round (a preemption, a late clock ramp) that would drag a mean.
-* Its uncertainty is a bootstrap percentile interval: base and head are resampled independently
-  with replacement, the ratio of medians recomputed per resample, and the central ``level``
-  quantiles of those ratios kept. No distributional assumption; seeded, so reruns agree.
+* Its uncertainty is a bootstrap percentile interval (:func:`.stats.ratio_interval`): base and
+  head are resampled independently with replacement, the ratio of medians recomputed per
+  resample, and the central ``level`` quantiles of those ratios kept. No distributional
+  assumption; seeded, so reruns agree.
 * A case regressed when the whole interval lies above ``1 + min_effect``: significance alone would
   flag a real but negligible 0.3% change in a quiet run; ``min_effect`` is the smallest change
   worth a red gate. Improvements mirror this below ``1 - min_effect``.
@@ -22,9 +23,7 @@ Method:
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import math
 import os
 import statistics
 import textwrap
@@ -32,114 +31,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from ...checks import is_finite
 from ..files import write_atomically
+from .case_patterns import check_patterns, first_match
+from .stats import DEFAULT_LEVEL, RatioInterval, ratio_interval, scipy_warning
 
-DEFAULT_LEVEL = 0.99
 DEFAULT_MIN_EFFECT = 0.02
-MIN_SAMPLES = 5
 STATUSES = ("regressed", "improved", "unchanged", "error", "base_only", "head_only")
 #: The minimum effect per case pattern, shipped beside this module: read by the A/B (unless
 #: ``--perf-min-effects FILE`` names another) and, as floors, by baseline thresholds.
 MIN_EFFECTS_FILE = Path(__file__).with_name("min_effects.json")
 #: The refusal of a gate that compared nothing (every selected case skipped, failed or not reached).
 NOTHING_COMPARED = ("all cases", "nothing was compared: every selected case was skipped, failed or not reached")
-SCIPY_MISSING = "scipy not installed: no p-values (verdicts use the bootstrap intervals alone)"
-# Bootstrap work per numpy call (resamples x samples), bounding memory for long sample lists.
-_CHUNK = 1 << 22
-
-
-@dataclass(frozen=True)
-class RatioInterval:
-    ratio: float  # median(head) / median(base)
-    low: float
-    high: float
-    level: float
-    n_base: int
-    n_head: int
-    p_value: float | None  # two-sided Mann-Whitney U; None without scipy
-    method: str
-
-    @property
-    def detectable(self) -> float:
-        """The smallest relative change this run could have flagged: a change inside the
-        interval's half-width is indistinguishable from noise here."""
-        return max(self.high - self.ratio, self.ratio - self.low)
-
-
-def _samples(side: str, values: Sequence[float]) -> np.ndarray:
-    try:
-        arr = np.asarray(values, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{side} samples must be numbers (seconds): {exc}") from exc
-    if arr.ndim != 1:
-        raise ValueError(f"{side} samples must be a flat sequence of seconds, got shape {arr.shape}")
-    if arr.size < MIN_SAMPLES:
-        raise ValueError(f"{side} has {arr.size} samples; at least {MIN_SAMPLES} are needed for an interval")
-    bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"{side} sample {i} is {float(arr[i])!r}; timing samples must be finite and positive")
-    return arr
-
-
-def _boot_medians(rng: np.random.Generator, arr: np.ndarray, resamples: int) -> np.ndarray:
-    n, rows = arr.size, max(1, _CHUNK // arr.size)
-    out = []
-    for start in range(0, resamples, rows):
-        # A full sort beats np.median's partition on short rows, by ~8x at 60 samples.
-        s = np.sort(arr[rng.integers(0, n, size=(min(rows, resamples - start), n))], axis=1)
-        out.append((s[:, (n - 1) // 2] + s[:, n // 2]) / 2)
-    return np.concatenate(out)
-
-
-def _mannwhitneyu() -> Callable | None:
-    try:
-        from scipy.stats import mannwhitneyu
-    except ImportError:
-        return None
-    return mannwhitneyu
-
-
-def scipy_warning() -> str | None:
-    """The report's note that p-values are missing, so an absent p column is not read as p=1."""
-    return SCIPY_MISSING if _mannwhitneyu() is None else None
-
-
-def ratio_interval(
-    base: Sequence[float],
-    head: Sequence[float],
-    *,
-    level: float = DEFAULT_LEVEL,
-    resamples: int = 2000,
-    seed: int = 0,
-) -> RatioInterval:
-    """Bootstrap percentile interval of median(head) / median(base); see the module docstring."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    if resamples < 100:
-        raise ValueError(f"resamples must be at least 100, got {resamples!r}")
-    b, h = _samples("base", base), _samples("head", head)
-    rng = np.random.default_rng(seed)
-    ratios = _boot_medians(rng, h, resamples) / _boot_medians(rng, b, resamples)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(ratios, [alpha, 1 - alpha])
-    p = None
-    if (mwu := _mannwhitneyu()) is not None:
-        p = float(mwu(h, b, alternative="two-sided").pvalue)
-        p = p if math.isfinite(p) else None  # all samples tied: no test
-    return RatioInterval(
-        ratio=float(np.median(h) / np.median(b)),
-        low=float(low),
-        high=float(high),
-        level=level,
-        n_base=b.size,
-        n_head=h.size,
-        p_value=p,
-        method=f"bootstrap percentile, {resamples} resamples",
-    )
 
 
 @dataclass(frozen=True)
@@ -229,10 +132,7 @@ class MinEffects:
 
     def for_case(self, key: str) -> float:
         """First matching pattern wins, so specific patterns go before broad ones in the file."""
-        for pattern, value in self.patterns:
-            if fnmatch.fnmatchcase(key, pattern):
-                return value
-        return self.default
+        return first_match(key, self.patterns, self.default)
 
 
 def _fraction(value: object, where: str) -> float:
@@ -256,20 +156,10 @@ def load_min_effects(path: str | Path) -> MinEffects:
     if doc.get("version") != 1:
         raise ValueError(f"{path}: field 'version': expected 1, got {doc.get('version')!r}")
     default = _fraction(doc.get("default", DEFAULT_MIN_EFFECT), f"{path}: field 'default'")
-    entries = doc.get("patterns", [])
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: field 'patterns': expected a list, got {type(entries).__name__}")
-    patterns = []
-    for i, entry in enumerate(entries):
-        where = f"{path}: patterns[{i}]"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
-        if unknown := sorted(set(entry) - {"match", "min_effect"}):
-            raise ValueError(f"{where}: unknown field(s) {unknown}")
-        match = entry.get("match")
-        if not isinstance(match, str) or not match:
-            raise ValueError(f"{where}: field 'match': expected a non-empty string, got {match!r}")
-        patterns.append((match, _fraction(entry.get("min_effect"), f"{where}: field 'min_effect'")))
+    patterns = [
+        (match, _fraction(entry.get("min_effect"), f"{path}: patterns[{i}]: field 'min_effect'"))
+        for i, (match, entry) in enumerate(check_patterns(doc.get("patterns", []), str(path), ("min_effect",)))
+    ]
     return MinEffects(default, tuple(patterns))
 
 

@@ -4,20 +4,18 @@ Threshold policy (perf/README.md has the why):
 
 * Time: a case regressed when its median is more than ``time`` (a fraction) above the baseline's
   AND the shift is significant (one-sided Mann-Whitney U on the saved per-round samples,
-  ``p < ALPHA``) where both runs kept samples and scipy is installed. The ratio threshold carries
-  the run-to-run noise (measured by :func:`thresholds_from_spread`); the test keeps a noisy case's
-  unlucky run from being called a regression. Faster by the same margin: an improvement, reported
-  so the baseline can be refreshed.
+  ``p < ALPHA``, :func:`.stats.mann_whitney_p`) where both runs kept enough samples and scipy
+  is installed. The ratio threshold carries the run-to-run noise (measured by
+  :func:`thresholds_from_spread`); the test keeps a noisy case's unlucky run from being called a
+  regression. Faster by the same margin: an improvement, reported so the baseline can be refreshed.
 * Memory: peak memory is nearly deterministic, so more than ``memory`` (fraction) plus
   ``memory_slack_mib`` above the baseline is a regression, no test needed.
-* Thresholds resolve per case: ``cases[key]``, else the first matching ``patterns`` entry (fnmatch
-  on the case key), else ``default``; never below ``floor``.
+* Thresholds resolve per case: ``cases[key]``, else the first matching ``patterns`` entry
+  (:mod:`.case_patterns`), else ``default``; never below ``floor``.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import importlib.util
 import json
 import statistics
 from collections.abc import Callable
@@ -26,7 +24,9 @@ from pathlib import Path
 
 from ...checks import is_finite
 from . import guards
+from .case_patterns import check_patterns, first_match
 from .results import BadResultFile, Run, read_json
+from .stats import mann_whitney_p, scipy_warning
 
 ALPHA = 0.01
 DEFAULT_THRESHOLDS = {
@@ -40,6 +40,8 @@ THRESHOLDS_HINT = (
     "It is not a thresholds file; fix it, or write one from repeated runs "
     "(`python -m attention.bench.perf spread RUN RUN... --write FILE`)."
 )
+#: What a thresholds entry (default, pattern or case) may set.
+THRESHOLD_FIELDS = ("time", "memory", "memory_slack_mib")
 #: thresholds_from_spread: threshold = max(floor, SPREAD_K x worst relative deviation of a run's median).
 SPREAD_K = 3.0
 
@@ -92,16 +94,19 @@ def _check_thresholds(thresholds: dict, path: str | Path) -> None:
 
     number(thresholds.get("floor"), "floor")
     entries = [("default", thresholds["default"])]
-    patterns = thresholds.get("patterns", [])
+    try:
+        patterns = check_patterns(thresholds.get("patterns", []), str(path), THRESHOLD_FIELDS)
+    except ValueError as exc:
+        raise BadResultFile(str(exc)) from None
     cases = thresholds.get("cases", {})
-    if not isinstance(patterns, list) or not isinstance(cases, dict):
-        raise BadResultFile(f"{path}: 'patterns' must be a list and 'cases' an object")
-    entries += [(f"patterns[{i}]", entry) for i, entry in enumerate(patterns)]
+    if not isinstance(cases, dict):
+        raise BadResultFile(f"{path}: 'cases' must be an object")
+    entries += [(f"patterns[{i}]", entry) for i, (_, entry) in enumerate(patterns)]
     entries += [(f"cases[{key!r}]", entry) for key, entry in cases.items()]
     for where, entry in entries:
         if not isinstance(entry, dict):
             raise BadResultFile(f"{path}: {where} is a {type(entry).__name__}, not an object")
-        for name in ("time", "memory", "memory_slack_mib"):
+        for name in THRESHOLD_FIELDS:
             if name in entry:
                 number(entry[name], f"{where}.{name}")
 
@@ -120,33 +125,19 @@ def with_time_threshold(thresholds: dict, time: float) -> dict:
 def threshold_for(thresholds: dict, key: str) -> dict:
     """``{"time", "memory", "memory_slack_mib"}`` for case ``key`` (case > pattern > default, >= floor)."""
     resolved = dict(thresholds["default"])
-    for entry in thresholds.get("patterns", []):
-        if fnmatch.fnmatchcase(key, entry.get("match", "")):
-            resolved.update({k: v for k, v in entry.items() if k != "match"})
-            break
+    patterns = [(entry["match"], entry) for entry in thresholds.get("patterns", [])]
+    resolved.update({k: v for k, v in first_match(key, patterns, {}).items() if k != "match"})
     resolved.update(thresholds.get("cases", {}).get(key, {}))
     resolved["time"] = max(float(resolved["time"]), float(thresholds.get("floor", 0.0)))
     return resolved
-
-
-def mann_whitney_p(baseline: list[float], current: list[float], alternative: str) -> float | None:
-    """One-sided Mann-Whitney U p-value (``alternative``: "less" or "greater" for current vs
-    baseline), or ``None`` when there are too few samples or no scipy."""
-    if len(baseline) < 3 or len(current) < 3:
-        return None
-    try:
-        from scipy.stats import mannwhitneyu
-    except ImportError:
-        return None
-    return float(mannwhitneyu(current, baseline, alternative=alternative).pvalue)
 
 
 def compare(baseline: Run, current: Run, thresholds: dict | None = None) -> Comparison:
     """Every verdict for ``current`` against ``baseline`` (comparability is the caller's check)."""
     thresholds = thresholds or load_thresholds(None)
     result = Comparison()
-    if importlib.util.find_spec("scipy") is None:
-        result.warnings.append("scipy is not installed: slower medians are judged on the ratio alone, untested")
+    if (missing := scipy_warning()) is not None:
+        result.warnings.append(missing)
     result.missing = sorted(set(baseline.records) - set(current.records))
     result.new = sorted(set(current.records) - set(baseline.records))
     for key, rec in current.records.items():
