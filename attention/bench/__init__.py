@@ -1,6 +1,6 @@
 """The tooling around the library: benchmark report, perf gate, notebook helpers.
 
-Needs ``pip install "attention[bench]"`` (matplotlib, rich); the library itself needs torch alone
+Needs ``pip install "attention-suite[bench]"`` (matplotlib, rich); the library itself needs torch alone
 and never imports this package.
 
 * :mod:`.workload`: one case (prefill, training or decode), described once: sizes, FLOPs, bytes,

@@ -436,7 +436,7 @@ def write_outputs(report: ABReport, out: str | Path) -> list[Path]:
     try:
         written.append(plot_ratios(report, out / "ab.png"))
     except ImportError:
-        report.warnings.append("matplotlib not installed: no ab.png (pip install 'attention[bench]')")
+        report.warnings.append("matplotlib not installed: no ab.png (pip install 'attention-suite[bench]')")
     except Exception as exc:  # a plot must never cost the verdict
         report.warnings.append(f"ab.png not drawn: {type(exc).__name__}: {exc}")
     markdown = summary_markdown(report)
