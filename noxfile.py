@@ -105,6 +105,20 @@ def no_triton(session: nox.Session) -> None:
     )
 
 
+@nox.session(default=False)
+def lowest_torch(session: nox.Session) -> None:
+    """The property suite on the oldest torch ``pyproject.toml`` admits (its ``torch>=X.Y``: the
+    newest X.Y.* CPU wheel), in an environment of its own, for the library's own implementations on
+    CPU; triton is left out (each torch brings its own). Args go to pytest (docs/design.md#torch-floor)."""
+    floor = next(dep.split(">=")[1] for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("torch>="))
+    env = {"PIP_CONSTRAINT": ""}  # .ci/run's pin is for the newest torch
+    cpu = "https://download.pytorch.org/whl/cpu"
+    session.install(f"torch=={floor}.*", "--extra-index-url", cpu, env=env)
+    session.install("-e", ".[test]", env=env)
+    session.run("python", "-c", "import torch; print('torch', torch.__version__)")
+    session.run("pytest", "-n", "auto", "attention/suite", "-k", "not triton", *session.posargs)
+
+
 @nox.session(venv_backend="none")
 def explore(session: nox.Session) -> None:
     """The property suite with fresh random draws and deep search (Hypothesis profile ``thorough``,
