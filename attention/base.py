@@ -13,6 +13,7 @@ includes cached keys), ``H`` query heads, ``H_kv`` key/value heads, ``hd`` head 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -105,14 +106,14 @@ class AttentionBase(nn.Module):
         # Transactional: the cache is written before attention runs, so a call that fails later
         # (a mask_mod that raises, a transient error) would leave keys the caller never got output
         # for, and every later chunk would sit one chunk too far. Roll the position back instead.
-        start = kv_cache.pos if isinstance(kv_cache, KVCache) else None
+        start = kv_cache.pos if isinstance(kv_cache, KVCache) else 0
         try:
             q, k, v, q_offset = self._project(x, kv_cache, document_ids)
             context = self._attend(q, k, v, q_offset=q_offset, document_ids=document_ids)  # (B, H, T, hd)
             self._check_context(context, q)
             return self._merge(context)  # (B, T, d_out)
         except BaseException:
-            if start is not None:
+            if isinstance(kv_cache, KVCache):
                 kv_cache.truncate(start)
             raise
 
@@ -241,7 +242,7 @@ class AttentionBase(nn.Module):
     @property
     def mask_mod(self) -> MaskMod:
         """The attention pattern; assigning a new one checks it and drops what was built from the old."""
-        return self._load("mask_mod")
+        return cast(MaskMod, self._load("mask_mod"))  # stored once checked
 
     @mask_mod.setter
     def mask_mod(self, mask_mod: MaskMod) -> None:
@@ -253,7 +254,7 @@ class AttentionBase(nn.Module):
     @property
     def score_mod(self) -> ScoreMod | None:
         """The score modifier or ``None``; assigning a new one checks it as the constructor does."""
-        return self._load("score_mod")
+        return cast("ScoreMod | None", self._load("score_mod"))  # stored once checked
 
     @score_mod.setter
     def score_mod(self, score_mod: ScoreMod | None) -> None:
@@ -267,7 +268,7 @@ class AttentionBase(nn.Module):
         if name in _PATTERN_ATTRS:
             object.__setattr__(self, name, value)
         else:
-            super().__setattr__(name, value)
+            super().__setattr__(name, value)  # type: ignore[arg-type]  # torch's stub: Tensor | Module only
 
     def _store(self, name: str, value: object) -> None:
         """A pattern that is a Module (a learned bias) is a child under its own name, so its
@@ -427,10 +428,10 @@ class AttentionBase(nn.Module):
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the weights are on {weight.device}")
         declared = self.capabilities()
-        if not declared.allows_dtype(x.dtype):
+        if declared.dtypes is not None and not declared.allows_dtype(x.dtype):
             shown = ", ".join(sorted(str(d) for d in declared.dtypes))
             raise TypeError(f"{type(self).__name__} declares dtypes {shown} only; x is {x.dtype}")
-        if not declared.allows_device(x.device):
+        if declared.devices is not None and not declared.allows_device(x.device):
             shown = ", ".join(sorted(declared.devices))
             raise ValueError(f"{type(self).__name__} declares devices {shown} only; x is on {x.device}")
         if kv_cache is not None and not declared.kv_cache:

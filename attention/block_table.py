@@ -93,7 +93,9 @@ def build_block_table(
     bm, hm = probe[0], probe[1]
     nk = -(-kv_len // block_n)
     band = max(1, BAND_ELEMENTS // (bm * hm * nk * block_n * block_m)) * block_m  # query rows per band
-    tile_ids, tiles, stored = [], [], 0
+    band_ids: list[Tensor] = []  # (bm, hm, nq', NK) each
+    tiles: list[Tensor] = []  # (p, block_m, block_n) each
+    stored = 0
     for row0 in range(0, q_len, band):
         rows = min(band, q_len - row0)
         visible = dense_mask(
@@ -106,10 +108,10 @@ def build_block_table(
         whole = blocks.all(dim=(-2, -1))  # (bm, hm, nq', NK)
         partial = seen & ~whole  # (bm, hm, nq', NK)
         ids = stored + torch.cumsum(partial.flatten(), 0).view(partial.shape) - 1  # int64, in the tiles' order
-        tile_ids.append(torch.where(partial, ids, torch.where(whole, FULL_TILE, EMPTY_TILE)))
+        band_ids.append(torch.where(partial, ids, torch.where(whole, FULL_TILE, EMPTY_TILE)))
         tiles.append(blocks[partial].to(torch.int8))  # (p, block_m, block_n)
         stored += len(tiles[-1])
-    tile_ids = torch.cat(tile_ids, dim=2).contiguous()  # (bm, hm, NQ, NK)
+    tile_ids = torch.cat(band_ids, dim=2).contiguous()  # (bm, hm, NQ, NK)
     visible = tile_ids != EMPTY_TILE  # (bm, hm, NQ, NK)
     full = tile_ids == FULL_TILE  # (bm, hm, NQ, NK)
     all_tiles = torch.cat(tiles) if stored else torch.zeros(1, block_m, block_n, dtype=torch.int8)

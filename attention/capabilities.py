@@ -54,9 +54,9 @@ class Capabilities:
             if bad or not self.dtypes:
                 raise TypeError(f"dtypes must be floating torch dtypes (or None for any), got {sorted(map(str, bad))}")
         if self.devices is not None:
-            bad = [d for d in self.devices if not isinstance(d, str) or ":" in d]
-            if bad or not self.devices:
-                raise TypeError(f"devices must be device types such as 'cpu' or 'cuda' (or None), got {bad}")
+            bad_devices = [d for d in self.devices if not isinstance(d, str) or ":" in d]
+            if bad_devices or not self.devices:
+                raise TypeError(f"devices must be device types such as 'cpu' or 'cuda' (or None), got {bad_devices}")
 
     def allows_dtype(self, dtype: torch.dtype) -> bool:
         return self.dtypes is None or dtype in self.dtypes

@@ -46,7 +46,8 @@ def boolean(name: str, value: object) -> bool:
     return value
 
 
-def function(name: str, value: object, signature: str) -> None:
-    """``value`` must be callable as ``signature`` (named in the message)."""
+def function(name: str, value: object, signature: str) -> Callable[..., object]:
+    """``value`` as a callable; it must be callable as ``signature`` (named in the message)."""
     if not callable(value):
         raise TypeError(f"{name} must be callable{signature}, got {_got(value)}")
+    return value

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,9 @@ from torch import Tensor
 from . import checks
 from .base import AttentionBase
 from .masks import causal
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 #: How torch rotates the keys and values around the ring: "allgather" gathers them once,
 #: "alltoall" passes each shard on to the next rank at every step.
@@ -195,7 +199,7 @@ def shard_sequence(tensor: Tensor, seq_dim: int, rank: int, world_size: int, *, 
 
 @contextmanager
 def context_parallel_shards(
-    mesh: object,
+    mesh: DeviceMesh,
     tensors: Sequence[Tensor],
     seq_dims: Sequence[int],
     *,
@@ -246,7 +250,7 @@ def context_parallel_shards(
         options.enable_load_balance, options.rotate_method = previous
 
 
-def unshard(mesh: object, tensor: Tensor, seq_dim: int) -> Tensor:
+def unshard(mesh: DeviceMesh, tensor: Tensor, seq_dim: int) -> Tensor:
     """The whole tensor from every rank's shard along ``seq_dim``, in the original token order.
     Call it inside :func:`context_parallel_shards` (it reads the load balancer's setting)."""
     _, context_parallel_unshard, _, _ = _torch_cp()
@@ -266,7 +270,7 @@ class ContextParallelResult:
 def run_context_parallel(
     module: AttentionBase,
     x: Tensor,
-    mesh: object,
+    mesh: DeviceMesh,
     *,
     grad_out: Tensor | None = None,
     load_balance: bool = True,

@@ -8,7 +8,7 @@ import torch
 
 
 @cache
-def _properties(device: torch.device) -> object:
+def _properties(device: torch.device) -> torch._C._CudaDeviceProperties:
     return torch.cuda.get_device_properties(device)
 
 

@@ -66,12 +66,14 @@ def _flex_attention(
         block_mask=block_mask,
         scale=scale,
         enable_gqa=enable_gqa,
-        kernel_options=kernel_options,
+        # Passed through as the user gave them: torch's TypedDict names only the keys it documents.
+        kernel_options=kernel_options,  # type: ignore[arg-type]
     )
 
 
-def pattern_key(mask_mod: Callable[..., Tensor]) -> tuple:
-    """What dynamo guards on in a ``mask_mod``: its code and its closure's constants, recursively.
+def pattern_key(mask_mod: Callable[..., Tensor] | None) -> object:
+    """What dynamo guards on in a ``mask_mod`` (or a ``score_mod``, ``None`` for none): its code
+    and its closure's constants, recursively.
 
     A callable object (the built-in patterns and score mods, ``per_document``) counts by its type
     and its attributes, so two ``sliding_window(4)`` share compiled code and ``sliding_window(8)``
@@ -90,7 +92,8 @@ def _closure_key(value: object, depth: int) -> object:
         return tuple(_closure_key(v, depth + 1) for v in value)
     code = getattr(value, "__code__", None)
     if code is not None:
-        return (code, *(_closure_key(cell.cell_contents, depth + 1) for cell in value.__closure__ or ()))
+        closure = getattr(value, "__closure__", None) or ()
+        return (code, *(_closure_key(cell.cell_contents, depth + 1) for cell in closure))
     if isinstance(value, functools.partial):  # its parameters live in slots, not in __dict__
         keywords = tuple((k, _closure_key(v, depth + 1)) for k, v in sorted(value.keywords.items()))
         return (functools.partial, _closure_key(value.func, depth + 1), _closure_key(value.args, depth + 1), keywords)
@@ -115,6 +118,7 @@ def compiled_flex_attention(q: Tensor, k: Tensor, pattern: tuple = ()) -> Callab
     ``pattern`` (:func:`pattern_key` of the mask) keys them too: dynamo guards on the mask's code
     and constants, so nine patterns sharing one code object would hit the recompile limit.
     """
+    shapes: tuple[object, ...]
     if q.shape[2] == 1:
         shapes = (tuple(q.shape), k.shape[0], k.shape[1], k.shape[3])
     else:

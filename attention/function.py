@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from typing import Any, SupportsIndex, cast
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ class FunctionAttention(AttentionBase):
     #: The wrapped function and what was declared for it (set on each generated subclass).
     function: Callable[..., Tensor]
     declaration: tuple[tuple[str, object], ...] = ()
+    _capabilities: Capabilities
 
     @classmethod
     def capabilities(cls) -> Capabilities:
@@ -52,9 +54,10 @@ class FunctionAttention(AttentionBase):
 
     @classmethod
     def unavailable(cls, device: torch.device | str) -> str | None:
-        if cls.capabilities().allows_device(device):
+        devices = cls.capabilities().devices
+        if devices is None or cls.capabilities().allows_device(device):
             return None
-        declared = ", ".join(sorted(cls.capabilities().devices))
+        declared = ", ".join(sorted(devices))
         return f"declares devices {declared} only, not {torch.device(device).type}"
 
     @classmethod
@@ -82,7 +85,7 @@ class FunctionAttention(AttentionBase):
     def _attends(self) -> str:
         return f"{getattr(self.function, '__qualname__', self.function)}() (from_function)"
 
-    def __reduce_ex__(self, protocol: int):
+    def __reduce_ex__(self, protocol: SupportsIndex):
         # The class is made at run time, so pickle cannot find it by name: rebuild it from the
         # function (found by name) and the declaration, then restore the module's state.
         return _rebuild, (self.function, self.declaration), dict(self.__dict__)
@@ -147,8 +150,10 @@ def from_function(
 
 
 @functools.cache
-def _make_class(function: Callable[..., Tensor], declaration: tuple[tuple[str, object], ...]) -> type:
-    declared = dict(declaration)
+def _make_class(
+    function: Callable[..., Tensor], declaration: tuple[tuple[str, object], ...]
+) -> type[FunctionAttention]:
+    declared: dict[str, Any] = dict(declaration)  # Capabilities checks each value's type
     capabilities = Capabilities(
         masks=declared["masks"],
         kv_cache=declared["kv_cache"],
@@ -157,15 +162,12 @@ def _make_class(function: Callable[..., Tensor], declaration: tuple[tuple[str, o
         devices=declared["devices"],
     )
     name = getattr(function, "__name__", type(function).__name__)
-    cls = type(
-        name,
-        (FunctionAttention,),
-        {
-            "function": staticmethod(function),
-            "declaration": declaration,
-            "_capabilities": capabilities,
-            "__module__": getattr(function, "__module__", __name__),
-            "__doc__": f"Causal MHA around {name}() (attention.from_function): {capabilities}",
-        },
-    )
-    return cls
+    namespace = {
+        "function": staticmethod(function),
+        "declaration": declaration,
+        "_capabilities": capabilities,
+        "__module__": getattr(function, "__module__", __name__),
+        "__doc__": f"Causal MHA around {name}() (attention.from_function): {capabilities}",
+    }
+    # type() with three arguments makes a subclass of its bases, which its stub cannot say.
+    return cast("type[FunctionAttention]", type(name, (FunctionAttention,), namespace))

@@ -12,7 +12,7 @@ tensor values), the same rule flex's ``vmap`` imposes. Parameterised patterns co
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +95,7 @@ class SlidingWindow(Parameterised):
     """What :func:`sliding_window` returns: ``window`` keys visible, the query's own included."""
 
     _kind = "sliding_window"
+    window: int
 
     def __init__(self, window: int) -> None:
         self._set(window=checks.integer("window", window))
@@ -111,6 +112,7 @@ class PrefixLM(Parameterised):
     """What :func:`prefix_lm` returns: keys before ``prefix_len`` visible to every query."""
 
     _kind = "prefix_lm"
+    prefix_len: int
 
     def __init__(self, prefix_len: int) -> None:
         self._set(prefix_len=checks.integer("prefix_len", prefix_len, minimum=0))
@@ -160,7 +162,7 @@ def and_masks(*mask_mods: MaskMod) -> MaskMod:
     combined = _torch_and_masks(*mask_mods)
     prefix = max((prefix_length(m) for m in mask_mods), default=0)
     if prefix:
-        combined.prefix_len = prefix
+        combined.prefix_len = prefix  # type: ignore[attr-defined]  # an attribute on a function
     return combined
 
 
@@ -222,6 +224,11 @@ def _second_run(ids: list[int]) -> tuple[int, int, int]:
 class PerDocument:
     """What :func:`per_document` returns; pickles with its ids, equal only to itself (its ids
     are a tensor, compared by identity, as flex's caches need)."""
+
+    mask_mod: MaskMod
+    document_ids: Tensor  # (B, T)
+    starts: Tensor  # (B, T)
+    _split_forbidden: list[bool]
 
     def __init__(self, mask_mod: MaskMod, document_ids: Tensor) -> None:
         checks.function("mask_mod", mask_mod, "(b, h, q_idx, kv_idx)")
@@ -354,10 +361,12 @@ def _tensor_device(fn: object, depth: int = 0) -> torch.device:
         return fn.device
     if depth > 8:
         return torch.device("cpu")
+    closure = getattr(fn, "__closure__", None)
+    parts: Sequence[object]
     if isinstance(fn, (tuple, list)):
         parts = fn
-    elif getattr(fn, "__closure__", None):
-        parts = [cell.cell_contents for cell in fn.__closure__]
+    elif closure:
+        parts = [cell.cell_contents for cell in closure]
     else:
         parts = list(getattr(fn, "__dict__", {}).values())
     for part in parts:
@@ -378,10 +387,10 @@ def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
     on the device of the tensors the pattern holds (document ids), else the CPU.
     """
     signature = "(b, h, q_idx, kv_idx)"
-    checks.function(name, mask_mod, signature)
-    label = getattr(mask_mod, "__name__", type(mask_mod).__name__)
+    fn = checks.function(name, mask_mod, signature)
+    label = getattr(fn, "__name__", type(fn).__name__)
     try:
-        params = inspect.signature(mask_mod)
+        params = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: the probe below still runs
         params = None
     if params is not None:
@@ -389,12 +398,12 @@ def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
             params.bind(0, 0, 0, 0)
         except TypeError:
             raise TypeError(f"{name} must be callable{signature}, got {label}{params}") from None
-    device = _tensor_device(mask_mod)
+    device = _tensor_device(fn)
     zero = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=device)  # (1, 1, 1, 1)
     q_idx = torch.zeros((1, 1, 2, 1), dtype=torch.long, device=device)  # (1, 1, 2, 1)
     kv_idx = torch.zeros((1, 1, 1, 2), dtype=torch.long, device=device)  # (1, 1, 1, 2)
     try:
-        result = mask_mod(zero, zero, q_idx, kv_idx)
+        result = fn(zero, zero, q_idx, kv_idx)
     except Exception as exc:
         raise TypeError(
             f"{name} {label} raised {type(exc).__name__} when called on index tensors on {device}: {exc}"

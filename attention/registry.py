@@ -28,8 +28,9 @@ import importlib
 import sys
 import warnings
 from collections.abc import Callable
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from importlib.metadata import EntryPoint, entry_points
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from .base import AttentionBase
 from .flex import MHAPyTorchFlexAttention
@@ -88,7 +89,7 @@ def register(name: str, impl: type[AttentionBase] | Callable[..., Tensor]) -> ty
     return cls
 
 
-def _as_class(impl: object) -> type[AttentionBase]:
+def _as_class(impl: type[AttentionBase] | Callable[..., Tensor]) -> type[AttentionBase]:
     return impl if isinstance(impl, type) else from_function(impl)
 
 
@@ -121,7 +122,7 @@ def resolve(spec: str) -> str:
     if not sep or not module_name or not attr:
         raise ValueError(f"unknown implementation {spec!r}; registered: {', '.join(known)} (or give module:attr)")
     try:
-        obj = importlib.import_module(module_name)
+        obj: Any = importlib.import_module(module_name)  # then whatever attr names: checked below
     except ImportError as error:
         raise ValueError(f"{spec}: cannot import {module_name} ({type(error).__name__}: {error})") from None
     for part in attr.split("."):
@@ -149,7 +150,7 @@ def source(name: str) -> str | None:
     return _sources.get(name)
 
 
-def _distribution(ep: object) -> str | None:
+def _distribution(ep: EntryPoint) -> str | None:
     """``"name version"`` of the distribution that declares ``ep``, if known."""
     dist = getattr(ep, "dist", None)
     if dist is None:
@@ -170,7 +171,7 @@ def _describe(cls: object) -> str:
     return repr(cls)
 
 
-def _plugin_problem(ep: object) -> str | None:
+def _plugin_problem(ep: EntryPoint) -> str | None:
     """Register the implementation ``ep`` points to; ``None`` if that worked, else why not."""
     name = ep.name
     if not name.isidentifier():
@@ -195,7 +196,8 @@ def _plugin_problem(ep: object) -> str | None:
 def _outside_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning from the caller of this function point at the first
     frame outside this module (whoever read the registry), however deep the call came in."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     return level

@@ -41,6 +41,7 @@ class Alibi(Parameterised):
     _kind = "alibi"
     #: score_mod(s, ...) == s + score_mod(0, ...): an SDPA attn_mask can carry it.
     additive = True
+    num_heads: int
 
     def __init__(self, num_heads: int) -> None:
         self._set(num_heads=checks.integer("num_heads", num_heads))  # checked against the module's num_heads
@@ -57,6 +58,7 @@ class TanhSoftcap(Parameterised):
     """What :func:`generate_tanh_softcap` returns (a picklable object, equal to another of its cap)."""
 
     _kind = "tanh_softcap"
+    cap: float
 
     def __init__(self, cap: float) -> None:
         self._set(cap=checks.real("cap", cap, lambda c: c > 0 and math.isfinite(c), "a finite number > 0"))
@@ -91,7 +93,9 @@ def is_additive(score_mod: ScoreMod) -> bool:
     return bool(getattr(score_mod, "additive", False))
 
 
-def _grids(batch: int, heads: int, q_len: int, kv_len: int, device: torch.device, q_offset: int):
+def _grids(
+    batch: int, heads: int, q_len: int, kv_len: int, device: torch.device, q_offset: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     h = torch.arange(heads, device=device).view(1, -1, 1, 1)  # (1, H, 1, 1)
     q_idx = torch.arange(q_offset, q_offset + q_len, device=device).view(1, 1, -1, 1)  # (1, 1, Tq, 1)
@@ -101,7 +105,8 @@ def _grids(batch: int, heads: int, q_len: int, kv_len: int, device: torch.device
 
 def apply_dense(score_mod: ScoreMod, scores: Tensor, q_offset: int = 0) -> Tensor:
     """``score_mod`` on a dense ``(B, H, Tq, Tk)`` score matrix whose first row sits at ``q_offset``."""
-    grids = _grids(*scores.shape, scores.device, q_offset)
+    batch, heads, q_len, kv_len = scores.shape
+    grids = _grids(batch, heads, q_len, kv_len, scores.device, q_offset)
     # At least float32, as flex computes scores: a bias rounded to bf16 would be off by whole units.
     work = scores if scores.dtype == torch.float64 else scores.float()  # (B, H, Tq, Tk)
     return score_mod(work, *grids).to(scores.dtype)  # (B, H, Tq, Tk)

@@ -224,6 +224,7 @@ def attend(
         part_o = torch.empty(b * h * tq * splits, block_d, device=q.device, dtype=torch.float32)  # (rows x splits, hd')
         part_m = torch.empty(b * h * tq * splits, device=q.device, dtype=torch.float32)  # (rows x splits,)
         part_l = torch.empty_like(part_m)  # (rows x splits,)
+    mask_strides: tuple[int, ...]
     if mask is None or visible != DENSE:
         mask, mask_strides = q, (0, 0, 0, 0)  # never read
     else:

@@ -8,6 +8,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import triton
@@ -31,13 +32,19 @@ class Kernel:
         self.compiled = triton.jit(fn, do_not_specialize=list(do_not_specialize))
         self.interpreted = InterpretedFunction(fn)
 
-    def on(self, device: torch.device) -> Callable:
+    def on(self, device: torch.device) -> Launcher:
         """The launchable kernel for tensors on ``device``: ``kernel.on(device)[grid](*args)``."""
         if device.type == "cuda":
             return _OnDevice(self.compiled, device)
         if device.type == "cpu":
             return _Interpreted(self.interpreted)
         raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU, interpreted), got {device.type}")
+
+
+class Launcher(Protocol):
+    """A kernel ready for tensors on one device: ``launcher[grid](*args)`` launches it."""
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]: ...
 
 
 class _OnDevice:
@@ -47,7 +54,7 @@ class _OnDevice:
     def __init__(self, fn: JITFunction, device: torch.device) -> None:
         self.fn, self.device = fn, device
 
-    def __getitem__(self, grid: tuple[int, ...]) -> Callable:
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         def launch(*args: object, **kwargs: object) -> None:
             with torch.cuda.device(self.device):
                 self.fn[grid](*args, **kwargs)
@@ -61,7 +68,7 @@ class _Interpreted:
     def __init__(self, fn: InterpretedFunction) -> None:
         self.fn = fn
 
-    def __getitem__(self, grid: tuple[int, ...]) -> Callable:
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         def launch(*args: object, **kwargs: object) -> None:
             with _INTERPRETING, _library_interpreted():  # one interpreted launch at a time
                 self.fn[grid](*args, **kwargs)

@@ -388,7 +388,7 @@ def attend(
     neither (then the forward's)."""
     if (key_table is None) != (key_blocks is None):
         raise ValueError("give key_table and key_blocks together (dK/dV's table and its tiles), or neither")
-    if key_table is not None:  # checked now, not when the backward runs
+    if key_table is not None and key_blocks is not None:  # checked now, not when the backward runs
         _check_table(key_table, key_blocks, q, k, "key_table")
         if key_table.q_offset != table.q_offset or key_table.tile_ids.shape[:2] != table.tile_ids.shape[:2]:
             raise ValueError(
