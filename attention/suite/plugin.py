@@ -25,10 +25,14 @@ What it adds to pytest:
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from .timing import SlowestFiles
+
+if TYPE_CHECKING:
+    import torch
 
 #: The implementation every pairwise test also pairs with: the readable from-scratch path.
 REFERENCE = "from_scratch"
@@ -150,7 +154,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(("source_name", "target_name"), pairs, ids=[f"{s}->{t}" for s, t in pairs])
 
 
-def skip_reason(impl_name: str, device: str, dtype: object, needs: tuple[str, ...]) -> str | None:
+def skip_reason(impl_name: str, device: str, dtype: torch.dtype | None, needs: tuple[str, ...]) -> str | None:
     """Why a test of ``impl_name`` on ``device`` in ``dtype`` needing ``needs`` cannot run, or ``None``."""
     import attention
     from attention.capabilities import MEANING
@@ -160,9 +164,9 @@ def skip_reason(impl_name: str, device: str, dtype: object, needs: tuple[str, ..
     if reason is not None:
         return reason
     declared = impl.capabilities()
-    if not declared.allows_device(device):
+    if declared.devices is not None and not declared.allows_device(device):
         return f"declares devices {', '.join(sorted(declared.devices))} only"
-    if dtype is not None and not declared.allows_dtype(dtype):
+    if dtype is not None and declared.dtypes is not None and not declared.allows_dtype(dtype):
         return f"declares dtypes {', '.join(sorted(map(str, declared.dtypes)))} only, not {dtype}"
     for capability in needs:
         has = {
@@ -208,7 +212,7 @@ def _attention_sizing(request: pytest.FixtureRequest):
     sizes = [support.sizing_for(attention.get(name), device) for name in names]
     size = next((s for s in sizes if s is not support.FULL), support.FULL)  # the costlier one sizes a pair
     token = support.use_sizing(size)
-    test = getattr(request.node, "obj", None)
+    test: Any = getattr(request.node, "obj", None)  # the test function, with Hypothesis's attribute
     # Hypothesis reads a test's settings from this attribute each time it runs the test.
     settings = getattr(test, "_hypothesis_internal_use_settings", None)
     if settings is not None and size.max_examples is not None and settings.max_examples > size.max_examples:

@@ -17,12 +17,13 @@ of either name would never be registered (its ``ci`` runs 100 examples a propert
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis.errors import InvalidArgument
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-PROFILES = {
+PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(max_examples=5, derandomize=True, database=None, print_blob=True, **_COMMON),
     "dev": dict(max_examples=20, **_COMMON),
     "cuda-quick": dict(max_examples=3, derandomize=True, database=None, **_COMMON),
