@@ -1,13 +1,13 @@
 """Sessions for a laptop, CPU CI and GPU runners alike.
 
 Every session that needs torch runs in one shared environment, ``.nox/env``: torch is installed
-once, not once per session, and pip runs only when that environment lacks an extra a session
-needs or ``pyproject.toml`` changed since it last ran. Where a system (not virtualenv) Python
-already has torch (a GPU box with a CUDA build, a conda env), the environment is made on top of
-it (``--system-site-packages``): that torch is used, nothing is downloaded, and the rest
-installs into ``.nox/env``. Torch in a virtualenv of yours: ``nox --no-venv -s NAME`` runs a
+once, not once per session, and pip runs only when that environment lacks an extra or a
+dependency group a session needs or ``pyproject.toml`` changed since it last ran. Where a system
+(not virtualenv) Python already has torch (a GPU box with a CUDA build, a conda env), the
+environment is made on top of it (``--system-site-packages``): that torch is used, nothing is
+downloaded, and the rest installs into ``.nox/env``. Torch in a virtualenv of yours: ``nox --no-venv -s NAME`` runs a
 session in the interpreter running nox, with the checkout importable, and installs nothing.
-``lint`` installs its dependency group alone, beside.
+``lint`` installs its dependency group alone, beside; ``typecheck`` adds its own to ``.nox/env``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import nox
 
 nox.needs_version = ">=2024.10"
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 # nox logs "uv binary not found." each time it looks for uv, which no session here uses.
 logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
@@ -50,8 +50,9 @@ def _bin(name: str) -> str:
     return str(ENV / "bin" / name)
 
 
-def _shared_env(session: nox.Session, extras: set[str]) -> dict[str, str]:
-    """Make or top up ``.nox/env`` with the package and ``extras``; the variables that run in it."""
+def _shared_env(session: nox.Session, extras: set[str], groups: set[str]) -> dict[str, str]:
+    """Make or top up ``.nox/env`` with the package, ``extras`` and dependency ``groups``; the
+    variables that run in it."""
     digest = hashlib.sha256((HERE / "pyproject.toml").read_bytes()).hexdigest()
     installed = json.loads(STAMP.read_text()) if STAMP.exists() else {}
     if not (ENV / "bin" / "python").exists():
@@ -62,21 +63,25 @@ def _shared_env(session: nox.Session, extras: set[str]) -> dict[str, str]:
         else:
             session.run(sys.executable, "-m", "venv", str(ENV), external=True)
         installed = {}
-    have = set(installed.get("extras", [])) if installed.get("pyproject") == digest else set()
-    if not extras <= have:
-        wanted = sorted(extras | have)
-        session.run(_bin("python"), "-m", "pip", "install", "-q", "-e", f".[{','.join(wanted)}]", external=True)
-        STAMP.write_text(json.dumps({"pyproject": digest, "extras": wanted}))
+    if installed.get("pyproject") != digest:
+        installed = {}
+    have, have_groups = set(installed.get("extras", [])), set(installed.get("groups", []))
+    if not (extras <= have and groups <= have_groups):
+        wanted, wanted_groups = sorted(extras | have), sorted(groups | have_groups)
+        requirements = nox.project.dependency_groups(PYPROJECT, *wanted_groups)
+        package = f".[{','.join(wanted)}]"
+        session.run(_bin("python"), "-m", "pip", "install", "-q", "-e", package, *requirements, external=True)
+        STAMP.write_text(json.dumps({"pyproject": digest, "extras": wanted, "groups": wanted_groups}))
     return {"VIRTUAL_ENV": str(ENV), "PATH": os.pathsep.join([str(ENV / "bin"), os.environ.get("PATH", "")])}
 
 
-def _runner(session: nox.Session, extras: set[str]) -> tuple[str, dict[str, str]]:
+def _runner(session: nox.Session, extras: set[str], groups: set[str] | None = None) -> tuple[str, dict[str, str]]:
     """The Python a session runs and its variables: the shared environment, or under ``--no-venv``
     the interpreter running nox, as it is, with the checkout importable."""
     # nox has no public flag for --no-venv once a session's own backend is "none".
     if session._runner.global_config.no_venv:
         return sys.executable, {"PYTHONPATH": str(HERE)}
-    return _bin("python"), _shared_env(session, extras)
+    return _bin("python"), _shared_env(session, extras, groups or set())
 
 
 @nox.session(venv_backend="none")
@@ -136,6 +141,15 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("zizmor", "--offline", ".github/workflows")
+
+
+@nox.session(venv_backend="none")
+def typecheck(session: nox.Session) -> None:
+    """mypy on the library (``[tool.mypy]`` in pyproject.toml). In the shared environment, with the
+    ``typecheck`` group there, not beside like ``lint``: mypy reads torch's types from the torch the
+    code runs on. Args go to mypy."""
+    python, env = _runner(session, {"test", "perf", "notebook"}, {"typecheck"})  # the tests' extras: one pip run
+    session.run(python, "-m", "mypy", *session.posargs, env=env, external=True)
 
 
 @nox.session(default=False)
