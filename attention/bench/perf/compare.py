@@ -19,6 +19,9 @@ Threshold policy (perf/README.md has the why):
   compilation for compiled ones, the clocks of the machine), so a case that happened to look
   steady is not held tighter than its kind typically strays. The median, not the worst, so one
   dispatch-bound outlier does not loosen its siblings (docs/design.md#committed-baselines-across-machines).
+
+A run's flagged time regressions are confirmed in fresh processes before they fail the
+committed-baseline gate (:mod:`.confirm`); this module judges one run at a time.
 """
 
 from __future__ import annotations
@@ -223,12 +226,17 @@ def _p(p: float | None) -> str:
     return f", p={p:.1e}" if p is not None else ""
 
 
-def format_comparison(result: Comparison, baseline: Run, current: Run) -> str:
+def format_comparison(result: Comparison, baseline: Run, current: Run, *, confirming: int = 0) -> str:
+    """The verdicts as text. ``confirming``: the re-timings that will judge the slower cases
+    (:mod:`.confirm`), which are then listed as flagged, not as regressions."""
     lines = [f"Compared {result.compared} cases of {current.path} against {baseline.path} ({current.gpu})."]
     lines += [f"  warning: {w}" for w in result.warnings]
+    flagged = [v for v in result.regressions if confirming and v.kind == "slower"]
+    regressions = [v for v in result.regressions if v not in flagged]
     for title, items in (
         ("GUARD FAILURES (silent fallback or broken harness)", result.guard_failures),
-        ("REGRESSIONS", result.regressions),
+        ("REGRESSIONS", regressions),
+        (f"Flagged slower, to be confirmed in up to {confirming} fresh processes", flagged),
         ("Improvements beyond threshold (refresh the baseline: nox -s perf -- --record)", result.improvements),
         ("Notes", result.notes),
     ):
@@ -240,10 +248,11 @@ def format_comparison(result: Comparison, baseline: Run, current: Run) -> str:
         lines += [f"  {k}" for k in result.missing[:20]] + (["  ..."] if len(result.missing) > 20 else [])
     if result.new:
         lines.append(f"New cases, not in the baseline: {len(result.new)}")
-    verdict = "FAIL" if result.failed else "PASS"
+    verdict = "FAIL" if regressions or result.guard_failures else "FLAGGED" if flagged else "PASS"
     lines.append(
-        f"{verdict}: {len(result.regressions)} regression(s), {len(result.guard_failures)} guard failure(s), "
-        f"{len(result.improvements)} improvement(s)"
+        f"{verdict}: {len(regressions)} regression(s), {len(result.guard_failures)} guard failure(s), "
+        + (f"{len(flagged)} flagged to confirm, " if flagged else "")
+        + f"{len(result.improvements)} improvement(s)"
     )
     return "\n".join(lines)
 
