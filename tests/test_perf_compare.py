@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from attention.bench.perf import ab
 from attention.bench.perf import compare as cmp
 from attention.bench.perf.results import merge_runs
 
-from .perf_support import make_run, samples
+from .perf_support import case_info, make_run, samples
+
+ROOT = Path(__file__).resolve().parents[1]
+EAGER = "eager: includes dispatch"
 
 A, B, C = "core-sdpa-bf16-fwd-B4-T4096-H32-D64", "core-flex-bf16-fwd-B4-T4096-H32-D64", "decode-sdpa-bf16-B8-N4096"
 
@@ -119,6 +125,68 @@ def test_thresholds_from_spread_never_go_below_a_cases_min_effect():
     t = cmp.thresholds_from_spread(runs, k=3.0, floor=0.05, min_effect=floors.for_case)
     assert t["cases"][B]["time"] == 0.12  # its spread alone gives the 5% floor
     assert t["cases"][A]["time"] == pytest.approx(3 * 0.03, abs=1e-3)  # the spread already exceeds 2%
+
+
+def test_case_kind_parts_eager_from_graph_timed_and_direction_from_direction():
+    assert cmp.case_kind(case_info(A)) == "sdpa bf16 fwd graph"
+    assert cmp.case_kind(case_info(A, direction="fwd+bwd", timing_mode=EAGER)) == "sdpa bf16 fwd+bwd eager"
+    failed = case_info(B, family="flex", dtype="fp32", timing_mode=f"{EAGER} (graph capture failed)")
+    assert cmp.case_kind(failed) == "flex fp32 fwd eager"
+
+
+def spread_runs(devs: dict[str, tuple[float, dict]]) -> list:
+    """Three runs in which case ``key`` sits at 1 ms, 1 ms x (1 - dev) and 1 ms x (1 + dev): its
+    max deviation from the middle run is ``dev`` exactly."""
+    return [
+        make_run({key: {"median": 1e-3 * (1 + sign * dev), **info} for key, (dev, info) in devs.items()}, path=f"r{i}")
+        for i, sign in enumerate((0, -1, 1))
+    ]
+
+
+def test_a_steady_case_gets_its_kinds_floor_and_a_graph_timed_case_never_an_eager_one():
+    eager = {"direction": "fwd+bwd", "timing_mode": EAGER}
+    runs = spread_runs(
+        {
+            "bwd-T1k": (0.005, eager),  # steady in these runs, its kind is not
+            "bwd-T4k": (0.03, eager),
+            "bwd-T16k": (0.04, eager),
+            "fwd-T1k": (0.005, {}),
+            "fwd-T4k": (0.008, {}),
+            "fwd-T16k": (0.01, {}),
+        }
+    )
+    t = cmp.thresholds_from_spread(runs, k=3.0, floor=0.05)
+    assert t["measured"]["kinds"] == {
+        "sdpa bf16 fwd graph": {"time": 0.024, "cases": 3, "median_dev": 0.008},
+        "sdpa bf16 fwd+bwd eager": {"time": 0.09, "cases": 3, "median_dev": 0.03},
+    }
+    assert t["cases"]["bwd-T1k"]["time"] == 0.09  # 3 x its kind's median spread, not the 5% floor
+    assert t["cases"]["bwd-T16k"]["time"] == pytest.approx(0.12)  # its own spread is larger
+    assert {t["cases"][f"fwd-T{n}"]["time"] for n in ("1k", "4k", "16k")} == {0.05}
+    assert "Kind floors (3.0 x the median deviation" in cmp.format_spread(t)
+
+
+def test_a_kind_of_too_few_cases_sets_no_floor():
+    eager = {"direction": "fwd+bwd", "timing_mode": EAGER}
+    runs = spread_runs({"bwd-T1k": (0.005, eager), "bwd-T4k": (0.04, eager)})
+    t = cmp.thresholds_from_spread(runs, k=3.0, floor=0.05)
+    assert cmp.MIN_KIND_CASES == 3 and t["measured"]["kinds"] == {}
+    assert t["cases"]["bwd-T1k"]["time"] == 0.05
+
+
+@pytest.mark.parametrize("gpu", sorted(p.name for p in (ROOT / "perf" / "baselines").iterdir()))
+def test_committed_thresholds_hold_each_case_to_its_kinds_floor_and_min_effect(gpu):
+    folder = ROOT / "perf" / "baselines" / gpu
+    thresholds = json.loads((folder / "thresholds.json").read_text())
+    baseline = json.loads((folder / "baseline.json").read_text())
+    kinds = {b["extra_info"]["case"]: cmp.case_kind(b["extra_info"]) for b in baseline["benchmarks"]}
+    floors = thresholds["measured"]["kinds"]
+    effects = ab.load_min_effects(ab.MIN_EFFECTS_FILE)
+    for key, entry in thresholds["cases"].items():
+        assert entry["time"] >= floors.get(kinds[key], {}).get("time", 0.0), key
+        assert entry["time"] >= effects.for_case(key), key
+    derived = cmp.derive_thresholds(thresholds["measured"]["spread"], kinds, k=thresholds["measured"]["k"])
+    assert floors == derived["measured"]["kinds"]  # the floors are the rule's, from the recorded spread
 
 
 def test_merge_takes_the_middle_run_of_each_case():

@@ -15,7 +15,9 @@
   - bare ``--benchmark-compare``: this GPU's committed baseline (``perf/baselines/<gpu>/`` of the
     current directory, or ``--baselines``;
     thresholds from its recorded spread); refused at once where there is none for this GPU and
-    torch minor version.
+    torch minor version. A case flagged slower fails only once confirmed: re-timed in up to
+    ``--confirm N`` (default 3, 0: off) fresh processes, it fails unless a majority of them are
+    clean (:mod:`.confirm`); ``confirm.json`` and ``summary.md`` say what each process timed.
   - ``--benchmark-compare=NUM`` (a pytest-benchmark saved run) or ``=FILE.json``: see
     :mod:`.flags` for the whole resolution order.
 
@@ -47,7 +49,7 @@ from pathlib import Path
 
 from ... import registry
 from ..files import unwritable, unwritable_file
-from . import ab, base_revision, flags, guards, launcher, machine, report, revision, shard
+from . import ab, base_revision, confirm, flags, guards, launcher, machine, report, revision, shard
 from . import compare as cmp
 from .launcher import say as _say
 from .results import (
@@ -99,21 +101,33 @@ def _thresholds_path(explicit: str | None, baseline: Path) -> Path:
     return Path(explicit)
 
 
+def _load_thresholds(path: Path | None, time_threshold: float | None) -> dict:
+    """The thresholds file (or the defaults); ``time_threshold`` (``--benchmark-compare-fail``)
+    replaces every case's time threshold."""
+    thresholds = cmp.load_thresholds(path)
+    return thresholds if time_threshold is None else cmp.with_time_threshold(thresholds, time_threshold)
+
+
+def _thresholds_name(path: Path | None) -> str:
+    return str(path) if path and path.exists() else "defaults"
+
+
 def compare_one(
-    run: Run, baseline_path: Path, thresholds_path: Path | None, *, time_threshold: float | None = None
+    run: Run,
+    baseline_path: Path,
+    thresholds_path: Path | None,
+    *,
+    time_threshold: float | None = None,
+    confirming: int = 0,
 ) -> cmp.Comparison:
     """``run`` against a baseline; ``time_threshold`` (``--benchmark-compare-fail``) replaces every
-    case's time threshold."""
+    case's time threshold; ``confirming``: the re-timings slower cases will get (:mod:`.confirm`)."""
     baseline = load_run(baseline_path)
     warnings = check_comparable(baseline, run)
-    thresholds = cmp.load_thresholds(thresholds_path)
-    if time_threshold is not None:
-        thresholds = cmp.with_time_threshold(thresholds, time_threshold)
-    result = cmp.compare(baseline, run, thresholds)
+    result = cmp.compare(baseline, run, _load_thresholds(thresholds_path, time_threshold))
     result.warnings += warnings
-    where = thresholds_path if thresholds_path and thresholds_path.exists() else "defaults"
-    _say(f"Thresholds: {where}")
-    _say(cmp.format_comparison(result, baseline, run))
+    _say(f"Thresholds: {_thresholds_name(thresholds_path)}")
+    _say(cmp.format_comparison(result, baseline, run, confirming=confirming))
     return result
 
 
@@ -153,8 +167,12 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
     if args.benchmark_disable and (args.benchmark_compare is not None or args.record):
         raise flags.FlagRefused("--benchmark-disable times nothing: nothing to compare or record")
     if args.benchmark_compare is None:
-        if args.benchmark_compare_fail or args.thresholds:
-            flag = "--benchmark-compare-fail" if args.benchmark_compare_fail else "--thresholds"
+        given = {
+            "--benchmark-compare-fail": bool(args.benchmark_compare_fail),
+            "--thresholds": bool(args.thresholds),
+            "--confirm": args.confirm is not None,
+        }
+        if flag := next((name for name, set_ in given.items() if set_), None):
             raise flags.FlagRefused(f"{flag} needs --benchmark-compare")
         return None
     value = None if args.benchmark_compare is True else args.benchmark_compare
@@ -167,6 +185,8 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
     info = launcher.gpu_facts([0])["machine"]  # read in a child process, as gpu_plan does
     storage = Path(_storage(extra))
     target = flags.resolve_compare(value, baselines=Path(args.baselines), storage=storage, machine=info)
+    if args.confirm is not None and target.kind not in ("baseline", "file"):
+        raise flags.FlagRefused("--confirm re-times what a compare with a baseline flags; this run's gate does not")
     if target.kind == "saved":
         flags.check_native_compare_fail(args.benchmark_compare_fail)
     else:
@@ -232,8 +252,10 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     out = _writable(Path(args.out or _default_out()))
     _check_outputs(args, cuda)
     # A previous run's verdicts must not pass for this one's, nor its cases join this one's log.
-    for name in ("summary.md", "ab.json", "ab.png", "cases.jsonl", "pytest.log"):
+    for name in ("summary.md", "ab.json", "ab.png", "cases.jsonl", "pytest.log", confirm.FILE):
         (out / name).unlink(missing_ok=True)
+    for stale in [*out.glob("confirm-*.json"), *out.glob("confirm-*-cases.txt")]:
+        stale.unlink()
     if not cuda:
         _say(NO_CUDA)
     extra = [*extra, *(f"--perf-impl={spec}" for spec in args.impl), *_pytest_args(args, target, out)]
@@ -274,7 +296,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         return status
     try:
         if target is not None and target.kind in ("baseline", "file"):
-            status = max(status, _gate_on_baseline(args, runs, target.path))
+            status = max(status, _gate_on_baseline(args, runs, target.path, extra, out, started))
         elif target is not None and target.kind == "revision":
             status = _gate_on_ab(out, status)
         if args.record:
@@ -306,19 +328,48 @@ def _noise(run: Run) -> list[str]:
     return machine.noise_warnings(state.get("start"), state.get("end"))
 
 
-def _gate_on_baseline(args: argparse.Namespace, runs: list[Run], baseline: Path) -> int:
+def _gate_on_baseline(
+    args: argparse.Namespace, runs: list[Run], baseline_path: Path, extra: list[str], out: Path, started: float
+) -> int:
+    """Each run against the baseline; the cases flagged slower re-timed in fresh processes and
+    failed only where confirmed (:mod:`.confirm`). Writes ``confirm.json`` and ``summary.md``."""
     fail = flags.compare_fail_fraction(args.benchmark_compare_fail)
-    status, verdicts = 0, []
+    planned = confirm.DEFAULT_RETIMES if args.confirm is None else args.confirm
+    thresholds_path = _thresholds_path(args.thresholds, baseline_path)
+    results, verdicts = [], []
     for run in runs:
-        result = compare_one(run, baseline, _thresholds_path(args.thresholds, baseline), time_threshold=fail)
+        result = compare_one(run, baseline_path, thresholds_path, time_threshold=fail, confirming=planned)
+        results.append((run, result))
+        # Slower cases wait for their re-timings; guard and memory failures fail now.
+        if confirm.unconfirmed_failures(result) or (result.regressions and not planned):
+            verdict = "FAIL"
+        else:
+            verdict = "FLAGGED" if result.regressions else "PASS"
         verdicts.append(
-            f"{Path(run.path).name} vs {baseline}: {'FAIL' if result.failed else 'PASS'} "
-            f"({len(result.regressions)} regressions, {len(result.guard_failures)} guard failures, "
-            f"{len(result.improvements)} improvements)"
+            f"{Path(run.path).name} vs {baseline_path}: {verdict} ({len(result.regressions)} regressions, "
+            f"{len(result.guard_failures)} guard failures, {len(result.improvements)} improvements)"
         )
-        status = max(status, 1 if result.failed else 0)
     _say("\n".join(verdicts))
-    return status
+    baseline = load_run(baseline_path)
+    found = confirm.flags(results, baseline, planned)
+    if found and planned:
+
+        def retime(label: str, keys: list[str]) -> Run | None:
+            limit = None
+            if args.time_budget:  # whatever is left, but a re-timing always gets a minute
+                limit = max(60.0, args.time_budget - (time.time() - started))
+            _say(f"Confirming {len(keys)} flagged case(s) in a fresh process ({label}): {', '.join(keys)}")
+            return launcher.retime(label, args, extra, out, keys, limit)[1]
+
+        confirm.confirm(found, baseline, _load_thresholds(thresholds_path, fail), retime)
+    text = confirm.report(found, planned)
+    _say(text)
+    doc = confirm.to_json(found, planned, str(baseline_path), _thresholds_name(thresholds_path))
+    doc["runs"] = [{"run": Path(run.path).name, "verdict": v} for (run, _), v in zip(results, verdicts, strict=True)]
+    confirm.write_outputs(out, found, planned, verdicts=verdicts, doc=doc)
+    failed = any(confirm.unconfirmed_failures(result) for _, result in results)
+    failed = failed or any(flag.confirmed for flag in found.values())
+    return 1 if failed else 0
 
 
 def _gate_on_ab(out: Path, pytest_status: int) -> int:
@@ -411,6 +462,11 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--benchmark-compare-fail", action="append", default=[], metavar="median:X%",
         help="fail a case whose median moved by more than X%% (A/B: its minimum effect; baseline: its threshold)",
+    )  # fmt: skip
+    run.add_argument(
+        "--confirm", type=int, default=None, metavar="N",
+        help=f"committed baseline: re-time each case flagged slower in up to N fresh processes (default "
+        f"{confirm.DEFAULT_RETIMES}); it fails unless a majority are clean. 0: every flag fails",
     )  # fmt: skip
     run.add_argument("--benchmark-json", default=None, metavar="PATH", help="also write the run's JSON here")
     run.add_argument("--benchmark-disable", action="store_true", help="run each case once, untimed (a smoke test)")
@@ -506,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = extra[1:]
         if args.repeat < 1:
             run.error("--repeat must be >= 1")
+        if args.confirm is not None and args.confirm < 0:
+            run.error("--confirm must be >= 0")
         _require_runner()
         return cmd_run(args, extra)
     except (PerfError, revision.RevisionError) as exc:

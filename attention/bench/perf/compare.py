@@ -12,6 +12,16 @@ Threshold policy (perf/README.md has the why):
   ``memory_slack_mib`` above the baseline is a regression, no test needed.
 * Thresholds resolve per case: ``cases[key]``, else the first matching ``patterns`` entry
   (:mod:`.case_patterns`), else ``default``; never below ``floor``.
+* Thresholds from spread (:func:`thresholds_from_spread`) are per case, with a floor per *kind*
+  of case (:func:`case_kind`: family, dtype, direction, graph-timed or eager): k x the median
+  spread of the kind's measured cases. A case's own spread is the worst of a few runs, a noisy
+  figure; the cases of one kind share their sources of noise (CPU dispatch for eager ones, the
+  compilation for compiled ones, the clocks of the machine), so a case that happened to look
+  steady is not held tighter than its kind typically strays. The median, not the worst, so one
+  dispatch-bound outlier does not loosen its siblings (docs/design.md#committed-baselines-across-machines).
+
+A run's flagged time regressions are confirmed in fresh processes before they fail the
+committed-baseline gate (:mod:`.confirm`); this module judges one run at a time.
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ THRESHOLDS_HINT = (
 THRESHOLD_FIELDS = ("time", "memory", "memory_slack_mib")
 #: thresholds_from_spread: threshold = max(floor, SPREAD_K x worst relative deviation of a run's median).
 SPREAD_K = 3.0
+#: A kind of case gets a floor of its own from this many measured cases; fewer say too little.
+MIN_KIND_CASES = 3
 
 
 @dataclass
@@ -214,12 +226,17 @@ def _p(p: float | None) -> str:
     return f", p={p:.1e}" if p is not None else ""
 
 
-def format_comparison(result: Comparison, baseline: Run, current: Run) -> str:
+def format_comparison(result: Comparison, baseline: Run, current: Run, *, confirming: int = 0) -> str:
+    """The verdicts as text. ``confirming``: the re-timings that will judge the slower cases
+    (:mod:`.confirm`), which are then listed as flagged, not as regressions."""
     lines = [f"Compared {result.compared} cases of {current.path} against {baseline.path} ({current.gpu})."]
     lines += [f"  warning: {w}" for w in result.warnings]
+    flagged = [v for v in result.regressions if confirming and v.kind == "slower"]
+    regressions = [v for v in result.regressions if v not in flagged]
     for title, items in (
         ("GUARD FAILURES (silent fallback or broken harness)", result.guard_failures),
-        ("REGRESSIONS", result.regressions),
+        ("REGRESSIONS", regressions),
+        (f"Flagged slower, to be confirmed in up to {confirming} fresh processes", flagged),
         ("Improvements beyond threshold (refresh the baseline: nox -s perf -- --record)", result.improvements),
         ("Notes", result.notes),
     ):
@@ -231,10 +248,11 @@ def format_comparison(result: Comparison, baseline: Run, current: Run) -> str:
         lines += [f"  {k}" for k in result.missing[:20]] + (["  ..."] if len(result.missing) > 20 else [])
     if result.new:
         lines.append(f"New cases, not in the baseline: {len(result.new)}")
-    verdict = "FAIL" if result.failed else "PASS"
+    verdict = "FAIL" if regressions or result.guard_failures else "FLAGGED" if flagged else "PASS"
     lines.append(
-        f"{verdict}: {len(result.regressions)} regression(s), {len(result.guard_failures)} guard failure(s), "
-        f"{len(result.improvements)} improvement(s)"
+        f"{verdict}: {len(regressions)} regression(s), {len(result.guard_failures)} guard failure(s), "
+        + (f"{len(flagged)} flagged to confirm, " if flagged else "")
+        + f"{len(result.improvements)} improvement(s)"
     )
     return "\n".join(lines)
 
@@ -271,6 +289,29 @@ def spread(runs: list[Run]) -> dict[str, dict]:
     return out
 
 
+def case_kind(info: dict) -> str:
+    """The kind of a case, as its noise goes: ``"family dtype direction graph|eager"``, e.g.
+    ``"sdpa bf16 fwd+bwd eager"`` or ``"flex fp32 fwd graph"`` (from its ``extra_info``)."""
+    timing = "graph" if info.get("timing_mode") == "cuda-graph" else "eager"
+    return f"{info.get('family', '?')} {info.get('dtype', '?')} {info.get('direction', '?')} {timing}"
+
+
+def kind_floors(per_case: dict[str, dict], kinds: dict[str, str], k: float = SPREAD_K) -> dict[str, dict]:
+    """Per kind with at least :data:`MIN_KIND_CASES` measured cases (``per_case``: :func:`spread`'s
+    output; ``kinds``: case key -> :func:`case_kind`): ``{"time": k x median max_rel_dev, "cases",
+    "median_dev"}``."""
+    devs: dict[str, list[float]] = {}
+    for key, s in per_case.items():
+        if key in kinds:
+            devs.setdefault(kinds[key], []).append(s["max_rel_dev"])
+    out = {}
+    for kind, values in sorted(devs.items()):
+        if len(values) >= MIN_KIND_CASES:
+            median = statistics.median(values)
+            out[kind] = {"time": round(k * median, 4), "cases": len(values), "median_dev": round(median, 5)}
+    return out
+
+
 def thresholds_from_spread(
     runs: list[Run],
     *,
@@ -278,25 +319,19 @@ def thresholds_from_spread(
     floor: float | None = None,
     min_effect: Callable[[str], float] | None = None,
 ) -> dict:
-    """Per-case time thresholds from measured run-to-run spread: ``max(floor, k x max deviation)``,
-    and never below the case's ``min_effect`` (the A/B's minimum effects, the packaged
-    min_effects.json): a case whose speed varies between compilations (docs/design.md#between-compile-offsets) can
-    look steady over a few runs and still move that much in the next process.
+    """Per-case time thresholds from measured run-to-run spread: ``max(floor, k x max deviation,
+    kind floor)`` (:func:`kind_floors`), and never below the case's ``min_effect`` (the A/B's
+    minimum effects, the packaged min_effects.json): a case whose speed varies between
+    compilations (docs/design.md#between-compile-offsets) can look steady over a few runs and
+    still move that much in the next process.
 
     Cases measured here get their own entry; the default for cases not measured is the 90th
     percentile of the measured ones (never below the floor), so a new case is not held to a
     tighter limit than its neighbours.
     """
-    floor = DEFAULT_THRESHOLDS["floor"] if floor is None else floor
     per_case = spread(runs)
-    least = min_effect or (lambda key: 0.0)
-    cases = {key: {"time": round(max(floor, k * s["max_rel_dev"], least(key)), 4)} for key, s in per_case.items()}
-    times = sorted(c["time"] for c in cases.values())
-    default_time = times[int(0.9 * (len(times) - 1))] if times else DEFAULT_THRESHOLDS["default"]["time"]
-    thresholds = json.loads(json.dumps(DEFAULT_THRESHOLDS))
-    thresholds["floor"] = floor
-    thresholds["default"]["time"] = max(floor, default_time)
-    thresholds["cases"] = cases
+    kinds = {key: case_kind(rec.info) for run in runs for key, rec in run.records.items()}
+    thresholds = derive_thresholds(per_case, kinds, k=k, floor=floor, min_effect=min_effect)
     thresholds["measured"] = {
         "runs": len(runs),
         "k": k,
@@ -304,7 +339,38 @@ def thresholds_from_spread(
         "torch": runs[0].machine.get("torch"),
         "files": [r.path for r in runs],
         "spread": per_case,
+        **thresholds["measured"],  # the kinds' floors
     }
+    return thresholds
+
+
+def derive_thresholds(
+    per_case: dict[str, dict],
+    kinds: dict[str, str],
+    *,
+    k: float = SPREAD_K,
+    floor: float | None = None,
+    min_effect: Callable[[str], float] | None = None,
+) -> dict:
+    """:func:`thresholds_from_spread`'s rule on a spread already measured (``per_case``, as
+    :func:`spread` gives it, e.g. a thresholds file's ``measured.spread``; ``kinds``: case key ->
+    :func:`case_kind`). ``measured`` holds only the kinds' floors."""
+    floor = DEFAULT_THRESHOLDS["floor"] if floor is None else floor
+    least = min_effect or (lambda key: 0.0)
+    by_kind = kind_floors(per_case, kinds, k)
+
+    def time(key: str, s: dict) -> float:
+        kind_floor = by_kind.get(kinds.get(key, ""), {}).get("time", 0.0)
+        return round(max(floor, k * s["max_rel_dev"], least(key), kind_floor), 4)
+
+    cases = {key: {"time": time(key, s)} for key, s in per_case.items()}
+    times = sorted(c["time"] for c in cases.values())
+    default_time = times[int(0.9 * (len(times) - 1))] if times else DEFAULT_THRESHOLDS["default"]["time"]
+    thresholds = json.loads(json.dumps(DEFAULT_THRESHOLDS))
+    thresholds["floor"] = floor
+    thresholds["default"]["time"] = max(floor, default_time)
+    thresholds["cases"] = cases
+    thresholds["measured"] = {"kinds": by_kind}
     return thresholds
 
 
@@ -314,11 +380,15 @@ def format_spread(thresholds: dict, planted: float = 0.15) -> str:
     cases = thresholds.get("cases", {})
     lines = [
         f"Run-to-run spread over {measured.get('runs')} runs ({measured.get('gpu')}); threshold = "
-        f"max(floor {thresholds['floor']:.0%}, {measured.get('k')} x max deviation of a run's median):"
+        f"max(floor {thresholds['floor']:.0%}, {measured.get('k')} x max deviation of a run's median, "
+        "the kind's floor, the case's A/B minimum effect):"
     ]
     worst = sorted(per_case.items(), key=lambda kv: -kv[1]["max_rel_dev"])
     for key, s in worst[:15]:
         lines.append(f"  {s['max_rel_dev']:6.1%} dev  -> {cases[key]['time']:5.1%}  {key}")
+    if kinds := measured.get("kinds"):
+        lines.append(f"Kind floors ({measured.get('k')} x the median deviation of the kind's cases):")
+        lines += [f"  {v['time']:6.1%}  {kind} ({v['cases']} cases)" for kind, v in kinds.items()]
     blind = [k for k, c in cases.items() if c["time"] >= planted]
     lines.append(
         f"{len(cases)} cases; default threshold {thresholds['default']['time']:.1%}; "

@@ -5,7 +5,8 @@ Every run is a pytest process on the case modules that ship in the package
 (``-p attention.bench.perf.plugin``), so it needs no checkout and runs from any directory.
 ``--gpus`` deals the selected cases over one process per GPU (:func:`gpu_plan`,
 :func:`sharded_run`); what it must know of the GPUs is read by a child process
-(:mod:`.facts`), so this one never holds a CUDA context.
+(:mod:`.facts`), so this one never holds a CUDA context. :func:`retime` times the cases the
+committed-baseline gate flagged again, one fresh process each time (:mod:`.confirm`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +67,13 @@ def _grid_args(args: argparse.Namespace, cpu: bool) -> list[str]:
 
 
 def pytest_run(
-    label: str, args: argparse.Namespace, extra: list[str], out: Path, cpu: bool, limit: float | None
+    label: str,
+    args: argparse.Namespace,
+    extra: list[str],
+    out: Path,
+    cpu: bool,
+    limit: float | None,
+    env: dict | None = None,
 ) -> tuple[int, Run | None]:
     cmd = pytest_cmd(label, args, extra, out, cpu)
     say(f"== {label}: {' '.join(cmd[1:])}")
@@ -74,13 +82,28 @@ def pytest_run(
         with (out / "pytest.log").open("a") as log:
             log.write(f"\n== {label}: {' '.join(cmd)}\n")
             log.flush()
-            rc = wait([start(cmd, log)], limit)[0]
+            rc = wait([start(cmd, log, env)], limit)[0]
         tail = (out / "pytest.log").read_text().splitlines()[-6:]
         say("\n".join(f"   {line}" for line in tail))
     else:
-        rc = wait([start(cmd)], limit)[0]
+        rc = wait([start(cmd, env=env)], limit)[0]
     say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
     return rc, load_or_salvage(label, out)
+
+
+def retime(
+    label: str, args: argparse.Namespace, extra: list[str], out: Path, cases: list[str], limit: float | None
+) -> tuple[int, Run | None]:
+    """``cases`` timed again in one fresh pytest process (the run's own arguments, the selection
+    narrowed with ``--perf-cases``), with empty inductor and Triton caches of its own so each
+    compiled case is compiled again: a speed drawn once per compilation is drawn anew
+    (:mod:`.confirm`). Its JSON is ``OUT/<label>.json``; the caches go afterwards."""
+    listed = out / f"{label}-cases.txt"
+    listed.write_text("".join(f"{case}\n" for case in cases))
+    with tempfile.TemporaryDirectory(prefix="attention-perf-retime-") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(cache) / "inductor"))
+        env["TRITON_CACHE_DIR"] = str(Path(cache) / "triton")
+        return pytest_run(label, args, [*extra, "--perf-cases", str(listed)], out, False, limit, env=env)
 
 
 def load_or_salvage(label: str, out: Path) -> Run | None:
