@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,9 @@ import torch
 
 from attention.bench.perf import calibration, runner, spin
 from attention.bench.perf.results import Record
+from attention.bench.workload import Workload
+
+from .test_perf_gate import PedanticBenchmark, _env
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -237,3 +242,45 @@ def test_cpu_spin_adds_at_least_its_nanoseconds():
 def test_cuda_spin_fit_on_this_gpu():
     fitted = spin.measure_cuda("cuda")
     assert 0 <= fitted.floor_s < 50e-6 and 1e-10 < fitted.s_per_cycle < 1e-8
+
+
+# -- the rotated timing of one case's variants -----------------------------------------------
+
+
+def test_calibration_case_rotates_head_twin_and_injected_variants(monkeypatch):
+    order: list[str] = []
+    tags = iter(["twin", "head"])  # prepared in this order
+
+    def prepare(fn, setup, w, opts, wall, *, sides=1, probe_into=None):
+        tag = next(tags)
+        return runner.Prepared(lambda: order.append(tag), lambda: None, runner.GRAPH, 1.0)
+
+    monkeypatch.setattr(runner, "_prepare", prepare)
+    monkeypatch.setattr(runner, "_per_call", lambda *a: 1e-3)
+    monkeypatch.setattr(runner, "_rounds_for", lambda per_call, opts: 3)
+    fit = spin.SpinFit("cpu", floor_s=15e-6, s_per_cycle=1e-9)  # 1% of 1 ms is below the floor
+    monkeypatch.setattr(spin, "work", lambda f, cycles: lambda: order.append(f"spin{cycles}"))
+    case = Workload("sdpa", 1, 16, 2, 8, torch.float32, "cpu")
+    info = runner.run_calibration_case(
+        PedanticBenchmark(), case, runner.RunOptions("cpu"), depth=2, spin_fit=fit, levels=(0.01, 0.02)
+    )
+    cal = info["calibration"]
+    assert cal["gate_rounds"] == 3 and cal["depth"] == 2 and len(cal["twin"]["data"]) == 6
+    assert cal["injected"]["0.01"]["cycles"] is None and "data" not in cal["injected"]["0.01"]
+    assert cal["injected"]["0.02"]["cycles"] == 5000 and len(cal["injected"]["0.02"]["data"]) == 6
+    assert cal["injected"]["0.02"]["expected_s"] == pytest.approx(20e-6)
+    # warm-up: twin and injected untimed, then head; then rounds of [twin, +2%, head] rotated
+    assert order[:4] == ["twin", "twin", "spin5000", "head"]
+    rotated = [["twin", "twin", "spin5000", "head"], ["twin", "spin5000", "head", "twin"]]
+    rotated.append(["head", "twin", "twin", "spin5000"])
+    assert order[4:] == [tag for r in rotated * 2 for tag in r]
+
+
+# -- the plugin ----------------------------------------------------------------------------
+
+
+def test_pytest_refuses_a_calibration_that_would_time_nothing():
+    cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "-q", "--perf-device=cpu"]
+    cmd += ["--perf-grid=tiny", "--perf-calibrate", "--benchmark-disable"]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 4 and "--perf-calibrate times each case's variants" in done.stderr

@@ -16,7 +16,8 @@ Order of events for one case, all outside the timed rounds except the timed call
 ``warmup``, ``memory_probe``, ``capture``, ``timing``), so a slow grid shows whether
 compilation, probing or timing is to blame.
 
-:func:`run_ab_case` does the same for two revisions of a case, their rounds interleaved.
+:func:`run_ab_case` does the same for two revisions of a case, their rounds interleaved;
+:func:`run_calibration_case` for the variants the gate's calibration times (:mod:`.calibration`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..cost import MiB, dtype_name
 from ..memory import free_cached_memory, free_memory_bytes, peak_memory
 from ..timing import CudaEventClock, L2Flusher, clock_for, cuda_graph
 from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, Workload
-from . import probe
+from . import probe, spin
 
 GRAPH_POLICIES = ("fwd", "all", "none")
 EAGER = "eager: includes dispatch"
@@ -323,6 +324,86 @@ def run_ab_case(
         "timing_mode": base_side.mode,
         "wall_s": base_wall,
         "order": "base-head-head-base",
+    }
+    return _figures(benchmark, info, opts)
+
+
+def run_calibration_case(
+    benchmark,
+    w: Workload | DecodeWorkload,
+    opts: RunOptions,
+    *,
+    depth: int,
+    spin_fit: spin.SpinFit,
+    levels: Sequence[float],
+) -> dict:
+    """Time ``w`` as the gate's calibration needs it (:mod:`.calibration`, docs/design.md#gate-calibration):
+    the working tree's build (timed by ``benchmark``, as an A/B's head), a second build of the same
+    case (its A/A twin, prepared as an A/B's base) and, for each share of ``levels``, the twin followed
+    by a spin of that share of the case's time (:mod:`.spin`), inside the timed region. All of them
+    are timed in one pedantic loop, rounds rotated (:func:`_interleave`), for ``depth`` times the
+    rounds the A/B would give this case, so the calibration can cut gate-sized runs out of them.
+    Each variant's samples go to ``extra_info["calibration"]``; a share below the spin's floor on
+    this case is listed there, not timed."""
+    device = torch.device(opts.device)
+    info, timer, wall = _start(benchmark, w, opts)
+    with _phase(wall, "build"):
+        fn, setup = w.build()
+        twin_fn, twin_setup = w.build()
+        _sync(device)
+    if benchmark.disabled:
+        return _smoke(benchmark, fn, setup, info)
+    twin_wall: dict[str, float] = {}
+    twin = _prepare(twin_fn, twin_setup, w, opts, twin_wall, sides=2)
+    head = _prepare(fn, setup, w, opts, wall, sides=2, probe_into=info)
+    _side_info(info, head)
+    flusher = L2Flusher(device)
+
+    def alone() -> None:
+        head.setup()
+        flusher.flush()
+
+    with _phase(wall, "probe_rounds"):
+        per_call = _per_call(head.timed, alone, timer)
+    rounds = _rounds_for(per_call, opts)
+    variants, injected = [twin], {}
+    for level in levels:
+        target = level * per_call if per_call else None
+        cycles = spin_fit.cycles(target) if target is not None else None
+        injected[f"{level:g}"] = {"level": level, "target_s": target, "cycles": cycles}
+        if cycles is not None:
+            extra = spin.work(spin_fit, cycles)
+            injected[f"{level:g}"]["expected_s"] = spin_fit.seconds(cycles)
+
+            def timed(replay=twin.timed, extra=extra) -> None:
+                replay()
+                extra()
+
+            variants.append(Prepared(timed, twin.setup, twin.mode, twin.peak_mem_mib))
+    before_round, after_round, samples = _interleave(head, variants, flusher, clock_for(device))
+    _time_rounds(
+        benchmark,
+        head,
+        flusher,
+        timer,
+        opts,
+        wall,
+        info,
+        setup=before_round,
+        teardown=after_round,
+        rounds=depth * rounds,
+    )
+    timed_levels = iter(samples[1:])
+    for entry in injected.values():
+        if entry["cycles"] is not None:
+            entry["data"] = next(timed_levels)
+    info["calibration"] = {
+        "gate_rounds": rounds,
+        "depth": depth,
+        "per_call_s": per_call,
+        "order": "rotated: twin, injected levels, head",
+        "twin": {"data": samples[0], "timing_mode": twin.mode, "peak_mem_mib": twin.peak_mem_mib, "wall_s": twin_wall},
+        "injected": injected,
     }
     return _figures(benchmark, info, opts)
 
