@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from attention.bench.perf import calibration, runner, spin
-from attention.bench.perf.results import Record
+from attention.bench.perf import calibrate, calibration, cli, launcher, runner, spin
+from attention.bench.perf.results import Record, load_run, parse_run, write_json
 from attention.bench.workload import Workload
 
+from .perf_support import H100, make_raw
 from .test_perf_gate import PedanticBenchmark, _env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,7 +277,35 @@ def test_calibration_case_rotates_head_twin_and_injected_variants(monkeypatch):
     assert order[4:] == [tag for r in rotated * 2 for tag in r]
 
 
-# -- the plugin ----------------------------------------------------------------------------
+# -- the plugin and the CLI ------------------------------------------------------------------
+
+
+def test_pytest_perf_calibrates_on_cpu_and_the_cli_judges_the_run(tmp_path):
+    run_json = tmp_path / "calibration-run.json"
+    cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "-q", "--perf-device=cpu"]
+    cmd += ["--perf-grid=tiny", "-k", "core-sdpa-fp32-fwd-B4-T64 or decode-sdpa", "--perf-budget=0.002"]
+    cmd += [
+        "--perf-calibrate",
+        "--perf-calibrate-pairs=8",
+        "--perf-calibrate-max-depth=3",
+    ]  # 1 case a kind: 4 runs, capped
+    cmd += [f"--benchmark-json={run_json}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = load_run(run_json)
+    assert run.machine["calibration"]["spin"]["device"] == "cpu" and run.machine["calibration"]["pairs"] == 8
+    for rec in run.records.values():
+        cal = rec.info["calibration"]
+        assert cal["depth"] == 3 and len(rec.data) == 3 * cal["gate_rounds"] == len(cal["twin"]["data"])
+        assert all(len(e["data"]) == len(rec.data) for e in cal["injected"].values())
+    done = subprocess.run(
+        [sys.executable, "-m", "attention.bench.perf", "calibrate", "--from", str(run_json), "--alpha", "0.05"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {p.name for p in tmp_path.iterdir()} >= set(calibration.FILES)
+    assert json.loads((tmp_path / "calibration.json").read_text())["alpha"] == 0.05
+    assert "supports a minimum effect of" in done.stdout.splitlines()[-1]
 
 
 def test_pytest_refuses_a_calibration_that_would_time_nothing():
@@ -284,3 +313,66 @@ def test_pytest_refuses_a_calibration_that_would_time_nothing():
     cmd += ["--perf-grid=tiny", "--perf-calibrate", "--benchmark-disable"]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 4 and "--perf-calibrate times each case's variants" in done.stderr
+
+
+def test_calibrate_without_cuda_is_exit_2_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    assert cli.main(["calibrate", "--out", str(tmp_path), "-k", "sdpa"]) == 2
+    assert "calibrate measures the A/B gate on a CUDA GPU and needs one; none here" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--alpha", "0.7"], "--alpha must be in (0, 0.5)"),
+        (["--pairs", "0"], "--pairs and --max-depth must be >= 1"),
+        (["--benchmark-compare=main"], "calibrate measures the A/B gate itself and compares nothing"),
+        (["--gpus", "2"], "calibrate measures the A/B gate itself"),
+        (["--benchmark-timer=x"], "--benchmark-timer is not supported"),
+        (["--min-effects", "missing.json"], "--min-effects"),
+    ],
+)
+def test_calibrate_refuses_before_running_anything(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    assert cli.main(["calibrate", *argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().out
+
+
+def test_calibrate_runs_pytest_with_the_calibration_and_reports(tmp_path, monkeypatch, capsys, rng):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = {}
+
+    def fake_pytest(label, args, extra, out, cpu, limit):
+        seen.update(label=label, extra=extra, cpu=cpu, limit=limit)
+        raw = make_raw({}, dict(H100, calibration={"pairs": 8}))
+        for rec in grid_of(rng, 3):
+            raw["benchmarks"].append(
+                {
+                    "name": rec.key,
+                    "group": "g",
+                    "extra_info": rec.info,
+                    "stats": {"median": rec.median, "data": rec.data},
+                }
+            )
+        write_json(raw, out / f"{label}.json")
+        (out / "cases.jsonl").write_text(
+            json.dumps({"run": label, "case": "big", "status": "skipped", "reason": "needs ~90 GiB"}) + "\n"
+        )
+        return 1, parse_run(raw, out / f"{label}.json")
+
+    monkeypatch.setattr(launcher, "pytest_run", fake_pytest)
+    (tmp_path / "calibration.json").write_text("stale")
+    argv = ["calibrate", "--out", str(tmp_path), "--pairs", "8", "--time-budget", "600", "-k", "sdpa", "--impl", "sdpa"]
+    assert cli.main(argv) == 1  # a case failed in pytest: the others are still calibrated
+    assert seen["label"] == calibrate.RUN_LABEL and not seen["cpu"] and seen["limit"] == 600
+    assert seen["extra"][:2] == ["-k", "sdpa"] and "--perf-impl=sdpa" in seen["extra"]
+    assert {"--perf-calibrate", "--perf-calibrate-pairs=8", "--perf-calibrate-max-depth=8"} <= set(seen["extra"])
+    doc = json.loads((tmp_path / "calibration.json").read_text())
+    assert doc["gpu"] == H100["gpu_name"] and doc["not_calibrated"] == [
+        {"key": "big", "reason": "skipped: needs ~90 GiB"}
+    ]
+    out = capsys.readouterr().out
+    assert "NOT CALIBRATED: big: skipped: needs ~90 GiB" in out
+    assert out.rstrip().splitlines()[-1].startswith(f"{H100['gpu_name']}: the A/B gate supports a minimum effect")
