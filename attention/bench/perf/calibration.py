@@ -709,8 +709,8 @@ _KIND_COLORS = {
 
 def plot_power(cal: Calibration, path: str | Path) -> Path:
     """Power against the achieved injected share, one line per kind: solid at the kind's supported
-    minimum effect, dashed at the configured ones; the A/A false-alarm rate at 0. A bare Figure:
-    no pyplot, no global backend switch."""
+    minimum effect, dashed at the configured ones; the A/A false-alarm rates as squares at 0. A bare
+    Figure: no pyplot, no global backend switch."""
     from matplotlib.figure import Figure
 
     path = Path(path)
@@ -719,14 +719,15 @@ def plot_power(cal: Calibration, path: str | Path) -> Path:
     for k, s in cal.kinds.items():
         color = _KIND_COLORS.get(k, "tab:gray")
         measured = [(p.achieved_median, p) for p in s.levels.values() if p.pairs and p.achieved_median is not None]
-        xs = [0.0] + [x * 100 for x, _ in measured]
+        xs = [x * 100 for x, _ in measured]
         label = f"{k}: {s.cases} cases, min effect {_pct(s.supported)}"
-        ax.plot(xs, [s.false_alarm_supported or 0.0] + [p.power_supported for _, p in measured], "o-", color=color)
-        ax.plot(xs, [s.false_alarm_configured or 0.0] + [p.power_configured for _, p in measured], "x--", color=color)
-        ax.plot([], [], "o-", color=color, label=label)
+        ax.plot(xs, [p.power_supported for _, p in measured], "o-", color=color, label=label)
+        ax.plot(xs, [p.power_configured for _, p in measured], "x--", color=color)
+        # The A/A false-alarm rates at 0, apart: no line joins them to shares a short kind could not inject.
+        ax.plot([0.0, 0.0], [s.false_alarm_supported or 0.0, s.false_alarm_configured or 0.0], "s", color=color)
     ax.axhline(TARGET_POWER, color="black", linestyle=":", linewidth=0.8)
     ax.axhline(cal.alpha, color="gray", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("injected slowdown, % of the case's time (achieved, median over cases; 0: A/A)")
+    ax.set_xlabel("injected slowdown, % of the case's time (achieved, median over cases); squares at 0: A/A")
     ax.set_ylabel("share of gate-sized pairs flagged")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
