@@ -122,6 +122,7 @@ def test_pairs_are_consecutive_gate_sized_runs_in_both_orientations(rng):
     case = calibration.analyze_case("k", head, record("k", head, cal).info, min_effect=0.02)
     assert case.gate_rounds == 20 and case.depth == 3 and len(case.aa) == 6
     assert [iv.low > 1.02 for iv in case.aa] == [False, False, True, False, False, False]
+    assert case.aa[0].p_value is None and case.aa[0].level == 0.99  # the gate's interval, no rank test
     assert all(len(inj.pairs) == 3 for inj in case.injections.values())
 
 
