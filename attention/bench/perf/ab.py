@@ -83,6 +83,12 @@ def _interval_text(iv: RatioInterval) -> str:
     return f"{iv.ratio:.3f}x [{iv.low:.3f}, {iv.high:.3f}] {iv.level:.0%}{p}, could detect ±{_pct(iv.detectable)}"
 
 
+def regressed(iv: RatioInterval, min_effect: float) -> bool:
+    """The gate's rule: the whole interval of median(head) / median(base) lies above ``1 + min_effect``
+    (the calibration, :mod:`.calibration`, applies it at other minimum effects too)."""
+    return iv.low > 1 + min_effect
+
+
 def judge(
     key: str,
     base: Sequence[float] | None,
@@ -112,7 +118,7 @@ def judge(
         iv = ratio_interval(base, head, level=level)
     except ValueError as exc:
         return CaseVerdict(key, "error", None, min_effect, **peaks, message=str(exc))
-    if iv.low > 1 + min_effect:
+    if regressed(iv, min_effect):
         status = "regressed"
     elif iv.high < 1 - min_effect:
         status = "improved"

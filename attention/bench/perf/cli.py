@@ -27,6 +27,8 @@
   times both revisions of a case on the same GPU. Other arguments go to pytest (``-k flex``,
   ``--perf-graphs=all``, pytest-benchmark's own flags). No CUDA GPU: the tiny CPU grid runs to show
   the machinery working, nothing is compared or recorded, and the exit status is pytest's.
+* ``calibrate``: measure the A/B gate itself on this GPU (false alarms, power against injected
+  slowdowns, the minimum effect it supports at ``--alpha``): :mod:`.calibrate`.
 * ``compare RUN``, ``record RUN...``, ``spread RUN...``, ``table RUN``: the same steps on JSON
   files already made (no GPU needed); ``salvage LOG -o RUN`` rebuilds a run's JSON from its
   per-case log if the run died before writing it.
@@ -499,6 +501,9 @@ def tools_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the perf grid (the default command; see `run --help`)", add_help=False)
+    sub.add_parser(
+        "calibrate", add_help=False, help="measure the A/B gate on this GPU: false alarms, power, minimum effect"
+    )
     c = sub.add_parser("compare", allow_abbrev=False, help="compare a run JSON with the baseline for its GPU")
     c.add_argument("run")
     c.add_argument("--baseline", default=None)
@@ -550,6 +555,10 @@ def _require_runner() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["calibrate"]:
+            from . import calibrate  # imports this module: loaded on use
+
+            return calibrate.main(argv[1:])
         if argv and argv[0] in TOOLS:
             args = tools_parser().parse_args(argv)
             return TOOLS[args.command](args)

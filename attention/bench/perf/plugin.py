@@ -20,6 +20,11 @@ case modules of :mod:`attention.bench.perf.cases`, from any directory; in this c
   the run fails on a regression beyond the case's minimum effect (``--perf-min-effects FILE``,
   default the packaged ``min_effects.json``); ``summary.md``, ``ab.json`` and ``ab.png`` go to
   ``--perf-ab-out`` (default ``.benchmarks/attention-perf``).
+* ``--perf-calibrate``: the gate's calibration (:mod:`.calibration`): each case is timed with an
+  A/A twin and the twin with injected work of 1-5% of its time, rounds rotated, for as many
+  gate-sized runs as bring every kind of case to ``--perf-calibrate-pairs`` A/A tests (at most
+  ``--perf-calibrate-max-depth`` a case); the samples go to ``extra_info["calibration"]``, for
+  ``python -m attention.bench.perf calibrate`` to judge.
 
 pytest-benchmark's own ``--benchmark-*`` flags work, are applied the suite's way
 (``--benchmark-min-rounds``, ``--benchmark-max-time``, ``--benchmark-warmup-iterations``) or
@@ -32,6 +37,7 @@ import gc
 import importlib
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -40,7 +46,7 @@ import torch
 from ... import flex, registry
 from ..memory import free_cached_memory, quiet_profiler_logs
 from ..timing import clock_for
-from . import ab, guards, machine, runner
+from . import ab, calibration, guards, machine, runner, spin
 from . import grid as perf_grid
 from .base_revision import BaseRevision
 from .revision import RevisionError
@@ -66,6 +72,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--perf-min-effect", type=float, default=None, help="A/B minimum effect for every case")
     group.addoption("--perf-ab-out", default=None, metavar="DIR", help="where the A/B summary, JSON and plot go")
     group.addoption("--perf-cases", default=None, metavar="FILE", help="run only these case ids, in this order")
+    group.addoption("--perf-calibrate", action="store_true", help="time A/A twins and injected slowdowns")
+    group.addoption(
+        "--perf-calibrate-pairs", type=int, default=calibration.DEFAULT_PAIRS, help="A/A tests per kind of case"
+    )
+    group.addoption(
+        "--perf-calibrate-max-depth", type=int, default=calibration.DEFAULT_MAX_DEPTH,
+        help="the most gate-sized runs one case is timed for",
+    )  # fmt: skip
     group.addoption("--perf-list-cases", default=None, metavar="FILE", help="write the selected case ids here")
     group.addoption(
         "--perf-flex-kernel-options",
@@ -111,20 +125,27 @@ def pytest_configure(config: pytest.Config) -> None:
     rev = config.getoption("--perf-compare-rev")
     if rev is not None:
         _open_base(config, state, rev)
+    if config.getoption("--perf-calibrate"):
+        _open_calibration(config, state)
     state.write({"machine_info": {machine.KEY: state.machine}})
     config.stash[_STATE] = state
 
 
-def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
-    for option, flag in (("benchmark_disable", "--benchmark-disable"), ("benchmark_skip", "--benchmark-skip")):
-        if config.getoption(option, False):
-            raise pytest.UsageError(f"--perf-compare-rev times both revisions; {flag} times nothing")
+def _check_side_by_side(config: pytest.Config, option: str, what: str) -> None:
+    """Refuse what would time one side of ``option``'s comparison differently, or not at all."""
+    for name, flag in (("benchmark_disable", "--benchmark-disable"), ("benchmark_skip", "--benchmark-skip")):
+        if config.getoption(name, False):
+            raise pytest.UsageError(f"{option} times {what}; {flag} times nothing")
     if config.getoption("benchmark_disable_gc", False):
-        raise pytest.UsageError("--benchmark-disable-gc applies to the head side only: the A/B would be lopsided")
+        raise pytest.UsageError(f"--benchmark-disable-gc applies to the head side only: {option} would be lopsided")
     if getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
         # pytest-benchmark disables itself under xdist: nothing would be timed, and both sides of a
         # case must share one process and one GPU.
-        raise pytest.UsageError("--perf-compare-rev cannot run under pytest-xdist (-n): run it in one process")
+        raise pytest.UsageError(f"{option} cannot run under pytest-xdist (-n): run it in one process")
+
+
+def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
+    _check_side_by_side(config, "--perf-compare-rev", "both revisions")
     effects = config.getoption("--perf-min-effects") or ab.MIN_EFFECTS_FILE
     try:
         state.min_effects = ab.load_min_effects(effects)
@@ -144,6 +165,17 @@ def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
     state.machine["ab_base"] = state.base.label
     state.machine["ab_head"] = state.base.head_label
     state.notes += [f"A/B: {name} is not compared: {why}" for name, why in state.base.not_compared.items()]
+
+
+def _open_calibration(config: pytest.Config, state: PerfState) -> None:
+    if state.base is not None:
+        raise pytest.UsageError("--perf-calibrate measures the A/B gate itself: run it without --perf-compare-rev")
+    _check_side_by_side(config, "--perf-calibrate", "each case's variants side by side")
+    pairs, depth = config.getoption("--perf-calibrate-pairs"), config.getoption("--perf-calibrate-max-depth")
+    if pairs < 1 or depth < 1:
+        raise pytest.UsageError(f"--perf-calibrate-pairs and -max-depth must be >= 1, got {pairs} and {depth}")
+    state.calibrate = {"pairs": pairs, "max_depth": depth, "levels": list(calibration.LEVELS)}
+    state.machine["calibration"] = dict(state.calibrate)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -166,6 +198,9 @@ def pytest_report_header(config: pytest.Config) -> str:
         lines.append(f"implementations: {', '.join(s.impls)} (and the references)")
     if s.base is not None:
         lines.append(f"A/B: base {s.base.label} vs head {m['ab_head']}, rounds interleaved")
+    if s.calibrate is not None:
+        levels = ", ".join(f"{lv:.0%}" for lv in s.calibrate["levels"])
+        lines.append(f"calibration: head, A/A twin and the twin + {levels} of its time, rounds rotated")
     lines += [f"note: {n}" for n in s.notes]
     return lines
 
@@ -233,6 +268,27 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     ``--perf-cases``), one per line, for ``--gpus`` to shard."""
     if path := session.config.getoption("--perf-list-cases"):
         Path(path).write_text("".join(f"{case}\n" for item in session.items if (case := _case_of(item))))
+    state = session.config.stash[_STATE]
+    if state.calibrate is not None:
+        state.calibration_depth = _calibration_depths(state, [c for item in session.items if (c := _case_of(item))])
+
+
+def _calibration_depths(state: PerfState, selected: list[str]) -> dict[str, int]:
+    """Each selected case's gate-sized runs: enough for its kind to reach the A/A tests asked for."""
+    cuda = torch.device(state.device).type == "cuda"
+
+    def kind(case_id: str) -> str:
+        case = state.cases[case_id]
+        backward = bool(getattr(case, "backward", False))
+        graphs = state.opts.graphs
+        return calibration.predicted_kind(
+            decode=perf_grid.kind(case) == "decode", backward=backward, graphs=graphs, cuda=cuda
+        )
+
+    kinds = {case_id: kind(case_id) for case_id in selected if case_id in state.cases}
+    counts = Counter(kinds.values())
+    pairs, cap = state.calibrate["pairs"], state.calibrate["max_depth"]
+    return {case_id: calibration.depth_for(counts[k], pairs, cap) for case_id, k in kinds.items()}
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
@@ -309,6 +365,9 @@ def perf_state(request: pytest.FixtureRequest) -> PerfState:
         state.opts.copy_gbps = state.ceilings["copy_gbps"]
         state.opts.matmul_tflops = state.ceilings["matmul_tflops"]
         state.machine.update(state.ceilings)
+        if state.calibrate is not None:
+            state.spin_fit = spin.for_device(state.device)
+            state.machine["calibration"]["spin"] = state.spin_fit.as_json()
         state.write({"machine_info": {machine.KEY: state.machine}})
         free_cached_memory(state.device)
     return state
@@ -329,13 +388,20 @@ def run_case(perf_state: PerfState):
         # Not compared in an A/B: the same code on both sides (an installed package, not a checkout).
         alone = None if state.base is None else state.base.not_compared.get(case.impl)
         ab_run = state.base is not None and alone is None
-        reason = case.skip_reason(copies=2 if ab_run else 1)  # an A/B holds both revisions' builds
+        # An A/B holds both revisions' builds, a calibration the head's and its twin's.
+        reason = case.skip_reason(copies=2 if ab_run or state.calibrate is not None else 1)
         if reason:
             state.write(dict(entry, status="skipped", reason=reason))
             state.ab_not_compared.append((case.case_id, f"skipped: {reason}"))
             pytest.skip(reason)
         try:
-            if ab_run:
+            if state.calibrate is not None:
+                depth = state.calibration_depth.get(case.case_id, 1)
+                levels = state.calibrate["levels"]
+                info = runner.run_calibration_case(
+                    benchmark, case, state.opts, depth=depth, spin_fit=state.spin_fit, levels=levels
+                )
+            elif ab_run:
                 info = runner.run_ab_case(benchmark, case, state.base.implementations, state.opts)
             else:
                 info = runner.run_case(benchmark, case, state.opts)

@@ -16,7 +16,8 @@ Order of events for one case, all outside the timed rounds except the timed call
 ``warmup``, ``memory_probe``, ``capture``, ``timing``), so a slow grid shows whether
 compilation, probing or timing is to blame.
 
-:func:`run_ab_case` does the same for two revisions of a case, their rounds interleaved.
+:func:`run_ab_case` does the same for two revisions of a case, their rounds interleaved;
+:func:`run_calibration_case` for the variants the gate's calibration times (:mod:`.calibration`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ from ..cost import MiB, dtype_name
 from ..memory import free_cached_memory, free_memory_bytes, peak_memory
 from ..timing import CudaEventClock, L2Flusher, clock_for, cuda_graph
 from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, Workload
-from . import probe
+from . import probe, spin
 
 GRAPH_POLICIES = ("fwd", "all", "none")
 EAGER = "eager: includes dispatch"
@@ -250,12 +251,15 @@ def _prepare(
     return prepared
 
 
-def _start(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> tuple[dict, object]:
+def _start(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> tuple[dict, object, dict[str, float]]:
+    """The case's info, the benchmark's timer, and ``info["wall_s"]``: where the case's wall time
+    goes (warmup holds compilation)."""
     timer = _check_timer(benchmark, torch.device(opts.device))
     info = describe(w)
     info["timer"] = getattr(timer, "name", getattr(timer, "__name__", repr(timer)))
+    info["wall_s"] = wall = {}
     benchmark.extra_info.update(info)
-    return info, timer
+    return info, timer, wall
 
 
 def _side_info(info: dict, prepared: Prepared) -> None:
@@ -267,9 +271,7 @@ def _side_info(info: dict, prepared: Prepared) -> None:
 
 def run_case(benchmark, w: Workload | DecodeWorkload, opts: RunOptions) -> dict:
     """Time ``w`` with the ``benchmark`` fixture; returns (and stores in ``benchmark.extra_info``) its info."""
-    info, timer = _start(benchmark, w, opts)
-    wall: dict[str, float] = {}  # where a case's wall time goes: warmup holds compilation
-    info["wall_s"] = wall
+    info, timer, wall = _start(benchmark, w, opts)
     with _phase(wall, "build"):
         fn, setup = w.build()
         _sync(torch.device(opts.device))
@@ -288,9 +290,7 @@ def run_ab_case(
     ``extra_info["ab"]``. ``base_impls`` lacking the case's implementation: only head is timed,
     and ``ab`` says so."""
     device = torch.device(opts.device)
-    info, timer = _start(benchmark, w, opts)
-    wall: dict[str, float] = {}
-    info["wall_s"] = wall
+    info, timer, wall = _start(benchmark, w, opts)
     with _phase(wall, "build"):
         fn, setup = w.build()
         try:
@@ -314,33 +314,7 @@ def run_ab_case(
     head = _prepare(fn, setup, w, opts, wall, sides=2, probe_into=info)
     _side_info(info, head)
     flusher = L2Flusher(device)
-    base_clock = clock_for(device)
-    base_samples: list[float] = []
-    calls = 0  # setup calls so far: warm-up rounds first, then one per timed round
-
-    def time_base() -> None:
-        base_side.setup()
-        flusher.flush()
-        start = base_clock()
-        base_side.timed()
-        base_samples.append(base_clock() - start)
-
-    def before_round() -> None:
-        nonlocal calls
-        i, calls = calls - WARMUP_ROUNDS, calls + 1
-        if i < 0:
-            base_side.setup()
-            base_side.timed()  # warm the base side's round too, untimed
-        elif i % 2 == 0:
-            time_base()  # even rounds: base, then head
-        head.setup()
-        flusher.flush()
-
-    def after_round() -> None:
-        i = calls - 1 - WARMUP_ROUNDS
-        if i >= 0 and i % 2 == 1:
-            time_base()  # odd rounds: head, then base
-
+    before_round, after_round, (base_samples,) = _interleave(head, [base_side], flusher, clock_for(device))
     _time_rounds(benchmark, head, flusher, timer, opts, wall, info, setup=before_round, teardown=after_round)
     info["ab"] = {
         "base": "timed",
@@ -350,6 +324,86 @@ def run_ab_case(
         "timing_mode": base_side.mode,
         "wall_s": base_wall,
         "order": "base-head-head-base",
+    }
+    return _figures(benchmark, info, opts)
+
+
+def run_calibration_case(
+    benchmark,
+    w: Workload | DecodeWorkload,
+    opts: RunOptions,
+    *,
+    depth: int,
+    spin_fit: spin.SpinFit,
+    levels: Sequence[float],
+) -> dict:
+    """Time ``w`` as the gate's calibration needs it (:mod:`.calibration`, docs/design.md#gate-calibration):
+    the working tree's build (timed by ``benchmark``, as an A/B's head), a second build of the same
+    case (its A/A twin, prepared as an A/B's base) and, for each share of ``levels``, the twin followed
+    by a spin of that share of the case's time (:mod:`.spin`), inside the timed region. All of them
+    are timed in one pedantic loop, rounds rotated (:func:`_interleave`), for ``depth`` times the
+    rounds the A/B would give this case, so the calibration can cut gate-sized runs out of them.
+    Each variant's samples go to ``extra_info["calibration"]``; a share below the spin's floor on
+    this case is listed there, not timed."""
+    device = torch.device(opts.device)
+    info, timer, wall = _start(benchmark, w, opts)
+    with _phase(wall, "build"):
+        fn, setup = w.build()
+        twin_fn, twin_setup = w.build()
+        _sync(device)
+    if benchmark.disabled:
+        return _smoke(benchmark, fn, setup, info)
+    twin_wall: dict[str, float] = {}
+    twin = _prepare(twin_fn, twin_setup, w, opts, twin_wall, sides=2)
+    head = _prepare(fn, setup, w, opts, wall, sides=2, probe_into=info)
+    _side_info(info, head)
+    flusher = L2Flusher(device)
+
+    def alone() -> None:
+        head.setup()
+        flusher.flush()
+
+    with _phase(wall, "probe_rounds"):
+        per_call = _per_call(head.timed, alone, timer)
+    rounds = _rounds_for(per_call, opts)
+    variants, injected = [twin], {}
+    for level in levels:
+        target = level * per_call if per_call else None
+        cycles = spin_fit.cycles(target) if target is not None else None
+        injected[f"{level:g}"] = {"level": level, "target_s": target, "cycles": cycles}
+        if cycles is not None:
+            extra = spin.work(spin_fit, cycles)
+            injected[f"{level:g}"]["expected_s"] = spin_fit.seconds(cycles)
+
+            def timed(replay=twin.timed, extra=extra) -> None:
+                replay()
+                extra()
+
+            variants.append(Prepared(timed, twin.setup, twin.mode, twin.peak_mem_mib))
+    before_round, after_round, samples = _interleave(head, variants, flusher, clock_for(device))
+    _time_rounds(
+        benchmark,
+        head,
+        flusher,
+        timer,
+        opts,
+        wall,
+        info,
+        setup=before_round,
+        teardown=after_round,
+        rounds=depth * rounds,
+    )
+    timed_levels = iter(samples[1:])
+    for entry in injected.values():
+        if entry["cycles"] is not None:
+            entry["data"] = next(timed_levels)
+    info["calibration"] = {
+        "gate_rounds": rounds,
+        "depth": depth,
+        "per_call_s": per_call,
+        "order": "rotated: twin, injected levels, head",
+        "twin": {"data": samples[0], "timing_mode": twin.mode, "peak_mem_mib": twin.peak_mem_mib, "wall_s": twin_wall},
+        "injected": injected,
     }
     return _figures(benchmark, info, opts)
 
@@ -373,16 +427,18 @@ def _time_rounds(
     *,
     setup: Callable[[], None] | None = None,
     teardown: Callable[[], None] | None = None,
+    rounds: int | None = None,
 ) -> None:
-    """Rounds from the time budget, then pytest-benchmark's pedantic loop over ``side``; each round
-    starts from ``setup`` (default: the side's setup and an L2 flush)."""
+    """Rounds from the time budget (unless given), then pytest-benchmark's pedantic loop over
+    ``side``; each round starts from ``setup`` (default: the side's setup and an L2 flush)."""
 
     def alone() -> None:
         side.setup()
         flusher.flush()
 
     with _phase(wall, "timing"):
-        rounds = _rounds(side.timed, alone, timer, opts)
+        if rounds is None:
+            rounds = _rounds(side.timed, alone, timer, opts)
         compiles = _compile_count()
         benchmark.pedantic(
             side.timed, setup=setup or alone, teardown=teardown, rounds=rounds, warmup_rounds=WARMUP_ROUNDS
@@ -416,8 +472,8 @@ def _figures(benchmark, info: dict, opts: RunOptions) -> dict:
     return info
 
 
-def _rounds(timed, before_round, timer, opts: RunOptions) -> int:
-    """Rounds that fit the per-case time budget, from three timed probe calls."""
+def _per_call(timed, before_round, timer) -> float | None:
+    """Seconds one call takes: the median of three timed probe calls (``None`` without a clock)."""
     clock = timer if callable(timer) else None
     samples = []
     for _ in range(3):
@@ -427,7 +483,70 @@ def _rounds(timed, before_round, timer, opts: RunOptions) -> int:
         start = clock()
         timed()
         samples.append(clock() - start)
-    per_call = statistics.median(samples) if samples else opts.budget_s / opts.min_rounds
+    return statistics.median(samples) if samples else None
+
+
+def _rounds_for(per_call: float | None, opts: RunOptions) -> int:
+    """Rounds of ``per_call`` seconds that fit the per-case time budget."""
+    if per_call is None:
+        per_call = opts.budget_s / opts.min_rounds
     if per_call <= 0:
         return opts.max_rounds
     return max(opts.min_rounds, min(opts.max_rounds, math.ceil(opts.budget_s / per_call)))
+
+
+def _rounds(timed, before_round, timer, opts: RunOptions) -> int:
+    """Rounds that fit the per-case time budget, from three timed probe calls."""
+    return _rounds_for(_per_call(timed, before_round, timer), opts)
+
+
+def _interleave(
+    head: Prepared, others: Sequence[Prepared], flusher: L2Flusher, clock: Callable[[], float]
+) -> tuple[Callable[[], None], Callable[[], None], list[list[float]]]:
+    """pytest-benchmark's setup and teardown for timing ``others`` beside ``head``'s pedantic rounds,
+    and one sample list per other side, filled as the rounds run.
+
+    Timed round ``i`` runs every side once, in the order ``[*others, head]`` rotated by ``i``: the
+    sides before the head in its setup, those after it in its teardown, each after its own setup and
+    an L2 flush, on ``clock`` (not the benchmark's timer, whose readings pair up). Every side so takes
+    every position equally often; with one other side this is base-head-head-base. Warm-up rounds
+    run each other side once, untimed."""
+    samples: list[list[float]] = [[] for _ in others]
+    sides = len(others) + 1
+    calls = 0  # setup calls so far: warm-up rounds first, then one per timed round
+
+    def around_head(i: int) -> tuple[list[int], list[int]]:
+        order: list[int | None] = [*range(len(others)), None]
+        shift = i % sides
+        order = order[shift:] + order[:shift]
+        at = order.index(None)
+        return [j for j in order[:at] if j is not None], [j for j in order[at + 1 :] if j is not None]
+
+    def time_side(j: int) -> None:
+        side = others[j]
+        side.setup()
+        flusher.flush()
+        start = clock()
+        side.timed()
+        samples[j].append(clock() - start)
+
+    def before_round() -> None:
+        nonlocal calls
+        i, calls = calls - WARMUP_ROUNDS, calls + 1
+        if i < 0:
+            for side in others:  # warm every other side's round too, untimed
+                side.setup()
+                side.timed()
+        else:
+            for j in around_head(i)[0]:
+                time_side(j)
+        head.setup()
+        flusher.flush()
+
+    def after_round() -> None:
+        i = calls - 1 - WARMUP_ROUNDS
+        if i >= 0:
+            for j in around_head(i)[1]:
+                time_side(j)
+
+    return before_round, after_round, samples

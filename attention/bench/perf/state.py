@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from . import ab, flags, runner
+from . import ab, flags, runner, spin
 from .base_revision import BaseRevision
 
 
@@ -37,6 +37,9 @@ class PerfState:
     ab_report: ab.ABReport | None = None
     ab_not_compared: list = field(default_factory=list)  # (case, why) selected but not compared
     previous_sigterm: object = None
+    calibrate: dict | None = None  # --perf-calibrate: {"pairs": ..., "max_depth": ..., "levels": [...]}
+    spin_fit: spin.SpinFit | None = None  # the calibration's injected work, fitted once per session
+    calibration_depth: dict = field(default_factory=dict)  # case_id -> gate-sized runs (calibration.depth_for)
 
     def write(self, entry: dict) -> None:
         if self.log is None:

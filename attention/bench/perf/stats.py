@@ -114,12 +114,14 @@ def ratio_interval(
     level: float = DEFAULT_LEVEL,
     resamples: int = 2000,
     seed: int = 0,
+    rank_test: bool = True,
 ) -> RatioInterval:
     """Bootstrap percentile interval of median(head) / median(base): base and head resampled
     independently with replacement, the ratio of medians recomputed per resample, the central
     ``level`` quantiles kept. No distributional assumption; seeded, so reruns agree. Samples must
     be finite and positive (a ratio), at least :data:`MIN_SAMPLES` a side; ``ValueError`` naming
-    the side otherwise."""
+    the side otherwise. ``rank_test=False`` leaves out the Mann-Whitney p-value (``None``), which
+    no gate decides on: the calibration judges thousands of intervals and needs none."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     if resamples < 100:
@@ -136,6 +138,6 @@ def ratio_interval(
         level=level,
         n_base=b.size,
         n_head=h.size,
-        p_value=mann_whitney_p(b, h, "two-sided"),
+        p_value=mann_whitney_p(b, h, "two-sided") if rank_test else None,
         method=f"bootstrap percentile, {resamples} resamples",
     )
