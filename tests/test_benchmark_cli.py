@@ -157,3 +157,21 @@ def test_cli_screen_has_no_profiler_logging(tmp_path):
     peaks = [c[d]["figures"]["peak_bytes"] for c in result["cells"] for d in ("fwd", "fwd_bwd")]
     assert len(peaks) == 8 and all(p > 0 for p in peaks)  # the profiler still measured, quietly
     assert result["meta"]["cpu_threads"] == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "no such file"),
+        (b"\xff\xfe", "not UTF-8 text"),
+        (b"{", "invalid JSON"),
+        (b"[]", "not a benchmark report"),
+    ],
+)
+def test_rendering_a_bad_report_file_is_one_line_not_a_traceback(tmp_path, capsys, content, expected):
+    path = tmp_path / "report.json"
+    if content is not None:
+        path.write_bytes(content)
+    assert report.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(path) in err and "Traceback" not in err

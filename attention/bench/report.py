@@ -261,7 +261,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= len(argv) <= 2:
         print("usage: python -m attention.bench.report REPORT.json [OUT_FOLDER]", file=sys.stderr)
         return 2
-    result = json.loads(Path(argv[0]).read_text())
+    from .perf.results import PerfError, read_json
+
+    hint = "give the report.json that python -m attention.bench wrote"
+    try:
+        result = read_json(argv[0], hint)
+    except PerfError as exc:  # missing, a folder, not UTF-8, not JSON: one line, no traceback
+        print(exc, file=sys.stderr)
+        return 2
+    if not (isinstance(result, dict) and isinstance(result.get("cells"), list)):
+        print(f"{argv[0]}: not a benchmark report (no list of cells). {hint}", file=sys.stderr)
+        return 2
     out = Path(argv[1]) if len(argv) > 1 else Path(argv[0]).parent
     write(result, out)
     console = Console(record=True, width=max(Console().width, 180))
