@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,17 @@ def test_default_profile_is_the_suites_own():
     if os.environ.get("HYPOTHESIS_PROFILE", "quick") == "quick":
         assert settings.default.max_examples == PROFILES["quick"]["max_examples"]
         assert settings.default.derandomize and settings.default.database is None
+
+
+def test_workflows_name_only_the_suites_profiles():
+    """A workflow that sets ``HYPOTHESIS_PROFILE: ci`` loads Hypothesis's own ``ci`` profile (100
+    examples a property, the hour-long CI run): every profile a workflow names must be the suite's."""
+    from attention.suite.profiles import PROFILES
+
+    workflows = Path(__file__).resolve().parents[1] / ".github" / "workflows"
+    named = {
+        (path.name, name)
+        for path in workflows.glob("*.yml")
+        for name in re.findall(r"HYPOTHESIS_PROFILE[:=]\s*([\w-]+)", path.read_text(encoding="utf-8"))
+    }
+    assert {(file, name) for file, name in named if name not in PROFILES} == set()
