@@ -55,6 +55,9 @@ def test_compare_resolution_order(tmp_path):
     assert resolve(str(tmp_path / "run.json")) == flags.CompareTarget("file", path=tmp_path / "run.json")
     assert resolve("main") == flags.CompareTarget("revision", value="main")
     assert resolve("8").kind == "revision"  # no saved run 0008: a revision (git says whether it exists)
+    # Other scripts' digits name no saved run: '²' is no number, '٠٠٠٧' is not 0007.
+    assert resolve("²") == flags.CompareTarget("revision", value="²")
+    assert resolve("٠٠٠٧").kind == resolve("٧").kind == "revision"
     with pytest.raises(PerfError, match=r"missing\.json: no such file"):
         resolve(str(tmp_path / "missing.json"))
 

@@ -120,8 +120,9 @@ class CompareTarget:
 
 def saved_run(value: str, storage: Path) -> Path | None:
     """The pytest-benchmark saved run that ``value`` (``7``, ``0007`` or ``0007_<id prefix>``) names."""
-    prefix = f"{int(value):04d}" if value.isdigit() else value
-    if not re.fullmatch(r"\d{4}(_[\w.-]*)?", prefix) or not storage.is_dir():
+    # ASCII digits only: str.isdigit and \d take '²' (which int refuses) and '٣' (read as 3).
+    prefix = f"{int(value):04d}" if re.fullmatch(r"[0-9]+", value) else value
+    if not re.fullmatch(r"[0-9]{4}(_[\w.-]*)?", prefix) or not storage.is_dir():
         return None
     matches = sorted(p for p in storage.glob("*/*.json") if p.name.startswith(prefix))
     return matches[-1] if matches else None
