@@ -175,3 +175,12 @@ def test_rendering_a_bad_report_file_is_one_line_not_a_traceback(tmp_path, capsy
     assert report.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and str(path) in err and "Traceback" not in err
+
+
+def test_rendering_help_prints_the_usage_and_a_missing_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as done:
+        report.main(["--help"])
+    assert done.value.code == 0 and "usage: python -m attention.bench.report" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        report.main([])
+    assert done.value.code == 2 and "the following arguments are required: report" in capsys.readouterr().err

@@ -4,6 +4,7 @@ report from a GPU can be re-rendered anywhere: ``python -m attention.bench.repor
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -257,22 +258,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Re-render a saved report: ``python -m attention.bench.report report.json [out_folder]``."""
     from rich.console import Console
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not 1 <= len(argv) <= 2:
-        print("usage: python -m attention.bench.report REPORT.json [OUT_FOLDER]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(
+        prog="python -m attention.bench.report",
+        description="Re-render the plots and table of a report.json written by python -m attention.bench.",
+    )
+    parser.add_argument("report", type=Path, help="the report.json")
+    parser.add_argument("out", type=Path, nargs="?", help="where the plots go (default: the report's folder)")
+    args = parser.parse_args(argv)  # usage errors: exit 2, as below
     from .perf.results import PerfError, read_json
 
     hint = "give the report.json that python -m attention.bench wrote"
     try:
-        result = read_json(argv[0], hint)
+        result = read_json(args.report, hint)
     except PerfError as exc:  # missing, a folder, not UTF-8, not JSON: one line, no traceback
         print(exc, file=sys.stderr)
         return 2
     if not (isinstance(result, dict) and isinstance(result.get("cells"), list)):
-        print(f"{argv[0]}: not a benchmark report (no list of cells). {hint}", file=sys.stderr)
+        print(f"{args.report}: not a benchmark report (no list of cells). {hint}", file=sys.stderr)
         return 2
-    out = Path(argv[1]) if len(argv) > 1 else Path(argv[0]).parent
+    out = args.out or args.report.parent
     write(result, out)
     console = Console(record=True, width=max(Console().width, 180))
     print_table(result, console)
