@@ -1,6 +1,6 @@
 """Attention through FlexAttention: ``flex_attention`` with a ``create_block_mask`` BlockMask.
 
-Two costs shape this module (the second is docs/design.md#recompile-limit):
+Three costs shape this module (docs/design.md#recompile-limit, docs/design.md#flex-on-cpu):
 
 * A BlockMask is costly to build, so it is built once per (lengths, offset, device) and reused
   until ``mask_mod`` is reassigned.
@@ -9,16 +9,22 @@ Two costs shape this module (the second is docs/design.md#recompile-limit):
   Dynamo keeps its cache on the *code object*, so wrapping the same function twice does not
   help; :func:`compiled_flex_attention` gives each signature a code object of its own, and every
   call runs with ``fail_on_recompile_limit_hit`` so a fallback is an error, never a slowdown.
+* Off CUDA, ``flex_attention`` computes torch's dense reference (scores, ``score_mod``, mask,
+  softmax), but first traces it with dynamo, again for each new shape and pattern: 0.2-0.5 s of
+  tracing for a 3 ms call. :func:`untraced_flex` runs the same reference without the trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.attention.flex_attention as torch_flex
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -69,6 +75,42 @@ def _flex_attention(
         # Passed through as the user gave them: torch's TypedDict names only the keys it documents.
         kernel_options=kernel_options,  # type: ignore[arg-type]
     )
+
+
+#: torch's switch that runs eager ``flex_attention`` untraced (see :func:`untraced_flex`).
+_UNTRACED_SWITCH = "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG"
+_untraced_lock = threading.Lock()
+_untraced_depth = 0  # calls inside untraced_flex() now, all threads
+_untraced_saved: bool | None = None  # the switch's value before the first of them
+
+
+@contextlib.contextmanager
+def untraced_flex() -> Iterator[None]:
+    """``flex_attention`` calls inside run torch's dense reference directly, not traced by dynamo.
+
+    Outside ``torch.compile``, torch wraps that reference in a dynamo trace (eager backend) whose
+    guards fail on every new shape, ``mask_mod`` closure or cache offset: each retrace costs
+    0.2-0.5 s on a CPU and computes nothing more. torch's own switch (:data:`_UNTRACED_SWITCH`)
+    calls the reference untraced; it is set for the calls inside only (nested and concurrent ones
+    counted, the old value restored by the last out) and left alone where a torch lacks it. The
+    switch is torch's, not per thread: an eager ``flex_attention`` of another thread running
+    meanwhile is untraced too (the same forward; torch calls the switch a debug tool because of
+    the backward, which ours never runs off CUDA).
+    """
+    global _untraced_depth, _untraced_saved
+    with _untraced_lock:
+        if _untraced_depth == 0:
+            _untraced_saved = getattr(torch_flex, _UNTRACED_SWITCH, None)
+        _untraced_depth += 1
+        if _untraced_saved is not None:
+            setattr(torch_flex, _UNTRACED_SWITCH, True)
+    try:
+        yield
+    finally:
+        with _untraced_lock:
+            _untraced_depth -= 1
+            if _untraced_depth == 0 and _untraced_saved is not None:
+                setattr(torch_flex, _UNTRACED_SWITCH, _untraced_saved)
 
 
 def pattern_key(mask_mod: Callable[..., Tensor] | None) -> object:
@@ -256,7 +298,8 @@ class MHAPyTorchFlexAttention(AttentionBase):
         score_mod = None if self.score_mod is None else offset_score_mod(self.score_mod, q_offset)
         args = (q, k, v, block_mask, self.scale, self.num_kv_heads != self.num_heads, kernel_options, score_mod)
         if q.device.type != "cuda":
-            return _flex_attention(*args)  # (B, H, Tq, hd)
+            with untraced_flex():
+                return _flex_attention(*args)  # (B, H, Tq, hd)
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             # Dynamo guards on the kernel options' values too: modules with different options
             # must not share (and recompile) one code object.
