@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 import attention
 import attention.registry as registry
@@ -345,3 +346,24 @@ def test_whole_suite_runs_unchanged_on_a_registered_plugin(tmp_path: Path) -> No
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) >= len(test_files), f"too few plugin cases ran: {summary}"
     assert "failed" not in summary and "error" not in summary, summary
+
+
+@pytest.mark.parametrize(
+    ("result", "error", "expected"),
+    [
+        (
+            lambda q: q[:, :, 1:],
+            ValueError,
+            r"Short\._attend returned shape \(1, 2, 9, 8\); expected q.s shape",
+        ),
+        (lambda q: q.double(), TypeError, r"Short\._attend returned torch\.float64 for torch\.float32 queries"),
+        (lambda q: q.tolist(), TypeError, r"Short\._attend must return a torch\.Tensor, returned list"),
+    ],
+)
+def test_a_subclass_whose_attend_breaks_the_contract_is_named_at_the_call(result, error, expected) -> None:
+    class Short(attention.AttentionBase):
+        def _attend(self, q, k, v, *, q_offset, document_ids):  # (B, H, T, hd) -> wrong
+            return result(q)
+
+    with pytest.raises(error, match=expected):
+        Short(4, 16, 2, 10)(torch.randn(1, 10, 4))  # (B, T, d_in)
