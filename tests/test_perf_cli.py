@@ -129,8 +129,20 @@ def test_targets_report_the_design_ratios():
         "decode-sdpa": dict(
             median=1e-4, impl="sdpa", kind="decode", context=4096, latency_us=100.0, gbps=2700.0, copy_fraction=0.9
         ),
+        "decode-triton-GQA4-L8": dict(
+            **dict(median=8e-4, impl="triton", kind="decode", context=4096, layers=8, num_heads=16, num_kv_heads=4),
+            **dict(latency_us=800.0, gbps=1500.0, copy_fraction=0.5),
+        ),
+        "decode-triton-MHA-L8": dict(
+            **dict(median=8e-4, impl="triton", kind="decode", context=16384, layers=8, num_heads=16, num_kv_heads=16),
+            **dict(latency_us=800.0, gbps=2900.0, copy_fraction=0.97),
+        ),
     }
     text = report.targets(make_run(cases))
+    step = text.split("Decode, a model's step (all layers in one graph):\n")[1]
+    assert "decode-triton-GQA4-L8: 800.0 us/step, 1500 GB/s = 0.50 of copy MISS (>=0.85)" in step
+    assert "decode-triton-MHA-L8: 800.0 us/step, 2900 GB/s = 0.97 of copy\n" in step + "\n"  # no goal at 16k
+    assert "L8" not in text.split("Decode, a model's step")[0]  # single-layer lines keep their own goals
     assert "sdpa/best raw (raw_sdpa) 1.010 ok" in text
     assert "module/(gemms+core) 1.037 ok" in text
     assert "flex/cuDNN 0.83 ok" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,6 +59,23 @@ def test_decode_bytes_are_the_kv_read():
     assert mha.kv_bytes() == 2 * 8 * 16 * 4096 * 128 * 2
     assert gqa.kv_bytes() == mha.kv_bytes() // 4
     assert mha.min_bytes() > mha.kv_bytes() and mha.flops() == 4 * 8 * 16 * 4096 * 128
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "raw_sdpa"])
+def test_a_decode_step_runs_every_layer_on_a_cache_of_its_own(impl):
+    one = DecodeWorkload(impl, 48, batch=2, num_heads=4, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+    step = dataclasses.replace(one, layers=3)
+    assert step.case_id == one.case_id + "-L3"
+    assert step.kv_bytes() == 3 * one.kv_bytes() and step.min_bytes() == 3 * one.min_bytes()
+    assert step.flops() == 3 * one.flops()
+    fn, _ = step.build()
+    layers = fn.inputs["layers"]
+    assert len(layers) == 3 and len({k.data_ptr() for _, k, _ in layers}) == 3  # no cache shared
+    outs = fn()  # 3 x (B, H, 1, hd)
+    scale = fn.inputs["module"].scale
+    for (q, k, v), out in zip(layers, outs, strict=True):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        torch.testing.assert_close(out, expected)  # each layer: attention over its own cache
 
 
 def test_skip_is_decided_by_memory_not_by_name(monkeypatch):
@@ -134,7 +153,8 @@ def test_every_kind_builds_and_runs_on_cpu(impl):
             continue
         fn, setup = case.build()
         setup()
-        assert torch.isfinite(fn()).all()
+        out = fn()
+        assert all(torch.isfinite(o).all() for o in (out if isinstance(out, list) else [out]))
 
 
 def test_flex_kernel_options_reach_prefill_modules_through_the_grid_not_the_environment():
@@ -172,6 +192,8 @@ def test_full_grid_holds_the_design_shapes():
     }
     contexts = {c.context for c in cases if isinstance(c, DecodeWorkload)}
     assert min(contexts) == 1024 and max(contexts) == 32768
+    steps = {(c.context, c.num_kv_heads, c.layers) for c in cases if isinstance(c, DecodeWorkload) and c.layers > 1}
+    assert steps == {(n, kv, 8) for n in (1024, 4096, 16384) for kv in (4, 16)}  # a model's step, GQA-4 and MHA
     assert any(
         issubclass(registry.get(c.impl), MHAPyTorchScaledDotProduct) for c in llm if c.impl in registry._registry
     )

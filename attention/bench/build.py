@@ -183,27 +183,34 @@ def _module_level(w: Workload, module: AttentionBase, x: Tensor, grad_out: Tenso
 def decode(w: DecodeWorkload, cls: type[AttentionBase]) -> Built:
     g = torch.Generator(device=w.device).manual_seed(w.seed)
     module = _module(cls, w, w.num_heads * w.head_dim, w.context, None)
-    cache = module.make_kv_cache(w.batch, w.context)
     shape = (w.batch, w.num_kv_heads, w.context, w.head_dim)
-    k, v = cache.update(_randn(shape, w, g), _randn(shape, w, g))  # (B, H_kv, N, hd) each: a full cache
-    q = _randn((w.batch, w.num_heads, 1, w.head_dim), w, g)  # (B, H, 1, hd): the newest token
+    layers = []  # per layer: its query and full KV cache, so no layer reads another's from L2
+    for _ in range(w.layers):
+        cache = module.make_kv_cache(w.batch, w.context)
+        k, v = cache.update(_randn(shape, w, g), _randn(shape, w, g))  # (B, H_kv, N, hd) each
+        q = _randn((w.batch, w.num_heads, 1, w.head_dim), w, g)  # (B, H, 1, hd): the newest token
+        layers.append((q, k, v))
     offset = w.context - 1  # the new token is the last cached position and sees every key
 
     if w.impl in RAW_SDPA_BACKENDS:
         sdpa = raw_sdpa(RAW_SDPA_BACKENDS[w.impl], module.scale, w.num_kv_heads != w.num_heads, causal=False)
 
-        def step() -> Tensor:
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return sdpa(q, k, v)  # (B, H, 1, hd)
 
     else:
 
-        def step() -> Tensor:
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return module._attend(q, k, v, q_offset=offset, document_ids=None)  # (B, H, 1, hd)
+
+    def step() -> list[Tensor]:
+        return [attend(q, k, v) for q, k, v in layers]  # layers x (B, H, 1, hd)
 
     def setup() -> None:
         return None
 
-    return _tag(_inference(step), module=module, q=q, k=k, v=v), setup
+    q, k, v = layers[0]
+    return _tag(_inference(step), module=module, q=q, k=k, v=v, layers=layers), setup
 
 
 def implementation(w: Workload | DecodeWorkload, impls: Mapping[str, type[AttentionBase]] | None = None) -> type:

@@ -191,7 +191,10 @@ class DecodeWorkload:
     """One decode step: one query token per sequence against ``context`` cached tokens (core level).
 
     The cost is reading the KV cache, so ``min_bytes`` (the KV read) over the time is the figure
-    of merit, to be compared with the device's copy bandwidth.
+    of merit, to be compared with the device's copy bandwidth. ``layers > 1`` is a model's step:
+    that many layers, each with a KV cache and query of its own, called one after the other in
+    one timed call (one CUDA graph), so launch and merge costs are paid as a model pays them
+    (docs/design.md#decode-case).
     """
 
     impl: str
@@ -205,9 +208,10 @@ class DecodeWorkload:
     backward: bool = False  # decode is inference: always False; here so both kinds read alike
     level: str = "core"
     seed: int = 0
+    layers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("context", "batch", "num_heads", "num_kv_heads", "head_dim"):
+        for name in ("context", "batch", "num_heads", "num_kv_heads", "head_dim", "layers"):
             checks.integer(name, getattr(self, name))
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
@@ -233,20 +237,26 @@ class DecodeWorkload:
     @property
     def case_id(self) -> str:
         kind = "MHA" if self.num_kv_heads == self.num_heads else f"GQA{self.num_heads // self.num_kv_heads}"
+        layers = f"-L{self.layers}" if self.layers > 1 else ""
         return (
             f"decode-{self.impl}-{dtype_name(self.dtype)}-B{self.batch}-N{self.context}-"
-            f"H{self.num_heads}-KV{self.num_kv_heads}-D{self.head_dim}-{kind}"
+            f"H{self.num_heads}-KV{self.num_kv_heads}-D{self.head_dim}-{kind}{layers}"
         )
 
-    def kv_bytes(self) -> int:
+    def layer_kv_bytes(self) -> int:
+        """One layer's KV cache."""
         return 2 * self.batch * self.num_kv_heads * self.context * self.head_dim * self.elt
 
+    def kv_bytes(self) -> int:
+        return self.layers * self.layer_kv_bytes()
+
     def flops(self) -> float:
-        return attention_flops(self.batch, self.num_heads, 1, self.context, self.head_dim, causal=False)
+        per_layer = attention_flops(self.batch, self.num_heads, 1, self.context, self.head_dim, causal=False)
+        return self.layers * per_layer
 
     def min_bytes(self) -> int:
         q_and_out = 2 * self.batch * self.num_heads * self.head_dim * self.elt
-        return self.kv_bytes() + q_and_out
+        return self.layers * (self.layer_kv_bytes() + q_and_out)
 
     def estimated_peak_bytes(self) -> int:
         total = self.kv_bytes()
@@ -254,7 +264,7 @@ class DecodeWorkload:
             copies, _ = score_copies(self.impl, False, REFERENCES)
             if copies:  # materialises scores, and repeats KV heads for grouped queries
                 groups = self.num_heads // self.num_kv_heads
-                total += self.kv_bytes() * groups if groups > 1 else 0
+                total += self.layer_kv_bytes() * groups if groups > 1 else 0  # one layer at a time
                 total += int(copies * self.batch * self.num_heads * self.context * self.elt)
         return int(total * ESTIMATE_MARGIN) + ESTIMATE_SLACK
 
@@ -275,9 +285,10 @@ def decode(
     head_dim: int = 128,
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cuda",
+    layers: int = 1,
 ) -> DecodeWorkload:
     """The decode case of docs/design.md#decode-case: B=8, bf16, D=128, 16 query heads; ``gqa``
-    gives 4 KV heads."""
+    gives 4 KV heads; ``layers`` layers in one step."""
     return DecodeWorkload(
         impl,
         context,
@@ -287,6 +298,7 @@ def decode(
         head_dim=head_dim,
         dtype=dtype,
         device=device,
+        layers=layers,
     )
 
 

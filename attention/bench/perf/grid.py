@@ -30,6 +30,8 @@ GRIDS = ("full", "quick", "tiny")
 TOKENS = 16384
 HIDDEN = 2048
 LLM = dict(batch=8, seq_len=1024, d_in=768, num_heads=12, head_dim=64)  # LLMs-from-scratch bonus config
+#: Layers in the decode cases that time a model's step as one call (docs/design.md#decode-case).
+STEP_LAYERS = 8
 
 
 def _prefill(
@@ -86,8 +88,10 @@ def _cases(name: str, device: str, impls: list[str]) -> list[Case]:
         return _tiny(impls, device)
     if name == "full":
         lens, dims, contexts, masks = (512, 1024, 4096, 16384), (64, 128), (1024, 4096, 16384, 32768), None
+        step_contexts: tuple[int, ...] = (1024, 4096, 16384)
     else:
         lens, dims, contexts, masks = (1024, 4096, 16384), (128,), (4096, 16384), ("sliding_window:4096",)
+        step_contexts = (4096,)
     cases: list[Case] = []
     cases += _prefill(impls + raw, ["core"], lens, dims, both, dtype=bf16, device=device)
     cases += _prefill(impls, ["module"], lens, dims, both, dtype=bf16, device=device)
@@ -105,6 +109,12 @@ def _cases(name: str, device: str, impls: list[str]) -> list[Case]:
         for n in contexts:
             for impl in [*impls, "raw_sdpa"]:
                 cases.append(decode(impl, n, gqa=gqa, device=device))
+    # A model's decode step: 8 layers in one graph, where launch and merge costs count as they do
+    # in a model (docs/design.md#decode-case).
+    for gqa in (False, True):
+        for n in step_contexts:
+            for impl in [*impls, "raw_sdpa"]:
+                cases.append(decode(impl, n, gqa=gqa, device=device, layers=STEP_LAYERS))
     for mask in masks or ("sliding_window:4096", "document:8"):
         for impl in [*impls, "raw_sdpa"]:  # raw_sdpa: SDPA on a dense mask built outside the timing
             cases.append(Workload(impl, 1, TOKENS, HIDDEN // 128, 128, bf16, device, mask=mask))
@@ -122,6 +132,8 @@ def _tiny(impls: list[str], device: str) -> list[Case]:
     )
     for impl in [*impls, "raw_sdpa"]:
         cases.append(decode(impl, 256, gqa=True, batch=2, num_heads=4, head_dim=16, dtype=f32, device=device))
+    small_step = dict(gqa=True, batch=2, num_heads=4, head_dim=16, dtype=f32, device=device, layers=2)
+    cases.append(decode("raw_sdpa", 256, **small_step))  # the model-step path, once
     for mask in ("sliding_window:64", "document:3"):
         for impl in [*impls, "raw_sdpa"]:
             cases.append(Workload(impl, 1, 256, 4, 16, f32, device, mask=mask))
@@ -139,7 +151,8 @@ def group(case: Case) -> str:
     """The table group: rows that differ only in implementation and length sit together."""
     if isinstance(case, DecodeWorkload):
         attn = "MHA" if case.num_kv_heads == case.num_heads else f"GQA{case.num_heads // case.num_kv_heads}"
-        return f"decode {dtype_name(case.dtype)} {attn} D{case.head_dim}"
+        layers = f", {case.layers} layers a step" if case.layers > 1 else ""
+        return f"decode {dtype_name(case.dtype)} {attn} D{case.head_dim}{layers}"
     if case.mask != "causal":
         return f"mask {case.mask} {case.level} {dtype_name(case.dtype)} {case.direction}"
     llm = " llms-from-scratch" if case.d_in == LLM["d_in"] else ""

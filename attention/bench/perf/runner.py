@@ -114,7 +114,7 @@ def describe(w: Workload | DecodeWorkload) -> dict:
         if config is not None:
             info["kernel_config"] = config
     if isinstance(w, DecodeWorkload):
-        info.update(kind="decode", context=w.context, seq_len=w.context, kv_bytes=w.kv_bytes())
+        info.update(kind="decode", context=w.context, seq_len=w.context, kv_bytes=w.kv_bytes(), layers=w.layers)
     else:
         scores = w.batch * w.num_heads * w.seq_len * w.seq_len * w.elt
         info.update(
