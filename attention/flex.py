@@ -11,7 +11,7 @@ Three costs shape this module (docs/design.md#recompile-limit, docs/design.md#fl
   call runs with ``fail_on_recompile_limit_hit`` so a fallback is an error, never a slowdown.
 * Off CUDA, ``flex_attention`` computes torch's dense reference (scores, ``score_mod``, mask,
   softmax), but first traces it with dynamo, again for each new shape and pattern: 0.2-0.5 s of
-  tracing for a 3 ms call. :func:`untraced_flex` runs the same reference without the trace.
+  tracing for a 3 ms call. On CPU :func:`untraced_flex` runs the same reference untraced.
 """
 
 from __future__ import annotations
@@ -93,9 +93,10 @@ def untraced_flex() -> Iterator[None]:
     0.2-0.5 s on a CPU and computes nothing more. torch's own switch (:data:`_UNTRACED_SWITCH`)
     calls the reference untraced; it is set for the calls inside only (nested and concurrent ones
     counted, the old value restored by the last out) and left alone where a torch lacks it. The
-    switch is torch's, not per thread: an eager ``flex_attention`` of another thread running
-    meanwhile is untraced too (the same forward; torch calls the switch a debug tool because of
-    the backward, which ours never runs off CUDA).
+    switch is torch's, one per process: while a call is inside, another thread's eager
+    ``flex_attention`` runs untraced too, forward and backward, and torch warns that its backward
+    may then be wrong; a user's own change of the switch meanwhile is undone by the last call out.
+    Ours enter it on CPU only, where flex has no backward (docs/design.md#flex-on-cpu).
     """
     global _untraced_depth, _untraced_saved
     with _untraced_lock:
@@ -298,7 +299,10 @@ class MHAPyTorchFlexAttention(AttentionBase):
         score_mod = None if self.score_mod is None else offset_score_mod(self.score_mod, q_offset)
         args = (q, k, v, block_mask, self.scale, self.num_kv_heads != self.num_heads, kernel_options, score_mod)
         if q.device.type != "cuda":
-            with untraced_flex():
+            # Untraced on CPU only (where flex has no backward), and never inside a torch.compile of
+            # the caller's: dynamo compiles flex there itself and cannot trace the switch's lock.
+            untraced = q.device.type == "cpu" and not torch.compiler.is_compiling()
+            with untraced_flex() if untraced else contextlib.nullcontext():
                 return _flex_attention(*args)  # (B, H, Tq, hd)
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             # Dynamo guards on the kernel options' values too: modules with different options

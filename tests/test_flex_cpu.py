@@ -61,3 +61,14 @@ def test_the_switch_is_restored_after_nested_calls_and_errors():
     with pytest.raises(RuntimeError, match="kernel failed"), flex.untraced_flex():
         raise RuntimeError("kernel failed")
     assert getattr(torch_flex, flex._UNTRACED_SWITCH) == saved
+
+
+def test_a_compiled_caller_compiles_flex_itself_and_computes_the_same():
+    torch.manual_seed(0)
+    module = MHAPyTorchFlexAttention(8, 16, 2, 24, mask_mod=masks.sliding_window(5)).eval()
+    x = torch.randn(2, 24, 8)  # (B, T, d_in)
+    with torch.no_grad():
+        eager = module(x)  # (B, T, d_out)
+        compiled = torch.compile(module, backend="eager", fullgraph=True)(x)  # (B, T, d_out)
+    torch.testing.assert_close(compiled, eager)
+    assert getattr(torch_flex, flex._UNTRACED_SWITCH) is False
