@@ -179,7 +179,7 @@ def _anchor_lines(run: Run) -> list[str]:
 
 
 #: A model's decode step (8 layers in one graph), fraction of copy bandwidth our kernels aim at:
-#: (KV heads per query head, context) -> goal (docs/design.md#decode-case).
+#: (query heads per KV head, context) -> goal (docs/design.md#decode-case).
 STEP_GOALS = {(4, 1024): 0.6, (4, 4096): 0.85, (1, 1024): 0.85}
 
 
