@@ -193,11 +193,7 @@ def decode(w: DecodeWorkload, cls: type[AttentionBase]) -> Built:
     offset = w.context - 1  # the new token is the last cached position and sees every key
 
     if w.impl in RAW_SDPA_BACKENDS:
-        sdpa = raw_sdpa(RAW_SDPA_BACKENDS[w.impl], module.scale, w.num_kv_heads != w.num_heads, causal=False)
-
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return sdpa(q, k, v)  # (B, H, 1, hd)
-
+        attend = raw_sdpa(RAW_SDPA_BACKENDS[w.impl], module.scale, w.num_kv_heads != w.num_heads, causal=False)
     else:
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
