@@ -221,6 +221,30 @@ def test_decoding_a_growing_cache_compiles_once() -> None:
     assert (_compiled_variants(decode.SPLIT), _compiled_variants(decode.MERGE)) == before
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
+def test_head_dims_that_share_a_tile_share_compiled_kernels() -> None:
+    """The head dim is a runtime value: 33..63 all take the 64-wide tile with the head-dim mask,
+    so after one of them the others compile nothing (forward, backward and decode)."""
+    kernels = (prefill.FWD, prefill.BWD_DELTA, prefill.BWD_DQ, prefill.BWD_DKDV, decode.SPLIT, decode.MERGE)
+
+    def run(head_dim: int) -> None:
+        torch.manual_seed(head_dim)
+        module = attention.get("triton")(16, 4 * head_dim, 4, 300, num_kv_heads=2).to("cuda", torch.bfloat16)
+        x = torch.randn(2, 290, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (B, T, d_in)
+        module(x).sum().backward()
+        cache = module.make_kv_cache(2, 300)
+        with torch.no_grad():
+            module(x[:, :289].detach(), kv_cache=cache)
+            module(x[:, 289:].detach(), kv_cache=cache)  # one token against 289 keys: split and merge
+
+    run(40)
+    before = [_compiled_variants(kernel) for kernel in kernels]
+    for head_dim in (33, 47, 57, 63):
+        run(head_dim)
+    assert [_compiled_variants(kernel) for kernel in kernels] == before
+
+
 def test_groups_too_wide_for_one_decode_tile_take_the_prefill_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     _skip_where_unavailable("cpu")
     torch.manual_seed(0)

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from .. import checks
 from ..device_info import multiprocessors, shared_bytes_per_sm
-from .launch import Kernel, check_scale, dot_precision, padded_head_dim
+from .launch import Kernel, check_scale, dot_precision, head_dim_args, padded_head_dim
 from .prefill import LOG2E
-from .tiles import load_columns, load_rows, softmax_step
+from .tiles import head_dims, load_columns, load_rows, softmax_step
 
 #: Visibility inside the kernel: every cached key, causal (query ``t`` sees keys up to
 #: ``q_offset + t``), or a dense ``(B|1, H|1, Tq, Tk)`` bool mask.
@@ -54,7 +54,7 @@ def _split(
     smb, smh, smt, smk,  # the dense mask's strides, 0 along dims it ignores
     sob, soh, sot, sod,
     H_KV, G, q_len, kv_len, q_offset, split_len, n_splits, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VISIBLE: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
     bhk = tl.program_id(0)
@@ -66,8 +66,7 @@ def _split(
     t = r % q_len
     h = hk * G + g  # (BLOCK_M,)
     row_ok = r < G * q_len
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
     q = tl.load(
         Q + b * sqb + h[:, None] * sqh + t[:, None] * sqt + dims[None, :] * sqd,
         mask=row_ok[:, None] & dim_ok[None, :],
@@ -112,7 +111,7 @@ def _merge(
     PART_O, PART_M, PART_L, Out,
     sob, soh, sot, sod,
     H, q_len, n_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     # Splits are read BLOCK_S at a time with a running max, so the split count is a runtime value
     # (no recompile as a cache grows) and a long cache's hundreds of splits never make one tile.
@@ -120,7 +119,7 @@ def _merge(
     b = row // (H * q_len)
     h = (row // q_len) % H
     t = row % q_len
-    dims = tl.arange(0, BLOCK_D)
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
     m_run = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)
     l_run = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
     acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -140,11 +139,11 @@ def _merge(
         acc = acc * rescale + tl.sum(part * w[:, None], 0)
         m_run = m_new
     out = acc / tl.where(l_run == 0.0, 1.0, l_run)  # (BLOCK_D,): a row that saw nothing is zero
-    tl.store(Out + b * sob + h * soh + t * sot + dims * sod, out.to(Out.dtype.element_ty), mask=dims < HEAD_DIM)
+    tl.store(Out + b * sob + h * soh + t * sot + dims * sod, out.to(Out.dtype.element_ty), mask=dim_ok)
 
 
-SPLIT = Kernel(_split, do_not_specialize=("q_len", "kv_len", "q_offset", "split_len", "n_splits"))
-MERGE = Kernel(_merge, do_not_specialize=("q_len", "n_splits"))
+SPLIT = Kernel(_split, do_not_specialize=("q_len", "kv_len", "q_offset", "split_len", "n_splits", "head_dim"))
+MERGE = Kernel(_merge, do_not_specialize=("q_len", "n_splits", "head_dim"))
 
 
 def _shape(mask: Tensor | None) -> object:
@@ -234,13 +233,13 @@ def attend(
         q, k, v, part_o, part_m, part_l, mask, out,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         h_kv, h // h_kv, tq, tk, q_offset, split_len, splits, scale * LOG2E,
-        HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=step.block_n,
+        **head_dim_args(hd), BLOCK_M=block_m, BLOCK_N=step.block_n,
         VISIBLE=visible, PRECISION=dot_precision(q.dtype), FINAL=final, num_warps=4, num_stages=step.num_stages,
     )  # fmt: skip
     if final:
         return out
     MERGE.on(q.device)[(b * h * tq,)](
         part_o, part_m, part_l, out, *out.stride(), h, tq, splits,
-        HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_S=MERGE_SPLITS, num_warps=4,
+        **head_dim_args(hd), BLOCK_S=MERGE_SPLITS, num_warps=4,
     )  # fmt: skip
     return out

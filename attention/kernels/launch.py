@@ -178,6 +178,15 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def head_dim_args(head_dim: int) -> dict[str, int | bool]:
+    """The kernels' head-dim arguments: the padded tile (``BLOCK_D``), whether the head dim fills
+    it (``EVEN_D``: no mask on the head dim at all), and the head dim itself as a runtime value, so
+    head dims that share a tile share one compiled kernel (a compile per head dim made the CUDA
+    property suite compile for minutes)."""
+    block_d = padded_head_dim(head_dim)
+    return {"head_dim": head_dim, "EVEN_D": head_dim == block_d, "BLOCK_D": block_d}
+
+
 def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
     """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
     for fp32 (twice the bytes per element: the same shared memory), 32 x 32 interpreted (each

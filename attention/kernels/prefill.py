@@ -26,8 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..block_table import BlockTable
-from .launch import Blocks, Kernel, check_scale, dot_precision, padded_head_dim
-from .tiles import load_columns, load_rows, mask_tile, softmax_step
+from .launch import Blocks, Kernel, check_scale, dot_precision, head_dim_args
+from .tiles import head_dims, load_columns, load_rows, mask_tile, softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -39,7 +39,7 @@ def _fwd(
     rb, rh, rq,  # strides of the table's (Bm, Hm, NQ) ranges and full runs; 0 where it ignores b or h
     ib, ih, iq, ik,  # strides of its (Bm, Hm, NQ, NK) tile ids; 0 where it ignores b or h
     H, G, q_len, kv_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
@@ -48,9 +48,8 @@ def _fwd(
     h = bh % H
     hk = h // G
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
     row_ok = rows < q_len
-    dim_ok = dims < HEAD_DIM
     q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -89,7 +88,7 @@ def _bwd_delta(
     Out, DO, DELTA,
     sob, soh, sot, sod, sgb, sgh, sgt, sgd,  # strides of Out and dO
     H, q_len,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # rowsum(dO * O) in fp32 from the 16-bit tensors as they are: in torch it made two fp32 copies
     # of both, which took a tenth of the backward at 4k tokens (docs/design.md#triton-configs).
@@ -98,9 +97,8 @@ def _bwd_delta(
     b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     h = bh % H
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    dims = tl.arange(0, BLOCK_D)
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
     row_ok = rows < q_len
-    dim_ok = dims < HEAD_DIM
     o = load_rows(Out + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (BLOCK_M, BLOCK_D)
     do = load_rows(DO + b * sgb + h * sgh, rows, row_ok, sgt, dims, dim_ok, sgd)  # (BLOCK_M, BLOCK_D)
     tl.store(DELTA + bh * q_len + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
@@ -113,7 +111,7 @@ def _bwd_dq(
     sdb, sdh, sdt, sdd,  # strides of DQ
     rb, rh, rq, ib, ih, iq, ik,
     H, G, q_len, kv_len, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
@@ -123,9 +121,8 @@ def _bwd_dq(
     h = bh % H
     hk = h // G
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
     row_ok = rows < q_len
-    dim_ok = dims < HEAD_DIM
     q_mask = row_ok[:, None] & dim_ok[None, :]
     q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
     do = load_rows(DO + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (BLOCK_M, BLOCK_D)
@@ -168,7 +165,7 @@ def _bwd_dkdv(
     rb, rh, rk,  # strides of the table's (Bm, Hm, NK) column ranges and full runs
     ib, ih, iq, ik,
     H, H_KV, G, q_len, kv_len, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
     FULL_RUN: tl.constexpr,
 ):  # fmt: skip
@@ -178,9 +175,8 @@ def _bwd_dkdv(
     b = (bhk // H_KV).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     hk = bhk % H_KV
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    dims = tl.arange(0, BLOCK_D)
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
     col_ok = cols < kv_len
-    dim_ok = dims < HEAD_DIM
     kv_mask = col_ok[:, None] & dim_ok[None, :]
     k = load_rows(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_N, BLOCK_D)
     v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
@@ -226,10 +222,10 @@ def _bwd_dkdv(
     )
 
 
-FWD = Kernel(_fwd)
-BWD_DELTA = Kernel(_bwd_delta)
-BWD_DQ = Kernel(_bwd_dq)
-BWD_DKDV = Kernel(_bwd_dkdv)
+FWD = Kernel(_fwd, do_not_specialize=("head_dim",))
+BWD_DELTA = Kernel(_bwd_delta, do_not_specialize=("head_dim",))
+BWD_DQ = Kernel(_bwd_dq, do_not_specialize=("head_dim",))
+BWD_DKDV = Kernel(_bwd_dkdv, do_not_specialize=("head_dim",))
 
 
 def _table_strides(table: BlockTable, ranges: Tensor) -> tuple[int, ...]:
@@ -267,8 +263,7 @@ def _check_table(table: BlockTable, blocks: Blocks, q: Tensor, k: Tensor, name: 
 
 def _common(q: Tensor, blocks: Blocks) -> dict:
     return dict(
-        HEAD_DIM=q.shape[3],
-        BLOCK_D=padded_head_dim(q.shape[3]),
+        **head_dim_args(q.shape[3]),
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
         PRECISION=dot_precision(q.dtype),
@@ -323,7 +318,7 @@ def backward(
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)  # (B, H, Tq): rowsum(dO * O)
     BWD_DELTA.on(q.device)[(-(-tq // DELTA_ROWS), b * h)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), h, tq,
-        HEAD_DIM=hd, BLOCK_D=padded_head_dim(hd), BLOCK_M=DELTA_ROWS, num_warps=4,
+        **head_dim_args(hd), BLOCK_M=DELTA_ROWS, num_warps=4,
     )  # fmt: skip
     dq = torch.empty_like(q)  # (B, H, Tq, hd)
     dk = torch.empty_like(k)  # (B, H_kv, Tk, hd)

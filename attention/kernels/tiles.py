@@ -13,6 +13,18 @@ from ..block_table import EMPTY_TILE
 
 
 @triton.jit
+def head_dims(head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """The tile's head-dim indices ``(BLOCK_D,)`` and which of them are real: every one when the
+    head dim fills the tile (``EVEN_D``: a constant mask, which the compiler drops), else those
+    below ``head_dim``."""
+    dims = tl.arange(0, BLOCK_D)
+    bound = head_dim
+    if EVEN_D:
+        bound = BLOCK_D
+    return dims, dims < bound
+
+
+@triton.jit
 def load_rows(base, idx, idx_ok, stride_idx, dims, dim_ok, stride_d):
     """A ``(len(idx), BLOCK_D)`` tile: row ``i`` at ``base + idx[i] * stride_idx``, zeros out of bounds."""
     return tl.load(
