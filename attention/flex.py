@@ -201,6 +201,10 @@ class MHAPyTorchFlexAttention(AttentionBase):
         return True  # flex_attention takes score_mod natively
 
     @classmethod
+    def compiles_per_shape(cls, device: torch.device | str) -> bool:
+        return torch.device(device).type == "cuda"  # prefill shapes are static: compiled once each
+
+    @classmethod
     def context_parallel_unsupported(cls) -> str | None:
         return (
             "torch's context_parallel() rewrites SDPA calls only; its FlexAttention path (the experimental "

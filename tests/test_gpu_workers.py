@@ -1,9 +1,13 @@
-"""Which GPU each xdist worker takes and how many CPU threads it gives torch: the logic, on any machine."""
+"""Which GPU each xdist worker takes and how many CPU threads (and compile processes) it gives torch:
+the logic, on any machine."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from attention.suite import plugin
 from attention.suite.plugin import gpu_for_worker, threads_for_worker
 
 
@@ -28,3 +32,25 @@ def test_each_xdist_worker_gets_its_share_of_the_cpus():
     assert threads_for_worker(16, 14) == 1
     assert threads_for_worker(2, 8) == 1  # more workers than CPUs: still one thread each
     assert threads_for_worker(8, 0) == 8
+
+
+@pytest.mark.parametrize("user_value", [None, "6"])
+def test_a_worker_compiles_with_its_share_unless_the_user_said(
+    monkeypatch: pytest.MonkeyPatch, user_value: str | None
+) -> None:
+    """torch's default compile pool is one process per CPU in every worker; the share replaces it."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if user_value is None:
+        monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", user_value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    threads = torch.get_num_threads()
+    try:
+        plugin._share_cpus()
+        assert os.environ["OMP_NUM_THREADS"] == "4"
+        assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == (user_value or "4")
+    finally:
+        torch.set_num_threads(threads)

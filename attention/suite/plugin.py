@@ -111,6 +111,10 @@ def _share_cpus() -> None:
     torch.set_num_threads(threads)
     # And for the processes a test starts (a pytest run, a sweep): torch reads it when it loads.
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # Inductor compiles in a pool of one process per CPU, each importing torch, in every worker
+    # (docs/design.md#suite-sizing): the worker's share, read when torch first compiles. A value
+    # the user set wins.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
 
 
 def _pin_worker_gpu() -> None:
@@ -210,7 +214,8 @@ def _attention_sizing(request: pytest.FixtureRequest):
 
     device = params.get("device", "cpu")
     sizes = [support.sizing_for(attention.get(name), device) for name in names]
-    size = next((s for s in sizes if s is not support.FULL), support.FULL)  # the costlier one sizes a pair
+    # The costlier one sizes a pair: an interpreter's few tiles, then a compiler's menu of shapes.
+    size = next((s for s in (support.INTERPRETED, support.COMPILED) if s in sizes), support.FULL)
     token = support.use_sizing(size)
     test: Any = getattr(request.node, "obj", None)  # the test function, with Hypothesis's attribute
     # Hypothesis reads a test's settings from this attribute each time it runs the test.

@@ -11,6 +11,7 @@ import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -132,10 +133,21 @@ class Config:
         return self.num_heads * self.head_dim
 
 
+class Shape(NamedTuple):
+    """The sizes of a drawn problem that compiled code is specialised on."""
+
+    batch: int
+    tokens: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
 @dataclass(frozen=True)
 class Sizing:
     """The shapes a drawn case may take for one implementation on one device, and how many
-    examples a property draws for it (``None``: the Hypothesis profile's count)."""
+    examples a property draws for it (``None``: the Hypothesis profile's count). ``shapes``, when
+    given, is the whole menu :func:`configs` draws from (tokens clamped to a test's own range)."""
 
     batch: int = 4
     heads: tuple[int, int] = (1, 8)
@@ -144,10 +156,15 @@ class Sizing:
     decode_steps: int = 8  # tokens a generation or decoding case draws one at a time
     chunks: int | None = None  # the most pieces a cached sequence is fed in (None: any)
     max_examples: int | None = None
+    shapes: tuple[Shape, ...] = ()
 
     def clamp(self, cfg: Config) -> Config:
         """``cfg`` within this sizing (an explicit example drawn for the full range, say); a KV
-        head count that no longer divides the heads becomes 1."""
+        head count that no longer divides the heads becomes 1. With a menu of ``shapes``, the
+        menu's largest shape."""
+        if self.shapes:
+            largest = max(self.shapes, key=lambda s: s.batch * s.tokens * s.num_heads * s.head_dim)
+            return dataclasses.replace(cfg, **largest._asdict())
         heads = min(max(cfg.num_heads, self.heads[0]), self.heads[1])
         kv_heads = cfg.num_kv_heads if cfg.num_kv_heads <= heads and heads % cfg.num_kv_heads == 0 else 1
         return dataclasses.replace(
@@ -169,12 +186,30 @@ FULL = Sizing()
 #: prefill and two chunks (docs/design.md#triton-configs).
 INTERPRETED = Sizing(batch=2, heads=(2, 2), head_dim=32, tokens=(33, 48), decode_steps=3, chunks=3, max_examples=3)
 
+#: Code compiled per input shape (flex on CUDA: seconds a shape, for each dtype, grad mode and
+#: pattern): a menu of shapes that together reach every branch, shared by every property, so
+#: each is compiled once and reused across examples and tests (and, through the compile caches
+#: on disk, across xdist workers): one token; one partial block of 128 tokens at the smallest
+#: head dim flex compiles (16); a full block and one more token, GQA, a head dim that is not a
+#: power of two; three blocks, the last partial, multi-query, head dim 64 (docs/design.md#suite-sizing).
+COMPILED = Sizing(
+    shapes=(
+        Shape(batch=1, tokens=1, num_heads=2, num_kv_heads=1, head_dim=32),
+        Shape(batch=2, tokens=77, num_heads=4, num_kv_heads=4, head_dim=16),
+        Shape(batch=1, tokens=129, num_heads=4, num_kv_heads=2, head_dim=40),
+        Shape(batch=2, tokens=300, num_heads=4, num_kv_heads=1, head_dim=64),
+    )
+)
+
 _SIZING: contextvars.ContextVar[Sizing] = contextvars.ContextVar("attention_suite_sizing", default=FULL)
 
 
 def sizing_for(impl: type[attention.AttentionBase], device: str) -> Sizing:
-    """:data:`INTERPRETED` where ``impl`` runs interpreted on ``device``, else :data:`FULL`."""
-    return INTERPRETED if impl.runs_interpreted(device) else FULL
+    """:data:`INTERPRETED` where ``impl`` runs interpreted on ``device``, :data:`COMPILED` where it
+    compiles per shape there, else :data:`FULL`."""
+    if impl.runs_interpreted(device):
+        return INTERPRETED
+    return COMPILED if impl.compiles_per_shape(device) else FULL
 
 
 def sizing() -> Sizing:
@@ -195,8 +230,19 @@ def reset_sizing(token: contextvars.Token) -> None:
 def configs(draw: st.DrawFn, *, min_tokens: int = 1, max_tokens: int = 300, gqa: bool = True) -> Config:
     """Batch 1..4, ``min_tokens..max_tokens`` tokens (block edges favoured), 1..8 heads, head_dim
     8..64, ``d_in != d_out``, a KV head count dividing the heads (when ``gqa``), bias or not;
-    each range narrowed to the running test's :func:`sizing`."""
+    each range narrowed to the running test's :func:`sizing`, or from its menu of shapes."""
     size = sizing()
+    if size.shapes:
+        menu = [s for s in size.shapes if gqa or s.num_kv_heads == s.num_heads]
+        menu = [s for s in menu if min_tokens <= s.tokens <= max_tokens] or menu  # else clamped below
+        shape = draw(st.sampled_from(menu))
+        d_out = shape.num_heads * shape.head_dim
+        return Config(
+            **{**shape._asdict(), "tokens": min(max(shape.tokens, min_tokens), max_tokens)},
+            d_in=draw(st.integers(1, 96).filter(lambda d: d != d_out)),
+            qkv_bias=draw(st.booleans()),
+            seed=draw(st.integers(0, 2**32 - 1)),
+        )
     num_heads = draw(st.integers(*size.heads))
     divisors = [n for n in range(1, num_heads + 1) if num_heads % n == 0]
     head_dim = draw(st.integers(8, size.head_dim))
@@ -303,10 +349,12 @@ def oracle_and_baseline_grads(module, x, upstream, mask_mod, document_ids):
 
 
 __all__ += [
+    "COMPILED",
     "EDGE_TOKENS",
     "FULL",
     "INTERPRETED",
     "Config",
+    "Shape",
     "Sizing",
     "build_module",
     "configs",
