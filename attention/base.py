@@ -207,7 +207,7 @@ class AttentionBase(nn.Module):
 
     @classmethod
     def compiles_per_shape(cls, device: torch.device | str) -> bool:
-        """Whether each new input shape on ``device`` costs a compilation (seconds, not
+        """Whether new input shapes on ``device`` mostly cost a compilation (seconds, not
         microseconds): the property suite then draws its shapes from a short menu that reaches
         every branch, so compiled code is reused across examples (docs/design.md#suite-sizing)."""
         return False

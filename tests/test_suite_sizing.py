@@ -14,7 +14,7 @@ def test_each_implementation_gets_the_sizing_of_how_it_runs() -> None:
     assert support.sizing_for(attention.get("flex"), "cuda") is COMPILED  # a compile per shape
     assert support.sizing_for(attention.get("flex"), "cpu") is FULL  # torch's dense reference, untraced
     assert support.sizing_for(attention.get("triton"), "cpu") is INTERPRETED
-    assert support.sizing_for(attention.get("triton"), "cuda") is FULL  # compiles per head-dim tile, not shape
+    assert support.sizing_for(attention.get("triton"), "cuda") is COMPILED  # per tile and stride alignment
     assert support.sizing_for(attention.get("sdpa"), "cuda") is FULL
 
 
@@ -25,6 +25,7 @@ def test_the_menu_reaches_every_branch_compiled_kernels_take() -> None:
     assert any(s.tokens > 256 and s.tokens % 128 for s in shapes), "several blocks, the last partial"
     assert {s.num_heads // s.num_kv_heads for s in shapes if s.num_heads > 1} >= {1, 2, 4}, "MHA, GQA and MQA"
     assert any(s.head_dim & (s.head_dim - 1) for s in shapes), "a head dim that is not a power of two"
+    assert any(s.head_dim % 2 for s in shapes), "an odd head dim: strides with no alignment at all"
     assert min(s.head_dim for s in shapes) == attention.get("flex").min_head_dim("cuda")
     assert any(s.batch > 1 for s in shapes)
 

@@ -187,16 +187,18 @@ FULL = Sizing()
 INTERPRETED = Sizing(batch=2, heads=(2, 2), head_dim=32, tokens=(33, 48), decode_steps=3, chunks=3, max_examples=3)
 
 #: Code compiled per input shape (flex on CUDA: seconds a shape, for each dtype, grad mode and
-#: pattern): a menu of shapes that together reach every branch, shared by every property, so
-#: each is compiled once and reused across examples and tests (and, through the compile caches
-#: on disk, across xdist workers): one token; one partial block of 128 tokens at the smallest
-#: head dim flex compiles (16); a full block and one more token, GQA, a head dim that is not a
-#: power of two; three blocks, the last partial, multi-query, head dim 64 (docs/design.md#suite-sizing).
+#: pattern; Triton on CUDA: per head-dim tile and 16-alignment of every stride): a menu of shapes
+#: that together reach every branch, shared by every property, so each is compiled once and reused
+#: across examples and tests (and, through the compile caches on disk, across xdist workers): one
+#: token, head dim 24 (8-aligned, under its 32-wide tile); one partial block of 128 tokens at the
+#: smallest head dim flex compiles (16); a full block and one more token, GQA, an odd head dim
+#: (unaligned strides, masked head dim); three blocks, the last partial, multi-query, head dim 64
+#: (docs/design.md#suite-sizing).
 COMPILED = Sizing(
     shapes=(
-        Shape(batch=1, tokens=1, num_heads=2, num_kv_heads=1, head_dim=32),
+        Shape(batch=1, tokens=1, num_heads=2, num_kv_heads=1, head_dim=24),
         Shape(batch=2, tokens=77, num_heads=4, num_kv_heads=4, head_dim=16),
-        Shape(batch=1, tokens=129, num_heads=4, num_kv_heads=2, head_dim=40),
+        Shape(batch=1, tokens=129, num_heads=4, num_kv_heads=2, head_dim=33),
         Shape(batch=2, tokens=300, num_heads=4, num_kv_heads=1, head_dim=64),
     )
 )
