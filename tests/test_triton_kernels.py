@@ -247,7 +247,7 @@ def run(head_dim):
         module(x[:, 287:].detach(), kv_cache=cache)  # one token against 288 keys: split and merge
 
 
-def variants():
+def variants():  # _compiled_variants below, per kernel (this runs in a process of its own)
     return [sum(len(cache[0]) for cache in k.compiled.device_caches.values()) for k in kernels]
 
 
@@ -264,9 +264,10 @@ print(json.dumps([before, variants()]))
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
 def test_head_dims_that_share_a_tile_share_compiled_kernels() -> None:
     """The head dim is a runtime value: 36, 40, 44 and 56 all take the 64-wide tile with the
-    head-dim mask, so once 40 and 36 have run (one of each 16-alignment of the strides, on which
-    Triton specialises), 56 and 44 compile nothing (forward, backward and decode). In a process of
-    its own, so what other tests compiled does not count."""
+    head-dim mask, so once 40 and 36 have run (one of each of the two kinds among them: D_ALIGN 8
+    or 4, and the 16-alignment of the strides, on which Triton specialises), 56 and 44 compile
+    nothing (forward, backward and decode). In a process of its own, so what other tests compiled
+    does not count."""
     done = subprocess.run([sys.executable, "-c", _SHARED_TILE_PROBE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     before, after = json.loads(done.stdout.strip().splitlines()[-1])  # binaries per kernel

@@ -54,8 +54,8 @@ def _split(
     smb, smh, smt, smk,  # the dense mask's strides, 0 along dims it ignores
     sob, soh, sot, sod,
     H_KV, G, q_len, kv_len, q_offset, split_len, n_splits, qk_scale,
-    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VISIBLE: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VISIBLE: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
     bhk = tl.program_id(0)
     split = tl.program_id(1)
@@ -66,7 +66,7 @@ def _split(
     t = r % q_len
     h = hk * G + g  # (BLOCK_M,)
     row_ok = r < G * q_len
-    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     q = tl.load(
         Q + b * sqb + h[:, None] * sqh + t[:, None] * sqt + dims[None, :] * sqd,
         mask=row_ok[:, None] & dim_ok[None, :],
@@ -111,7 +111,7 @@ def _merge(
     PART_O, PART_M, PART_L, Out,
     sob, soh, sot, sod,
     H, q_len, n_splits,
-    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     # Splits are read BLOCK_S at a time with a running max, so the split count is a runtime value
     # (no recompile as a cache grows) and a long cache's hundreds of splits never make one tile.
@@ -119,7 +119,7 @@ def _merge(
     b = row // (H * q_len)
     h = (row // q_len) % H
     t = row % q_len
-    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     m_run = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)
     l_run = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
     acc = tl.zeros((BLOCK_D,), tl.float32)

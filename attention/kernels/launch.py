@@ -178,13 +178,19 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+#: The widest run of head-dim elements a kernel is told the head dim is a multiple of.
+MAX_D_ALIGN = 16
+
+
 def head_dim_args(head_dim: int) -> dict[str, int | bool]:
     """The kernels' head-dim arguments: the padded tile (``BLOCK_D``), whether the head dim fills
-    it (``EVEN_D``: no mask on the head dim at all), and the head dim itself as a runtime value, so
-    head dims that share a tile share one compiled kernel (a compile per head dim made the CUDA
-    property suite compile for minutes)."""
+    it (``EVEN_D``: no mask on the head dim at all), the largest power of two up to
+    :data:`MAX_D_ALIGN` that divides it (``D_ALIGN``: the mask's runs, so loads stay wide), and the
+    head dim itself as a runtime value, so head dims that share all three share one compiled kernel
+    (a compile per head dim made the CUDA property suite compile for minutes)."""
     block_d = padded_head_dim(head_dim)
-    return {"head_dim": head_dim, "EVEN_D": head_dim == block_d, "BLOCK_D": block_d}
+    align = min(MAX_D_ALIGN, head_dim & -head_dim)
+    return {"head_dim": head_dim, "EVEN_D": head_dim == block_d, "D_ALIGN": align, "BLOCK_D": block_d}
 
 
 def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:

@@ -39,7 +39,7 @@ def _fwd(
     rb, rh, rq,  # strides of the table's (Bm, Hm, NQ) ranges and full runs; 0 where it ignores b or h
     ib, ih, iq, ik,  # strides of its (Bm, Hm, NQ, NK) tile ids; 0 where it ignores b or h
     H, G, q_len, kv_len, qk_scale,
-    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
@@ -48,7 +48,7 @@ def _fwd(
     h = bh % H
     hk = h // G
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     row_ok = rows < q_len
     q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -88,7 +88,7 @@ def _bwd_delta(
     Out, DO, DELTA,
     sob, soh, sot, sod, sgb, sgh, sgt, sgd,  # strides of Out and dO
     H, q_len,
-    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # rowsum(dO * O) in fp32 from the 16-bit tensors as they are: in torch it made two fp32 copies
     # of both, which took a tenth of the backward at 4k tokens (docs/design.md#triton-configs).
@@ -97,7 +97,7 @@ def _bwd_delta(
     b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     h = bh % H
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     row_ok = rows < q_len
     o = load_rows(Out + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (BLOCK_M, BLOCK_D)
     do = load_rows(DO + b * sgb + h * sgh, rows, row_ok, sgt, dims, dim_ok, sgd)  # (BLOCK_M, BLOCK_D)
@@ -111,7 +111,7 @@ def _bwd_dq(
     sdb, sdh, sdt, sdd,  # strides of DQ
     rb, rh, rq, ib, ih, iq, ik,
     H, G, q_len, kv_len, qk_scale, sm_scale,
-    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
 ):  # fmt: skip
     # so* are dO's strides.
@@ -121,7 +121,7 @@ def _bwd_dq(
     h = bh % H
     hk = h // G
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     row_ok = rows < q_len
     q_mask = row_ok[:, None] & dim_ok[None, :]
     q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
@@ -165,7 +165,7 @@ def _bwd_dkdv(
     rb, rh, rk,  # strides of the table's (Bm, Hm, NK) column ranges and full runs
     ib, ih, iq, ik,
     H, H_KV, G, q_len, kv_len, qk_scale, sm_scale,
-    head_dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
     FULL_RUN: tl.constexpr,
 ):  # fmt: skip
@@ -175,7 +175,7 @@ def _bwd_dkdv(
     b = (bhk // H_KV).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     hk = bhk % H_KV
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D)  # (BLOCK_D,) each
+    dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     col_ok = cols < kv_len
     kv_mask = col_ok[:, None] & dim_ok[None, :]
     k = load_rows(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_N, BLOCK_D)

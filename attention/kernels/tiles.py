@@ -13,12 +13,15 @@ from ..block_table import EMPTY_TILE
 
 
 @triton.jit
-def head_dims(head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+def head_dims(head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr):
     """The tile's head-dim indices ``(BLOCK_D,)`` and which of them are real: every one when the
     head dim fills the tile (``EVEN_D``: a constant mask, which the compiler drops), else those
-    below ``head_dim``."""
+    below ``head_dim``. ``D_ALIGN`` divides the head dim, so ``head_dim // D_ALIGN * D_ALIGN`` is
+    the head dim itself, written so the compiler knows the mask is constant over runs of
+    ``D_ALIGN`` and loads them as wide vectors (a bare runtime bound made every load 2 bytes wide
+    and dropped the K/V pipeline at head dims 80 and 96)."""
     dims = tl.arange(0, BLOCK_D)
-    bound = head_dim
+    bound = head_dim // D_ALIGN * D_ALIGN
     if EVEN_D:
         bound = BLOCK_D
     return dims, dims < bound
