@@ -54,3 +54,21 @@ def test_a_worker_compiles_with_its_share_unless_the_user_said(
         assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == (user_value or "4")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_an_inductor_config_imported_before_the_plugin_gets_the_share_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variable is read when torch._inductor.config is imported: one imported earlier (by a
+    conftest, say) would keep its pool of a process per CPU."""
+    torch = pytest.importorskip("torch")
+    inductor_config = pytest.importorskip("torch._inductor.config")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", 8)
+    threads = torch.get_num_threads()
+    try:
+        plugin._share_cpus()
+        assert inductor_config.compile_threads == 4
+    finally:
+        torch.set_num_threads(threads)

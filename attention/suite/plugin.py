@@ -25,6 +25,7 @@ What it adds to pytest:
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -111,10 +112,15 @@ def _share_cpus() -> None:
     torch.set_num_threads(threads)
     # And for the processes a test starts (a pytest run, a sweep): torch reads it when it loads.
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    # Inductor compiles in a pool of one process per CPU, each importing torch, in every worker
-    # (docs/design.md#suite-sizing): the worker's share, read when torch first compiles. A value
+    # Inductor compiles in a pool of up to 32 processes, one per CPU, each importing torch, in
+    # every worker (docs/design.md#suite-sizing): the worker's share instead (with one, it
+    # compiles in the worker itself). torch reads the variable when torch._inductor.config is
+    # first imported; where something imported it already, its setting is changed too. A value
     # the user set wins.
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
+        if (inductor_config := sys.modules.get("torch._inductor.config")) is not None:
+            inductor_config.compile_threads = threads
 
 
 def _pin_worker_gpu() -> None:

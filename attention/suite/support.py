@@ -160,9 +160,12 @@ class Sizing:
 
     def clamp(self, cfg: Config) -> Config:
         """``cfg`` within this sizing (an explicit example drawn for the full range, say); a KV
-        head count that no longer divides the heads becomes 1. With a menu of ``shapes``, the
-        menu's largest shape."""
+        head count that no longer divides the heads becomes 1. With a menu of ``shapes``, a shape
+        on the menu stays as it is and any other becomes the menu's largest."""
         if self.shapes:
+            shape = Shape(cfg.batch, cfg.tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            if shape in self.shapes:
+                return cfg
             largest = max(self.shapes, key=lambda s: s.batch * s.tokens * s.num_heads * s.head_dim)
             return dataclasses.replace(cfg, **largest._asdict())
         heads = min(max(cfg.num_heads, self.heads[0]), self.heads[1])
@@ -192,14 +195,15 @@ INTERPRETED = Sizing(batch=2, heads=(2, 2), head_dim=32, tokens=(33, 48), decode
 #: across examples and tests (and, through the compile caches on disk, across xdist workers): one
 #: token, head dim 24 (8-aligned, under its 32-wide tile); one partial block of 128 tokens at the
 #: smallest head dim flex compiles (16); a full block and one more token, GQA, an odd head dim
-#: (unaligned strides, masked head dim); three blocks, the last partial, multi-query, head dim 64
+#: (unaligned strides, masked head dim); two whole blocks (lengths that divide flex's 128-token
+#: blocks and Triton's 16-alignment: their unmasked paths), multi-query, head dim 64
 #: (docs/design.md#suite-sizing).
 COMPILED = Sizing(
     shapes=(
         Shape(batch=1, tokens=1, num_heads=2, num_kv_heads=1, head_dim=24),
         Shape(batch=2, tokens=77, num_heads=4, num_kv_heads=4, head_dim=16),
         Shape(batch=1, tokens=129, num_heads=4, num_kv_heads=2, head_dim=33),
-        Shape(batch=2, tokens=300, num_heads=4, num_kv_heads=1, head_dim=64),
+        Shape(batch=2, tokens=256, num_heads=4, num_kv_heads=1, head_dim=64),
     )
 )
 
