@@ -208,8 +208,8 @@ class AttentionBase(nn.Module):
     @classmethod
     def compiles_per_shape(cls, device: torch.device | str) -> bool:
         """Whether new input shapes on ``device`` mostly cost a compilation (seconds, not
-        microseconds): the property suite then draws its shapes from a short menu that reaches
-        every branch, so compiled code is reused across examples (docs/design.md#suite-sizing)."""
+        microseconds): the property suite then draws its shapes from a short menu that reaches the
+        kernels' branches, so compiled code is reused across examples (docs/design.md#suite-sizing)."""
         return False
 
     @classmethod

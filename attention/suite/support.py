@@ -191,7 +191,7 @@ INTERPRETED = Sizing(batch=2, heads=(2, 2), head_dim=32, tokens=(33, 48), decode
 
 #: Code compiled per input shape (flex on CUDA: seconds a shape, for each dtype, grad mode and
 #: pattern; Triton on CUDA: per head-dim tile and 16-alignment of every stride): a menu of shapes
-#: that together reach every branch, shared by every property, so each is compiled once and reused
+#: that together reach the kernels' branches, shared by every property, so each is compiled once and reused
 #: across examples and tests (and, through the compile caches on disk, across xdist workers): one
 #: token, head dim 24 (8-aligned, under its 32-wide tile); one partial block of 128 tokens at the
 #: smallest head dim flex compiles (16); a full block and one more token, GQA, an odd head dim
