@@ -119,7 +119,8 @@ def _share_cpus() -> None:
     # the user set wins.
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
-        if (inductor_config := sys.modules.get("torch._inductor.config")) is not None:
+        inductor_config: Any = sys.modules.get("torch._inductor.config")  # a config module: no stubs
+        if inductor_config is not None:
             inductor_config.compile_threads = threads
 
 
