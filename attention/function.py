@@ -61,6 +61,11 @@ class FunctionAttention(AttentionBase):
         return f"declares devices {declared} only, not {torch.device(device).type}"
 
     @classmethod
+    def compiles_per_shape(cls, device: torch.device | str) -> bool:
+        compiled_on = dict(cls.declaration).get("compiled_on") or frozenset()
+        return torch.device(device).type in cast("frozenset[str]", compiled_on)
+
+    @classmethod
     def _declared(cls, name: str) -> bool:
         return bool(dict(cls.declaration)[name])
 
@@ -107,6 +112,7 @@ def from_function(
     dtypes: Iterable[torch.dtype] | None = None,
     devices: Iterable[str] | None = None,
     empty_rows: str = "zeros",
+    compiled_on: Iterable[str] = (),
 ) -> type[AttentionBase]:
     """An :class:`~attention.AttentionBase` subclass (the seed constructor) around ``function``.
 
@@ -126,6 +132,9 @@ def from_function(
     * ``dtypes``, ``devices`` (``"cpu"``, ``"cuda"``): where it runs (default: anywhere).
     * ``empty_rows``: ``"zeros"`` (default) if a row with no visible key comes out as zeros;
       ``"any"`` if the function promises nothing there.
+    * ``compiled_on``: device types where new input shapes mostly cost a compilation (a function
+      under ``torch.compile``, a Triton kernel: ``("cuda",)``); the property suite draws its
+      shapes there from a short menu, so each is compiled once (docs/design.md#suite-sizing).
 
     The result is cached: the same function and declaration give the same class.
     """
@@ -136,6 +145,11 @@ def from_function(
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
+    if isinstance(compiled_on, str) or not isinstance(compiled_on, Iterable):
+        raise TypeError(f"compiled_on must be device types such as ('cuda',), got {compiled_on!r}")
+    compiled = frozenset(compiled_on)
+    if any(not isinstance(d, str) or not d or ":" in d for d in compiled):
+        raise TypeError(f"compiled_on must be device types such as 'cpu' or 'cuda', got {sorted(compiled, key=repr)}")
     declaration = (
         ("masks", masks),
         ("kv_cache", kv_cache),
@@ -145,6 +159,7 @@ def from_function(
         ("dtypes", None if dtypes is None else frozenset(dtypes)),
         ("devices", None if devices is None else frozenset(devices)),
         ("empty_rows", empty_rows),
+        ("compiled_on", compiled),
     )
     return _make_class(function, declaration)
 

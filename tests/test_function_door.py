@@ -101,11 +101,26 @@ def test_the_class_is_cached_and_modules_pickle() -> None:
         ({"empty_rows": "nan"}, ValueError, "empty_rows must be one of"),
         ({"dtypes": [torch.int32]}, TypeError, "dtypes must be floating torch dtypes"),
         ({"devices": ["cuda:0"]}, TypeError, "devices must be device types"),
+        ({"compiled_on": "cuda"}, TypeError, "compiled_on must be device types such as"),
+        ({"compiled_on": ["cuda:0"]}, TypeError, "compiled_on must be device types such as"),
+        ({"compiled_on": [None]}, TypeError, "compiled_on must be device types such as"),
     ],
 )
 def test_bad_declarations_are_refused(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         from_function(plain_causal, **kwargs)
+
+
+def test_a_function_compiled_per_shape_gets_the_suites_menu_of_shapes_there_only() -> None:
+    from attention.suite import support
+
+    cls = from_function(plain_causal, compiled_on=["cuda"])
+    assert cls.compiles_per_shape("cuda") and not cls.compiles_per_shape("cpu")
+    assert support.sizing_for(cls, "cuda") is support.COMPILED
+    assert support.sizing_for(cls, "cpu") is support.FULL
+    assert not from_function(plain_causal).compiles_per_shape("cuda")
+    loaded = pickle.loads(pickle.dumps(cls(8, 8, 2, 16)))
+    assert type(loaded) is cls
 
 
 def test_a_class_is_not_a_function() -> None:
