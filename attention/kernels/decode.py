@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import checks
 from ..device_info import multiprocessors, shared_bytes_per_sm
-from .launch import Kernel, check_scale, dot_precision, head_dim_args, padded_head_dim
+from .launch import Kernel, check_scale, dot_precision, head_dim_args
 from .prefill import LOG2E
 from .tiles import head_dims, load_columns, load_rows, softmax_step
 
@@ -208,7 +208,8 @@ def attend(
     h_kv, tk = k.shape[1], k.shape[2]
     if tq == 0 or tk == 0:
         raise ValueError(f"decoding needs at least one query and one key, got {tq} and {tk}")
-    block_d = padded_head_dim(hd)
+    dim_args = head_dim_args(hd)
+    block_d = dim_args["BLOCK_D"]
     block_m = block_rows(h // h_kv, tq)
     step = tiles(q.dtype, block_m, block_d, shared_bytes_per_sm(q.device)) if q.is_cuda else INTERPRETED_TILES
     if splits is None:
@@ -233,13 +234,13 @@ def attend(
         q, k, v, part_o, part_m, part_l, mask, out,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         h_kv, h // h_kv, tq, tk, q_offset, split_len, splits, scale * LOG2E,
-        **head_dim_args(hd), BLOCK_M=block_m, BLOCK_N=step.block_n,
+        **dim_args, BLOCK_M=block_m, BLOCK_N=step.block_n,
         VISIBLE=visible, PRECISION=dot_precision(q.dtype), FINAL=final, num_warps=4, num_stages=step.num_stages,
     )  # fmt: skip
     if final:
         return out
     MERGE.on(q.device)[(b * h * tq,)](
         part_o, part_m, part_l, out, *out.stride(), h, tq, splits,
-        **head_dim_args(hd), BLOCK_S=MERGE_SPLITS, num_warps=4,
+        **dim_args, BLOCK_S=MERGE_SPLITS, num_warps=4,
     )  # fmt: skip
     return out
