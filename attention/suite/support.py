@@ -115,6 +115,16 @@ def assert_module_matches_oracle(
 EDGE_TOKENS = (1, 127, 128, 129, 255, 257, 300)
 
 
+class Shape(NamedTuple):
+    """The sizes of a drawn problem that compiled code is specialised on."""
+
+    batch: int
+    tokens: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
 @dataclass(frozen=True)
 class Config:
     """One drawn attention problem: sizes, layout options and the seed for weights and inputs."""
@@ -132,15 +142,9 @@ class Config:
     def d_out(self) -> int:
         return self.num_heads * self.head_dim
 
-
-class Shape(NamedTuple):
-    """The sizes of a drawn problem that compiled code is specialised on."""
-
-    batch: int
-    tokens: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.batch, self.tokens, self.num_heads, self.num_kv_heads, self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,7 @@ class Sizing:
         head count that no longer divides the heads becomes 1. With a menu of ``shapes``, a shape
         on the menu stays as it is and any other becomes the menu's largest."""
         if self.shapes:
-            shape = Shape(cfg.batch, cfg.tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-            if shape in self.shapes:
+            if cfg.shape in self.shapes:
                 return cfg
             largest = max(self.shapes, key=lambda s: s.batch * s.tokens * s.num_heads * s.head_dim)
             return dataclasses.replace(cfg, **largest._asdict())
