@@ -4,6 +4,7 @@ the logic, on any machine."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,41 +35,40 @@ def test_each_xdist_worker_gets_its_share_of_the_cpus():
     assert threads_for_worker(8, 0) == 8
 
 
+@pytest.fixture
+def two_workers_on_8_cpus(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """This process as one of 2 xdist workers on 8 CPUs, with no compile-thread setting of the
+    user's; torch's thread count and the environment are put back afterwards."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # restored after
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    threads = torch.get_num_threads()
+    try:
+        yield monkeypatch
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("user_value", [None, "6"])
 def test_a_worker_compiles_with_its_share_unless_the_user_said(
-    monkeypatch: pytest.MonkeyPatch, user_value: str | None
+    two_workers_on_8_cpus: pytest.MonkeyPatch, user_value: str | None
 ) -> None:
     """torch's default compile pool is one process per CPU in every worker; the share replaces it."""
-    torch = pytest.importorskip("torch")
-    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    if user_value is None:
-        monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", user_value)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    threads = torch.get_num_threads()
-    try:
-        plugin._share_cpus()
-        assert os.environ["OMP_NUM_THREADS"] == "4"
-        assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == (user_value or "4")
-    finally:
-        torch.set_num_threads(threads)
+    if user_value is not None:
+        two_workers_on_8_cpus.setenv("TORCHINDUCTOR_COMPILE_THREADS", user_value)
+    plugin._share_cpus()
+    assert os.environ["OMP_NUM_THREADS"] == "4"
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == (user_value or "4")
 
 
-def test_an_inductor_config_imported_before_the_plugin_gets_the_share_too(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_inductor_config_imported_before_the_plugin_gets_the_share_too(
+    two_workers_on_8_cpus: pytest.MonkeyPatch,
+) -> None:
     """The variable is read when torch._inductor.config is imported: one imported earlier (by a
     conftest, say) would keep its pool of a process per CPU."""
-    torch = pytest.importorskip("torch")
     inductor_config = pytest.importorskip("torch._inductor.config")
-    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
-    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(inductor_config, "compile_threads", 8)
-    threads = torch.get_num_threads()
-    try:
-        plugin._share_cpus()
-        assert inductor_config.compile_threads == 4
-    finally:
-        torch.set_num_threads(threads)
+    two_workers_on_8_cpus.setattr(inductor_config, "compile_threads", 8)
+    plugin._share_cpus()
+    assert inductor_config.compile_threads == 4
