@@ -21,6 +21,13 @@ def is_finite(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only: ``str.isdigit`` (and ``\\d``) also take superscripts ('²', which ``int``
+    refuses) and other scripts' digits ('٣', which ``int`` reads as 3), so a number read from a
+    file or a command line would fail deep in ``int`` or quietly mean one nobody typed."""
+    return text.isascii() and text.isdigit()
+
+
 def integer(name: str, value: object, *, minimum: int = 1) -> int:
     """``value`` as an ``int`` of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -472,18 +472,12 @@ def parse_spec(spec: str) -> tuple[str, int]:
     kind, sep, arg = spec.partition(":")
     if kind == "causal" and not sep:
         return kind, 0
-    if kind in SPEC_KINDS and kind != "causal" and _is_ascii_number(arg) and (int(arg) > 0 or kind == "prefix_lm"):
+    number = checks.is_ascii_number(arg)
+    if kind in SPEC_KINDS and kind != "causal" and number and (int(arg) > 0 or kind == "prefix_lm"):
         return kind, int(arg)
     raise ValueError(
         f"unknown mask {spec!r}: use {', '.join(repr(v) for v in SPEC_KINDS.values())}, N in ASCII digits 0-9"
     )
-
-
-def _is_ascii_number(text: str) -> bool:
-    """Digits 0-9 only: ``str.isdigit`` also takes superscripts ('²', which ``int`` refuses) and
-    other scripts' digits ('٣', which ``int`` reads as 3), so a spec read from a file or a command
-    line would fail deep in ``int`` or quietly mean a number nobody typed."""
-    return text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True)

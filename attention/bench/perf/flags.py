@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import checks
 from .results import BASELINE_FILE, NoBaseline, PerfError, Refused, load_run
 
 #: Flags perf applies its own way: each maps to the runner option it sets.
@@ -87,7 +88,7 @@ def check_native_compare_fail(exprs: Sequence[str]) -> None:
     """pytest-benchmark's own ``--benchmark-compare-fail`` syntax, checked before the grid runs
     (pytest-benchmark itself only complains after it)."""
     for expr in exprs:
-        if not re.fullmatch(r"(min|max|mean|median|stddev|iqr):\d+(\.\d+)?%?", expr or ""):
+        if not re.fullmatch(r"(min|max|mean|median|stddev|iqr):\d+(\.\d+)?%?", expr or "", re.ASCII):
             raise FlagRefused(f"{COMPARE_FAIL}={expr}: pytest-benchmark expects STAT:NUM or STAT:NUM%, e.g. mean:5%")
 
 
@@ -97,7 +98,7 @@ def compare_fail_fraction(exprs: Sequence[str]) -> float | None:
     absolute threshold is refused."""
     fractions = []
     for expr in exprs:
-        match = re.fullmatch(r"median:(\d+(?:\.\d+)?)%", expr or "")
+        match = re.fullmatch(r"median:(\d+(?:\.\d+)?)%", expr or "", re.ASCII)  # not '٥' read as 5
         if not match:
             raise FlagRefused(
                 f"{COMPARE_FAIL}={expr}: the perf gates judge medians against the other side; "
@@ -120,9 +121,8 @@ class CompareTarget:
 
 def saved_run(value: str, storage: Path) -> Path | None:
     """The pytest-benchmark saved run that ``value`` (``7``, ``0007`` or ``0007_<id prefix>``) names."""
-    # ASCII digits only: str.isdigit and \d take '²' (which int refuses) and '٣' (read as 3).
-    prefix = f"{int(value):04d}" if re.fullmatch(r"[0-9]+", value) else value
-    if not re.fullmatch(r"[0-9]{4}(_[\w.-]*)?", prefix) or not storage.is_dir():
+    prefix = f"{int(value):04d}" if checks.is_ascii_number(value) else value
+    if not re.fullmatch(r"\d{4}(_[\w.-]*)?", prefix, re.ASCII) or not storage.is_dir():
         return None
     matches = sorted(p for p in storage.glob("*/*.json") if p.name.startswith(prefix))
     return matches[-1] if matches else None
