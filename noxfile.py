@@ -31,6 +31,10 @@ logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv bin
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 HERE = Path(__file__).resolve().parent
+#: pytest's workers: one per core; a worker left with nothing takes half of another's queue
+#: (worksteal), so a few long cases queued on one worker do not make the run's tail
+#: (docs/design.md#suite-sizing).
+PARALLEL = ["-n", "auto", "--dist", "worksteal"]
 #: The one environment of every session that needs torch.
 ENV = HERE / ".nox" / "env"
 STAMP = ENV / "attention-installed.json"
@@ -89,7 +93,7 @@ def tests(session: nox.Session) -> None:
     """Property tests on CPU, and on CUDA where present, one worker per core; deterministic
     (Hypothesis profile ``quick``). Args go to pytest (``-n 0`` runs them in one process)."""
     python, env = _runner(session, {"test", "perf", "notebook"})  # tests/ also covers perf and the notebook
-    session.run(python, "-m", "pytest", "-n", "auto", "--slowest-files=10", *session.posargs, env=env, external=True)
+    session.run(python, "-m", "pytest", *PARALLEL, "--slowest-files=10", *session.posargs, env=env, external=True)
 
 
 @nox.session(venv_backend="none")
@@ -121,7 +125,7 @@ def lowest_torch(session: nox.Session) -> None:
     session.install(f"torch=={floor}.*", "--extra-index-url", cpu, env=env)
     session.install("-e", ".[test]", env=env)
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
-    session.run("pytest", "-n", "auto", "attention/suite", "-k", "not triton", *session.posargs)
+    session.run("pytest", *PARALLEL, "attention/suite", "-k", "not triton", *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -130,7 +134,7 @@ def explore(session: nox.Session) -> None:
     failures remembered in .hypothesis/): the nightly run, or yours after a change. Args go to pytest."""
     python, env = _runner(session, {"test", "perf", "notebook"})
     env = {**env, "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "thorough")}
-    session.run(python, "-m", "pytest", "-n", "auto", "attention/suite", *session.posargs, env=env, external=True)
+    session.run(python, "-m", "pytest", *PARALLEL, "attention/suite", *session.posargs, env=env, external=True)
 
 
 @nox.session

@@ -81,3 +81,36 @@ def test_workflows_name_only_the_suites_profiles():
     }
     # A value is a literal name of ours: not Hypothesis's, not quoted into one, not an expression.
     assert {(file, name) for file, name in named if name not in PROFILES} == set()
+
+
+def test_costly_properties_are_collected_first_and_skipped_cases_last(tmp_path: Path) -> None:
+    """Under ``pytest -n`` a worker that starts a long case last finishes alone: the properties of
+    an implementation that compiles per shape start first, what the plugin skips goes last, and
+    everything else keeps its order."""
+    (tmp_path / "theirs.py").write_text(PLAIN)
+    (tmp_path / "conftest.py").write_text(
+        "import attention, theirs\n"
+        "attention.register('compiled', attention.from_function(theirs.plain_causal, compiled_on=('cpu', 'cuda')))\n"
+        "attention.register('plain', theirs.plain_causal)\n"
+    )
+    selection = ["--attention-impl", "compiled", "--attention-impl", "plain", "--co", "-q"]
+
+    def collected(*modules: str) -> list[str]:
+        done = _pytest(tmp_path, ".", "--pyargs", *(f"attention.suite.{m}" for m in modules), *selection)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return [line for line in done.stdout.splitlines() if "::" in line]
+
+    ids = collected("test_bad_input", "test_causality", "test_kv_cache")
+    causality = ("::test_replacing_later_tokens", "::test_gradient_of_early_outputs")  # drawn properties
+    properties = [i for i in ids if i.startswith(causality) and "[compiled-" in i]
+    assert properties and ids[: len(properties)] == properties
+    cheap = collected("test_bad_input")  # one call each, whatever the implementation
+    skipped = collected("test_kv_cache")  # neither declares a KV cache
+    first_skipped = min(ids.index(i) for i in skipped)
+    middle, tail = ids[len(properties) : first_skipped], ids[first_skipped:]
+    plain_properties = [i for i in ids if i.startswith(causality) and "[plain-" in i]
+    assert plain_properties == [i for i in middle if i.startswith(causality)]
+    assert [i for i in middle if i in cheap] == [i for i in cheap if i in middle]  # their order kept
+    assert any("[compiled" in i for i in middle if i in cheap)  # a compiled bad-input case is not moved up
+    # After the first skipped case only skipped ones: these and the bad-input cases needing masks.
+    assert set(skipped) <= set(tail) and set(tail) - set(skipped) <= {i for i in cheap if "document" in i}

@@ -193,17 +193,42 @@ def skip_reason(impl_name: str, device: str, dtype: torch.dtype | None, needs: t
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow = {item for item in items if item.get_closest_marker("slow")}
+    costly: set[pytest.Item] = set()
+    skipped: set[pytest.Item] = set()
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         names = [params[key] for key in ("impl_name", "source_name", "target_name") if key in params]
         if not names:
             continue
+        device = params.get("device", "cpu")
         needs = tuple(cap for mark in item.iter_markers("attention_needs") for cap in mark.args)
         for name in dict.fromkeys(names):
-            reason = skip_reason(name, params.get("device", "cpu"), params.get("dtype"), needs)
+            reason = skip_reason(name, device, params.get("dtype"), needs)
             if reason is not None:
                 item.add_marker(pytest.mark.skip(reason=f"{name}: {reason}"))
+                skipped.add(item)
                 break
+        else:
+            # A case run on a device it names (not a one-call check of bad input) of an
+            # implementation that compiles or interprets there: seconds, not milliseconds.
+            if "device" in params and any(_is_costly(name, device) for name in names):
+                costly.add(item)
+    # Tests marked slow first, then costly cases, skipped ones last, each group in collection
+    # order: under pytest -n the long cases then start early and spread over the workers, and
+    # short ones fill the end instead of one worker finishing a long case alone
+    # (docs/design.md#suite-sizing).
+    rank = {**dict.fromkeys(costly, 1), **dict.fromkeys(slow, 0), **dict.fromkeys(skipped, 3)}
+    items[:] = sorted(items, key=lambda item: rank.get(item, 2))
+
+
+def _is_costly(impl_name: str, device: str) -> bool:
+    """Whether ``impl_name``'s cases on ``device`` pay seconds each: it runs interpreted there, or
+    compiles per shape (what :func:`attention.suite.support.sizing_for` sizes them down for)."""
+    import attention
+    from attention.suite import support
+
+    return support.sizing_for(attention.get(impl_name), device) is not support.FULL
 
 
 @pytest.fixture(autouse=True)

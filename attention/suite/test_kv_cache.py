@@ -41,9 +41,12 @@ KV_HEADS = [pytest.param(NUM_HEADS, id="mha"), pytest.param(2, id="gqa"), pytest
 MASK_KINDS = mask_kinds("causal", "sliding_window", "prefix_lm", "document")
 
 #: On CUDA, flex compiles once per chunk shape and pattern, so CUDA cases use one fixed split
-#: (a prefill, one-token steps and a multi-token chunk) and fixed pattern parameters, and skip
-#: fp16 (bf16 covers half precision): about a hundred compiles in all. On CPU all is drawn freely.
+#: (a prefill, one-token steps and a multi-token chunk), fixed pattern parameters and one cache
+#: size (the cached keys are views of the cache, whose strides follow its size: a new size is a
+#: new compile of every chunk shape), and skip fp16 (bf16 covers half precision): about a hundred
+#: compiles in all. On CPU all is drawn freely.
 CUDA_SPLITS = (9, 1, 1, 6, 1, 1, 1, 1, 1, 1, 1)  # 24 tokens
+CUDA_MAX_TOKENS, CUDA_CONTEXT_LENGTH = 27, 30  # a cache the sequence does not fill, in a longer context
 CACHE_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.id != "cuda-fp16"]
 
 
@@ -81,8 +84,11 @@ def cache_cases(draw: st.DrawFn, device: str, mask_kind: str) -> dict:
         chunk = lambda remaining: st.one_of(st.just(1), st.integers(1, min(remaining, 8)))  # noqa: E731
         splits = draw_splits(draw, length, st.integers(max(first, 1), length), chunk)
     length = sum(splits)
-    context_length = draw(st.integers(length, length + 8))
-    max_tokens = draw(st.integers(length, context_length))
+    if device == "cuda":
+        context_length, max_tokens = CUDA_CONTEXT_LENGTH, CUDA_MAX_TOKENS
+    else:
+        context_length = draw(st.integers(length, length + 8))
+        max_tokens = draw(st.integers(length, context_length))
     seed = draw(st.integers(0, 2**16))
     return dict(
         batch=batch,
