@@ -84,10 +84,12 @@ def test_workflows_name_only_the_suites_profiles():
 
 
 def test_costly_properties_are_collected_first_and_skipped_cases_last(tmp_path: Path) -> None:
-    """Under ``pytest -n`` a worker that starts a long case last finishes alone: the properties of
-    an implementation that compiles per shape start first, what the plugin skips goes last, and
-    everything else keeps its order."""
+    """Under ``pytest -n`` a worker that starts a long case last finishes alone: tests marked slow
+    and the properties of an implementation that compiles per shape start first, what the plugin
+    skips goes last, and everything else keeps its order."""
     (tmp_path / "theirs.py").write_text(PLAIN)
+    slow = "import pytest\n\n\ndef test_quick():\n    pass\n\n\n@pytest.mark.slow\ndef test_long():\n    pass\n"
+    (tmp_path / "test_theirs.py").write_text(slow)
     (tmp_path / "conftest.py").write_text(
         "import attention, theirs\n"
         "attention.register('compiled', attention.from_function(theirs.plain_causal, compiled_on=('cpu', 'cuda')))\n"
@@ -101,11 +103,13 @@ def test_costly_properties_are_collected_first_and_skipped_cases_last(tmp_path: 
         return [line for line in done.stdout.splitlines() if "::" in line]
 
     ids = collected("test_bad_input", "test_causality", "test_kv_cache")
+    assert ids[0] == "test_theirs.py::test_long" and "test_theirs.py::test_quick" in ids[1:]
+    ids = [i for i in ids if not i.startswith("test_theirs.py")]  # from here on, the suite's
     causality = ("::test_replacing_later_tokens", "::test_gradient_of_early_outputs")  # drawn properties
     properties = [i for i in ids if i.startswith(causality) and "[compiled-" in i]
     assert properties and ids[: len(properties)] == properties
     cheap = collected("test_bad_input")  # one call each, whatever the implementation
-    skipped = collected("test_kv_cache")  # neither declares a KV cache
+    skipped = [i for i in collected("test_kv_cache") if not i.startswith("test_theirs.py")]  # no KV cache declared
     first_skipped = min(ids.index(i) for i in skipped)
     middle, tail = ids[len(properties) : first_skipped], ids[first_skipped:]
     plain_properties = [i for i in ids if i.startswith(causality) and "[plain-" in i]
