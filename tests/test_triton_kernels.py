@@ -83,7 +83,7 @@ def test_decode_kernels_match_the_oracle(device, tq, data, heads, hd, mode, spli
     assert_matches_oracle(out, _reference(q, k, v, visible, torch.float64), _reference(q, k, v, visible, torch.float32))
 
 
-@pytest.mark.slow  # compiles forward and backward for every drawn shape: started first under -n
+@pytest.mark.attention_costly  # compiles forward and backward for every drawn shape: started first under -n
 @pytest.mark.parametrize("device", DEVICES)
 @given(
     data=st.data(),
@@ -261,7 +261,7 @@ print(json.dumps([before, variants()]))
 """
 
 
-@pytest.mark.slow  # a pytest process of its own that compiles six kernels twice
+@pytest.mark.attention_costly  # a pytest process of its own that compiles six kernels twice
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
 def test_head_dims_that_share_a_tile_share_compiled_kernels() -> None:

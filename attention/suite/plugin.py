@@ -20,6 +20,9 @@ What it adds to pytest:
   capability it does not declare (:mod:`attention.capabilities`).
 * Under ``pytest -n N`` on several GPUs, each xdist worker runs its CUDA cases on one GPU,
   round-robin by worker number (``gw0`` on GPU 0, ``gw1`` on GPU 1, ...).
+* Under ``pytest -n N``, long cases first: tests marked ``attention_costly``, then the cases of
+  implementations that compile per shape or run interpreted on their device, each worker's share
+  starting with its part of them (:mod:`attention.suite.schedule`); without xdist, pytest's order.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .schedule import COSTLY_MARKER, WorkerSchedule
 from .timing import SlowestFiles
 
 if TYPE_CHECKING:
@@ -64,8 +68,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "attention_needs(*capabilities): skip for implementations that do not declare these capabilities"
     )
+    config.addinivalue_line(
+        "markers", f"{COSTLY_MARKER}: runs for many seconds; under pytest -n the suite starts it first"
+    )
     _pin_worker_gpu()
     _share_cpus()
+    if workerinput := getattr(config, "workerinput", None):  # an xdist worker
+        config.pluginmanager.register(WorkerSchedule(workerinput["workercount"], is_costly), "attention-schedule")
     if (count := config.getoption("--slowest-files")) > 0 and not hasattr(config, "workerinput"):
         config.pluginmanager.register(SlowestFiles(count), "attention-slowest-files")
     # Resolved now, so a typo is one usage error; conftest files of the paths given to pytest
@@ -193,42 +202,40 @@ def skip_reason(impl_name: str, device: str, dtype: torch.dtype | None, needs: t
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    slow = {item for item in items if item.get_closest_marker("slow")}
-    costly: set[pytest.Item] = set()
-    skipped: set[pytest.Item] = set()
     for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        names = [params[key] for key in ("impl_name", "source_name", "target_name") if key in params]
+        params = _params(item)
+        names = _implementations(params)
         if not names:
             continue
-        device = params.get("device", "cpu")
         needs = tuple(cap for mark in item.iter_markers("attention_needs") for cap in mark.args)
         for name in dict.fromkeys(names):
-            reason = skip_reason(name, device, params.get("dtype"), needs)
+            reason = skip_reason(name, params.get("device", "cpu"), params.get("dtype"), needs)
             if reason is not None:
                 item.add_marker(pytest.mark.skip(reason=f"{name}: {reason}"))
-                skipped.add(item)
                 break
-        else:
-            # A case run on a device it names (not a one-call check of bad input) of an
-            # implementation that compiles or interprets there: seconds, not milliseconds.
-            if "device" in params and any(_is_costly(name, device) for name in names):
-                costly.add(item)
-    # Tests marked slow first, then costly cases, skipped ones last, each group in collection
-    # order: under pytest -n the long cases then start early and spread over the workers, and
-    # short ones fill the end instead of one worker finishing a long case alone
-    # (docs/design.md#suite-sizing).
-    rank = {**dict.fromkeys(costly, 1), **dict.fromkeys(slow, 0), **dict.fromkeys(skipped, 3)}
-    items[:] = sorted(items, key=lambda item: rank.get(item, 2))
 
 
-def _is_costly(impl_name: str, device: str) -> bool:
-    """Whether ``impl_name``'s cases on ``device`` pay seconds each: it runs interpreted there, or
-    compiles per shape (what :func:`attention.suite.support.sizing_for` sizes them down for)."""
+def _params(node: pytest.Item | pytest.Collector) -> dict[str, Any]:
+    return getattr(getattr(node, "callspec", None), "params", {})
+
+
+def _implementations(params: dict[str, Any]) -> list[str]:
+    """The implementations a test item runs: its ``impl_name``, or its source and target."""
+    return [params[key] for key in ("impl_name", "source_name", "target_name") if key in params]
+
+
+def is_costly(item: pytest.Item) -> bool:
+    """Whether ``item`` is one of the suite's long cases: it runs on a device it names (not a
+    one-call check of bad input) an implementation that compiles per shape or runs interpreted
+    there (what :func:`attention.suite.support.sizing_for` sizes down): seconds, not milliseconds."""
     import attention
     from attention.suite import support
 
-    return support.sizing_for(attention.get(impl_name), device) is not support.FULL
+    params = _params(item)
+    if "device" not in params:
+        return False
+    device = params["device"]
+    return any(support.sizing_for(attention.get(name), device) is not support.FULL for name in _implementations(params))
 
 
 @pytest.fixture(autouse=True)
@@ -236,8 +243,8 @@ def _attention_sizing(request: pytest.FixtureRequest):
     """Size the running test's drawn cases for its implementation(s) on its device
     (:func:`attention.suite.support.sizing_for`): shapes through the sizing the strategies read,
     and the example count of its Hypothesis test, both put back afterwards."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    names = [params[key] for key in ("impl_name", "source_name", "target_name") if key in params]
+    params = _params(request.node)
+    names = _implementations(params)
     if not names:
         yield
         return

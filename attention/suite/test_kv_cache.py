@@ -46,7 +46,9 @@ MASK_KINDS = mask_kinds("causal", "sliding_window", "prefix_lm", "document")
 #: new compile of every chunk shape), and skip fp16 (bf16 covers half precision): about a hundred
 #: compiles in all. On CPU all is drawn freely.
 CUDA_SPLITS = (9, 1, 1, 6, 1, 1, 1, 1, 1, 1, 1)  # 24 tokens
-CUDA_MAX_TOKENS, CUDA_CONTEXT_LENGTH = 27, 30  # a cache the sequence does not fill, in a longer context
+#: A cache the sequence does not fill, in a longer context (a full cache: the CPU cases draw it).
+CUDA_MAX_TOKENS = sum(CUDA_SPLITS) + 3
+CUDA_CONTEXT_LENGTH = CUDA_MAX_TOKENS + 3
 CACHE_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.id != "cuda-fp16"]
 
 
