@@ -155,9 +155,12 @@ def compiled_flex_attention(q: Tensor, k: Tensor, pattern: tuple = ()) -> Callab
     Prefill and training calls (``Tq > 1``) are compiled for their exact shapes, so kernels are
     specialised and each code object compiles once. One-token decode steps, whose key length
     grows every step, share one code object per batch and head layout: dynamo's automatic
-    dynamic shapes make the key length symbolic at the second length seen, so decoding compiles
-    twice, not once per step, and batch and heads stay static, which the flex-decoding kernel
-    needs (with them symbolic it falls back to the main kernel, 10x slower for GQA).
+    dynamic shapes make the key length symbolic at the second length seen, and the BlockMask's
+    block count when the cache passes one block (dynamo specialises a size of 1), so decoding
+    compiles three times, not once per step; marking the key length dynamic up front does not
+    help, the BlockMask's lengths are Python ints. Batch and heads stay static, which the
+    flex-decoding kernel needs (with them symbolic it falls back to the main kernel, 10x slower
+    for GQA).
     ``pattern`` (:func:`pattern_key` of the mask) keys them too: dynamo guards on the mask's code
     and constants, so nine patterns sharing one code object would hit the recompile limit.
     """
