@@ -98,7 +98,7 @@ def test_xdist_workers_start_with_the_long_cases_and_a_plain_run_keeps_pytests_o
     (tmp_path / "test_theirs.py").write_text(THEIRS)
     (tmp_path / "conftest.py").write_text(CONFTEST)
 
-    plain = _pytest(tmp_path)
+    plain = _pytest(tmp_path, "--collect-only")  # the order it would run in
     assert plain.returncode == 0, plain.stdout + plain.stderr
     collected = json.loads((tmp_path / "order-main.json").read_text())
     assert collected.index("test_theirs::test_quick") < collected.index("test_theirs::test_long")
