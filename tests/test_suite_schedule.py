@@ -12,13 +12,7 @@ import torch
 
 from attention.suite.schedule import deal
 
-PLAIN = """
-import torch.nn.functional as F
-
-
-def plain_causal(q, k, v):  # (B, H, T, D) -> (B, H, T, D)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-"""
+from .test_suite_plugin import PLAIN
 
 THEIRS = """
 import pytest

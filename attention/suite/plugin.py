@@ -39,6 +39,8 @@ from .timing import SlowestFiles
 if TYPE_CHECKING:
     import torch
 
+    from .support import Sizing
+
 #: The implementation every pairwise test also pairs with: the readable from-scratch path.
 REFERENCE = "from_scratch"
 
@@ -224,18 +226,26 @@ def _implementations(params: dict[str, Any]) -> list[str]:
     return [params[key] for key in ("impl_name", "source_name", "target_name") if key in params]
 
 
-def is_costly(item: pytest.Item) -> bool:
-    """Whether ``item`` is one of the suite's long cases: it runs on a device it names (not a
-    one-call check of bad input) an implementation that compiles per shape or runs interpreted
-    there (what :func:`attention.suite.support.sizing_for` sizes down): seconds, not milliseconds."""
+def _case_sizing(params: dict[str, Any]) -> Sizing:
+    """How a case of these parameters is sized (:func:`attention.suite.support.sizing_for` of its
+    implementations on its device). The costlier one sizes a pair: an interpreter's few tiles,
+    then a compiler's menu of shapes."""
     import attention
     from attention.suite import support
 
+    device = params.get("device", "cpu")
+    sizes = [support.sizing_for(attention.get(name), device) for name in _implementations(params)]
+    return next((s for s in (support.INTERPRETED, support.COMPILED) if s in sizes), support.FULL)
+
+
+def is_costly(item: pytest.Item) -> bool:
+    """Whether ``item`` is one of the suite's long cases: it runs on a device it names (not a
+    one-call check of bad input) an implementation that compiles per shape or runs interpreted
+    there, which the suite sizes down: seconds, not milliseconds."""
+    from attention.suite import support
+
     params = _params(item)
-    if "device" not in params:
-        return False
-    device = params["device"]
-    return any(support.sizing_for(attention.get(name), device) is not support.FULL for name in _implementations(params))
+    return "device" in params and _case_sizing(params) is not support.FULL
 
 
 @pytest.fixture(autouse=True)
@@ -244,17 +254,12 @@ def _attention_sizing(request: pytest.FixtureRequest):
     (:func:`attention.suite.support.sizing_for`): shapes through the sizing the strategies read,
     and the example count of its Hypothesis test, both put back afterwards."""
     params = _params(request.node)
-    names = _implementations(params)
-    if not names:
+    if not _implementations(params):
         yield
         return
-    import attention
     from attention.suite import support
 
-    device = params.get("device", "cpu")
-    sizes = [support.sizing_for(attention.get(name), device) for name in names]
-    # The costlier one sizes a pair: an interpreter's few tiles, then a compiler's menu of shapes.
-    size = next((s for s in (support.INTERPRETED, support.COMPILED) if s in sizes), support.FULL)
+    size = _case_sizing(params)
     token = support.use_sizing(size)
     test: Any = getattr(request.node, "obj", None)  # the test function, with Hypothesis's attribute
     # Hypothesis reads a test's settings from this attribute each time it runs the test.
