@@ -253,3 +253,31 @@ def test_a_run_without_pytest_benchmark_names_the_extra_before_any_case_runs(mon
     assert cli.main(["run"]) == 2
     out = capsys.readouterr().out
     assert "pytest-benchmark" in out and 'pip install "attention-suite[perf]"' in out
+
+
+def test_a_compare_with_a_baseline_times_cases_as_the_baseline_was_timed(tmp_path, monkeypatch, capsys):
+    """Forward+backward cases are captured in CUDA graphs by default, but a baseline recorded with
+    ``--perf-graphs=fwd`` timed them eagerly: a compare against it times them eagerly too (else
+    none would be compared), unless the command names a policy."""
+    baselines = tmp_path / "b"
+    write_run(make_run({KEY: {"median": 1e-3}}, with_machine(graphs="fwd")), baselines / H100["slug"] / "baseline.json")
+    seen: list[list[str]] = []
+
+    def policy_of(argv: list[str]) -> list[str]:
+        """The --perf-graphs arguments the CLI gives pytest for this command."""
+        fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
+        fake = launcher.pytest_run
+
+        def recording(label, args, extra, *rest, **kwargs):
+            seen.append(extra)
+            return fake(label, args, extra, *rest, **kwargs)
+
+        monkeypatch.setattr(launcher, "pytest_run", recording)
+        cli.main([*argv, "--out", str(tmp_path), "--baselines", str(baselines), "--confirm", "0"])
+        return [a for a in seen.pop() if a.startswith("--perf-graphs")]
+
+    assert policy_of(["--benchmark-compare"]) == ["--perf-graphs=fwd"]
+    assert "Timing cases as" in capsys.readouterr().out
+    assert policy_of(["--benchmark-compare", "--perf-graphs=all"]) == ["--perf-graphs=all"]  # the user's word
+    monkeypatch.setattr(cli, "_resolve", lambda args, extra, cuda: None)  # a plain run: the plugin's default
+    assert policy_of([]) == []

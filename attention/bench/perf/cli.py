@@ -240,6 +240,21 @@ def _pytest_args(args: argparse.Namespace, target: flags.CompareTarget | None, o
     return []
 
 
+def _graph_policy(extra: list[str], target: flags.CompareTarget | None) -> list[str]:
+    """A compare with a baseline times each case as the baseline was timed (its ``--perf-graphs``)
+    unless the command names a policy: a case timed eagerly on one side and replayed from a CUDA
+    graph on the other is not compared at all (``timing_mode_changed``)."""
+    from .runner import GRAPH_POLICIES
+
+    if target is None or target.kind not in ("baseline", "file") or flags.given(extra, "--perf-graphs"):
+        return []
+    policy = load_run(target.path).machine.get("graphs")
+    if policy not in GRAPH_POLICIES:
+        return []
+    _say(f"Timing cases as {target.path} was timed: --perf-graphs={policy}")
+    return [f"--perf-graphs={policy}"]
+
+
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
@@ -260,7 +275,12 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         stale.unlink()
     if not cuda:
         _say(NO_CUDA)
-    extra = [*extra, *(f"--perf-impl={spec}" for spec in args.impl), *_pytest_args(args, target, out)]
+    extra = [
+        *extra,
+        *(f"--perf-impl={spec}" for spec in args.impl),
+        *_pytest_args(args, target, out),
+        *_graph_policy(extra, target),
+    ]
     if args.benchmark_disable:
         extra.append("--benchmark-disable")
     status, runs, started = 0, [], time.time()

@@ -9,7 +9,10 @@ case modules of :mod:`attention.bench.perf.cases`, from any directory; in this c
 * ``--perf-impl NAME|module:attr`` (repeatable): time only these implementations, besides the
   references every grid has (``raw_sdpa``, ``gemms``); default every registered one.
 * ``--perf-device``: default ``cuda`` when present.
-* ``--perf-graphs fwd|all|none``: which cases are timed as CUDA-graph replays (default forward only).
+* ``--perf-graphs all|fwd|none``: which cases are timed as CUDA-graph replays: every case that
+  captures (default), forward cases only, or none. Eager forward+backward cases include the CPU's
+  dispatch, which varied up to ±11% between A/A runs; captured, ±0.2-5%
+  (docs/design.md#graph-timed-training-steps).
 * ``--perf-budget SECONDS``: timed seconds per case (rounds follow, 10..100).
 * ``--perf-cases FILE``: only the case ids listed (one per line), in that order: one GPU's shard
   of a ``--gpus`` run (:mod:`.shard`); ``--perf-list-cases FILE`` writes the selected ones
@@ -63,7 +66,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="time this implementation (repeatable; default: every registered one); references always run",
     )  # fmt: skip
     group.addoption("--perf-device", default=None, help="cuda or cpu (default: cuda when present)")
-    group.addoption("--perf-graphs", choices=runner.GRAPH_POLICIES, default="fwd", help="CUDA-graph capture policy")
+    group.addoption(
+        "--perf-graphs", choices=runner.GRAPH_POLICIES, default="all", help="cases timed as CUDA-graph replays"
+    )
     group.addoption("--perf-budget", type=float, default=runner.DEFAULT_BUDGET_S, help="timed seconds per case")
     group.addoption("--perf-log", default=None, help="append one JSON line per finished case to this file")
     group.addoption("--perf-run-label", default="run", help="label of this run in the --perf-log file")

@@ -42,7 +42,7 @@ from ..timing import CudaEventClock, L2Flusher, clock_for, cuda_graph
 from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, Workload
 from . import probe, spin
 
-GRAPH_POLICIES = ("fwd", "all", "none")
+GRAPH_POLICIES = ("all", "fwd", "none")
 EAGER = "eager: includes dispatch"
 GRAPH = "cuda-graph"
 #: Untimed pedantic rounds before the timed ones (after the warm-up calls that compile).
@@ -58,7 +58,7 @@ DEFAULT_BUDGET_S = 0.2
 @dataclass
 class RunOptions:
     device: str
-    graphs: str = "fwd"  # capture forward cases ("fwd"), every case ("all") or none
+    graphs: str = "all"  # capture every case ("all"), forward cases ("fwd") or none
     budget_s: float = DEFAULT_BUDGET_S  # timed seconds per case; rounds follow from it
     min_rounds: int = 10
     max_rounds: int = 100
