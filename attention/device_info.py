@@ -1,4 +1,4 @@
-"""What the kernels size their launches by: a device's SM count and shared memory, looked up once."""
+"""What the kernels size and launch by: a device's SM count, shared memory and launch features, looked up once."""
 
 from __future__ import annotations
 
@@ -22,3 +22,10 @@ def shared_bytes_per_sm(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return getattr(_properties(device), "shared_memory_per_multiprocessor", None)
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may be launched as programmatic dependents (Hopper on): a
+    kernel so launched can start before the one ahead of it in the stream finishes, and waits for
+    it (``griddepcontrol.wait``) before reading what it wrote (docs/design.md#triton-decode)."""
+    return device.type == "cuda" and torch.cuda.is_available() and _properties(device).major >= 9

@@ -143,6 +143,7 @@ class MHATritonAttention(AttentionBase):
         group: int = 1,
     ) -> dict[str, object]:
         """Which kernels and tiles a call of this shape runs (recorded beside perf results)."""
+        from .device_info import programmatic_launch
         from .kernels import decode
         from .kernels.launch import dkdv_blocks, padded_head_dim, prefill_blocks
 
@@ -154,6 +155,7 @@ class MHATritonAttention(AttentionBase):
                 "BLOCK_N": step.block_n,
                 "num_stages": step.num_stages,
                 "min_split": decode.MIN_SPLIT_KEYS,
+                "programmatic_launch": programmatic_launch(device),
             }
         config: dict[str, object] = {"kernel": "prefill", **prefill_blocks(dtype, head_dim, device).as_dict()}
         if grad:

@@ -9,6 +9,11 @@ partial sums, rescaled by their running maxima. Where one split covers the keys 
 many sequences, the CPU interpreter) it normalises and writes the output itself: one launch.
 
 Lengths and offsets are not specialised on, so a growing cache never recompiles.
+
+On Hopper and later both kernels are launched as programmatic dependents: each may start while
+the kernel ahead of it in the stream (the split before its merge, a layer's merge before the next
+layer's split) is finishing, waits for it before reading anything, and at once lets the kernel
+after it start the same way, so a decode step's launch gaps overlap the work around them.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import checks
-from ..device_info import multiprocessors, shared_bytes_per_sm
+from ..device_info import multiprocessors, programmatic_launch, shared_bytes_per_sm
 from .launch import Kernel, check_scale, dot_precision, head_dim_args
 from .prefill import LOG2E
-from .tiles import head_dims, load_columns, load_rows, softmax_step
+from .tiles import head_dims, load_columns, load_rows, softmax_step, wait_for_previous_kernel
 
 #: Visibility inside the kernel: every cached key, causal (query ``t`` sees keys up to
 #: ``q_offset + t``), or a dense ``(B|1, H|1, Tq, Tk)`` bool mask.
@@ -56,7 +61,9 @@ def _split(
     H_KV, G, q_len, kv_len, q_offset, split_len, n_splits, qk_scale,
     head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VISIBLE: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous_kernel(PDL)
     bhk = tl.program_id(0)
     split = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
@@ -112,9 +119,11 @@ def _merge(
     sob, soh, sot, sod,
     H, q_len, n_splits,
     head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # Splits are read BLOCK_S at a time with a running max, so the split count is a runtime value
     # (no recompile as a cache grows) and a long cache's hundreds of splits never make one tile.
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0)  # (b, h, t) flattened
     b = row // (H * q_len)
     h = (row // q_len) % H
@@ -218,6 +227,8 @@ def attend(
     splits = triton.cdiv(tk, split_len)
     out = torch.empty_like(q)  # (B, H, Tq, hd)
     final = splits == 1  # one split writes the output itself: one launch, no partial sums
+    pdl = programmatic_launch(q.device)
+    launch: dict[str, bool] = {"launch_pdl": True} if pdl else {}  # the interpreter takes no such option
     if final:
         part_o = part_m = part_l = out  # never read or written
     else:
@@ -235,12 +246,13 @@ def attend(
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         h_kv, h // h_kv, tq, tk, q_offset, split_len, splits, scale * LOG2E,
         **dim_args, BLOCK_M=block_m, BLOCK_N=step.block_n,
-        VISIBLE=visible, PRECISION=dot_precision(q.dtype), FINAL=final, num_warps=4, num_stages=step.num_stages,
+        VISIBLE=visible, PRECISION=dot_precision(q.dtype), FINAL=final, PDL=pdl,
+        num_warps=4, num_stages=step.num_stages, **launch,
     )  # fmt: skip
     if final:
         return out
     MERGE.on(q.device)[(b * h * tq,)](
         part_o, part_m, part_l, out, *out.stride(), h, tq, splits,
-        **dim_args, BLOCK_S=MERGE_SPLITS, num_warps=4,
+        **dim_args, BLOCK_S=MERGE_SPLITS, PDL=pdl, num_warps=4, **launch,
     )  # fmt: skip
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..block_table import EMPTY_TILE
 
@@ -58,6 +59,16 @@ def softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
     # accumulator's registers between tensor-core steps, which ptxas then serializes (C7515).
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """For a kernel launched as a programmatic dependent (``launch_pdl``, when ``PDL``): wait until
+    the kernel ahead of it in the stream has finished and its writes are visible, then let the
+    next kernel start launching. Called first, before any load: nothing is read early."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 EMPTY = tl.constexpr(EMPTY_TILE)  # a global a kernel reads must be a constexpr
