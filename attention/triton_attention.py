@@ -143,7 +143,7 @@ class MHATritonAttention(AttentionBase):
         group: int = 1,
     ) -> dict[str, object]:
         """Which kernels and tiles a call of this shape runs (recorded beside perf results)."""
-        from .device_info import programmatic_launch
+        from .device_info import supports_programmatic_launch
         from .kernels import decode
         from .kernels.launch import dkdv_blocks, padded_head_dim, prefill_blocks
 
@@ -155,7 +155,7 @@ class MHATritonAttention(AttentionBase):
                 "BLOCK_N": step.block_n,
                 "num_stages": step.num_stages,
                 "min_split": decode.MIN_SPLIT_KEYS,
-                "programmatic_launch": programmatic_launch(device),
+                "programmatic_launch": supports_programmatic_launch(device),
             }
         config: dict[str, object] = {"kernel": "prefill", **prefill_blocks(dtype, head_dim, device).as_dict()}
         if grad:
@@ -210,7 +210,7 @@ def _import_problem() -> str | None:
     import (no driver it can load, a build for another Python or CUDA), and a question about
     availability must answer with that reason, never raise it."""
     try:
-        importlib.import_module("attention.kernels.launch")  # imports triton
+        importlib.import_module("attention.kernels.decode")  # imports triton, and every kernel module
     except Exception as error:  # whatever triton's own import raised
         return f"the triton package is installed but failed to import ({type(error).__name__}: {error})"
     return None

@@ -64,6 +64,15 @@ def test_record_merges_runs_and_writes_thresholds(tmp_path, capsys):
     assert cli.main(["compare", runs[1], "--baselines", str(tmp_path / "b")]) == 0
 
 
+def test_record_and_spread_refuse_runs_timed_under_different_graph_policies(tmp_path, capsys):
+    """A case's middle run, or its spread, must not mix eager and graph-replayed timings."""
+    runs = [write(tmp_path, f"{p}.json", 1e-3, machine=with_machine(graphs=p)) for p in ("fwd", "all")]
+    assert cli.main(["record", *runs, "--baselines", str(tmp_path / "b")]) == 2
+    assert "different --perf-graphs policies" in capsys.readouterr().out
+    assert not (tmp_path / "b").exists()
+    assert cli.main(["spread", *runs]) == 2
+
+
 def test_record_refuses_cpu_runs_and_guard_failures(tmp_path, capsys):
     cpu = with_machine(device="cpu", gpu_name=None, slug="cpu")
     assert cli.main(["record", write(tmp_path, "cpu.json", machine=cpu), "--baselines", str(tmp_path)]) == 2
@@ -261,23 +270,24 @@ def test_a_compare_with_a_baseline_times_cases_as_the_baseline_was_timed(tmp_pat
     none would be compared), unless the command names a policy."""
     baselines = tmp_path / "b"
     write_run(make_run({KEY: {"median": 1e-3}}, with_machine(graphs="fwd")), baselines / H100["slug"] / "baseline.json")
-    seen: list[list[str]] = []
 
-    def policy_of(argv: list[str]) -> list[str]:
-        """The --perf-graphs arguments the CLI gives pytest for this command."""
-        fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
-        fake = launcher.pytest_run
+    def policies(argv: list[str], medians: list[float]) -> list[list[str]]:
+        """The --perf-graphs arguments the CLI gives each pytest process of this command."""
+        fake_gpu_runs(monkeypatch, tmp_path, medians)
+        fake, seen = launcher.pytest_run, []
 
         def recording(label, args, extra, *rest, **kwargs):
-            seen.append(extra)
+            seen.append([a for a in extra if a.startswith("--perf-graphs")])
             return fake(label, args, extra, *rest, **kwargs)
 
         monkeypatch.setattr(launcher, "pytest_run", recording)
-        cli.main([*argv, "--out", str(tmp_path), "--baselines", str(baselines), "--confirm", "0"])
-        return [a for a in seen.pop() if a.startswith("--perf-graphs")]
+        cli.main([*argv, "--out", str(tmp_path), "--baselines", str(baselines)])
+        return seen
 
-    assert policy_of(["--benchmark-compare"]) == ["--perf-graphs=fwd"]
+    assert policies(["--benchmark-compare"], [1e-3]) == [["--perf-graphs=fwd"]]
     assert "Timing cases as" in capsys.readouterr().out
-    assert policy_of(["--benchmark-compare", "--perf-graphs=all"]) == ["--perf-graphs=all"]  # the user's word
+    # A flagged case is re-timed in a fresh process the same way.
+    assert policies(["--benchmark-compare", "--confirm", "1"], [1.3e-3, 1.3e-3]) == [["--perf-graphs=fwd"]] * 2
+    assert policies(["--benchmark-compare", "--perf-graphs=all"], [1e-3]) == [["--perf-graphs=all"]]  # the user's
     monkeypatch.setattr(cli, "_resolve", lambda args, extra, cuda: None)  # a plain run: the plugin's default
-    assert policy_of([]) == []
+    assert policies([], [1e-3]) == [[]]

@@ -25,7 +25,7 @@ from attention.suite.support import CUDA, DEVICES, oracle_and_baseline_grads, ra
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 from attention.block_table import build_block_table
-from attention.device_info import multiprocessors
+from attention.device_info import supports_programmatic_launch
 from attention.kernels import decode, launch, prefill
 from attention.kernels.launch import Blocks, prefill_blocks
 
@@ -186,18 +186,19 @@ def test_decode_merges_more_splits_than_one_merge_step_reads() -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
 def test_decode_steps_chained_in_a_cuda_graph_wait_for_each_other(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On Hopper the decode kernels are launched as programmatic dependents, free to start before
-    the kernel ahead of them finishes. Chained in one CUDA graph, each call's queries the previous
-    call's output (split, merge, split, ...), every kernel must still read finished writes: the
-    replay equals the same chain launched plainly, bit for bit."""
+    """On NVIDIA Hopper and later the decode kernels are launched as programmatic dependents, free
+    to start before the kernel ahead of them finishes. Chained in one CUDA graph, each call's
+    queries the previous call's output (split, merge, split, ...), every kernel must still read
+    finished writes: the replay equals the same chain launched plainly, bit for bit."""
     _skip_where_unavailable("cuda")
+    if not supports_programmatic_launch(torch.device("cuda")):
+        pytest.skip("this GPU has no programmatic dependent launch (NVIDIA compute capability 9.0 on)")
     tk, hd = 4096, 128
-    q, k, v = (t.to(torch.bfloat16) for t in _inputs(8, 16, 4, 1, tk, hd, "cuda", seed=3))  # 4 splits each
-    assert decode.num_splits(8, 4, tk, multiprocessors(q.device)) > 1  # a merge in every step
+    q, k, v = (t.to(torch.bfloat16) for t in _inputs(8, 16, 4, 1, tk, hd, "cuda", seed=3))
 
     def chain(x: torch.Tensor) -> torch.Tensor:
-        for _ in range(6):
-            x = decode.attend(x, k, v, 1 / math.sqrt(hd), q_offset=tk - 1, visible=decode.ALL)  # (B, H, 1, hd)
+        for _ in range(6):  # 4 splits: a split and a merge kernel per call
+            x = decode.attend(x, k, v, hd**-0.5, q_offset=tk - 1, visible=decode.ALL, splits=4)  # (B, H, 1, hd)
         return x
 
     static = q.clone()
@@ -207,7 +208,7 @@ def test_decode_steps_chained_in_a_cuda_graph_wait_for_each_other(monkeypatch: p
         captured = chain(static)
     graph.replay()
     with monkeypatch.context() as plain:
-        plain.setattr(decode, "programmatic_launch", lambda device: False)
+        plain.setattr(decode, "supports_programmatic_launch", lambda device: False)
         expected = chain(q)
     torch.cuda.synchronize()
     assert torch.equal(captured, expected)

@@ -10,7 +10,7 @@ many sequences, the CPU interpreter) it normalises and writes the output itself:
 
 Lengths and offsets are not specialised on, so a growing cache never recompiles.
 
-On Hopper and later both kernels are launched as programmatic dependents: each may start while
+On NVIDIA Hopper and later both kernels are launched as programmatic dependents: each may start while
 the kernel ahead of it in the stream (the split before its merge, a layer's merge before the next
 layer's split) is finishing, waits for it before reading anything, and at once lets the kernel
 after it start the same way, so a decode step's launch gaps overlap the work around them.
@@ -26,10 +26,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import checks
-from ..device_info import multiprocessors, programmatic_launch, shared_bytes_per_sm
+from ..device_info import multiprocessors, shared_bytes_per_sm, supports_programmatic_launch
 from .launch import Kernel, check_scale, dot_precision, head_dim_args
 from .prefill import LOG2E
-from .tiles import head_dims, load_columns, load_rows, softmax_step, wait_for_previous_kernel
+from .tiles import head_dims, load_columns, load_rows, programmatic_handoff, softmax_step
 
 #: Visibility inside the kernel: every cached key, causal (query ``t`` sees keys up to
 #: ``q_offset + t``), or a dense ``(B|1, H|1, Tq, Tk)`` bool mask.
@@ -63,7 +63,7 @@ def _split(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VISIBLE: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
-    wait_for_previous_kernel(PDL)
+    programmatic_handoff(PDL)
     bhk = tl.program_id(0)
     split = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
@@ -123,7 +123,7 @@ def _merge(
 ):  # fmt: skip
     # Splits are read BLOCK_S at a time with a running max, so the split count is a runtime value
     # (no recompile as a cache grows) and a long cache's hundreds of splits never make one tile.
-    wait_for_previous_kernel(PDL)
+    programmatic_handoff(PDL)
     row = tl.program_id(0)  # (b, h, t) flattened
     b = row // (H * q_len)
     h = (row // q_len) % H
@@ -227,8 +227,8 @@ def attend(
     splits = triton.cdiv(tk, split_len)
     out = torch.empty_like(q)  # (B, H, Tq, hd)
     final = splits == 1  # one split writes the output itself: one launch, no partial sums
-    pdl = programmatic_launch(q.device)
-    launch: dict[str, bool] = {"launch_pdl": True} if pdl else {}  # the interpreter takes no such option
+    pdl = supports_programmatic_launch(q.device)
+    launch: dict[str, bool] = {"launch_pdl": True} if pdl else {}  # only where supported: the interpreter refuses it
     if final:
         part_o = part_m = part_l = out  # never read or written
     else:

@@ -62,10 +62,10 @@ def softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def wait_for_previous_kernel(PDL: tl.constexpr):
+def programmatic_handoff(PDL: tl.constexpr):
     """For a kernel launched as a programmatic dependent (``launch_pdl``, when ``PDL``): wait until
-    the kernel ahead of it in the stream has finished and its writes are visible, then let the
-    next kernel start launching. Called first, before any load: nothing is read early."""
+    the kernel ahead of it in the stream has finished and its writes are visible, then release the
+    next kernel to start launching. Called first, before any load: nothing is read early."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()

@@ -25,7 +25,7 @@
   derives per-case thresholds from the spread. ``--gpus N|all`` spreads the cases over several
   GPUs of the host (:mod:`.shard`): one pytest process per GPU, one merged run; an A/B still
   times both revisions of a case on the same GPU. Other arguments go to pytest (``-k flex``,
-  ``--perf-graphs=all``, pytest-benchmark's own flags). No CUDA GPU: the tiny CPU grid runs to show
+  ``--perf-graphs=fwd``, pytest-benchmark's own flags). No CUDA GPU: the tiny CPU grid runs to show
   the machinery working, nothing is compared or recorded, and the exit status is pytest's.
 * ``calibrate``: measure the A/B gate itself on this GPU (false alarms, power against injected
   slowdowns, the minimum effect it supports at ``--alpha``): :mod:`.calibrate`.
@@ -241,17 +241,22 @@ def _pytest_args(args: argparse.Namespace, target: flags.CompareTarget | None, o
 
 
 def _graph_policy(extra: list[str], target: flags.CompareTarget | None) -> list[str]:
-    """A compare with a baseline times each case as the baseline was timed (its ``--perf-graphs``)
-    unless the command names a policy: a case timed eagerly on one side and replayed from a CUDA
-    graph on the other is not compared at all (``timing_mode_changed``)."""
+    """A compare with a baseline or a saved run times each case as that run was timed (its
+    ``--perf-graphs``) unless the command names a policy: a case timed eagerly on one side and
+    replayed from a CUDA graph on the other measures dispatch on one side only (our compare
+    refuses such a pair, ``timing_mode_changed``)."""
     from .runner import GRAPH_POLICIES
 
-    if target is None or target.kind not in ("baseline", "file") or flags.given(extra, "--perf-graphs"):
+    if target is None or target.kind == "revision" or flags.given(extra, "--perf-graphs"):
         return []
-    policy = load_run(target.path).machine.get("graphs")
+    recorded = target.path or Path(str(target.value))  # a saved run: the file pytest-benchmark reads
+    try:
+        policy = load_run(recorded).machine.get("graphs")
+    except PerfError:  # a saved run of another suite says nothing of ours: pytest-benchmark compares it
+        return []
     if policy not in GRAPH_POLICIES:
         return []
-    _say(f"Timing cases as {target.path} was timed: --perf-graphs={policy}")
+    _say(f"Timing cases as {recorded} was timed: --perf-graphs={policy}")
     return [f"--perf-graphs={policy}"]
 
 

@@ -204,6 +204,7 @@ def load_runs(paths: list[str] | list[Path]) -> list[Run]:
             raise PerfError(f"the same file is given twice ({seen[real]} and {path}): give each run once")
         seen[real] = path
     runs = [load_run(path) for path in paths]
+    check_one_graph_policy(runs)
     timings: dict[tuple, str] = {}
     for run in runs:
         same = timings.setdefault(_timings(run), run.path)
@@ -259,10 +260,20 @@ def check_comparable(baseline: Run, current: Run) -> list[str]:
     return warnings
 
 
+def check_one_graph_policy(runs: list[Run]) -> None:
+    """Refuse (:class:`Refused`) runs timed under different ``--perf-graphs`` policies: a case's
+    middle run, or its spread, would mix eager and graph-replayed timings."""
+    policies = {run.path: run.machine.get("graphs") for run in runs}
+    if len(set(policies.values())) > 1:
+        listed = ", ".join(f"{path}: {policy}" for path, policy in policies.items())
+        raise Refused(f"refusing to combine runs timed under different --perf-graphs policies ({listed})")
+
+
 def merge_runs(runs: list[Run]) -> Run:
     """One run made of the middle run of each case (by median): a steadier baseline than any one run."""
     if not runs:
         raise ValueError("no runs to merge")
+    check_one_graph_policy(runs)
     for other in runs[1:]:
         check_comparable(runs[0], other)
     keys = list(dict.fromkeys(k for run in runs for k in run.records))

@@ -6,9 +6,10 @@ Order of events for one case, all outside the timed rounds except the timed call
    BlockMask creation happen here;
 2. one call from a peak-memory reset: ``peak_mem_mib`` is what the call adds on top of its inputs;
 3. one profiled call: the SDPA backend, whether flex ran fused (:mod:`.probe`);
-4. forward cases are captured in a CUDA graph, so launch overhead (which dominates small cases)
-   is not timed; where capture fails, or for backward (by default), the case runs eagerly and
-   says ``"eager: includes dispatch"``;
+4. the case is captured in a CUDA graph (every case by default, forward+backward included;
+   ``--perf-graphs=fwd`` forward cases only), so launch overhead, which dominates small cases,
+   is not timed; where capture fails or the case is too large to hold twice, or by the policy,
+   it runs eagerly and says ``"eager: includes dispatch"``;
 5. ``benchmark.pedantic`` with the CUDA-event clock: before every round the grads are cleared and
    the L2 cache flushed (cold-cache numbers, as docs/design.md#method).
 
