@@ -35,9 +35,13 @@ class MultiHeadAttentionCombinedQKV(AttentionBase):
         """Softmax attention weights ``(B, H, Tq, Tk)``; rows with no visible key are zeros."""
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
-        # Scale q, not the product: in fp16 q·k can overflow (inf, then NaN) where the scaled
-        # logits fit, as the fused kernels (which scale inside) never do.
-        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, Tq, Tk)
+        # Scaled inside the matrix product (alpha), in its fp32 accumulator: in fp16 q·k can
+        # overflow (inf, then NaN) where the scaled logits fit, and scaling q first rounds it,
+        # which costs small logits of long vectors their accuracy (docs/design.md#fp16-logits).
+        b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        scores = torch.baddbmm(
+            q.new_empty(1, 1, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(-2, -1), beta=0, alpha=self.scale
+        ).view(b, h, tq, tk)  # (B, H, Tq, Tk)
         if self.score_mod is not None:
             scores = apply_dense(self.score_mod, scores, q_offset)  # (B, H, Tq, Tk)
         visible = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)
