@@ -48,7 +48,8 @@ PLUGIN_SOURCE = textwrap.dedent(
             t_k = k.shape[2]
             groups = h // self.num_kv_heads
             q = q.unflatten(1, (self.num_kv_heads, groups))  # (B, H_kv, G, Tq, hd)
-            scores = torch.einsum("bkgqd,bksd->bkgqs", q * self.scale, k)  # (B, H_kv, G, Tq, Tk), fp16-safe
+            # Scores in fp32: fp16 can overflow q·k, and rounding q * scale to fp16 costs small scores accuracy.
+            scores = torch.einsum("bkgqd,bksd->bkgqs", q.float(), k.float()) * self.scale  # (B, H_kv, G, Tq, Tk)
             visible = self._dense_mask(q.flatten(1, 2), k, q_offset, document_ids)
             visible = visible.expand(b, h, t_q, t_k).unflatten(1, (self.num_kv_heads, groups))
             scores = scores.masked_fill(~visible, float("-inf"))
@@ -56,8 +57,8 @@ PLUGIN_SOURCE = textwrap.dedent(
             peak = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).min).detach()
             numerator = torch.exp(scores - peak)  # (B, H_kv, G, Tq, Tk)
             total = numerator.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
-            context = torch.einsum("bkgqs,bksd->bkgqd", numerator / total, v)  # (B, H_kv, G, Tq, hd)
-            return context.flatten(1, 2)  # (B, H, Tq, hd)
+            context = torch.einsum("bkgqs,bksd->bkgqd", numerator / total, v.float())  # (B, H_kv, G, Tq, hd)
+            return context.flatten(1, 2).to(v.dtype)  # (B, H, Tq, hd)
     '''
 )
 
