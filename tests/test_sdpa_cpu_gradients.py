@@ -16,11 +16,14 @@ FIRST_FAILED = Config(
 )
 
 
-def test_sdpa_declares_its_allowance_on_cpu_only():
-    sdpa = attention.get("sdpa")
+def test_flash_style_backwards_declare_their_allowances():
+    """SDPA on CPU (docs/design.md#sdpa-on-cpu-gradients) and triton everywhere
+    (docs/design.md#flash-backward-gradients); the plain backwards none."""
+    sdpa, triton = attention.get("sdpa"), attention.get("triton")
     assert grad_factor(sdpa, "cpu") == 3 * GRAD_FACTOR
     assert grad_factor(sdpa, "cuda") == GRAD_FACTOR
-    assert all(grad_factor(attention.get(name), "cpu") == GRAD_FACTOR for name in ("from_scratch", "flex", "triton"))
+    assert grad_factor(triton, "cpu") == grad_factor(triton, "cuda") == 5 * GRAD_FACTOR
+    assert all(grad_factor(attention.get(name), "cpu") == GRAD_FACTOR for name in ("from_scratch", "flex"))
 
 
 def test_the_first_failed_draw_passes_under_the_allowance():

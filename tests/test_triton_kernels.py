@@ -107,6 +107,25 @@ def test_prefill_kernels_forward_and_backward_match_the_oracle(
     # backward (dS = P * (dP - rowsum(dO * O))) reproduces only to rounding, and the ratio rule's
     # floor scales with the oracle's magnitude: zero. The module tests cover it through projections.
     assume(tq + past > 1)
+    check_prefill_kernels(device, heads, tq, past, hd, spec, small_tiles, full_run, own_key_tiles, seed)
+
+
+def test_a_query_seeing_three_keys_is_within_the_flash_backward_allowance() -> None:
+    """The draw that first failed the plain 3x gradient rule: one query sees three keys, one of
+    which takes 96% of its weight; FlashAttention-2's row term rowsum(dO * O), taken from the
+    rounded output, leaves dq at 12x the plain backward's error (docs/design.md#flash-backward-gradients)."""
+    _skip_where_unavailable("cpu")
+    case = dict(heads=(2, 2), tq=1, past=2, hd=8, spec="causal", small_tiles=False, full_run=False, own_key_tiles=False)
+    with pytest.raises(AssertionError, match="gradient of q"):
+        check_prefill_kernels("cpu", **case, seed=932, factor=attention.accuracy.GRAD_FACTOR)
+    check_prefill_kernels("cpu", **case, seed=932)
+
+
+def check_prefill_kernels(
+    device, heads, tq, past, hd, spec, small_tiles, full_run, own_key_tiles, seed, factor=None
+) -> None:
+    """Forward and backward of the prefill kernels on one drawn case against the float64 oracle,
+    gradients at ``factor`` times the plain error (default: the factor triton declares)."""
     h, h_kv = heads
     tk = past + tq
     q, k, v = _inputs(1, h, h_kv, tq, tk, hd, device, seed)
@@ -134,8 +153,9 @@ def test_prefill_kernels_forward_and_backward_match_the_oracle(
     grads = torch.autograd.grad(out, leaves, upstream)
     oracle_grads = torch.autograd.grad(oracle, oracle_leaves, upstream.double())
     baseline_grads = torch.autograd.grad(baseline, baseline_leaves, upstream)
+    factor = grad_factor(MHATritonAttention, device) if factor is None else factor
     for name, *triple in zip("qkv", grads, oracle_grads, baseline_grads, strict=True):
-        assert_matches_oracle(*triple, factor=grad_factor(MHATritonAttention, device), what=f"gradient of {name}")
+        assert_matches_oracle(*triple, factor=factor, what=f"gradient of {name}")
     if spec == "none":
         assert torch.equal(out, torch.zeros_like(out)) and not grads[0].any()
 
