@@ -24,11 +24,13 @@ def shared_bytes_per_sm(device: torch.device) -> int | None:
     return getattr(_properties(device), "shared_memory_per_multiprocessor", None)
 
 
+@cache
 def supports_programmatic_launch(device: torch.device) -> bool:
     """Whether kernels on ``device`` may be launched as programmatic dependents (NVIDIA Hopper on;
     not ROCm, whose MI200/MI300 also report major version 9): a kernel so launched can start before
     the one ahead of it in the stream finishes, and waits for it (``griddepcontrol.wait``) before
-    reading what it wrote (docs/design.md#triton-decode)."""
+    reading what it wrote (docs/design.md#triton-decode). Looked up once per device: every decode
+    call asks."""
     if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
         return False
     return _properties(device).major >= 9

@@ -38,10 +38,9 @@ class MultiHeadAttentionCombinedQKV(AttentionBase):
         # Scaled inside the matrix product (alpha), in its fp32 accumulator: in fp16 q·k can
         # overflow (inf, then NaN) where the scaled logits fit, and scaling q first rounds it,
         # which costs small logits of long vectors their accuracy (docs/design.md#fp16-logits).
-        b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         scores = torch.baddbmm(
             q.new_empty(1, 1, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(-2, -1), beta=0, alpha=self.scale
-        ).view(b, h, tq, tk)  # (B, H, Tq, Tk)
+        ).unflatten(0, q.shape[:2])  # (B, H, Tq, Tk)
         if self.score_mod is not None:
             scores = apply_dense(self.score_mod, scores, q_offset)  # (B, H, Tq, Tk)
         visible = self._dense_mask(q, k, q_offset, document_ids)  # broadcasts to (B, H, Tq, Tk)
