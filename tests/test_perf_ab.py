@@ -35,7 +35,7 @@ def test_slowdown_is_regressed(rng):
     assert iv.low <= iv.ratio <= iv.high and iv.low <= 1.03 <= iv.high
     assert iv.ratio == pytest.approx(1.03, abs=0.005)
     assert iv.level == ab.DEFAULT_LEVEL and (iv.n_base, iv.n_head) == (60, 60)
-    assert "bootstrap" in iv.method and "1.03" in v.message and "could detect ±" in v.message
+    assert "paired ratios" in iv.method and "1.03" in v.message and "could detect ±" in v.message
 
 
 def test_speedup_is_improved(rng):
@@ -62,10 +62,15 @@ def test_interval_narrows_with_samples_and_detectable_is_its_half_width(rng):
     assert many.detectable < 0.005  # 0.5% noise, 240 rounds: sub-0.5% resolution
 
 
-def test_interval_is_deterministic(rng):
+def test_interval_is_deterministic_and_pairs_the_rounds(rng):
     base, head = timings(rng), timings(rng)
-    assert ab.ratio_interval(base, head) == ab.ratio_interval(base, head)
-    assert ab.ratio_interval(base, head, seed=1) != ab.ratio_interval(base, head, seed=2)
+    iv = ab.ratio_interval(base, head)
+    assert ab.ratio_interval(base, head) == iv
+    # The rounds shuffled together keep their pairs (same interval); shuffled apart, they do not.
+    order = rng.permutation(len(base))
+    together = ab.ratio_interval([base[i] for i in order], [head[i] for i in order])
+    assert (together.ratio, together.low, together.high) == pytest.approx((iv.ratio, iv.low, iv.high))
+    assert ab.ratio_interval(base, [head[i] for i in order]) != iv
 
 
 def test_memory_regression_fails_an_unchanged_case(rng):
@@ -89,7 +94,7 @@ def test_one_sided_cases_are_listed_not_failed(rng):
 @pytest.mark.parametrize(
     ("base", "head", "match"),
     [
-        ([1.0] * 4, [1.0] * 10, r"base has 4 samples"),
+        ([1.0] * 4, [1.0] * 10, r"base has 4 samples and head 10"),
         ([1.0] * 10, [1.0] * 9 + [float("nan")], r"head sample 9 is nan"),
         ([1.0] * 10, [0.0] + [1.0] * 9, r"head sample 0 is 0\.0"),
         ([1.0, -2.0] + [1.0] * 8, [1.0] * 10, r"base sample 1 is -2\.0"),
@@ -161,7 +166,7 @@ def report(rng) -> ab.ABReport:
         ab.judge("f-removed", base, None),
         ab.judge("g-added", None, base),
     ]
-    return ab.make_report("abc123", "def456", "NVIDIA H100", verdicts, warnings=["GPU busy: 3 other processes"])
+    return ab.ABReport("abc123", "def456", "NVIDIA H100", ab.DEFAULT_LEVEL, verdicts, ["GPU busy: 3 other processes"])
 
 
 def test_report_counts_and_failure(report):
@@ -223,19 +228,10 @@ def test_plot_ratios_writes_a_png_that_grows_with_the_cases(report, rng, tmp_pat
     assert png_size(empty)[1] > 0
 
 
-def test_p_value_with_scipy(rng):
-    pytest.importorskip("scipy.stats")
-    iv = ab.ratio_interval(timings(rng), timings(rng, scale=1.03))
-    assert iv.p_value is not None and iv.p_value < 1e-6
-    assert stats.scipy_warning() is None
-
-
-def test_without_scipy_no_p_value_and_a_warning(rng, monkeypatch):
+def test_the_p_value_needs_no_scipy(rng, monkeypatch):
+    """The A/B reports the sign test of its paired rounds (numpy only): no scipy, no warning."""
     monkeypatch.setitem(sys.modules, "scipy", None)  # makes `import scipy...` raise ImportError
     monkeypatch.setitem(sys.modules, "scipy.stats", None)
     v = ab.judge("case", timings(rng), timings(rng, scale=1.03))
-    assert v.status == "regressed" and v.interval.p_value is None and "p=" not in v.message
-    assert stats.scipy_warning() == stats.SCIPY_MISSING
-    report = ab.make_report("a", "b", "gpu", [v])
-    assert report.warnings == [stats.SCIPY_MISSING]
-    assert stats.SCIPY_MISSING in ab.summary_markdown(report)
+    assert v.status == "regressed" and v.interval.p_value < 1e-6 and "p=" in v.message
+    assert ab.ABReport("a", "b", "gpu", 0.99, [v]).warnings == []

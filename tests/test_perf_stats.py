@@ -1,7 +1,8 @@
-"""attention.bench.perf.stats: the Mann-Whitney p-value and bootstrap interval both perf gates use (CPU)."""
+"""attention.bench.perf.stats: the baseline gate's Mann-Whitney p-value and the A/B's paired-ratio interval (CPU)."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_without_scipy_no_p_value_and_one_message(rng, monkeypatch):
     assert stats.mann_whitney_p(times(rng), times(rng, scale=2.0), "greater") is None
     assert stats.scipy_warning() == stats.SCIPY_MISSING
     assert 'pip install "attention-suite[perf]"' in stats.SCIPY_MISSING
-    assert stats.ratio_interval(times(rng), times(rng)).p_value is None  # the interval needs numpy only
+    assert stats.ratio_interval(times(rng), times(rng)).p_value is not None  # the A/B needs numpy only
 
 
 def test_an_unknown_alternative_is_refused(rng):
@@ -64,8 +65,62 @@ def test_an_unknown_alternative_is_refused(rng):
         stats.mann_whitney_p(times(rng), times(rng), "larger")
 
 
-def test_the_interval_reports_the_same_p_value(rng, scipy_stats):
-    base, head = times(rng), times(rng, scale=1.02)
+def drifting_pair(rng: np.random.Generator, n: int, effect: float = 1.0) -> tuple[list[float], list[float]]:
+    """Base and head of ``n`` paired rounds: a clock drifting by several percent over the run (a
+    random walk both sides share) times 0.3% noise of each call's own, head ``effect`` times base."""
+    drift = np.exp(np.cumsum(rng.normal(0.0, 0.01, n)))  # (n,)
+    base = 1e-3 * drift * rng.lognormal(0.0, 0.003, n)
+    head = 1e-3 * effect * drift * rng.lognormal(0.0, 0.003, n)
+    return base.tolist(), head.tolist()
+
+
+def test_pairing_rounds_cancels_drift_both_sides_share(rng):
+    """Drift of several percent over a run, shared by the two sides of each round, leaves the
+    paired interval as narrow as the calls' own noise; the sides' medians alone swing with it."""
+    base, head = drifting_pair(rng, 30, effect=1.03)
+    assert max(head) / min(head) > 1.05  # the drift dwarfs the effect sought
     iv = stats.ratio_interval(base, head)
-    assert iv.p_value == stats.mann_whitney_p(base, head, "two-sided")
-    assert iv.low < 1.02 < iv.high and iv.level == stats.DEFAULT_LEVEL
+    assert iv.low < 1.03 < iv.high and iv.detectable < 0.005
+    assert iv.ratio == pytest.approx(1.03, abs=0.003)
+    assert iv.p_value == pytest.approx(2 * 0.5**30)  # every round slower: the sign test's floor
+
+
+def test_the_interval_covers_the_median_ratio_at_its_level(rng):
+    """Independent rounds, no effect: a 99% interval misses 1 in about 0.5% of A/A pairs (its
+    coverage at 30 rounds is 99.48%); 2000 pairs, so more than 25 misses would be a broken rule."""
+    misses = 0
+    for _ in range(2000):
+        base, head = drifting_pair(rng, 30)
+        iv = stats.ratio_interval(base, head)
+        misses += not iv.low <= 1 <= iv.high
+    assert misses <= 25
+
+
+@pytest.mark.parametrize(("n", "k"), [(8, 1), (10, 1), (20, 4), (30, 8), (50, 16), (100, 37)])
+def test_the_order_statistics_are_the_widest_that_keep_the_level(n, k):
+    """[x_(k), x_(n+1-k)] covers the median unless k or more of n draws fall on one side of it:
+    probability 2 P(Binomial(n, 1/2) <= k - 1), which must stay within 1% (and would not at k + 1)."""
+    miss = 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+    miss_next = 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    assert miss <= 0.01 < miss_next
+    logs = np.arange(n, dtype=float) / 1000  # ratios exp(0), exp(0.001), ...: the bounds are readable
+    iv = stats.ratio_interval(np.ones(n), np.exp(logs))
+    assert (iv.low, iv.high) == (pytest.approx(math.exp(logs[k - 1])), pytest.approx(math.exp(logs[n - k])))
+    assert f"order statistics {k} and {n + 1 - k} of {n}" in iv.method
+
+
+def test_too_few_or_unpaired_rounds_are_refused(rng):
+    assert stats.min_rounds(0.99) == 8 and stats.min_rounds(0.95) == 6
+    with pytest.raises(ValueError, match=r"7 paired rounds; a 99% interval needs at least 8"):
+        stats.ratio_interval(times(rng, 7), times(rng, 7))
+    with pytest.raises(ValueError, match=r"base has 30 samples and head 29: the interval pairs round i"):
+        stats.ratio_interval(times(rng, 30), times(rng, 29))
+    with pytest.raises(ValueError, match="level must be in"):
+        stats.ratio_interval(times(rng), times(rng), level=1.0)
+
+
+def test_the_sign_test_counts_rounds_above_and_below():
+    assert stats.sign_test_p(np.array([0.0, 0.0])) == 1.0  # no round differs
+    assert stats.sign_test_p(np.array([0.1] * 10)) == pytest.approx(2 / 1024)
+    assert stats.sign_test_p(np.array([0.1] * 5 + [-0.1] * 5)) == 1.0
+    assert stats.sign_test_p(np.array([-0.1] * 9 + [0.1])) == pytest.approx(2 * 11 / 1024)

@@ -11,8 +11,8 @@
   are applied or are refused.
 * :mod:`.revision`: a git revision in a temporary worktree, its package imported under another name.
 * :mod:`.base_revision`: the A/B's base side: each implementation at REV of its own repository.
-* :mod:`.ab`: A/B verdicts (bootstrap interval of the median ratio), Markdown summary, plot.
-* :mod:`.stats`: the statistics both gates share (Mann-Whitney U, bootstrap interval of a median
+* :mod:`.ab`: A/B verdicts (interval of the median per-round ratio), Markdown summary, plot.
+* :mod:`.stats`: the statistics of both gates (Mann-Whitney U, the interval of a median paired
   ratio); :mod:`.case_patterns`: their files' per-case pattern lists.
 * :mod:`.report`: the tables a run prints.
 * :mod:`.plugin`: the pytest plugin (options, cases, timer, guards, the A/B); :mod:`.state`: a run's state.

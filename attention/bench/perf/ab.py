@@ -2,23 +2,27 @@
 
 Method:
 
-* Both revisions ("base" and "head") are timed in one process on one GPU with their rounds
-  interleaved (base, head, base, head, ...). Clock boosts, thermal drift and neighbours on the
-  machine then hit both sides alike, so the comparison carries no run-to-run noise and needs no
-  stored baseline or hand-tuned threshold per GPU.
-* The effect is the ratio of medians, ``median(head) / median(base)``: the median shrugs off the
-  occasional slow round (a preemption, a late clock ramp) that would drag a mean.
-* Its uncertainty is a bootstrap percentile interval (:func:`.stats.ratio_interval`): base and
-  head are resampled independently with replacement, the ratio of medians recomputed per
-  resample, and the central ``level`` quantiles of those ratios kept. No distributional
-  assumption; seeded, so reruns agree.
+* Both revisions ("base" and "head") are timed in one process on one GPU, both in every round,
+  back to back, in alternating order (base-head, head-base, ...): clock boosts, thermal drift and
+  neighbours on the machine then hit both sides alike, so the comparison carries no run-to-run
+  noise and needs no stored baseline or hand-tuned threshold per GPU.
+* The effect is the median over rounds of the per-round ratio ``head[i] / base[i]``. Pairing
+  the rounds cancels drift that moves both sides of a round (a long training step's clocks
+  wander by several percent over its rounds, its two sides within a round by a fraction of one:
+  docs/design.md#paired-rounds); the median shrugs off the occasional slow round (a preemption,
+  a late clock ramp) that would drag a mean.
+* Its uncertainty is the distribution-free interval of a median (:func:`.stats.ratio_interval`):
+  two order statistics of the ratios, chosen from the binomial distribution so that the interval
+  covers the true median ratio at least ``level`` of the time for independent rounds. No
+  distributional assumption, no resampling; the same samples always give the same interval.
 * A case regressed when the whole interval lies above ``1 + min_effect``: significance alone would
   flag a real but negligible 0.3% change in a quiet run; ``min_effect`` is the smallest change
   worth a red gate. Improvements mirror this below ``1 - min_effect``.
 * ``detectable`` (the interval's larger half-width around the ratio) is the run's resolution:
   a case with ``detectable = 0.04`` could not have shown a 2% regression, however real. The
   report lists these blind spots rather than letting a noisy case pass silently.
-* A two-sided Mann-Whitney U p-value (scipy, optional) is reported alongside, never gated on.
+* The sign test's two-sided p-value (how lopsided the split of ratios above and below 1 is) is
+  reported alongside, never gated on.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 from ...checks import is_finite
 from ..files import write_atomically
 from .case_patterns import check_patterns, first_match
-from .stats import DEFAULT_LEVEL, RatioInterval, ratio_interval, scipy_warning
+from .stats import DEFAULT_LEVEL, RatioInterval, ratio_interval
 
 DEFAULT_MIN_EFFECT = 0.02
 STATUSES = ("regressed", "improved", "unchanged", "error", "base_only", "head_only")
@@ -84,7 +88,7 @@ def _interval_text(iv: RatioInterval) -> str:
 
 
 def regressed(iv: RatioInterval, min_effect: float) -> bool:
-    """The gate's rule: the whole interval of median(head) / median(base) lies above ``1 + min_effect``
+    """The gate's rule: the whole interval of the median ratio head / base lies above ``1 + min_effect``
     (the calibration, :mod:`.calibration`, applies it at other minimum effects too)."""
     return iv.low > 1 + min_effect
 
@@ -193,22 +197,6 @@ class ABReport:
         return counts
 
 
-def make_report(
-    base_rev: str,
-    head_rev: str,
-    gpu: str,
-    verdicts: Iterable[CaseVerdict],
-    *,
-    level: float = DEFAULT_LEVEL,
-    warnings: Iterable[str] = (),
-) -> ABReport:
-    """A report whose warnings include the missing-scipy note when it applies."""
-    notes = list(warnings)
-    if (w := scipy_warning()) is not None and w not in notes:
-        notes.append(w)
-    return ABReport(base_rev, head_rev, gpu, level, list(verdicts), notes)
-
-
 def detectable_summary(
     verdicts: Iterable[CaseVerdict], *, predicate: Callable[[CaseVerdict], bool] | None = None
 ) -> tuple[float, float] | None:
@@ -268,7 +256,7 @@ def summary_markdown(report: ABReport) -> str:
     lines = [f"### Same-run A/B `{report.base_rev}` → `{report.head_rev}` on {report.gpu}: {head}", ""]
     shown = [f"{counts[s]} {s.replace('_', '-')}" for s in STATUSES if counts[s] or s in ("regressed", "unchanged")]
     shown += [f"{counts[m]} {m.replace('_', ' ')}" for m in ("memory_regressed", "memory_improved") if counts[m]]
-    lines += [" · ".join(shown) + f" ({report.level:.0%} bootstrap intervals of median(head) / median(base))", ""]
+    lines += [" · ".join(shown) + f" ({report.level:.0%} intervals of the median per-round ratio head / base)", ""]
     if notable:
         lines += ["#### Regressions and improvements", "", *_table(notable, report.level), ""]
     else:
@@ -330,7 +318,7 @@ def plot_ratios(report: ABReport, path: str | Path) -> Path:
     labels = [v.key + (" [memory regressed]" if v.memory_status == "regressed" else "") for v in cases]
     ax.set_yticks(range(len(cases)), labels, fontsize=8)
     ax.set_ylim(max(len(cases), 1) - 0.5, -0.5)  # first key at the top
-    ax.set_xlabel("median(head) / median(base)   (< 1: head faster)")
+    ax.set_xlabel("median of per-round head / base   (< 1: head faster)")
     ax.grid(axis="x", alpha=0.3)
     title = f"{report.base_rev} → {report.head_rev} on {report.gpu}: {report.level:.0%} intervals, dashed: ±min effect"
     ax.set_title(textwrap.fill(title, 110), fontsize=9, loc="left")
@@ -385,9 +373,7 @@ def report_from_cases(
         base_mode = (info.get("ab") or {}).get("timing_mode")
         if base_mode and base_mode != info.get("timing_mode"):
             notes.append(f"{key}: base timed as {base_mode!r}, head as {info.get('timing_mode')!r}")
-    report = make_report(base_rev, head_rev, gpu, verdicts, level=level, warnings=notes)
-    report.refused = refused
-    return report
+    return ABReport(base_rev, head_rev, gpu, level, verdicts, notes, refused)
 
 
 def report_from_json(doc: dict) -> ABReport:

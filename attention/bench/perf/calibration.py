@@ -15,12 +15,13 @@ Method:
   count, every variant's j-th run covering the same stretch of time, as one A/B's rounds do. Each
   run gives two A/A tests (A' as head over A, and A as head over A': the gate flags at most one of
   the two, so each orientation is a test of its own) and one pair A'+x over A per level.
-* Every pair goes through the gate's own code: the bootstrap interval of :mod:`.stats` at the
-  gate's level, judged by :func:`.ab.regressed` (the rule :func:`.ab.judge` applies) at the case's
+* Every pair goes through the gate's own code: the paired-ratio interval of :mod:`.stats` at the
+  gate's level (round i of one variant paired with round i of the other, as the A/B pairs base and
+  head), judged by :func:`.ab.regressed` (the rule :func:`.ab.judge` applies) at the case's
   minimum effect from ``min_effects.json`` and at others. No copy of the rule lives here.
 * A false alarm is an A/A test flagged as regressed; the power at x is the share of A'+x pairs
-  flagged. The share reported is the one measured, median(A'+x) / median(A') - 1 over all the
-  case's rounds, never the nominal x; a share below what the spin can add to a short case (its
+  flagged. The share reported is the one measured, the median over all the case's rounds of
+  (A'+x) / A' in the round, minus 1, never the nominal x; a share below what the spin can add to a short case (its
   floor, :mod:`.spin`) is not injected, and is listed.
 * Kinds: graph-timed or eager, times fwd, fwd+bwd or decode (:func:`kind_of`). A kind pools its
   cases' pairs; the plugin gives each case the depth that brings every kind of the selection to
@@ -50,7 +51,7 @@ from ..files import write_atomically
 from . import ab
 from .results import Record, Run
 from .runner import GRAPH
-from .stats import DEFAULT_LEVEL, RatioInterval, ratio_interval
+from .stats import DEFAULT_LEVEL, RatioInterval, paired_ratio, ratio_interval
 
 #: Injected slowdowns, as shares of each case's own time.
 LEVELS = (0.01, 0.02, 0.03, 0.05)
@@ -153,7 +154,7 @@ class Injection:
     level: float
     target_s: float | None = None
     expected_s: float | None = None
-    achieved: float | None = None  # median(A'+x) / median(A') - 1 over every round
+    achieved: float | None = None  # median over every round of (A'+x) / A', minus 1
     pairs: list[RatioInterval] = field(default_factory=list)
     reason: str = ""  # why it was not injected
 
@@ -272,12 +273,6 @@ def _slices(samples: Sequence[float], rounds: int, runs: int) -> list[Sequence[f
     return [samples[j * rounds : (j + 1) * rounds] for j in range(runs)]
 
 
-def _interval(base: Sequence[float], head: Sequence[float], level: float) -> RatioInterval:
-    """The gate's interval of one pair (:func:`.stats.ratio_interval`, as :func:`.ab.judge` computes
-    it; its p-value, which nothing decides on, left out); :func:`.ab.regressed` judges it."""
-    return ratio_interval(base, head, level=level, rank_test=False)
-
-
 def analyze_case(
     key: str, head: Sequence[float], info: dict, *, min_effect: float, level: float = DEFAULT_LEVEL
 ) -> CaseResult:
@@ -303,7 +298,7 @@ def analyze_case(
     heads, twins = _slices(head, rounds, runs), _slices(twin, rounds, runs)
     aa = []
     for a, t in zip(heads, twins, strict=True):
-        aa += [_interval(a, t, level), _interval(t, a, level)]
+        aa += [ratio_interval(a, t, level=level), ratio_interval(t, a, level=level)]
     injections = {}
     for entry in injected.values():
         lv = float(entry["level"])
@@ -313,9 +308,9 @@ def analyze_case(
             floor = f"{entry['target_s'] * 1e6:.2f} us" if entry.get("target_s") else "its share"
             inj.reason = f"not injected: {floor} is below the spin's floor"
         else:
-            inj.achieved = statistics.median(data) / statistics.median(twin) - 1
+            inj.achieved = paired_ratio(twin, data) - 1
             inj.pairs = [
-                _interval(a, x, level)
+                ratio_interval(a, x, level=level)
                 for a, x in zip(heads, _slices(data, rounds, runs), strict=True)
                 if len(x) == rounds
             ]

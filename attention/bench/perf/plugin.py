@@ -13,7 +13,7 @@ case modules of :mod:`attention.bench.perf.cases`, from any directory; in this c
   captures (default), forward cases only, or none. Eager forward+backward cases include the CPU's
   dispatch: a small training step could detect ±11% in an A/A eagerly, ±1% captured
   (docs/design.md#graph-timed-training-steps).
-* ``--perf-budget SECONDS``: timed seconds per case (rounds follow, 10..100).
+* ``--perf-budget SECONDS``: timed seconds per case (rounds follow, 30..100).
 * ``--perf-cases FILE``: only the case ids listed (one per line), in that order: one GPU's shard
   of a ``--gpus`` run (:mod:`.shard`); ``--perf-list-cases FILE`` writes the selected ones
   (``--gpus`` collects with it).

@@ -54,6 +54,10 @@ GRAPH_MEMORY_SHARE = 0.4
 
 #: Timed seconds per case unless ``--perf-budget`` says otherwise.
 DEFAULT_BUDGET_S = 0.2
+#: Rounds per case at least, however long a call: the A/B's 99% interval of its median ratio is
+#: then bounded by the 8th smallest and 8th largest of the rounds' ratios, so one or two stray
+#: rounds cannot widen it (at 10 rounds it would span the two extremes: docs/design.md#paired-rounds).
+MIN_ROUNDS = 30
 
 
 @dataclass
@@ -61,7 +65,7 @@ class RunOptions:
     device: str
     graphs: str = "all"  # capture every case ("all"), forward cases ("fwd") or none
     budget_s: float = DEFAULT_BUDGET_S  # timed seconds per case; rounds follow from it
-    min_rounds: int = 10
+    min_rounds: int = MIN_ROUNDS
     max_rounds: int = 100
     warmup: int = 3
     copy_gbps: float | None = None  # measured once per session (machine.copy_bandwidth_gbps)

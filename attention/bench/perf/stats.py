@@ -1,14 +1,16 @@
-"""The statistics both perf gates use: the Mann-Whitney U p-value and the bootstrap interval of a
-ratio of medians.
+"""The statistics of both perf gates: the Mann-Whitney U p-value of the committed-baseline gate and
+the paired-ratio interval of the same-run A/B.
 
-The baseline gate (:mod:`.compare`) asks for a one-sided p-value before it calls a slower median
-a regression; the same-run A/B (:mod:`.ab`) gates on the bootstrap interval and reports a
-two-sided p-value beside it. One implementation keeps their rules (how many samples a test
-needs, what a missing scipy means) from drifting apart.
+The baseline gate (:mod:`.compare`) compares one run's rounds with another run's, unpaired: it asks
+for a one-sided Mann-Whitney p-value before it calls a slower median a regression. It needs at
+least :data:`MIN_SAMPLES` samples per side: below five a side, the exact test's smallest attainable
+p-value is 1/C(8, 4) = 0.014 or more, so it could never pass the gate's 1% level, and a gate testing
+on fewer samples would call every slowdown noise, however large.
 
-Both need at least :data:`MIN_SAMPLES` samples per side. Below five a side, the exact test's
-smallest attainable p-value is 1/C(8, 4) = 0.014 or more, so it could never pass the gate's 1%
-level: a gate testing on fewer samples would call every slowdown noise, however large.
+The same-run A/B (:mod:`.ab`) times both sides in every round, back to back, so its samples come in
+pairs: it gates on the interval of the median per-round ratio (:func:`ratio_interval`) and reports
+the sign test's p-value beside it. Numpy alone; scipy (the ``perf`` extra) only for the baseline
+gate's test. docs/design.md#paired-rounds says why the A/B pairs its rounds.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ SCIPY_MISSING = (
     "scipy is not installed: no Mann-Whitney p-values, so medians are compared without a rank test "
     '(pip install "attention-suite[perf]")'
 )
-# Bootstrap work per numpy call (resamples x samples), bounding memory for long sample lists.
-_CHUNK = 1 << 22
 
 
 def _mannwhitneyu() -> Callable | None:
@@ -65,13 +65,13 @@ def mann_whitney_p(base: Sequence[float], head: Sequence[float], alternative: st
 
 @dataclass(frozen=True)
 class RatioInterval:
-    ratio: float  # median(head) / median(base)
+    ratio: float  # the median over rounds of head_i / base_i
     low: float
     high: float
-    level: float
+    level: float  # the interval's coverage is at least this
     n_base: int
     n_head: int
-    p_value: float | None  # two-sided Mann-Whitney U; None without scipy
+    p_value: float | None  # two-sided exact sign test of the per-round ratios against 1
     method: str
 
     @property
@@ -88,8 +88,6 @@ def _samples(side: str, values: Sequence[float]) -> np.ndarray:
         raise ValueError(f"{side} samples must be numbers (seconds): {exc}") from exc
     if arr.ndim != 1:
         raise ValueError(f"{side} samples must be a flat sequence of seconds, got shape {arr.shape}")
-    if arr.size < MIN_SAMPLES:
-        raise ValueError(f"{side} has {arr.size} samples; at least {MIN_SAMPLES} are needed for an interval")
     bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
     if bad.size:
         i = int(bad[0])
@@ -97,47 +95,76 @@ def _samples(side: str, values: Sequence[float]) -> np.ndarray:
     return arr
 
 
-def _boot_medians(rng: np.random.Generator, arr: np.ndarray, resamples: int) -> np.ndarray:
-    n, rows = arr.size, max(1, _CHUNK // arr.size)
-    out = []
-    for start in range(0, resamples, rows):
-        # A full sort beats np.median's partition on short rows, by ~8x at 60 samples.
-        s = np.sort(arr[rng.integers(0, n, size=(min(rows, resamples - start), n))], axis=1)
-        out.append((s[:, (n - 1) // 2] + s[:, n // 2]) / 2)
-    return np.concatenate(out)
+def _half_binomial_cdf(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2), exact (integer binomial coefficients)."""
+    total, term = 0, 1
+    for i in range(k + 1):
+        total += term
+        term = term * (n - i) // (i + 1)
+    return total / 2**n
 
 
-def ratio_interval(
-    base: Sequence[float],
-    head: Sequence[float],
-    *,
-    level: float = DEFAULT_LEVEL,
-    resamples: int = 2000,
-    seed: int = 0,
-    rank_test: bool = True,
-) -> RatioInterval:
-    """Bootstrap percentile interval of median(head) / median(base): base and head resampled
-    independently with replacement, the ratio of medians recomputed per resample, the central
-    ``level`` quantiles kept. No distributional assumption; seeded, so reruns agree. Samples must
-    be finite and positive (a ratio), at least :data:`MIN_SAMPLES` a side; ``ValueError`` naming
-    the side otherwise. ``rank_test=False`` leaves out the Mann-Whitney p-value (``None``), which
-    no gate decides on: the calibration judges thousands of intervals and needs none."""
+def min_rounds(level: float = DEFAULT_LEVEL) -> int:
+    """The fewest paired rounds whose extreme ratios bound the median at ``level``: below it no
+    interval can reach the level (each of the ``2^-n`` tails must stay within ``(1 - level) / 2``)."""
+    return math.ceil(math.log2(2 / (1 - level)) - 1e-12)
+
+
+def _order_statistic(n: int, level: float) -> int:
+    """The largest ``k`` for which ``[x_(k), x_(n+1-k)]`` (1-based order statistics of ``n``
+    independent draws) covers their distribution's median with probability at least ``level``."""
+    tail = (1 - level) / 2
+    k = 1
+    while k < n // 2 and _half_binomial_cdf(k, n) <= tail:
+        k += 1
+    return k
+
+
+def sign_test_p(logs: np.ndarray) -> float:
+    """Two-sided exact sign test: how likely so lopsided a split of the nonzero values above and
+    below 0, were each side equally likely."""
+    above, below = int((logs > 0).sum()), int((logs < 0).sum())
+    if above + below == 0:
+        return 1.0
+    return min(1.0, 2 * _half_binomial_cdf(min(above, below), above + below))
+
+
+def _log_ratios(base: Sequence[float], head: Sequence[float]) -> np.ndarray:
+    """``log(head[i] / base[i])`` per round, sorted; ``ValueError`` naming the side or the counts."""
+    b, h = _samples("base", base), _samples("head", head)
+    if b.size != h.size:
+        raise ValueError(f"base has {b.size} samples and head {h.size}: the interval pairs round i of each side")
+    return np.sort(np.log(h / b))  # (rounds,)
+
+
+def paired_ratio(base: Sequence[float], head: Sequence[float]) -> float:
+    """The median over rounds of ``head[i] / base[i]``: the A/B's effect (:func:`ratio_interval`)."""
+    return float(np.exp(np.median(_log_ratios(base, head))))
+
+
+def ratio_interval(base: Sequence[float], head: Sequence[float], *, level: float = DEFAULT_LEVEL) -> RatioInterval:
+    """The same-run A/B's effect and interval, from paired rounds: round ``i`` timed ``base[i]`` and
+    ``head[i]`` back to back, so clock and thermal drift, which moves both, cancels in their ratio.
+
+    The effect is the median over rounds of ``head[i] / base[i]``; its interval is the
+    distribution-free one for a median, between two order statistics of the ratios chosen from the
+    binomial distribution (the inverted sign test): exact for independent rounds whatever the
+    ratios' distribution, deterministic, no resampling. Samples must be finite and positive, as
+    many on each side, at least :func:`min_rounds` of them; ``ValueError`` naming the side or the
+    count otherwise."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
-    if resamples < 100:
-        raise ValueError(f"resamples must be at least 100, got {resamples!r}")
-    b, h = _samples("base", base), _samples("head", head)
-    rng = np.random.default_rng(seed)
-    ratios = _boot_medians(rng, h, resamples) / _boot_medians(rng, b, resamples)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(ratios, [alpha, 1 - alpha])
+    logs = _log_ratios(base, head)  # (rounds,)
+    if logs.size < (fewest := min_rounds(level)):
+        raise ValueError(f"{logs.size} paired rounds; a {level:.0%} interval needs at least {fewest}")
+    k = _order_statistic(logs.size, level)
     return RatioInterval(
-        ratio=float(np.median(h) / np.median(b)),
-        low=float(low),
-        high=float(high),
+        ratio=float(np.exp(np.median(logs))),
+        low=float(np.exp(logs[k - 1])),
+        high=float(np.exp(logs[logs.size - k])),
         level=level,
-        n_base=b.size,
-        n_head=h.size,
-        p_value=mann_whitney_p(b, h, "two-sided") if rank_test else None,
-        method=f"bootstrap percentile, {resamples} resamples",
+        n_base=logs.size,
+        n_head=logs.size,
+        p_value=sign_test_p(logs),
+        method=f"median of paired ratios, order statistics {k} and {logs.size + 1 - k} of {logs.size}",
     )
