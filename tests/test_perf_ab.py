@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from attention.bench.perf import ab, stats
+from attention.bench.perf import ab
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OK = {"match": "a*", "min_effect": 0.01}
