@@ -313,11 +313,18 @@ def test_pytest_perf_calibrates_on_cpu_and_the_cli_judges_the_run(tmp_path):
     assert "supports a minimum effect of" in done.stdout.splitlines()[-1]
 
 
-def test_pytest_refuses_a_calibration_that_would_time_nothing():
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--benchmark-disable", "--perf-calibrate times each case's variants side by side; --benchmark-disable"),
+        ("--benchmark-min-rounds=5", "--benchmark-min-rounds=5: --perf-calibrate pairs the rounds of its sides"),
+    ],
+)
+def test_pytest_refuses_a_calibration_that_would_time_nothing_or_too_little(flag, message):
     cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "-q", "--perf-device=cpu"]
-    cmd += ["--perf-grid=tiny", "--perf-calibrate", "--benchmark-disable"]
+    cmd += ["--perf-grid=tiny", "--perf-calibrate", flag]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 4 and "--perf-calibrate times each case's variants" in done.stderr
+    assert done.returncode == 4 and message in done.stderr, done.stderr[-2000:]
 
 
 def test_calibrate_without_cuda_is_exit_2_and_says_so(tmp_path, monkeypatch, capsys):
