@@ -63,14 +63,18 @@ def test_interval_narrows_with_samples_and_detectable_is_its_half_width(rng):
 
 
 def test_interval_is_deterministic_and_pairs_the_rounds(rng):
-    base, head = timings(rng), timings(rng)
+    """Round i of base goes with round i of head: under a clock that moves both (a 4% ramp over
+    the run), the pairs give a narrow interval; the same rounds paired at random a wide one."""
+    ramp = np.linspace(0.96, 1.04, 60)  # (rounds,)
+    base = (np.array(timings(rng)) * ramp).tolist()
+    head = (np.array(timings(rng)) * ramp).tolist()
     iv = ab.ratio_interval(base, head)
     assert ab.ratio_interval(base, head) == iv
-    # The rounds shuffled together keep their pairs (same interval); shuffled apart, they do not.
     order = rng.permutation(len(base))
     together = ab.ratio_interval([base[i] for i in order], [head[i] for i in order])
     assert (together.ratio, together.low, together.high) == pytest.approx((iv.ratio, iv.low, iv.high))
-    assert ab.ratio_interval(base, [head[i] for i in order]) != iv
+    apart = ab.ratio_interval(base, [head[i] for i in order])
+    assert apart.detectable > 2 * iv.detectable
 
 
 def test_memory_regression_fails_an_unchanged_case(rng):
@@ -229,9 +233,8 @@ def test_plot_ratios_writes_a_png_that_grows_with_the_cases(report, rng, tmp_pat
 
 
 def test_the_p_value_needs_no_scipy(rng, monkeypatch):
-    """The A/B reports the sign test of its paired rounds (numpy only): no scipy, no warning."""
+    """The A/B reports the sign test of its paired rounds: numpy only, no scipy."""
     monkeypatch.setitem(sys.modules, "scipy", None)  # makes `import scipy...` raise ImportError
     monkeypatch.setitem(sys.modules, "scipy.stats", None)
     v = ab.judge("case", timings(rng), timings(rng, scale=1.03))
     assert v.status == "regressed" and v.interval.p_value < 1e-6 and "p=" in v.message
-    assert ab.ABReport("a", "b", "gpu", 0.99, [v]).warnings == []

@@ -65,24 +65,29 @@ def test_an_unknown_alternative_is_refused(rng):
         stats.mann_whitney_p(times(rng), times(rng), "larger")
 
 
-def drifting_pair(rng: np.random.Generator, n: int, effect: float = 1.0) -> tuple[list[float], list[float]]:
-    """Base and head of ``n`` paired rounds: a clock drifting by several percent over the run (a
-    random walk both sides share) times 0.3% noise of each call's own, head ``effect`` times base."""
+def drifting_pair(rng: np.random.Generator, n: int) -> tuple[list[float], list[float]]:
+    """Base and head of ``n`` paired rounds of one kernel: a clock drifting over the run (a random
+    walk both sides share) times 0.3% noise of each call's own."""
     drift = np.exp(np.cumsum(rng.normal(0.0, 0.01, n)))  # (n,)
     base = 1e-3 * drift * rng.lognormal(0.0, 0.003, n)
-    head = 1e-3 * effect * drift * rng.lognormal(0.0, 0.003, n)
+    head = 1e-3 * drift * rng.lognormal(0.0, 0.003, n)
     return base.tolist(), head.tolist()
 
 
 def test_pairing_rounds_cancels_drift_both_sides_share(rng):
-    """Drift of several percent over a run, shared by the two sides of each round, leaves the
-    paired interval as narrow as the calls' own noise; the sides' medians alone swing with it."""
-    base, head = drifting_pair(rng, 30, effect=1.03)
-    assert max(head) / min(head) > 1.05  # the drift dwarfs the effect sought
+    """A clock that moves by 8% over the run, and both sides of each round with it, leaves the
+    paired interval as narrow as the calls' own 0.3% noise; the same rounds paired at random
+    carry the drift."""
+    n = 30
+    ramp = np.linspace(0.96, 1.04, n)  # (rounds,)
+    base = 1e-3 * ramp * rng.lognormal(0.0, 0.003, n)
+    head = 1.03e-3 * ramp * rng.lognormal(0.0, 0.003, n)
     iv = stats.ratio_interval(base, head)
-    assert iv.low < 1.03 < iv.high and iv.detectable < 0.005
-    assert iv.ratio == pytest.approx(1.03, abs=0.003)
-    assert iv.p_value == pytest.approx(2 * 0.5**30)  # every round slower: the sign test's floor
+    assert iv.low < 1.03 < iv.high and iv.detectable < 0.008
+    assert iv.ratio == pytest.approx(1.03, abs=0.004)
+    assert iv.p_value == pytest.approx(2 * 0.5**n)  # every round slower: the sign test's floor
+    assert stats.ratio_interval(base, rng.permutation(head)).detectable > 3 * iv.detectable
+    assert stats.paired_ratio(base, head) == iv.ratio
 
 
 def test_the_interval_covers_the_median_ratio_at_its_level(rng):
@@ -96,13 +101,22 @@ def test_the_interval_covers_the_median_ratio_at_its_level(rng):
     assert misses <= 25
 
 
-@pytest.mark.parametrize(("n", "k"), [(8, 1), (10, 1), (20, 4), (30, 8), (50, 16), (100, 37)])
-def test_the_order_statistics_are_the_widest_that_keep_the_level(n, k):
-    """[x_(k), x_(n+1-k)] covers the median unless k or more of n draws fall on one side of it:
-    probability 2 P(Binomial(n, 1/2) <= k - 1), which must stay within 1% (and would not at k + 1)."""
-    miss = 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
-    miss_next = 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    assert miss <= 0.01 < miss_next
+def test_the_order_statistics_are_the_widest_that_keep_the_level():
+    """[x_(k), x_(n+1-k)] misses the median when k or more of n draws fall on one side of it:
+    probability 2 P(Binomial(n, 1/2) <= k - 1), within 1 - level at k and not at k + 1 (unless
+    k + 1 would pass the middle)."""
+    for level in (0.5, 0.9, 0.95, 0.99, 0.999):
+        for n in range(stats.min_rounds(level), 301):
+            k = stats._order_statistic(n, level)
+            miss = 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+            assert miss <= 1 - level, (level, n, k)
+            assert k == n // 2 or 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n > 1 - level, (level, n, k)
+        assert 2 * 0.5 ** (stats.min_rounds(level) - 1) > 1 - level  # one round fewer could not reach it
+
+
+@pytest.mark.parametrize(("n", "k"), [(8, 1), (10, 1), (20, 4), (30, 8), (31, 8), (50, 16), (100, 37)])
+def test_the_interval_is_bounded_by_those_order_statistics(n, k):
+    assert stats._order_statistic(n, 0.99) == k
     logs = np.arange(n, dtype=float) / 1000  # ratios exp(0), exp(0.001), ...: the bounds are readable
     iv = stats.ratio_interval(np.ones(n), np.exp(logs))
     assert (iv.low, iv.high) == (pytest.approx(math.exp(logs[k - 1])), pytest.approx(math.exp(logs[n - k])))
@@ -121,6 +135,7 @@ def test_too_few_or_unpaired_rounds_are_refused(rng):
 
 def test_the_sign_test_counts_rounds_above_and_below():
     assert stats.sign_test_p(np.array([0.0, 0.0])) == 1.0  # no round differs
+    assert stats.sign_test_p(np.array([0.0] * 5 + [0.1] * 10)) == pytest.approx(2 / 1024)  # ties left out
     assert stats.sign_test_p(np.array([0.1] * 10)) == pytest.approx(2 / 1024)
     assert stats.sign_test_p(np.array([0.1] * 5 + [-0.1] * 5)) == 1.0
     assert stats.sign_test_p(np.array([-0.1] * 9 + [0.1])) == pytest.approx(2 * 11 / 1024)

@@ -308,7 +308,8 @@ def analyze_case(
             floor = f"{entry['target_s'] * 1e6:.2f} us" if entry.get("target_s") else "its share"
             inj.reason = f"not injected: {floor} is below the spin's floor"
         else:
-            inj.achieved = paired_ratio(twin, data) - 1
+            n = min(len(twin), len(data))  # a run cut short may have timed some variants once more
+            inj.achieved = paired_ratio(twin[:n], data[:n]) - 1
             inj.pairs = [
                 ratio_interval(a, x, level=level)
                 for a, x in zip(heads, _slices(data, rounds, runs), strict=True)
@@ -541,7 +542,7 @@ def _case_json(c: CaseResult) -> dict:
 
 
 def to_json(cal: Calibration) -> dict:
-    """Everything the calibration measured; intervals as ``[ratio, low, high]`` of median(head) / median(base)."""
+    """Everything the calibration measured; intervals as ``[ratio, low, high]`` of the median ratio head / base."""
     return {
         "version": 1,
         "gpu": cal.gpu,

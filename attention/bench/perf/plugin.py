@@ -136,13 +136,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = state
 
 
-def _check_side_by_side(config: pytest.Config, opts: runner.RunOptions, option: str, what: str) -> None:
+def _check_side_by_side(config: pytest.Config, state: PerfState, option: str, what: str) -> None:
     """Refuse what would time one side of ``option``'s comparison differently, or not at all, or
-    in too few rounds for the gate's interval."""
-    if opts.min_rounds < (fewest := stats.min_rounds()):
+    in too few rounds for the gate's interval; note fewer rounds than the runner's own minimum."""
+    rounds = state.opts.min_rounds
+    if rounds < (fewest := stats.min_rounds()):
         raise pytest.UsageError(
-            f"--benchmark-min-rounds={opts.min_rounds}: {option} pairs the rounds of its sides, and the gate's "
+            f"--benchmark-min-rounds={rounds}: {option} pairs the rounds of its sides, and the gate's "
             f"{stats.DEFAULT_LEVEL:.0%} interval needs at least {fewest} pairs"
+        )
+    if rounds < runner.MIN_ROUNDS:
+        state.notes.append(
+            f"--benchmark-min-rounds={rounds}: long cases get fewer than {runner.MIN_ROUNDS} rounds, and a stray "
+            "round can then set the edge of their interval (docs/design.md#paired-rounds)"
         )
     for name, flag in (("benchmark_disable", "--benchmark-disable"), ("benchmark_skip", "--benchmark-skip")):
         if config.getoption(name, False):
@@ -156,7 +162,7 @@ def _check_side_by_side(config: pytest.Config, opts: runner.RunOptions, option: 
 
 
 def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
-    _check_side_by_side(config, state.opts, "--perf-compare-rev", "both revisions")
+    _check_side_by_side(config, state, "--perf-compare-rev", "both revisions")
     effects = config.getoption("--perf-min-effects") or ab.MIN_EFFECTS_FILE
     try:
         state.min_effects = ab.load_min_effects(effects)
@@ -181,7 +187,7 @@ def _open_base(config: pytest.Config, state: PerfState, rev: str) -> None:
 def _open_calibration(config: pytest.Config, state: PerfState) -> None:
     if state.base is not None:
         raise pytest.UsageError("--perf-calibrate measures the A/B gate itself: run it without --perf-compare-rev")
-    _check_side_by_side(config, state.opts, "--perf-calibrate", "each case's variants side by side")
+    _check_side_by_side(config, state, "--perf-calibrate", "each case's variants side by side")
     pairs, depth = config.getoption("--perf-calibrate-pairs"), config.getoption("--perf-calibrate-max-depth")
     if pairs < 1 or depth < 1:
         raise pytest.UsageError(f"--perf-calibrate-pairs and -max-depth must be >= 1, got {pairs} and {depth}")

@@ -15,6 +15,7 @@ gate's test. docs/design.md#paired-rounds says why the A/B pairs its rounds.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from collections.abc import Callable, Sequence
@@ -71,7 +72,7 @@ class RatioInterval:
     level: float  # the interval's coverage is at least this
     n_base: int
     n_head: int
-    p_value: float | None  # two-sided exact sign test of the per-round ratios against 1
+    p_value: float | None  # two-sided exact sign test of the per-round ratios against 1 (ties left out)
     method: str
 
     @property
@@ -107,22 +108,30 @@ def _half_binomial_cdf(k: int, n: int) -> float:
 def min_rounds(level: float = DEFAULT_LEVEL) -> int:
     """The fewest paired rounds whose extreme ratios bound the median at ``level``: below it no
     interval can reach the level (each of the ``2^-n`` tails must stay within ``(1 - level) / 2``)."""
-    return math.ceil(math.log2(2 / (1 - level)) - 1e-12)
+    n = 1
+    while 2.0 ** (1 - n) > 1 - level:
+        n += 1
+    return n
 
 
+@functools.lru_cache(maxsize=1024)
 def _order_statistic(n: int, level: float) -> int:
     """The largest ``k`` for which ``[x_(k), x_(n+1-k)]`` (1-based order statistics of ``n``
-    independent draws) covers their distribution's median with probability at least ``level``."""
-    tail = (1 - level) / 2
-    k = 1
-    while k < n // 2 and _half_binomial_cdf(k, n) <= tail:
+    independent draws) covers their distribution's median with probability at least ``level``:
+    ``2 P(X <= k - 1) <= 1 - level`` for X ~ Binomial(n, 1/2), one running sum of exact integers."""
+    tail, scale = (1 - level) / 2, 2**n
+    k, below, term = 1, 1, n  # below: C(n, 0) + ... + C(n, k - 1); term: C(n, k)
+    while k < n // 2 and (below + term) / scale <= tail:
+        below += term
+        term = term * (n - k) // (k + 1)
         k += 1
     return k
 
 
 def sign_test_p(logs: np.ndarray) -> float:
     """Two-sided exact sign test: how likely so lopsided a split of the nonzero values above and
-    below 0, were each side equally likely."""
+    below 0, were each side equally likely. Zeros (rounds whose sides took exactly as long) are left
+    out, as the test does; the interval keeps them, so on a coarse clock the two can disagree a little."""
     above, below = int((logs > 0).sum()), int((logs < 0).sum())
     if above + below == 0:
         return 1.0
