@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,13 +97,14 @@ def _samples(side: str, values: Sequence[float]) -> np.ndarray:
     return arr
 
 
-def _half_binomial_cdf(k: int, n: int) -> float:
-    """P(X <= k) for X ~ Binomial(n, 1/2), exact (integer binomial coefficients)."""
-    total, term = 0, 1
-    for i in range(k + 1):
+def _half_binomial_cdfs(n: int) -> Iterator[float]:
+    """P(X <= 0), P(X <= 1), ... for X ~ Binomial(n, 1/2): one running sum of exact integer
+    binomial coefficients, so a long run's n costs no more than its length."""
+    total, term, scale = 0, 1, 2**n
+    for i in range(n + 1):
         total += term
+        yield total / scale
         term = term * (n - i) // (i + 1)
-    return total / 2**n
 
 
 def min_rounds(level: float = DEFAULT_LEVEL) -> int:
@@ -118,12 +120,11 @@ def min_rounds(level: float = DEFAULT_LEVEL) -> int:
 def _order_statistic(n: int, level: float) -> int:
     """The largest ``k`` for which ``[x_(k), x_(n+1-k)]`` (1-based order statistics of ``n``
     independent draws) covers their distribution's median with probability at least ``level``:
-    ``2 P(X <= k - 1) <= 1 - level`` for X ~ Binomial(n, 1/2), one running sum of exact integers."""
-    tail, scale = (1 - level) / 2, 2**n
-    k, below, term = 1, 1, n  # below: C(n, 0) + ... + C(n, k - 1); term: C(n, k)
-    while k < n // 2 and (below + term) / scale <= tail:
-        below += term
-        term = term * (n - k) // (k + 1)
+    ``2 P(X <= k - 1) <= 1 - level`` for X ~ Binomial(n, 1/2)."""
+    k = 1
+    for cdf in itertools.islice(_half_binomial_cdfs(n), 1, n // 2):  # P(X <= k), k = 1 .. n // 2 - 1
+        if cdf > (1 - level) / 2:
+            break
         k += 1
     return k
 
@@ -135,7 +136,8 @@ def sign_test_p(logs: np.ndarray) -> float:
     above, below = int((logs > 0).sum()), int((logs < 0).sum())
     if above + below == 0:
         return 1.0
-    return min(1.0, 2 * _half_binomial_cdf(min(above, below), above + below))
+    fewer = next(itertools.islice(_half_binomial_cdfs(above + below), min(above, below), None))
+    return min(1.0, 2 * fewer)
 
 
 def _log_ratios(base: Sequence[float], head: Sequence[float]) -> np.ndarray:
