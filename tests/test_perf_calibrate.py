@@ -142,6 +142,19 @@ def test_a_variant_cut_short_loses_its_incomplete_run_not_the_case(rng):
     assert case.injections[0.05].achieved == pytest.approx(0.05, abs=0.002)
 
 
+def test_runs_shorter_than_the_gates_round_floor_are_noted(rng):
+    """A run timed with fewer rounds a gate-sized run than the A/B gives every case (one recorded
+    before the floor was raised, or with --benchmark-min-rounds below it) is judged, and says so."""
+    short = calibration.analyze_records([record("short", *variants(rng, rounds=runner.MIN_ROUNDS - 1))], gpu="g")
+    full = calibration.analyze_records([record("full", *variants(rng, rounds=runner.MIN_ROUNDS))], gpu="g")
+    assert len(short.cases) == 1 and short.cases[0].depth == 2
+    assert [w for w in short.warnings if "floor" in w] == [
+        f"short: gate-sized runs of {runner.MIN_ROUNDS - 1} rounds, fewer than the A/B's floor of "
+        f"{runner.MIN_ROUNDS}: its intervals are wider than the gate's (re-time it with calibrate)"
+    ]
+    assert not [w for w in full.warnings if "floor" in w]
+
+
 def test_levels_below_the_spin_floor_are_listed_not_timed(rng):
     records = grid_of(rng, 4, seconds=50e-6, floor_s=2e-6, prefix="decode")  # 1% and 2% of 50 us: below
     cal = calibration.analyze_records(records, gpu="g", pairs_wanted=16)

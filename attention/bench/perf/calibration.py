@@ -50,7 +50,7 @@ from pathlib import Path
 from ..files import write_atomically
 from . import ab
 from .results import Record, Run
-from .runner import GRAPH
+from .runner import GRAPH, MIN_ROUNDS
 from .stats import DEFAULT_LEVEL, RatioInterval, paired_ratio, ratio_interval
 
 #: Injected slowdowns, as shares of each case's own time.
@@ -295,6 +295,11 @@ def analyze_case(
     notes = []
     if runs < depth:
         notes.append(f"{runs} of {depth} gate-sized runs complete")
+    if rounds < MIN_ROUNDS:  # a run timed before the floor, or with --benchmark-min-rounds below it
+        notes.append(
+            f"gate-sized runs of {rounds} rounds, fewer than the A/B's floor of {MIN_ROUNDS}: "
+            "its intervals are wider than the gate's (re-time it with calibrate)"
+        )
     heads, twins = _slices(head, rounds, runs), _slices(twin, rounds, runs)
     aa = []
     for a, t in zip(heads, twins, strict=True):
