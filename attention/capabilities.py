@@ -30,6 +30,17 @@ MEANING = {
 }
 
 
+def is_device_type(name: object) -> bool:
+    """Whether ``name`` is a torch device type (``"cpu"``, ``"cuda"``), not a device (``"cuda:0"``)
+    or a name torch does not know (``"gpu"``, ``"CPU"``)."""
+    if not isinstance(name, str) or ":" in name:
+        return False
+    try:
+        return torch.device(name).type == name
+    except RuntimeError:
+        return False
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """An implementation's declared abilities; the defaults are a full ``_attend`` subclass's.
@@ -54,7 +65,7 @@ class Capabilities:
             if bad or not self.dtypes:
                 raise TypeError(f"dtypes must be floating torch dtypes (or None for any), got {sorted(map(str, bad))}")
         if self.devices is not None:
-            bad_devices = [d for d in self.devices if not isinstance(d, str) or ":" in d]
+            bad_devices = sorted((d for d in self.devices if not is_device_type(d)), key=repr)
             if bad_devices or not self.devices:
                 raise TypeError(f"devices must be device types such as 'cpu' or 'cuda' (or None), got {bad_devices}")
 

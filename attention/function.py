@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .base import AttentionBase
-from .capabilities import Capabilities
+from .capabilities import Capabilities, is_device_type
 from .masks import checked, offset_mask
 
 #: How keys and values reach the function: with their own ``H_kv`` heads, or repeated to ``H``.
@@ -145,23 +145,28 @@ def from_function(
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
-    if isinstance(compiled_on, str) or not isinstance(compiled_on, Iterable):
-        raise TypeError(f"compiled_on must be device types such as ('cuda',), got {compiled_on!r}")
-    compiled = frozenset(compiled_on)
-    if any(not isinstance(d, str) or not d or ":" in d for d in compiled):
-        raise TypeError(f"compiled_on must be device types such as 'cpu' or 'cuda', got {sorted(compiled, key=repr)}")
+    compiled = _several("compiled_on", compiled_on, "('cuda',)")
+    if bad := sorted((d for d in compiled if not is_device_type(d)), key=repr):
+        raise TypeError(f"compiled_on must be device types such as 'cpu' or 'cuda', got {bad}")
     declaration = (
         ("masks", masks),
         ("kv_cache", kv_cache),
         ("gqa", gqa),
         ("dropout", dropout),
         ("backward", backward),
-        ("dtypes", None if dtypes is None else frozenset(dtypes)),
-        ("devices", None if devices is None else frozenset(devices)),
+        ("dtypes", None if dtypes is None else _several("dtypes", dtypes, "(torch.bfloat16,)")),
+        ("devices", None if devices is None else _several("devices", devices, "('cuda',)")),
         ("empty_rows", empty_rows),
         ("compiled_on", compiled),
     )
     return _make_class(function, declaration)
+
+
+def _several(name: str, value: object, example: str) -> frozenset:
+    """``value`` as a set; a lone string or dtype is refused (a string would split into letters)."""
+    if isinstance(value, (str, torch.dtype)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a collection such as {example}, got {value!r}")
+    return frozenset(value)
 
 
 @functools.cache

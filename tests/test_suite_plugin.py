@@ -52,6 +52,21 @@ def test_a_misspelled_implementation_is_one_usage_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stdout + done.stderr
 
 
+def test_an_implementation_nothing_here_can_test_is_a_usage_error_not_a_green_run(tmp_path: Path) -> None:
+    """An implementation declared for devices this machine lacks would skip every test and exit 0."""
+    (tmp_path / "theirs.py").write_text(
+        PLAIN + "\nfrom attention import from_function\nMetaOnly = from_function(plain_causal, devices=('meta',))\n"
+    )
+    done = _pytest(tmp_path, "--pyargs", "attention.suite.test_shapes", "--attention-impl", "theirs:MetaOnly")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert re.search(
+        r"ERROR: --attention-impl MetaOnly: every test would skip on this machine, .*: "
+        r"cpu torch.float32: declares devices meta only",
+        done.stderr,
+    ), done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 def test_default_profile_is_the_suites_own():
     """Hypothesis registers ``ci`` and ``default`` itself on import: a suite profile of either name
     would never be registered, and the suite would run Hypothesis's 100 examples a property."""

@@ -10,7 +10,9 @@ What it adds to pytest:
 * ``--attention-impl NAME`` (repeatable): a registered name or ``module:attr`` (an
   :class:`attention.AttentionBase` subclass or a plain ``attn(q, k, v)`` function); default:
   every registered implementation (read at collection). ``register()`` calls in a ``conftest.py``
-  of a path given to pytest count: pytest imports those before the plugin resolves names.
+  of a path given to pytest count: pytest imports those before the plugin resolves names. One
+  named here that this machine cannot test at all (every device and dtype skipped) is a usage
+  error, not a run of skips that exits 0.
 * Any test taking an ``impl_name`` argument runs once per selected implementation; one taking
   ``source_name`` and ``target_name`` once per ordered pair (each selected implementation with
   every selected one and the ``from_scratch`` reference), so a failing implementation fails its
@@ -82,7 +84,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # Resolved now, so a typo is one usage error; conftest files of the paths given to pytest
     # (where a register() call may live) are imported before this hook runs.
     if specs := config.getoption("--attention-impl"):
-        config.stash[_SELECTED] = list(dict.fromkeys(_resolve(spec) for spec in specs))
+        config.stash[_SELECTED] = names = list(dict.fromkeys(_resolve(spec) for spec in specs))
+        for name in names:
+            if (why := untestable_here(name)) is not None:
+                raise pytest.UsageError(
+                    f"--attention-impl {name}: every test would skip on this machine, and a run that "
+                    f"tests nothing proves nothing: {why}"
+                )
 
 
 def _resolve(spec: str) -> str:
@@ -201,6 +209,18 @@ def skip_reason(impl_name: str, device: str, dtype: torch.dtype | None, needs: t
         if not has:
             return f"does not declare the capability {capability!r} ({MEANING[capability]})"
     return None
+
+
+def untestable_here(impl_name: str) -> str | None:
+    """Why no device and dtype the suite runs on this machine can test ``impl_name`` (each one's
+    reason), or ``None`` when at least one can."""
+    from attention.suite import support
+
+    combos = [p.values for p in support.DEVICE_DTYPES if p.values[0] == "cpu" or support.CUDA]
+    reasons = {f"{device} {dtype}": skip_reason(impl_name, device, dtype, ()) for device, dtype in combos}
+    if any(reason is None for reason in reasons.values()):
+        return None
+    return "; ".join(f"{combo}: {reason}" for combo, reason in reasons.items())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
