@@ -359,6 +359,14 @@ def test_calibrate_without_cuda_is_exit_2_and_says_so(tmp_path, monkeypatch, cap
     assert "calibrate measures the A/B gate on a CUDA GPU and needs one; none here" in capsys.readouterr().out
 
 
+def test_calibrate_from_a_run_that_is_no_calibration_is_refused_writing_nothing(tmp_path, capsys):
+    plain = tmp_path / "run-1.json"
+    write_json(make_raw({"core-sdpa-bf16-fwd-B1-T1024-H16-D64": {"median": 1e-3}}), plain)
+    assert cli.main(["calibrate", "--from", str(plain)]) == 2
+    assert f"--from {plain}: not a calibration run (no case holds calibration samples)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-1.json"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -46,6 +46,15 @@ def test_compare_finds_the_baseline_by_gpu_and_explains_a_missing_one(tmp_path, 
     assert cli.main(["compare", run, "--baselines", str(tmp_path / "baselines")]) == 0
 
 
+def test_baseline_without_a_gpu_says_so_and_lists_the_committed_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    write_run(make_run({KEY: {"median": 1e-3}}), tmp_path / "b" / H100["slug"] / "baseline.json")
+    assert cli.main(["baseline", "--baselines", str(tmp_path / "b")]) == 2
+    out = capsys.readouterr().out
+    assert "no CUDA GPU here, and baselines are per GPU model" in out
+    assert f"Committed in {tmp_path / 'b'}: {H100['slug']}" in out and "--benchmark-compare" not in out
+
+
 def test_corrupt_baseline_is_exit_2_with_the_file_named(tmp_path, capsys):
     bad = tmp_path / "baseline.json"
     bad.write_text('{"machine_info": {"attention_perf": {"torch"')

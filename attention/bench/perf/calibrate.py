@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m attention.bench.perf calibrate",
         description="Measure the same-run A/B gate on this GPU: false alarms from A/A pairs, power from "
-        "injected slowdowns of 1-5%%, and the minimum effect this GPU supports. Arguments it does not know "
+        "injected slowdowns of 1-5%, and the minimum effect this GPU supports. Arguments it does not know "
         "go to pytest (-k, --perf-graphs, --perf-budget).",
         allow_abbrev=False,
     )
@@ -50,7 +50,11 @@ def parser() -> argparse.ArgumentParser:
         "--alpha", type=float, default=calibration.DEFAULT_ALPHA,
         help="the false-alarm rate per case to find the minimum effect for (default %(default)s)",
     )  # fmt: skip
-    p.add_argument("--out", default=None, help="where JSON, tables and plot go (default: $PERF_OUT or .benchmarks/)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where JSON, tables and plot go (default: $PERF_OUT or .benchmarks/; with --from, the run's folder)",
+    )
     p.add_argument("--grid", choices=("full", "quick", "tiny"), default=None, help="default: full on CUDA")
     p.add_argument("--impl", action="append", default=[], metavar="NAME|module:attr", help="as for run")
     p.add_argument(
@@ -113,6 +117,11 @@ def main(argv: list[str]) -> int:
     _min_effects(args.min_effects)  # a bad file is refused before anything runs
     if args.source is not None:
         run = load_run(args.source)
+        if not any(isinstance(rec.info.get("calibration"), dict) for rec in run.records.values()):
+            raise PerfError(
+                f"--from {args.source}: not a calibration run (no case holds calibration samples); "
+                f"judge the {RUN_LABEL}.json a calibrate run wrote"
+            )
         return report(run, args, Path(args.out) if args.out else Path(args.source).parent, [])
     if refused := [a for a in extra if a.startswith(REFUSED_PREFIXES)]:
         raise flags.FlagRefused(f"{refused[0]}: calibrate measures the A/B gate itself and compares nothing")

@@ -57,6 +57,7 @@ from .launcher import say as _say
 from .results import (
     BASELINE_FILE,
     THRESHOLDS_FILE,
+    NoBaseline,
     PerfError,
     Run,
     baseline_dir,
@@ -463,8 +464,15 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     """Exit 0 naming this GPU's committed baseline for this torch minor version; else 2 saying why."""
     import torch
 
-    info = machine.machine_info("cuda") if torch.cuda.is_available() else None
-    _say(str(flags.resolve_compare(None, baselines=Path(args.baselines), storage=Path("."), machine=info).path))
+    baselines = Path(args.baselines)
+    if not torch.cuda.is_available():
+        committed = sorted(p.parent.name for p in baselines.glob(f"*/{BASELINE_FILE}"))
+        raise NoBaseline(
+            "no CUDA GPU here, and baselines are per GPU model: run this on the GPU to compare on. "
+            f"Committed in {baselines}: {', '.join(committed) or 'none'}"
+        )
+    info = machine.machine_info("cuda")
+    _say(str(flags.resolve_compare(None, baselines=baselines, storage=Path("."), machine=info).path))
     return 0
 
 
