@@ -18,6 +18,7 @@ the module refuses the rest by name instead of computing it some other way::
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, SupportsIndex, cast
 
@@ -145,6 +146,7 @@ def from_function(
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
+    _check_signature(function, masks=masks, kv_cache=kv_cache, dropout=dropout)
     compiled = _several("compiled_on", compiled_on, "('cuda',)")
     if bad := sorted((d for d in compiled if not is_device_type(d)), key=repr):
         raise TypeError(f"compiled_on must be device types such as 'cpu' or 'cuda', got {bad}")
@@ -160,6 +162,25 @@ def from_function(
         ("compiled_on", compiled),
     )
     return _make_class(function, declaration)
+
+
+def _check_signature(function: Callable[..., Tensor], *, masks: bool, kv_cache: bool, dropout: bool) -> None:
+    """Refuse, now, a function that cannot take the call its declaration implies (a bare arity
+    ``TypeError`` at the first forward otherwise); a callable without a readable signature passes."""
+    keywords = [
+        name
+        for name, wanted in (("mask_mod", masks), ("q_offset", kv_cache and not masks), ("dropout_p", dropout))
+        if wanted
+    ]
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None, None, **dict.fromkeys(keywords))
+    except TypeError as exc:
+        call = ", ".join(["q", "k", "v", *(f"{k}=..." for k in keywords)])
+        raise TypeError(f"function must take ({call}) as declared: {exc}") from None
 
 
 def _several(name: str, value: object, example: str) -> frozenset:

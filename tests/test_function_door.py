@@ -116,6 +116,16 @@ def test_bad_declarations_are_refused(kwargs, error, match) -> None:
         from_function(plain_causal, **kwargs)
 
 
+def test_a_function_that_cannot_take_its_declared_call_is_refused_at_once() -> None:
+    with pytest.raises(TypeError, match=r"function must take \(q, k, v\) as declared: too many positional"):
+        from_function(lambda q: q)
+    with pytest.raises(TypeError, match=r"must take \(q, k, v, mask_mod=...\) as declared: .*'mask_mod'"):
+        from_function(plain_causal, masks=True)
+    with pytest.raises(TypeError, match=r"must take \(q, k, v, q_offset=..., dropout_p=...\)"):
+        from_function(plain_causal, kv_cache=True, dropout=True)
+    from_function(lambda q, k, v, **kwargs: plain_causal(q, k, v), masks=True, dropout=True)
+
+
 def test_a_function_compiled_per_shape_gets_the_suites_menu_of_shapes_there_only() -> None:
     from attention.suite import support
 
