@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -216,8 +216,12 @@ def untestable_here(impl_name: str) -> str | None:
     reason), or ``None`` when at least one can."""
     from attention.suite import support
 
-    combos = [p.values for p in support.DEVICE_DTYPES if p.values[0] == "cpu" or support.CUDA]
-    reasons = {f"{device} {dtype}": skip_reason(impl_name, device, dtype, ()) for device, dtype in combos}
+    combos = [cast("tuple[str, torch.dtype]", p.values) for p in support.DEVICE_DTYPES]
+    reasons = {
+        f"{device} {dtype}": skip_reason(impl_name, device, dtype, ())
+        for device, dtype in combos
+        if device == "cpu" or support.CUDA
+    }
     if any(reason is None for reason in reasons.values()):
         return None
     return "; ".join(f"{combo}: {reason}" for combo, reason in reasons.items())
