@@ -419,6 +419,18 @@ class AttentionBase(nn.Module):
         if heads != num_heads:
             raise ValueError(f"score_mod={name} was made for num_heads={heads}, this module has {num_heads}")
 
+    def _refuse_gradients(self, device: torch.device, wants_grad: bool) -> None:
+        """``NotImplementedError`` for a call that may need gradients where there is no backward."""
+        if wants_grad and not self.supports_backward(device):
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot compute gradients on {device.type}: "
+                f"{self._no_backward_reason(device)}. Run it under torch.no_grad()."
+            )
+
+    def _no_backward_reason(self, device: torch.device) -> str:
+        """Why :meth:`supports_backward` is false on ``device``, for the refusal."""
+        return "it declares no backward"
+
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -459,6 +471,10 @@ class AttentionBase(nn.Module):
                     f"mask_mod {_fn_name(self.mask_mod)} holds document_ids of shape {held}; this call needs "
                     f"(batch, cached + tokens) = {(b, past + t)} at least: assign a per_document mask for these ids"
                 )
+        # Last, after the input's own checks, and before the cache is written: a refused call
+        # leaves the cache as it was.
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (x, *self.parameters()))
+        self._refuse_gradients(x.device, wants_grad)
 
     def _check_cache(self, kv_cache: KVCache, x: Tensor) -> int:
         """Refuse a cache this call cannot extend; returns the positions already cached."""

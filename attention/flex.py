@@ -270,17 +270,14 @@ class MHAPyTorchFlexAttention(AttentionBase):
         return mask
 
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
-        super()._check_input(x, kv_cache, document_ids)
-        # Refused here, before the cache is written, so a refused call leaves the cache as it was.
-        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.qkv.parameters()))
-        self._refuse_unsupported(x.device, wants_grad)
+        super()._check_input(x, kv_cache, document_ids)  # gradients on CPU refused there
+        self._refuse_unsupported(x.device, wants_grad=False)
+
+    def _no_backward_reason(self, device: torch.device) -> str:
+        return "torch's flex_attention has no backward there (it has on CUDA)"
 
     def _refuse_unsupported(self, device: torch.device, wants_grad: bool) -> None:
-        if wants_grad and not self.supports_backward(device):
-            raise NotImplementedError(
-                f"{type(self).__name__} cannot compute gradients on {device.type}: torch's "
-                "flex_attention has no backward there. Run it under torch.no_grad() or on CUDA."
-            )
+        self._refuse_gradients(device, wants_grad)
         if self.head_dim < self.min_head_dim(device):
             raise ValueError(
                 f"{type(self).__name__} needs head_dim (d_out // num_heads) >= {self.min_head_dim(device)} "

@@ -141,3 +141,14 @@ def test_a_function_compiled_per_shape_gets_the_suites_menu_of_shapes_there_only
 def test_a_class_is_not_a_function() -> None:
     with pytest.raises(TypeError, match="plain callable"):
         from_function(attention.MHAPyTorchScaledDotProduct)
+
+
+def test_a_function_declared_without_backward_refuses_gradients_by_name() -> None:
+    module = from_function(plain_causal, backward=False)(8, 8, 2, 16)
+    x = torch.randn(1, 5, 8)  # (B, T, d_in)
+    with pytest.raises(
+        NotImplementedError, match=r"plain_causal cannot compute gradients on cpu: it declares no backward"
+    ):
+        module(x)
+    with torch.no_grad():
+        assert module(x).shape == (1, 5, 8)
