@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
@@ -123,8 +124,10 @@ def resolve(spec: str) -> str:
         raise ValueError(f"unknown implementation {spec!r}; registered: {', '.join(known)} (or give module:attr)")
     try:
         obj: Any = importlib.import_module(module_name)  # then whatever attr names: checked below
-    except ImportError as error:
-        raise ValueError(f"{spec}: cannot import {module_name} ({type(error).__name__}: {error})") from None
+    except Exception as error:  # the user's module: a SyntaxError or whatever its top level raises
+        frames = traceback.extract_tb(error.__traceback__)
+        at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames and not isinstance(error, SyntaxError) else ""
+        raise ValueError(f"{spec}: cannot import {module_name} ({type(error).__name__}: {error}){at}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

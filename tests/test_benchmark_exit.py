@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,26 @@ def test_a_bad_module_attr_is_a_usage_error(spec, message, tmp_path, capsys):
         sweep.parse_args([*TINY, "--impl", spec, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def attn(q, k, v)\n", r"cannot import broken_\w+ \(SyntaxError: "),
+        ("x = 1\nraise RuntimeError('no GPU config')\n", r"\(RuntimeError: no GPU config\) at .*broken_\w+\.py:2"),
+    ],
+    ids=["syntax", "raises"],
+)
+def test_a_module_that_fails_to_import_is_a_usage_error_naming_where(source, message, tmp_path, monkeypatch, capsys):
+    name = f"broken_{len(source)}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args([*TINY, "--impl", f"{name}:attn", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
 
 
 def test_a_cell_that_raised_is_named_on_a_fail_line_with_its_first_error():
