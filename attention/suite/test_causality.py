@@ -34,6 +34,7 @@ def test_replacing_later_tokens_leaves_earlier_outputs_unchanged(
         y = module(x)  # (B, T, d_out)
         y_replaced = module(replaced)  # (B, T, d_out)
 
+    assert_finite(y, f"{impl_name}'s outputs")
     assert torch.equal(y[:, : t + 1], y_replaced[:, : t + 1]), (
         f"outputs up to position {t} changed when only later tokens were replaced: max difference "
         f"{(y[:, : t + 1] - y_replaced[:, : t + 1]).abs().max().item():.3e}"
@@ -58,9 +59,16 @@ def test_gradient_of_early_outputs_wrt_later_inputs_is_zero(
     upstream = seeded_randn(cfg.batch, t + 1, cfg.d_out, seed=cfg.seed + 2, device=device, dtype=dtype)
     (grad,) = torch.autograd.grad(y[:, : t + 1], x, grad_outputs=upstream)  # (B, T, d_in)
 
+    assert_finite(grad, f"{impl_name}'s input gradients")
     later = grad[:, t + 1 :]
     assert torch.equal(later, torch.zeros_like(later)), (
         f"outputs up to position {t} have gradient w.r.t. later inputs: max |grad| {later.abs().max().item():.3e}"
     )
     # Non-vacuous: the output at t does depend on the input at t.
     assert grad[:, t].abs().max() > 0, f"no gradient reached the input at position {t}"
+
+
+def assert_finite(values: torch.Tensor, what: str) -> None:
+    """NaN compares unequal to itself: said as what it is, not as a leak from later tokens."""
+    bad = int((~torch.isfinite(values)).sum())
+    assert bad == 0, f"{what} hold {bad} NaN or inf values (of {values.numel()}): causality cannot be judged"
