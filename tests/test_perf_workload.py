@@ -204,3 +204,21 @@ def test_an_ab_needs_room_for_both_builds(monkeypatch):
     monkeypatch.setattr(workload, "free_memory_bytes", lambda device: 1.5 * case.estimated_peak_bytes())
     assert case.skip_reason() is None
     assert "2 copies at once" in case.skip_reason(copies=2)
+
+
+def _short_by_one(q, k, v):  # (B, H, T, D) -> (B, H, T - 1, D): one row short
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, :-1]
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_core_case_holds_attend_to_the_modules_contract_before_timing(backward, monkeypatch):
+    """Core cases call _attend past the module's check of its result: the build checks it once."""
+    monkeypatch.setitem(registry._registry, "short_by_one", from_function(_short_by_one))
+    prefill = Workload("short_by_one", 1, 32, 2, 8, torch.float32, "cpu", backward=backward)
+    with pytest.raises(ValueError, match=r"_short_by_one\(\) \(from_function\) returned shape \(1, 2, 31, 8\)"):
+        prefill.build()
+    step = DecodeWorkload(
+        "short_by_one", 16, batch=1, num_heads=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu"
+    )
+    with pytest.raises(ValueError, match=r"returned shape \(1, 2, 0, 8\); expected q's shape \(1, 2, 1, 8\)"):
+        step.build()
