@@ -113,15 +113,24 @@ def _class_problem(impl: object) -> str | None:
 def resolve(spec: str) -> str:
     """The registered name ``spec`` stands for: a name already registered, or ``"module:attr"``
     (an AttentionBase subclass or a plain function), imported and registered under ``attr``'s
-    last part. A clear ``ValueError`` says what is wrong with a spec that is neither."""
+    last part, or ``"NAME=module:attr"``, registered under ``NAME`` (two versions of one function,
+    or one named like a built-in). A clear ``ValueError`` says what is wrong with a spec that is neither."""
     if not isinstance(spec, str):
         raise TypeError(f"an implementation spec must be a str, got {type(spec).__name__} ({spec!r})")
     known = implementations()
     if spec in known:
         return spec
-    module_name, sep, attr = spec.partition(":")
+    alias, eq, target = spec.partition("=")
+    if not eq or ":" in alias:
+        alias, target = "", spec
+    elif not alias.isidentifier():
+        raise ValueError(f"{spec}: the name before '=' must be an identifier, got {alias!r}")
+    module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"unknown implementation {spec!r}; registered: {', '.join(known)} (or give module:attr)")
+        raise ValueError(
+            f"unknown implementation {spec!r}; registered: {', '.join(known)} "
+            "(or give module:attr, or NAME=module:attr)"
+        )
     try:
         obj: Any = importlib.import_module(module_name)  # then whatever attr names: checked below
     except Exception as error:  # the user's module: a SyntaxError or whatever its top level raises
@@ -138,10 +147,14 @@ def resolve(spec: str) -> str:
         raise ValueError(f"{spec}: {problem}")
     cls = _as_class(obj)
     for name, registered in known.items():
-        if registered is cls:
+        if registered is cls and (not alias or name == alias):
             return name
-    name = attr.rsplit(".", 1)[-1]
-    _sources[name] = spec
+    name = alias or attr.rsplit(".", 1)[-1]
+    if name in known:
+        raise ValueError(
+            f"{spec}: the name {name!r} is taken ({_describe(known[name])}); name this one yourself: {name}_2={target}"
+        )
+    _sources[name] = target
     register(name, cls)
     return name
 

@@ -368,3 +368,29 @@ def test_a_subclass_whose_attend_breaks_the_contract_is_named_at_the_call(result
 
     with pytest.raises(error, match=expected):
         Short(4, 16, 2, 10)(torch.randn(1, 10, 4))  # (B, T, d_in)
+
+
+def test_two_functions_of_one_name_are_told_apart_by_a_name_given_in_the_spec(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(registry, "_sources", dict(registry._sources))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    body = textwrap.dedent("""
+        import torch.nn.functional as F
+
+        def attn(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        """)
+    for module in ("attn_v1", "attn_v2"):
+        (tmp_path / f"{module}.py").write_text(body)
+    assert registry.resolve("attn_v1:attn") == "attn"
+    with pytest.raises(
+        ValueError, match=r"attn_v2:attn: the name 'attn' is taken .*; name this one yourself: attn_2=attn_v2:attn"
+    ):
+        registry.resolve("attn_v2:attn")
+    assert registry.resolve("v2=attn_v2:attn") == "v2"
+    assert registry.get("v2") is not registry.get("attn") and registry.source("v2") == "attn_v2:attn"
+    assert registry.resolve("v2=attn_v2:attn") == "v2"  # the same spec again: the same name
+    with pytest.raises(ValueError, match=r"the name 'sdpa' is taken"):
+        registry.resolve("sdpa=attn_v2:attn")
+    with pytest.raises(ValueError, match=r"the name before '=' must be an identifier, got 'my attn'"):
+        registry.resolve("my attn=attn_v2:attn")
