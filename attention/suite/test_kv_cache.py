@@ -166,6 +166,24 @@ def test_chunked_decoding_matches_one_forward(data, device, dtype, impl_name, nu
 
 
 @pytest.mark.attention_needs("kv_cache")
+@pytest.mark.parametrize("num_kv_heads", KV_HEADS)
+def test_chunks_after_a_cached_prefill_see_every_cached_key(impl_name, num_kv_heads):
+    """Always one case where chunks continue a cache (the drawn splits may be one chunk): a prefill
+    of 3, a chunk of 2, one token. A mask drawn top-left (SDPA's ``is_causal=True`` with fewer
+    queries than keys) or a wrong query offset fails here, named as such."""
+    splits = [3, 2, 1]
+    module = build(impl_name, "cpu", torch.float32, seed=11, d_in=8, d_out=NUM_HEADS * 8, num_heads=NUM_HEADS,
+                   context_length=8, num_kv_heads=num_kv_heads)  # fmt: skip
+    x = torch.randn(2, sum(splits), 8, generator=torch.Generator().manual_seed(11))  # (B, T, d_in)
+    cached = run_chunks(module, x, splits, module.make_kv_cache(2, 8), None)  # (B, T, d_out)
+    assert_module_matches_oracle(
+        module, x, cached,
+        what=f"output of chunks continuing a cache (splits {splits}): row i of a chunk is position q_offset + i "
+        "and must see keys 0 .. q_offset + i (a causal mask drawn top-left, or a wrong q_offset?)",
+    )  # fmt: skip
+
+
+@pytest.mark.attention_needs("kv_cache")
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
 def test_reset_starts_a_new_sequence(device, dtype, impl_name):
     module = build(impl_name, device, dtype, seed=1, d_in=12, d_out=32, num_heads=2, context_length=16)
