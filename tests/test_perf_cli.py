@@ -38,6 +38,14 @@ def test_compare_exit_codes(tmp_path, capsys):
     assert "refusing to compare" in out and "REGRESSION" not in out
 
 
+def test_cpu_runs_are_not_compared_even_against_a_named_baseline(tmp_path, capsys):
+    cpu = with_machine(device="cpu")
+    base, slow = write(tmp_path, "base.json", machine=cpu), write(tmp_path, "slow.json", 1.5e-3, machine=cpu)
+    assert cli.main(["compare", slow, "--baseline", base]) == 2
+    out = capsys.readouterr().out
+    assert "not a CUDA GPU: CPU numbers are never baselined or compared" in out and "REGRESSION" not in out
+
+
 def test_compare_finds_the_baseline_by_gpu_and_explains_a_missing_one(tmp_path, capsys):
     run = write(tmp_path, "run.json")
     assert cli.main(["compare", run, "--baselines", str(tmp_path / "baselines")]) == 2

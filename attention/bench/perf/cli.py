@@ -67,6 +67,7 @@ from .results import (
     load_runs,
     merge_runs,
     parse_run,
+    require_gpu_run,
     salvage,
     write_json,
     write_run,
@@ -417,6 +418,7 @@ def _gate_on_ab(out: Path, pytest_status: int) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     run = load_run(args.run)
+    require_gpu_run(run)
     path = Path(args.baseline) if args.baseline else find_baseline(args.baselines, run)
     result = compare_one(run, path, _thresholds_path(args.thresholds, path))
     return 1 if result.failed else 0
@@ -538,10 +540,10 @@ def tools_parser() -> argparse.ArgumentParser:
         "calibrate", add_help=False, help="measure the A/B gate on this GPU: false alarms, power, minimum effect"
     )
     c = sub.add_parser("compare", allow_abbrev=False, help="compare a run JSON with the baseline for its GPU")
-    c.add_argument("run")
-    c.add_argument("--baseline", default=None)
-    c.add_argument("--baselines", default=str(DEFAULT_BASELINES))
-    c.add_argument("--thresholds", default=None)
+    c.add_argument("run", help="a run JSON of a CUDA GPU")
+    c.add_argument("--baseline", default=None, help="compare with this run or baseline JSON instead of the GPU's own")
+    c.add_argument("--baselines", default=str(DEFAULT_BASELINES), help="where the per-GPU baselines live")
+    c.add_argument("--thresholds", default=None, help="per-case thresholds JSON (default: beside the baseline)")
     r = sub.add_parser(
         "record", allow_abbrev=False, help="make run JSON(s) the baseline for their GPU (several: merged + thresholds)"
     )

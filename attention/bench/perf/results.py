@@ -226,13 +226,18 @@ def baseline_dir(root: str | Path, machine: dict) -> Path:
     return Path(root) / slug
 
 
-def find_baseline(root: str | Path, run: Run) -> Path:
-    """The baseline for the GPU ``run`` ran on; :class:`NoBaseline` saying how to record one."""
+def require_gpu_run(run: Run) -> None:
+    """:class:`NoBaseline` for a run that did not time a CUDA GPU: nothing is compared against it."""
     if run.machine.get("device") != "cuda":
         raise NoBaseline(
             f"{run.path} ran on {run.machine.get('device')}, not a CUDA GPU: CPU numbers are never baselined "
-            "(the CPU grid only shows the machinery working)"
+            "or compared (the CPU grid only shows the machinery working)"
         )
+
+
+def find_baseline(root: str | Path, run: Run) -> Path:
+    """The baseline for the GPU ``run`` ran on; :class:`NoBaseline` saying how to record one."""
+    require_gpu_run(run)
     path = baseline_dir(root, run.machine) / BASELINE_FILE
     if not path.exists():
         raise NoBaseline(f"no baseline for {run.gpu} at {path}: {RECORD_HINT}, then commit {path.parent}/")
