@@ -38,6 +38,16 @@ def test_compare_exit_codes(tmp_path, capsys):
     assert "refusing to compare" in out and "REGRESSION" not in out
 
 
+def test_an_implementation_asked_for_but_never_timed_fails_the_run_with_why(tmp_path):
+    run = make_run({KEY: {"median": 1e-3, "impl": "sdpa"}})
+    log = tmp_path / "cases.jsonl"
+    skipped = {"case": "core-flex-bf16-fwd-B1-T1024-H16-D128", "status": "skipped", "reason": "flex: no GPU"}
+    log.write_text(json.dumps({"run": "run-1"}) + "\n" + json.dumps(skipped) + "\n")
+    assert cli._untimed(["sdpa"], run, log) == []
+    assert cli._untimed(["flex", "sdpa", "flex"], run, log) == ["flex: no case timed (skipped: flex: no GPU)"]
+    assert cli._untimed(["triton"], run, tmp_path / "absent.jsonl") == ["triton: no case timed (none selected)"]
+
+
 def test_cpu_runs_are_not_compared_even_against_a_named_baseline(tmp_path, capsys):
     cpu = with_machine(device="cpu")
     base, slow = write(tmp_path, "base.json", machine=cpu), write(tmp_path, "slow.json", 1.5e-3, machine=cpu)

@@ -319,6 +319,9 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         summary.append(cmp.format_spread(thresholds))
     (out / "summary.txt").write_text("\n\n".join([*summary, report.cases_table(runs[-1])]) + "\n")
     _say("\n\n".join(summary))  # the tables first: verdicts, the part to read, come last
+    if untimed := _untimed(args.impl, runs[-1], out / "cases.jsonl"):
+        _say("\n".join(f"FAIL: {line}" for line in untimed))
+        status = max(status, 1)
     if not cuda:
         if args.record:
             _say("--record skipped: no CUDA GPU (CPU runs are never baselined).")
@@ -335,6 +338,23 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         return 2
     _say(f"{'FAIL' if status else 'PASS'}: results in {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return status
+
+
+def _untimed(specs: list[str], run: Run, log: Path) -> list[str]:
+    """Each implementation named by ``--impl`` of which ``run`` timed no case, with why (the first
+    reason in the cases log): a run that measured nothing of what was asked for must not pass."""
+    timed = {rec.info.get("impl") for rec in run.records.values()}
+    missing = [name for name in dict.fromkeys(registry.resolve(spec) for spec in specs) if name not in timed]
+    if not missing:
+        return []
+    reasons: dict[str, str] = {}
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        entry = json.loads(line)
+        case, why = str(entry.get("case", "")), entry.get("reason")
+        for name in missing:
+            if why and f"-{name}-" in case:
+                reasons.setdefault(name, f"{entry.get('status')}: {why}")
+    return [f"{name}: no case timed ({reasons.get(name, 'none selected')})" for name in missing]
 
 
 def _writable(out: Path) -> Path:
