@@ -118,6 +118,22 @@ def test_a_module_that_fails_to_import_is_a_usage_error_naming_where(source, mes
     assert "Traceback" not in err
 
 
+def test_an_implementation_that_measured_nothing_is_named_on_a_fail_line():
+    def cell(status: str, reason: str | None = None) -> dict[str, object]:
+        return {"status": status, "reason": reason, "figures": {}}
+
+    skipped = cell("skipped", "mine: declares devices cuda only, not cpu")
+    rows = [
+        {"impl": "mine", "seq_len": 64, "fwd": skipped, "fwd_bwd": skipped, "accuracy": skipped},
+        {"impl": "flex", "seq_len": 64, "fwd": cell("ok"), "fwd_bwd": cell("skipped", "no backward on cpu")},
+        {"impl": "big", "seq_len": 64, "fwd": cell("oom", "OutOfMemoryError: ...")},
+    ]
+    assert sweep.unmeasured({"cells": rows}) == (
+        "FAIL: nothing measured: mine (mine: declares devices cuda only, not cpu)"
+    )
+    assert sweep.unmeasured({"cells": rows[1:]}) == ""
+
+
 def test_a_cell_that_raised_is_named_on_a_fail_line_with_its_first_error():
     """ERROR cells (a wrong shape, a crash) fail the run like accuracy does, and say which and why;
     out of memory is a limit of the machine, not a failure of the implementation."""

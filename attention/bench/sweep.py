@@ -77,6 +77,9 @@ class Config:
     plots: bool = True
     #: torch intra-op threads during the sweep; None leaves torch's setting (the default on CUDA).
     threads: int | None = None
+    #: Whether ``impls`` were named (``--impl``) rather than the default set: a named one must
+    #: measure something, while the default set may hold one that cannot run here.
+    named: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -275,6 +278,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         accuracy=not args.no_accuracy,
         plots=not args.no_plots,
         threads=args.threads or (1 if torch.device(device).type == "cpu" else None),
+        named=bool(args.impl),
     )
 
 
@@ -520,6 +524,24 @@ def errored_cells(result: dict[str, object]) -> str:
     return "FAIL: raised an error: " + "; ".join(f"{impl} ({what})" for impl, what in first.items())
 
 
+def unmeasured(result: dict[str, object]) -> str:
+    """A ``FAIL:`` line naming each implementation none of whose cells measured anything (every
+    one skipped), with its first reason; empty when each measured something."""
+    measured: set[str] = set()
+    why: dict[str, str] = {}
+    for row in result["cells"]:
+        for key in ("fwd", "fwd_bwd", "accuracy"):
+            cell = row.get(key) or {}
+            if cell.get("status") not in (None, "skipped"):
+                measured.add(row["impl"])
+            elif cell.get("reason"):
+                why.setdefault(row["impl"], cell["reason"])
+    missing = [impl for impl in dict.fromkeys(row["impl"] for row in result["cells"]) if impl not in measured]
+    if not missing:
+        return ""
+    return "FAIL: nothing measured: " + "; ".join(f"{impl} ({why.get(impl, 'every cell skipped')})" for impl in missing)
+
+
 #: Exit status after Ctrl-C, as a shell reports a process killed by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
 
@@ -578,12 +600,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Console(stderr=True).print("wrote " + ", ".join(str(p) for p in paths))
     failed = accuracy_failures(result)
     errored = errored_cells(result)
+    empty = unmeasured(result) if config.named else ""
     # Plain lines (no rich wrapping), last on screen: what a CI log shows.
-    if errored:
-        print(errored, file=sys.stderr, flush=True)
+    for line in (empty, errored):
+        if line:
+            print(line, file=sys.stderr, flush=True)
     if failed:
         print(failure_line(failed), file=sys.stderr, flush=True)
-    return 1 if failed or errored else 0
+    return 1 if failed or errored or empty else 0
 
 
 if __name__ == "__main__":
