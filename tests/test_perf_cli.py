@@ -45,7 +45,9 @@ def test_an_implementation_asked_for_but_never_timed_fails_the_run_with_why(tmp_
     log.write_text(json.dumps({"run": "run-1"}) + "\n" + json.dumps(skipped) + "\n")
     assert cli._untimed(["sdpa"], run, log) == []
     assert cli._untimed(["flex", "sdpa", "flex"], run, log) == ["flex: no case timed (skipped: flex: no GPU)"]
-    assert cli._untimed(["triton"], run, tmp_path / "absent.jsonl") == ["triton: no case timed (none selected)"]
+    assert cli._untimed(["triton"], run, tmp_path / "absent.jsonl") == [
+        "triton: no case timed (none ran: -k selected none, or the run stopped first)"
+    ]
 
 
 def test_cpu_runs_are_not_compared_even_against_a_named_baseline(tmp_path, capsys):

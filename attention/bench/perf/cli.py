@@ -354,7 +354,10 @@ def _untimed(specs: list[str], run: Run, log: Path) -> list[str]:
         for name in missing:
             if why and f"-{name}-" in case:
                 reasons.setdefault(name, f"{entry.get('status')}: {why}")
-    return [f"{name}: no case timed ({reasons.get(name, 'none selected')})" for name in missing]
+    return [
+        f"{name}: no case timed ({reasons.get(name, 'none ran: -k selected none, or the run stopped first')})"
+        for name in missing
+    ]
 
 
 def _writable(out: Path) -> Path:
