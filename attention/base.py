@@ -473,7 +473,9 @@ class AttentionBase(nn.Module):
                 )
         # Last, after the input's own checks, and before the cache is written: a refused call
         # leaves the cache as it was.
-        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (x, *self.parameters()))
+        # What q, k and v are made from: gradients of other parameters (the output projection)
+        # need no backward through attention.
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (x, *self.qkv.parameters()))
         self._refuse_gradients(x.device, wants_grad)
 
     def _check_cache(self, kv_cache: KVCache, x: Tensor) -> int:

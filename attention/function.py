@@ -172,15 +172,19 @@ def _check_signature(function: Callable[..., Tensor], *, masks: bool, kv_cache: 
         for name, wanted in (("mask_mod", masks), ("q_offset", kv_cache and not masks), ("dropout_p", dropout))
         if wanted
     ]
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):
-        return
-    try:
-        signature.bind(None, None, None, **dict.fromkeys(keywords))
-    except TypeError as exc:
-        call = ", ".join(["q", "k", "v", *(f"{k}=..." for k in keywords)])
-        raise TypeError(f"function must take ({call}) as declared: {exc}") from None
+    problems = []
+    for follow_wrapped in (True, False):  # a decorator's own signature may be the one that takes them
+        try:
+            signature = inspect.signature(function, follow_wrapped=follow_wrapped)
+        except (TypeError, ValueError):  # no signature to read (a builtin, an extension's callable)
+            return
+        try:
+            signature.bind(None, None, None, **dict.fromkeys(keywords))
+            return
+        except TypeError as exc:
+            problems.append(exc)
+    call = ", ".join(["q", "k", "v", *(f"{k}=..." for k in keywords)])
+    raise TypeError(f"function must take ({call}) as declared: {problems[0]}")
 
 
 def _several(name: str, value: object, example: str) -> frozenset:

@@ -134,8 +134,8 @@ def resolve(spec: str) -> str:
     try:
         obj: Any = importlib.import_module(module_name)  # then whatever attr names: checked below
     except Exception as error:  # the user's module: a SyntaxError or whatever its top level raises
-        frames = traceback.extract_tb(error.__traceback__)
-        at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames and not isinstance(error, SyntaxError) else ""
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen")]
+        at = "" if isinstance(error, SyntaxError) or not frames else f" at {frames[-1].filename}:{frames[-1].lineno}"
         raise ValueError(f"{spec}: cannot import {module_name} ({type(error).__name__}: {error}){at}") from None
     for part in attr.split("."):
         try:
@@ -145,7 +145,10 @@ def resolve(spec: str) -> str:
     problem = _class_problem(obj)
     if problem is not None:
         raise ValueError(f"{spec}: {problem}")
-    cls = _as_class(obj)
+    try:
+        cls = _as_class(obj)
+    except TypeError as error:  # from_function refusing the function's signature
+        raise ValueError(f"{spec}: {error}") from None
     for name, registered in known.items():
         if registered is cls and (not alias or name == alias):
             return name
@@ -201,7 +204,10 @@ def _plugin_problem(ep: EntryPoint) -> str | None:
     problem = _class_problem(impl)
     if problem is not None:
         return problem
-    cls = _as_class(impl)
+    try:
+        cls = _as_class(impl)
+    except (TypeError, ValueError) as error:  # a function that cannot take the call it would get
+        return str(error)
     if _registry.get(name, cls) is not cls:
         return f"an implementation named {name!r} is already registered ({_describe(_registry[name])})"
     _registry[name] = cls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 
 import pytest
@@ -152,3 +153,24 @@ def test_a_function_declared_without_backward_refuses_gradients_by_name() -> Non
         module(x)
     with torch.no_grad():
         assert module(x).shape == (1, 5, 8)
+
+
+def test_a_decorator_that_takes_the_declared_keyword_is_accepted() -> None:
+    """``inspect.signature`` follows ``__wrapped__`` to the inner function; the wrapper's own
+    signature, which takes ``dropout_p``, is the call the module makes."""
+
+    @functools.wraps(plain_causal)
+    def with_dropout(q, k, v, *, dropout_p=0.0):
+        return plain_causal(q, k, v)
+
+    module = from_function(with_dropout, dropout=True)(8, 8, 2, 16)
+    assert module(torch.randn(1, 5, 8)).shape == (1, 5, 8)
+
+
+def test_gradients_that_skip_attention_are_not_refused() -> None:
+    """Only what q, k and v are made from needs attention's backward: training the output
+    projection alone of a backward-less module is allowed."""
+    module = from_function(plain_causal, backward=False)(8, 8, 2, 16)
+    module.qkv.requires_grad_(False)
+    module(torch.randn(1, 5, 8)).sum().backward()
+    assert module.proj.weight.grad is not None

@@ -44,6 +44,8 @@ def test_an_implementation_asked_for_but_never_timed_fails_the_run_with_why(tmp_
     skipped = {"case": "core-flex-bf16-fwd-B1-T1024-H16-D128", "status": "skipped", "reason": "flex: no GPU"}
     log.write_text(json.dumps({"run": "run-1"}) + "\n" + json.dumps(skipped) + "\n")
     assert cli._untimed(["sdpa"], run, log) == []
+    with log.open("a") as cut:  # a run stopped mid-write leaves half a line
+        cut.write('{"case": "core-flex-bf16-fwd-B1-T4096')
     assert cli._untimed(["flex", "sdpa", "flex"], run, log) == ["flex: no case timed (skipped: flex: no GPU)"]
     assert cli._untimed(["triton"], run, tmp_path / "absent.jsonl") == [
         "triton: no case timed (none ran: -k selected none, or the run stopped first)"

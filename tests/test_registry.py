@@ -237,6 +237,10 @@ def _bad_plugins(plugin: ModuleType) -> dict[str, tuple[FakeEntryPoint, str]]:
             FakeEntryPoint("my-attention", "user_attention:EinsumAttention", lambda: plugin.EinsumAttention),
             "its name 'my-attention' is not an identifier-like string",
         ),
+        "two_argument_function": (
+            FakeEntryPoint("qk_only", "user_attention:qk", lambda: lambda q, k: q),
+            "function must take (q, k, v) as declared",
+        ),
     }
 
 

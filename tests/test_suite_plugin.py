@@ -61,10 +61,23 @@ def test_an_implementation_nothing_here_can_test_is_a_usage_error_not_a_green_ru
     assert done.returncode == 4, done.stdout + done.stderr
     assert re.search(
         r"ERROR: --attention-impl MetaOnly: every test would skip on this machine, .*: "
-        r"cpu torch.float32: declares devices meta only",
+        r"cpu: declares devices meta only",
         done.stderr,
     ), done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_dtype_declaration_never_refuses_the_run(tmp_path: Path) -> None:
+    """fp16-only on a CPU machine: the fp16 checks still run on CPU, so it is testable."""
+    (tmp_path / "theirs.py").write_text(
+        PLAIN
+        + "\nimport torch\nfrom attention import from_function\n"
+        + "Fp16Only = from_function(plain_causal, dtypes=(torch.float16,))\n"
+    )
+    done = _pytest(
+        tmp_path, "--pyargs", "attention.suite.test_score_mods", "--attention-impl", "theirs:Fp16Only", "--co", "-q"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_default_profile_is_the_suites_own():

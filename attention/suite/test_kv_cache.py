@@ -167,15 +167,19 @@ def test_chunked_decoding_matches_one_forward(data, device, dtype, impl_name, nu
 
 @pytest.mark.attention_needs("kv_cache")
 @pytest.mark.parametrize("num_kv_heads", KV_HEADS)
-def test_chunks_after_a_cached_prefill_see_every_cached_key(impl_name, num_kv_heads):
-    """Always one case where chunks continue a cache (the drawn splits may be one chunk): a prefill
-    of 3, a chunk of 2, one token. A mask drawn top-left (SDPA's ``is_causal=True`` with fewer
+@pytest.mark.parametrize(("device", "dtype"), CACHE_DEVICE_DTYPES)
+def test_chunks_after_a_cached_prefill_see_every_cached_key(device, dtype, impl_name, num_kv_heads):
+    """Always one case where chunks continue a cache (the drawn splits may be one chunk): on CPU a
+    prefill of 3, a chunk of 2, one token. A mask drawn top-left (SDPA's ``is_causal=True`` with fewer
     queries than keys) or a wrong query offset fails here, named as such."""
-    splits = [3, 2, 1]
-    module = build(impl_name, "cpu", torch.float32, seed=11, d_in=8, d_out=NUM_HEADS * 8, num_heads=NUM_HEADS,
-                   context_length=8, num_kv_heads=num_kv_heads)  # fmt: skip
-    x = torch.randn(2, sum(splits), 8, generator=torch.Generator().manual_seed(11))  # (B, T, d_in)
-    cached = run_chunks(module, x, splits, module.make_kv_cache(2, 8), None)  # (B, T, d_out)
+    # On CUDA the main test's own split and shapes (a chunk of 6 after a prefill of 9): nothing new compiles.
+    splits = list(CUDA_SPLITS) if device == "cuda" else [3, 2, 1]
+    context = CUDA_CONTEXT_LENGTH if device == "cuda" else 8
+    module = build(impl_name, device, dtype, seed=11, d_in=16, d_out=NUM_HEADS * 16, num_heads=NUM_HEADS,
+                   context_length=context, num_kv_heads=num_kv_heads)  # fmt: skip
+    x = torch.randn(2, sum(splits), 16, generator=torch.Generator().manual_seed(11)).to(device, dtype)  # (B, T, d_in)
+    cache = module.make_kv_cache(2, CUDA_MAX_TOKENS if device == "cuda" else 8)
+    cached = run_chunks(module, x, splits, cache, None)  # (B, T, d_out)
     assert_module_matches_oracle(
         module, x, cached,
         what=f"output of chunks continuing a cache (splits {splits}): row i of a chunk is position q_offset + i "

@@ -349,7 +349,12 @@ def _untimed(specs: list[str], run: Run, log: Path) -> list[str]:
         return []
     reasons: dict[str, str] = {}
     for line in log.read_text().splitlines() if log.is_file() else []:
-        entry = json.loads(line)
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a run that stopped mid-write
+            continue
+        if not isinstance(entry, dict):
+            continue
         case, why = str(entry.get("case", "")), entry.get("reason")
         for name in missing:
             if why and f"-{name}-" in case:
