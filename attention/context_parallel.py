@@ -287,7 +287,8 @@ def run_context_parallel(
     memory-efficient kernel would pad (:data:`EFFICIENT_LSE_ROWS`).
     """
     check_supported(module, x.dtype if isinstance(x, Tensor) else None)
-    module._check_input(x, None, None)  # shape, dtype, device and context_length, on the whole sequence
+    with torch.set_grad_enabled(grad_out is not None):  # gradients are asked for only with grad_out
+        module._check_input(x, None, None)  # shape, dtype, device and context_length, on the whole sequence
     tensors = [x]
     if grad_out is not None:
         expected = (*x.shape[:2], module.d_out)
