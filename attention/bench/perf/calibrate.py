@@ -21,13 +21,12 @@ calibrated).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from . import ab, calibration, cli, flags, launcher
 from .launcher import say
-from .results import PerfError, load_run
+from .results import PerfError, load_run, not_timed
 
 RUN_LABEL = "calibration-run"
 NO_CUDA = (
@@ -77,21 +76,6 @@ def _min_effects(path: str | None) -> ab.MinEffects:
         return ab.load_min_effects(path or ab.MIN_EFFECTS_FILE)
     except (OSError, ValueError) as exc:
         raise PerfError(f"--min-effects: {exc}") from None
-
-
-def not_timed(log: Path, label: str = RUN_LABEL) -> list[tuple[str, str]]:
-    """The cases ``log`` (OUT/cases.jsonl) lists as skipped, failed or refused in run ``label``, with why."""
-    if not log.is_file():
-        return []
-    out = []
-    for line in log.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("run") == label and entry.get("case") and entry.get("status") not in (None, "passed"):
-            out.append((entry["case"], f"{entry['status']}: {entry.get('reason', '')}"))
-    return out
 
 
 def report(run, args: argparse.Namespace, out: Path, skipped: list[tuple[str, str]]) -> int:
@@ -146,5 +130,5 @@ def main(argv: list[str]) -> int:
     say(f"calibrate: pytest exit {rc}, {time.time() - started:.0f} s wall")
     if run is None:
         raise PerfError("the calibration run produced no results: see the pytest output above")
-    status = report(run, args, out, not_timed(out / "cases.jsonl"))
+    status = report(run, args, out, not_timed(out / "cases.jsonl", RUN_LABEL))
     return status or (1 if rc != 0 else 0)

@@ -66,6 +66,7 @@ from .results import (
     load_run,
     load_runs,
     merge_runs,
+    not_timed,
     parse_run,
     require_gpu_run,
     salvage,
@@ -348,17 +349,10 @@ def _untimed(specs: list[str], run: Run, log: Path) -> list[str]:
     if not missing:
         return []
     reasons: dict[str, str] = {}
-    for line in log.read_text().splitlines() if log.is_file() else []:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # a line cut off by a run that stopped mid-write
-            continue
-        if not isinstance(entry, dict):
-            continue
-        case, why = str(entry.get("case", "")), entry.get("reason")
+    for case, why in not_timed(log):
         for name in missing:
-            if why and f"-{name}-" in case:
-                reasons.setdefault(name, f"{entry.get('status')}: {why}")
+            if f"-{name}-" in case:
+                reasons.setdefault(name, why)
     return [
         f"{name}: no case timed ({reasons.get(name, 'none ran: -k selected none, or the run stopped first')})"
         for name in missing

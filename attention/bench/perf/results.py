@@ -12,6 +12,7 @@ import json
 import re
 import reprlib
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,19 +301,37 @@ def write_run(run: Run, path: str | Path) -> Path:
     return write_json(run.raw, path)
 
 
+def log_entries(jsonl: str | Path, run: str | None = None) -> Iterator[tuple[int, dict]]:
+    """``(line number, entry)`` of the per-case log (lines of ``run`` only, if given); lines cut
+    off by a process that died mid-write are skipped."""
+    for number, line in enumerate(read_text(jsonl, LOG_HINT).splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and (run is None or entry.get("run") == run):
+            yield number, entry
+
+
+def not_timed(jsonl: Path, run: str | None = None) -> list[tuple[str, str]]:
+    """The cases the per-case log lists as skipped, failed or refused (in ``run``, if given), with
+    why; none where there is no log."""
+    if not jsonl.is_file():
+        return []
+    return [
+        (entry["case"], f"{entry['status']}: {entry.get('reason', '')}")
+        for _, entry in log_entries(jsonl, run)
+        if entry.get("case") and entry.get("status") not in (None, "passed")
+    ]
+
+
 def salvage(jsonl: str | Path, run: str | None = None) -> dict:
     """A pytest-benchmark-shaped document rebuilt from the per-case log (lines of ``run`` only, if
     given), for a run whose process died before pytest-benchmark wrote its JSON. Lines that are
     cut off are skipped."""
     machine_info: dict = {}
     benches = []
-    for number, line in enumerate(read_text(jsonl, LOG_HINT).splitlines(), 1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(entry, dict) or (run is not None and entry.get("run") != run):
-            continue
+    for number, entry in log_entries(jsonl, run):
         if entry.get("machine_info"):
             machine_info = entry["machine_info"]
         elif entry.get("status") == "passed" and entry.get("data"):
