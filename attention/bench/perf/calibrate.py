@@ -79,14 +79,17 @@ def _min_effects(path: str | None) -> ab.MinEffects:
 
 
 def report(run, args: argparse.Namespace, out: Path, skipped: list[tuple[str, str]]) -> int:
-    """Judge ``run``, print the tables and verdicts, write the files; 2 if nothing was calibrated."""
+    """Judge ``run``, print the tables and verdicts, write the files; 2, writing nothing, if no case
+    was calibrated (a run not made by calibrate holds no calibration samples)."""
     cal = calibration.analyze(run, alpha=args.alpha, min_effects=_min_effects(args.min_effects), not_calibrated=skipped)
+    if not cal.cases:
+        first = "; ".join(f"{key}: {why}" for key, why in cal.not_calibrated[:1])
+        more = f" (and {len(cal.not_calibrated) - 1} more)" if len(cal.not_calibrated) > 1 else ""
+        say(f"ERROR: no case was calibrated in {run.path}: {first or 'it holds no cases'}{more}")
+        return 2
     written = calibration.write_outputs(cal, out)
     say(f"calibration: {', '.join(str(p) for p in written)}")
     calibration.print_tables(cal)  # the verdicts last: what a terminal and a CI log show
-    if not cal.cases:
-        say("ERROR: no case was calibrated")
-        return 2
     return 0
 
 
@@ -101,11 +104,6 @@ def main(argv: list[str]) -> int:
     _min_effects(args.min_effects)  # a bad file is refused before anything runs
     if args.source is not None:
         run = load_run(args.source)
-        if not any(isinstance(rec.info.get("calibration"), dict) for rec in run.records.values()):
-            raise PerfError(
-                f"--from {args.source}: not a calibration run (no case holds calibration samples); "
-                f"judge the {RUN_LABEL}.json a calibrate run wrote"
-            )
         return report(run, args, Path(args.out) if args.out else Path(args.source).parent, [])
     if refused := [a for a in extra if a.startswith(REFUSED_PREFIXES)]:
         raise flags.FlagRefused(f"{refused[0]}: calibrate measures the A/B gate itself and compares nothing")
