@@ -471,10 +471,8 @@ class AttentionBase(nn.Module):
                     f"mask_mod {_fn_name(self.mask_mod)} holds document_ids of shape {held}; this call needs "
                     f"(batch, cached + tokens) = {(b, past + t)} at least: assign a per_document mask for these ids"
                 )
-        # Last, after the input's own checks, and before the cache is written: a refused call
-        # leaves the cache as it was.
-        # What q, k and v are made from: gradients of other parameters (the output projection)
-        # need no backward through attention.
+        # Last, and before the cache is written, so a refused call leaves it as it was. Only what
+        # q, k and v are made from: the output projection's gradients need no attention backward.
         wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (x, *self.qkv.parameters()))
         self._refuse_gradients(x.device, wants_grad)
 

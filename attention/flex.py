@@ -271,13 +271,12 @@ class MHAPyTorchFlexAttention(AttentionBase):
 
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
         super()._check_input(x, kv_cache, document_ids)  # gradients on CPU refused there
-        self._refuse_unsupported(x.device, wants_grad=False)
+        self._check_head_dim(x.device)
 
     def _no_backward_reason(self, device: torch.device) -> str:
         return "torch's flex_attention has no backward there (it has on CUDA)"
 
-    def _refuse_unsupported(self, device: torch.device, wants_grad: bool) -> None:
-        self._refuse_gradients(device, wants_grad)
+    def _check_head_dim(self, device: torch.device) -> None:
         if self.head_dim < self.min_head_dim(device):
             raise ValueError(
                 f"{type(self).__name__} needs head_dim (d_out // num_heads) >= {self.min_head_dim(device)} "
@@ -297,7 +296,8 @@ class MHAPyTorchFlexAttention(AttentionBase):
         return {"SPLIT_KV": decode_split_kv(k.shape[0], k.shape[1], multiprocessors(q.device))}
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
-        self._refuse_unsupported(q.device, torch.is_grad_enabled() and q.requires_grad)
+        self._refuse_gradients(q.device, torch.is_grad_enabled() and q.requires_grad)
+        self._check_head_dim(q.device)
         block_mask = self.block_mask(q, k, q_offset, document_ids)
         kernel_options = {**self._default_kernel_options(q, k), **(self.kernel_options or {})}
         score_mod = None if self.score_mod is None else offset_score_mod(self.score_mod, q_offset)
