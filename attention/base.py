@@ -419,9 +419,12 @@ class AttentionBase(nn.Module):
         if heads != num_heads:
             raise ValueError(f"score_mod={name} was made for num_heads={heads}, this module has {num_heads}")
 
-    def _refuse_gradients(self, device: torch.device, wants_grad: bool) -> None:
-        """``NotImplementedError`` for a call that may need gradients where there is no backward."""
-        if wants_grad and not self.supports_backward(device):
+    def _refuse_gradients(self, device: torch.device, *sources: Tensor) -> None:
+        """``NotImplementedError`` for a call whose ``sources`` (what q, k and v are made from) may
+        need gradients where there is no backward."""
+        if self.supports_backward(device) or not torch.is_grad_enabled():
+            return
+        if any(t.requires_grad for t in sources):
             raise NotImplementedError(
                 f"{type(self).__name__} cannot compute gradients on {device.type}: "
                 f"{self._no_backward_reason(device)}. Run it under torch.no_grad()."
@@ -473,8 +476,7 @@ class AttentionBase(nn.Module):
                 )
         # Last, and before the cache is written, so a refused call leaves it as it was. Only what
         # q, k and v are made from: the output projection's gradients need no attention backward.
-        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in (x, *self.qkv.parameters()))
-        self._refuse_gradients(x.device, wants_grad)
+        self._refuse_gradients(x.device, x, *self.qkv.parameters())
 
     def _check_cache(self, kv_cache: KVCache, x: Tensor) -> int:
         """Refuse a cache this call cannot extend; returns the positions already cached."""

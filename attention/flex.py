@@ -296,7 +296,7 @@ class MHAPyTorchFlexAttention(AttentionBase):
         return {"SPLIT_KV": decode_split_kv(k.shape[0], k.shape[1], multiprocessors(q.device))}
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
-        self._refuse_gradients(q.device, torch.is_grad_enabled() and q.requires_grad)
+        self._refuse_gradients(q.device, q)
         self._check_head_dim(q.device)
         block_mask = self.block_mask(q, k, q_offset, document_ids)
         kernel_options = {**self._default_kernel_options(q, k), **(self.kernel_options or {})}

@@ -11,8 +11,8 @@ What it adds to pytest:
   :class:`attention.AttentionBase` subclass or a plain ``attn(q, k, v)`` function); default:
   every registered implementation (read at collection). ``register()`` calls in a ``conftest.py``
   of a path given to pytest count: pytest imports those before the plugin resolves names. One
-  named here that this machine cannot test at all (every device and dtype skipped) is a usage
-  error, not a run of skips that exits 0.
+  named here that is declared only for devices this machine lacks is a usage error, not a run of
+  skips that exits 0.
 * Any test taking an ``impl_name`` argument runs once per selected implementation; one taking
   ``source_name`` and ``target_name`` once per ordered pair (each selected implementation with
   every selected one and the ``from_scratch`` reference), so a failing implementation fails its
