@@ -180,6 +180,19 @@ def test_kinds_pool_by_how_cases_were_timed_and_records_without_samples_are_list
     assert len(fewer) == 3 and all(t.ok is None for t in cal.targets() if t.what.startswith("false alarms"))
 
 
+def test_a_kind_short_of_tests_is_told_how_to_get_more_and_fallbacks_are_named(rng):
+    """Depths are planned for the kind a case is timed as if it captures: cases that fell back to eager
+    ran at that depth, so --max-depth is no advice for them; selecting them alone is."""
+    too_large = f"{runner.EAGER} (too large to capture)"
+    records = [record("fell-back", *variants(rng), timing_mode=too_large)]
+    records.append(record("plain-eager", *variants(rng), direction="fwd+bwd", timing_mode=runner.EAGER))
+    cal = calibration.analyze_records(records, gpu="g")
+    fewer = {w.split(":")[0]: w for w in cal.warnings if "fewer than 100" in w}
+    assert "1 of its cases fell back from graph capture" in fewer["eager fwd"] and "fell-back" in fewer["eager fwd"]
+    assert "--max-depth" not in fewer["eager fwd"]
+    assert "raise --max-depth" in fewer["eager fwd+bwd"]
+
+
 def test_min_effects_per_case_come_from_the_patterns(rng):
     from attention.bench.perf import ab
 

@@ -50,7 +50,7 @@ from pathlib import Path
 from ..files import write_atomically
 from . import ab
 from .results import Record, Run
-from .runner import GRAPH, MIN_ROUNDS
+from .runner import EAGER, GRAPH, MIN_ROUNDS
 from .stats import DEFAULT_LEVEL, RatioInterval, paired_ratio, ratio_interval
 
 #: Injected slowdowns, as shares of each case's own time.
@@ -368,6 +368,19 @@ def _order(kind: str) -> tuple[int, str]:
     return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), kind)
 
 
+def _more_tests(cases: list[CaseResult]) -> str:
+    """How a kind short of A/A tests gets more. Depths are planned before anything runs, for the
+    kind a case is timed as if it captures: a case that fell back to eager ran at that kind's
+    depth, which ``--max-depth`` does not raise; selected alone, its kind is small and gets more."""
+    fell_back = [c.key for c in cases if c.timing_mode.startswith(f"{EAGER} (")]
+    if not fell_back:
+        return "select more cases of this kind, or raise --max-depth"
+    return (
+        f"{len(fell_back)} of its cases fell back from graph capture and ran at the depth planned for captured "
+        f"cases; calibrate them alone (-k) for more, e.g. {fell_back[0]}"
+    )
+
+
 def analyze_records(
     records: Iterable[Record],
     *,
@@ -400,7 +413,7 @@ def analyze_records(
         if s.aa_tests < pairs_wanted:
             warnings.append(
                 f"{k}: {s.aa_tests} A/A tests, fewer than {pairs_wanted}: its false-alarm rate and supported "
-                "minimum effect are rough (select more cases of this kind, or raise --max-depth)"
+                f"minimum effect are rough ({_more_tests(by_kind[k])})"
             )
         tightest = min(c.min_effect for c in by_kind[k])
         if s.supported is not None and s.supported > tightest:
