@@ -183,8 +183,7 @@ def test_kinds_pool_by_how_cases_were_timed_and_records_without_samples_are_list
 def test_a_kind_short_of_tests_is_told_how_to_get_more_and_fallbacks_are_named(rng):
     """Depths are planned for the kind a case is timed as if it captures: cases that fell back to eager
     ran at that depth, so --max-depth is no advice for them; selecting them alone is."""
-    too_large = f"{runner.EAGER} (too large to capture)"
-    records = [record("fell-back", *variants(rng), timing_mode=too_large)]
+    records = [record("fell-back", *variants(rng), timing_mode=runner.TOO_LARGE_TO_CAPTURE)]
     records.append(record("plain-eager", *variants(rng), direction="fwd+bwd", timing_mode=runner.EAGER))
     cal = calibration.analyze_records(records, gpu="g")
     fewer = {w.split(":")[0]: w for w in cal.warnings if "fewer than 100" in w}
@@ -232,7 +231,7 @@ def test_depth_brings_every_kind_to_the_pairs_wanted():
     assert kind(decode=False, backward=True, graphs="fwd", cuda=True) == "eager fwd+bwd"
     assert kind(decode=False, backward=True, graphs="all", cuda=True) == "graph fwd+bwd"
     assert kind(decode=True, backward=False, graphs="fwd", cuda=False) == "eager decode"
-    assert calibration.kind_of({"timing_mode": f"{runner.EAGER} (graph capture failed)", "kind": "mask"}) == "eager fwd"
+    assert calibration.kind_of({"timing_mode": runner.CAPTURE_FAILED, "kind": "mask"}) == "eager fwd"
 
 
 def test_outputs_json_markdown_plot_and_last_lines(tmp_path, rng, capsys):

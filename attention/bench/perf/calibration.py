@@ -50,7 +50,7 @@ from pathlib import Path
 from ..files import write_atomically
 from . import ab
 from .results import Record, Run
-from .runner import EAGER, GRAPH, MIN_ROUNDS
+from .runner import CAPTURE_FAILED, GRAPH, MIN_ROUNDS, TOO_LARGE_TO_CAPTURE
 from .stats import DEFAULT_LEVEL, RatioInterval, paired_ratio, ratio_interval
 
 #: Injected slowdowns, as shares of each case's own time.
@@ -372,7 +372,7 @@ def _more_tests(cases: list[CaseResult]) -> str:
     """How a kind short of A/A tests gets more. Depths are planned before anything runs, for the
     kind a case is timed as if it captures: a case that fell back to eager ran at that kind's
     depth, which ``--max-depth`` does not raise; selected alone, its kind is small and gets more."""
-    fell_back = [c.key for c in cases if c.timing_mode.startswith(f"{EAGER} (")]
+    fell_back = [c.key for c in cases if c.timing_mode in (TOO_LARGE_TO_CAPTURE, CAPTURE_FAILED)]
     if not fell_back:
         return "select more cases of this kind, or raise --max-depth"
     return (

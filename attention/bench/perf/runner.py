@@ -46,6 +46,9 @@ from . import probe, spin
 GRAPH_POLICIES = ("all", "fwd", "none")
 EAGER = "eager: includes dispatch"
 GRAPH = "cuda-graph"
+#: A case the policy would capture, timed eagerly instead (stable texts: baselines compare on them).
+TOO_LARGE_TO_CAPTURE = f"{EAGER} (too large to capture)"
+CAPTURE_FAILED = f"{EAGER} (graph capture failed)"
 #: Untimed pedantic rounds before the timed ones (after the warm-up calls that compile).
 WARMUP_ROUNDS = 1
 #: Capture only cases whose estimated peak fits this share of free memory (see run_case).
@@ -243,14 +246,14 @@ def _prepare(
     free = free_memory_bytes(device) if device.type == "cuda" else None
     if wants_graph and free is not None and sides * w.estimated_peak_bytes() > GRAPH_MEMORY_SHARE * free:
         # Warm-up and graph pools would hold the case twice; at this size dispatch is noise anyway.
-        wants_graph, prepared.mode = False, f"{EAGER} (too large to capture)"
+        wants_graph, prepared.mode = False, TOO_LARGE_TO_CAPTURE
     with _phase(wall, "capture"):
         if device.type == "cuda" and wants_graph:
             free_cached_memory(device)  # the graph's private pool cannot reuse eager cached blocks
             try:
                 prepared.timed, prepared.mode = cuda_graph(fn, device, setup=setup), GRAPH
             except Exception as exc:  # not capturable: time eagerly and say so
-                prepared.mode = f"{EAGER} (graph capture failed)"  # stable text: baselines compare on it
+                prepared.mode = CAPTURE_FAILED
                 prepared.graph_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 _sync(device)  # a capture that broke the context must fail here, loudly
     return prepared
