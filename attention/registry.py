@@ -206,7 +206,7 @@ def _plugin_problem(ep: EntryPoint) -> str | None:
         return problem
     try:
         cls = _as_class(impl)
-    except (TypeError, ValueError) as error:  # a function that cannot take the call it would get
+    except TypeError as error:  # from_function refusing the function's signature, as in resolve()
         return str(error)
     if _registry.get(name, cls) is not cls:
         return f"an implementation named {name!r} is already registered ({_describe(_registry[name])})"
