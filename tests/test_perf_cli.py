@@ -41,7 +41,12 @@ def test_compare_exit_codes(tmp_path, capsys):
 def test_an_implementation_asked_for_but_never_timed_fails_the_run_with_why(tmp_path):
     run = make_run({KEY: {"median": 1e-3, "impl": "sdpa"}})
     log = tmp_path / "cases.jsonl"
-    skipped = {"case": "core-flex-bf16-fwd-B1-T1024-H16-D128", "status": "skipped", "reason": "flex: no GPU"}
+    skipped = {
+        "case": "core-flex-bf16-fwd-B1-T1024-H16-D128",
+        "impl": "flex",
+        "status": "skipped",
+        "reason": "flex: no GPU",
+    }
     log.write_text(json.dumps({"run": "run-1"}) + "\n" + json.dumps(skipped) + "\n")
     assert cli._untimed(["sdpa"], run, log) == []
     with log.open("a") as cut:  # a run stopped mid-write leaves half a line

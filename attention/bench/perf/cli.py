@@ -348,15 +348,9 @@ def _untimed(specs: list[str], run: Run, log: Path) -> list[str]:
     missing = [name for name in dict.fromkeys(registry.resolve(spec) for spec in specs) if name not in timed]
     if not missing:
         return []
-    reasons: dict[str, str] = {}
-    for case, why in not_timed(log):
-        for name in missing:
-            if f"-{name}-" in case:
-                reasons.setdefault(name, why)
-    return [
-        f"{name}: no case timed ({reasons.get(name, 'none ran: -k selected none, or the run stopped first')})"
-        for name in missing
-    ]
+    none_ran = "none ran: -k selected none, or the run stopped first"
+    first_reason = {name: next((why for _, why in not_timed(log, impl=name)), none_ran) for name in missing}
+    return [f"{name}: no case timed ({why})" for name, why in first_reason.items()]
 
 
 def _writable(out: Path) -> Path:

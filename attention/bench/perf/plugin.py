@@ -401,7 +401,7 @@ def run_case(perf_state: PerfState):
     state = perf_state
 
     def run(benchmark, case) -> dict:
-        entry = {"case": case.case_id, "group": perf_grid.group(case)}
+        entry = {"case": case.case_id, "impl": case.impl, "group": perf_grid.group(case)}
         # Not compared in an A/B: the same code on both sides (an installed package, not a checkout).
         alone = None if state.base is None else state.base.not_compared.get(case.impl)
         ab_run = state.base is not None and alone is None

@@ -313,15 +313,15 @@ def log_entries(jsonl: str | Path, run: str | None = None) -> Iterator[tuple[int
             yield number, entry
 
 
-def not_timed(jsonl: Path, run: str | None = None) -> list[tuple[str, str]]:
-    """The cases the per-case log lists as skipped, failed or refused (in ``run``, if given), with
-    why; none where there is no log."""
+def not_timed(jsonl: Path, run: str | None = None, impl: str | None = None) -> list[tuple[str, str]]:
+    """The cases the per-case log lists as skipped, failed or refused (in ``run``, of ``impl``, if
+    given), with why; none where there is no log."""
     if not jsonl.is_file():
         return []
     return [
         (entry["case"], f"{entry['status']}: {entry.get('reason', '')}")
         for _, entry in log_entries(jsonl, run)
-        if entry.get("case") and entry.get("status") not in (None, "passed")
+        if entry.get("case") and entry.get("status") not in (None, "passed") and impl in (None, entry.get("impl"))
     ]
 
 
