@@ -172,7 +172,7 @@ def _check_signature(function: Callable[..., Tensor], *, masks: bool, kv_cache: 
         for name, wanted in (("mask_mod", masks), ("q_offset", kv_cache and not masks), ("dropout_p", dropout))
         if wanted
     ]
-    problems = []
+    signatures = []
     for follow_wrapped in (True, False):  # a decorator's own signature may be the one that takes them
         try:
             signature = inspect.signature(function, follow_wrapped=follow_wrapped)
@@ -181,10 +181,13 @@ def _check_signature(function: Callable[..., Tensor], *, masks: bool, kv_cache: 
         try:
             signature.bind(None, None, None, **dict.fromkeys(keywords))
             return
-        except TypeError as exc:
-            problems.append(exc)
+        except TypeError:
+            signatures.append(signature)
     call = ", ".join(["q", "k", "v", *(f"{k}=..." for k in keywords)])
-    raise TypeError(f"function must take ({call}) as declared: {problems[0]}")
+    name = getattr(function, "__name__", type(function).__name__)
+    # Python's own bind error speaks of the call ("too many positional arguments" where the
+    # function takes too few), so the message shows both sides instead.
+    raise TypeError(f"function must take ({call}) as declared; {name}{signatures[0]} cannot")
 
 
 def _several(name: str, value: object, example: str) -> frozenset:
