@@ -110,6 +110,27 @@ def _class_problem(impl: object) -> str | None:
     return None
 
 
+def _is_package_of(name: str | None, module_name: str) -> bool:
+    """Whether ``name`` is ``module_name`` or a package above it: the spec's own module is missing,
+    not a module that its code imports."""
+    return name is not None and (module_name == name or module_name.startswith(name + "."))
+
+
+def _not_found(module_name: str, missing: str | None) -> str:
+    """Why the spec's own module was not found, and what to do: the usual causes are a file path
+    given for a module name and a folder missing from ``sys.path``."""
+    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        stem = module_name.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".py")
+        return (
+            f"{module_name!r} looks like a file path; give the module's import name ({stem}:...) "
+            "with its folder on sys.path (PYTHONPATH=that/folder, or run python -m from that folder)"
+        )
+    return (
+        f"no module {missing!r} on sys.path; add its folder to PYTHONPATH (a bare pytest does not "
+        "put the current folder on sys.path; python -m pytest does)"
+    )
+
+
 def resolve(spec: str) -> str:
     """The registered name ``spec`` stands for: a name already registered, or ``"module:attr"``
     (an AttentionBase subclass or a plain function), imported and registered under ``attr``'s
@@ -134,6 +155,8 @@ def resolve(spec: str) -> str:
     try:
         obj: Any = importlib.import_module(module_name)  # then whatever attr names: checked below
     except Exception as error:  # the user's module: a SyntaxError or whatever its top level raises
+        if isinstance(error, ModuleNotFoundError) and _is_package_of(error.name, module_name):
+            raise ValueError(f"{spec}: {_not_found(module_name, error.name)}") from None
         frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen")]
         at = "" if isinstance(error, SyntaxError) or not frames else f" at {frames[-1].filename}:{frames[-1].lineno}"
         raise ValueError(f"{spec}: cannot import {module_name} ({type(error).__name__}: {error}){at}") from None

@@ -86,7 +86,10 @@ def test_the_failure_line_names_each_failing_implementation_once_with_its_worst_
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("no_such_module_here:Attn", "cannot import no_such_module_here"),
+        ("no_such_module_here:Attn", "no module 'no_such_module_here' on sys.path; add its folder to PYTHONPATH"),
+        ("no_such_package_here.attn:Attn", "no module 'no_such_package_here' on sys.path"),
+        ("my/attn.py:Attn", "'my/attn.py' looks like a file path; give the module's import name (attn:...)"),
+        ("attn.py:Attn", "'attn.py' looks like a file path"),
         (f"{__name__}:Missing", "has no attribute Missing"),
         (f"{__name__}:TINY", "is neither an AttentionBase subclass nor a plain attn(q, k, v) function"),
     ],
@@ -103,8 +106,10 @@ def test_a_bad_module_attr_is_a_usage_error(spec, message, tmp_path, capsys):
     [
         ("def attn(q, k, v)\n", r"cannot import broken_\w+ \(SyntaxError: "),
         ("x = 1\nraise RuntimeError('no GPU config')\n", r"\(RuntimeError: no GPU config\) at .*broken_\w+\.py:2"),
+        # a module of the user's that is missing a dependency is not told to fix its sys.path
+        ("import no_such_dependency\n", r"cannot import broken_\w+ \(ModuleNotFoundError: .*no_such_dependency.*\) "),
     ],
-    ids=["syntax", "raises"],
+    ids=["syntax", "raises", "imports a missing module"],
 )
 def test_a_module_that_fails_to_import_is_a_usage_error_naming_where(source, message, tmp_path, monkeypatch, capsys):
     name = f"broken_{len(source)}"

@@ -168,7 +168,7 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
         try:
             registry.resolve(spec)
         except (ValueError, TypeError) as exc:
-            raise PerfError(f"--impl {spec}: {exc}") from None
+            raise PerfError(f"--impl: {exc}") from None  # the registry's errors name the spec
     if args.benchmark_disable and (args.benchmark_compare is not None or args.record):
         raise flags.FlagRefused("--benchmark-disable times nothing: nothing to compare or record")
     if args.benchmark_compare is None:
