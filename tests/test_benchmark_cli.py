@@ -125,6 +125,17 @@ def test_cpu_cases_run_with_the_configured_threads_which_are_restored(tmp_path, 
     assert result["meta"]["cpu_threads"] == expected
 
 
+@pytest.mark.parametrize(
+    "impl_args",
+    [["--impl", "sdpa", "from_scratch"], ["--impl", "sdpa", "--impl", "from_scratch"]],
+    ids=["several after one flag", "flag repeated"],
+)
+def test_both_ways_of_naming_several_implementations_keep_every_one(tmp_path, impl_args):
+    """A repeated --impl used to keep only the last one, so two versions put side by side timed one."""
+    config = sweep.parse_args([*TINY, *impl_args, "--out", str(tmp_path)])
+    assert config.impls == ("sdpa", "from_scratch")
+
+
 @pytest.mark.parametrize("threads", ["100000", "3"])
 def test_more_threads_than_the_process_may_run_on_is_a_usage_error(tmp_path, monkeypatch, capsys, threads):
     """--threads 100000 used to reach torch.set_num_threads and kill the process (OpenMP cannot start them)."""
@@ -184,3 +195,11 @@ def test_rendering_help_prints_the_usage_and_a_missing_argument_is_a_usage_error
     with pytest.raises(SystemExit) as done:
         report.main([])
     assert done.value.code == 2 and "the following arguments are required: report" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_named_as_given(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(["--device", "cuda:1"])
+    assert exit_info.value.code == 2
+    assert "--device cuda:1: no CUDA GPU is available to this torch build" in capsys.readouterr().err

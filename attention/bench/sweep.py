@@ -139,7 +139,7 @@ def _device(text: str) -> str:
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"device must be cpu or cuda[:N], got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("--device cuda: no CUDA GPU is available to this torch build")
+        raise argparse.ArgumentTypeError(f"--device {text}: no CUDA GPU is available to this torch build")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) present")
     return str(device)
@@ -201,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--impl",
         type=_impl,
         nargs="+",
+        action="extend",
         default=None,
         metavar="NAME",
-        help=f"registry names or module:attr of your own AttentionBase subclass or attn(q, k, v) function "
+        help=f"registry names or [NAME=]module:attr of your own AttentionBase subclass or attn(q, k, v) "
+        f"function, several after one --impl or --impl repeated "
         f"(default: all registered that run natively on the device: {names})",
     )
     parser.add_argument(
