@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention.bench.perf import cli, launcher
+from attention.bench.perf import cli, flags, launcher
 from attention.bench.perf.results import write_run
 
 from .perf_support import H100, make_run, on_gpu, samples, with_machine
@@ -133,6 +134,45 @@ def test_run_arguments_pass_through_to_pytest():
     assert args.benchmark_compare == "perf/x.json" and args.repeat == 3
     args, _ = cli.run_parser().parse_known_args(["--benchmark-compare=main", "--benchmark-compare-fail=median:3%"])
     assert args.benchmark_compare == "main" and args.benchmark_compare_fail == ["median:3%"]
+
+
+def test_a_grid_named_to_pytest_is_the_launchers_grid():
+    """The launcher plans, shards and sizes a run by its grid: one named to pytest alone used to
+    run cases the plan never saw (on CPU, a GPU-sized grid under the "tiny grid" message)."""
+    assert flags.take_grid(None, ["-k", "flex", "--perf-grid=quick"]) == ("quick", ["-k", "flex"])
+    assert flags.take_grid("quick", ["--perf-grid=quick"]) == ("quick", [])
+    assert flags.take_grid(None, ["-k", "flex"]) == (None, ["-k", "flex"])
+    for grid, extra, told in [
+        ("tiny", ["--perf-grid=quick"], "two grids named (quick, tiny)"),
+        (None, ["--perf-grid", "quick"], "--perf-grid takes its value after '='"),
+        (None, ["--perf-grid=huge"], "--perf-grid=huge: choose one of full, quick, tiny"),
+    ]:
+        with pytest.raises(flags.FlagRefused, match=re.escape(told)):
+            flags.take_grid(grid, extra)
+
+
+def test_a_misspelt_command_is_named_with_the_nearest_one(capsys):
+    """It used to reach pytest as a test path: a run of nothing and a table of zeros."""
+    assert cli.main(["calibrat"]) == 2
+    assert "unknown command 'calibrat': did you mean calibrate?" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_arguments_pytest_refuses_are_a_usage_error_in_its_words(tmp_path, capsys):
+    cmd = ["--out", str(tmp_path), "--quiet-pytest", "--perf-graphs=nosuch"]
+    assert cli.main(cmd) == 2
+    out = capsys.readouterr().out
+    assert "pytest refused its arguments (exit 4, a usage error): " in out
+    assert "argument --perf-graphs: invalid choice: 'nosuch'" in out and "no run produced results" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+@pytest.mark.parametrize("grid", [["--grid", "quick"], ["--perf-grid=full"]])
+def test_a_gpu_sized_grid_without_a_gpu_is_refused_before_anything_runs(tmp_path, capsys, grid):
+    assert cli.main([*grid, "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "no CUDA GPU here, where only the tiny grid runs" in out and "sized for GPUs" in out
+    assert not (tmp_path / "cases.jsonl").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

@@ -99,6 +99,7 @@ def main(argv: list[str]) -> int:
         extra = extra[1:]
     if not 0 < args.alpha < 0.5:
         raise PerfError(f"--alpha must be in (0, 0.5), got {args.alpha}")
+    args.grid, extra = flags.take_grid(args.grid, extra)
     if args.pairs < 1 or args.max_depth < 1:
         raise PerfError(f"--pairs and --max-depth must be >= 1, got {args.pairs} and {args.max_depth}")
     _min_effects(args.min_effects)  # a bad file is refused before anything runs

@@ -41,6 +41,7 @@ cannot build a case, no CUDA for an A/B, an unreadable file, a refused flag).
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import json
 import os
@@ -282,6 +283,11 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     for stale in [*out.glob("confirm-*.json"), *out.glob("confirm-*-cases.txt")]:
         stale.unlink()
     if not cuda:
+        if args.grid not in (None, "tiny"):
+            raise PerfError(
+                f"--grid {args.grid}: no CUDA GPU here, where only the tiny grid runs (the machinery); "
+                f"the {args.grid} grid is sized for GPUs"
+            )
         _say(NO_CUDA)
     extra = [
         *extra,
@@ -616,6 +622,11 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] in (["-h"], ["--help"]):
             tools_parser().print_help()
             return 0
+        commands = ["run", "calibrate", *TOOLS]
+        if argv and not argv[0].startswith("-") and argv[0] not in commands and not Path(argv[0]).exists():
+            near = difflib.get_close_matches(argv[0], commands, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise PerfError(f"unknown command {argv[0]!r}: {hint}commands are {', '.join(commands)}")
         run = run_parser()
         args, extra = run.parse_known_args(argv[1:] if argv[:1] == ["run"] else argv)
         if extra[:1] == ["--"]:
@@ -624,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             run.error("--repeat must be >= 1")
         if args.confirm is not None and args.confirm < 0:
             run.error("--confirm must be >= 0")
+        args.grid, extra = flags.take_grid(args.grid, extra)
         _require_runner()
         return cmd_run(args, extra)
     except (PerfError, revision.RevisionError) as exc:

@@ -47,6 +47,7 @@ NOTED = {
 HISTOGRAM = "--benchmark-histogram"
 COMPARE = "--benchmark-compare"
 COMPARE_FAIL = "--benchmark-compare-fail"
+GRID = "--perf-grid"
 
 
 class FlagRefused(PerfError):
@@ -66,6 +67,24 @@ def given(args: Sequence[str], flag: str) -> list[str | None]:
         elif arg.startswith(flag + "="):
             values.append(arg.split("=", 1)[1])
     return values
+
+
+def take_grid(grid: str | None, extra: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``grid`` (``--grid``) with pytest's ``--perf-grid=NAME`` among ``extra`` folded into it, and
+    ``extra`` without it. The launcher plans, shards and sizes a run by the grid it is told, so a
+    grid named to pytest only would run cases the plan never saw (the CPU machinery grid would
+    silently become a GPU-sized one). Named twice, differently: refused."""
+    from .grid import GRIDS
+
+    values = given(extra, GRID)
+    if None in values:
+        raise FlagRefused(f"{GRID} takes its value after '=': {GRID}=quick (or --grid quick)")
+    if bad := [v for v in values if v not in GRIDS]:
+        raise FlagRefused(f"{GRID}={bad[0]}: choose one of {', '.join(GRIDS)}")
+    if len(named := set(values) | ({grid} if grid else set())) > 1:
+        raise FlagRefused(f"two grids named ({', '.join(sorted(named))}): give one, with --grid")
+    rest = [a for a in extra if not a.startswith(GRID + "=")]
+    return (next(iter(named)) if named else None), rest
 
 
 def check_native(args: Sequence[str]) -> list[str]:

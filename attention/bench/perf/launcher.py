@@ -31,6 +31,8 @@ from .results import BASELINE_FILE, PerfError, Run, baseline_dir, load_run, salv
 #: The grid's test modules and the plugin that parametrises them.
 CASES = str(Path(_cases_init).parent)
 PLUGIN = "attention.bench.perf.plugin"
+#: pytest's exit status for arguments it refuses (an unknown flag, a path that does not exist).
+USAGE_ERROR = 4
 
 
 def say(msg: str = "") -> None:
@@ -88,6 +90,12 @@ def pytest_run(
     else:
         rc = wait([start(cmd, env=env)], limit)[0]
     say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
+    if rc == USAGE_ERROR:  # nothing ran: not a run to salvage, and not a failing case either
+        why = "its message is above"
+        if args.quiet_pytest:  # pytest's own words, from this run's part of the log
+            this_run = (out / "pytest.log").read_text().rsplit(f"\n== {label}: ", 1)[-1].splitlines()
+            why = next((ln.strip() for ln in reversed(this_run) if "error:" in ln.lower()), "see pytest.log")
+        raise PerfError(f"pytest refused its arguments (exit {rc}, a usage error): {why}")
     return rc, load_or_salvage(label, out)
 
 
