@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 PLAIN = """
 import torch.nn.functional as F
 
@@ -67,17 +69,43 @@ def test_an_implementation_nothing_here_can_test_is_a_usage_error_not_a_green_ru
     assert "Traceback" not in done.stdout + done.stderr
 
 
-def test_a_dtype_declaration_never_refuses_the_run(tmp_path: Path) -> None:
-    """fp16-only on a CPU machine: the fp16 checks still run on CPU, so it is testable."""
+def test_a_dtype_declaration_refuses_the_run_only_where_no_test_runs_it(tmp_path: Path) -> None:
+    """fp16-only on a CPU machine: the fp16 checks still run on CPU, so it is testable; bf16-only
+    is not (every CPU test is fp32 or fp16), and its run used to be 1 passed, 241 skipped, exit 0."""
     (tmp_path / "theirs.py").write_text(
         PLAIN
         + "\nimport torch\nfrom attention import from_function\n"
         + "Fp16Only = from_function(plain_causal, dtypes=(torch.float16,))\n"
+        + "Bf16Only = from_function(plain_causal, dtypes=(torch.bfloat16,))\n"
     )
     done = _pytest(
         tmp_path, "--pyargs", "attention.suite.test_score_mods", "--attention-impl", "theirs:Fp16Only", "--co", "-q"
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    if torch.cuda.is_available():
+        return  # bf16 runs on CUDA
+    done = _pytest(tmp_path, "--pyargs", "attention.suite.test_shapes", "--attention-impl", "theirs:Bf16Only")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert (
+        "cpu: declares dtypes torch.bfloat16 only, and the tests here run torch.float16, torch.float32" in done.stderr
+    )
+
+
+def test_a_test_without_a_dtype_parameter_is_one_of_fp32_for_a_declaration(tmp_path: Path) -> None:
+    """Tests that build fp32 modules without a dtype parameter skip for a function declared
+    without fp32 (they failed on its dtype refusal) and run for one declared with it."""
+    (tmp_path / "theirs.py").write_text(
+        PLAIN
+        + "\nimport torch\nfrom attention import from_function\n"
+        + "Fp16Only = from_function(plain_causal, dtypes=(torch.float16,))\n"
+        + "Fp32Only = from_function(plain_causal, dtypes=(torch.float32,))\n"
+    )
+    args = ["--pyargs", "attention.suite.test_bad_input", "-k", "more_tokens_than_context_length", "-rs"]
+    done = _pytest(tmp_path, *args, "--attention-impl", "theirs:Fp16Only")
+    assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout + done.stderr
+    assert "Fp16Only: declares dtypes torch.float16 only, not torch.float32" in done.stdout
+    done = _pytest(tmp_path, *args, "--attention-impl", "theirs:Fp32Only")
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
 
 
 def test_default_profile_is_the_suites_own():

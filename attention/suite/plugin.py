@@ -39,6 +39,8 @@ from .schedule import COSTLY_MARKER, WorkerSchedule
 from .timing import SlowestFiles
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
 
     from .support import Sizing
@@ -197,7 +199,7 @@ def skip_reason(impl_name: str, device: str, dtype: torch.dtype | None, needs: t
     if declared.devices is not None and not declared.allows_device(device):
         return f"declares devices {', '.join(sorted(declared.devices))} only"
     if dtype is not None and declared.dtypes is not None and not declared.allows_dtype(dtype):
-        return f"declares dtypes {', '.join(sorted(map(str, declared.dtypes)))} only, not {dtype}"
+        return f"declares dtypes {_names(declared.dtypes)} only, not {dtype}"
     for capability in needs:
         has = {
             "masks": declared.masks,
@@ -213,23 +215,38 @@ def skip_reason(impl_name: str, device: str, dtype: torch.dtype | None, needs: t
 
 def untestable_here(impl_name: str) -> str | None:
     """Why no device the suite runs on this machine can test ``impl_name`` (each one's reason),
-    or ``None`` when at least one can. By device only: which dtypes a device's tests use varies
-    by test (fp16 checks run on CPU too), so a dtype declaration never refuses the run."""
+    or ``None`` when at least one can: a device it does not declare, or none of the dtypes the
+    suite's tests run there (:data:`attention.suite.support.TESTED_DTYPES`)."""
     from attention.suite import support
 
     devices = ["cpu", "cuda"] if support.CUDA else ["cpu"]
-    reasons = {device: skip_reason(impl_name, device, None, ()) for device in devices}
+    reasons = {device: _untestable_on(impl_name, device, support.TESTED_DTYPES[device]) for device in devices}
     if any(reason is None for reason in reasons.values()):
         return None
     return "; ".join(f"{device}: {reason}" for device, reason in reasons.items())
 
 
+def _untestable_on(impl_name: str, device: str, tested: Iterable[torch.dtype]) -> str | None:
+    if (reason := skip_reason(impl_name, device, None, ())) is not None:
+        return reason
+    import attention
+
+    if all(skip_reason(impl_name, device, dtype, ()) is not None for dtype in tested):
+        declared = attention.get(impl_name).capabilities().dtypes
+        return f"declares dtypes {_names(declared)} only, and the tests here run {_names(tested)}"
+    return None
+
+
+def _names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(sorted(map(str, dtypes)))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
-    # A test without a dtype parameter builds its modules in torch's default dtype, so that is the
-    # dtype a declaration is checked against (a bf16-only function skips there, not fails).
-    unparametrized = torch.get_default_dtype()
+    # A test without a dtype parameter builds its modules in fp32, so that is the dtype a
+    # declaration is checked against (a bf16-only function skips there, not fails).
+    unparametrized = torch.float32
     for item in items:
         params = _params(item)
         names = _implementations(params)

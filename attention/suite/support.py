@@ -41,6 +41,10 @@ DEVICE_DTYPES = [
     ),
 ]
 
+#: Every dtype some test runs in, per device: the sweep's, and fp16 on CPU too (the fp16 score-mod
+#: checks), so an implementation declaring none of them there has nothing to be tested by.
+TESTED_DTYPES = {"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param(
