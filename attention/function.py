@@ -181,13 +181,14 @@ def _check_signature(function: Callable[..., Tensor], *, masks: bool, kv_cache: 
         try:
             signature.bind(None, None, None, **dict.fromkeys(keywords))
             return
-        except TypeError:
-            signatures.append(signature)
+        except TypeError as exc:
+            signatures.append((signature, exc))
     call = ", ".join(["q", "k", "v", *(f"{k}=..." for k in keywords)])
     name = getattr(function, "__name__", type(function).__name__)
-    # Python's own bind error speaks of the call ("too many positional arguments" where the
-    # function takes too few), so the message shows both sides instead.
-    raise TypeError(f"function must take ({call}) as declared; {name}{signatures[0]} cannot")
+    signature, exc = signatures[0]
+    # Python's bind error speaks of the call ("too many positional arguments" where the function
+    # takes too few), so the message shows both sides, with its words after.
+    raise TypeError(f"function must take ({call}) as declared; {name}{signature} cannot ({exc})")
 
 
 def _several(name: str, value: object, example: str) -> frozenset:

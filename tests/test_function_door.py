@@ -122,9 +122,9 @@ def test_a_function_that_cannot_take_its_declared_call_is_refused_at_once() -> N
         return q
 
     # Python's bind error said "too many positional arguments" of a function taking too few.
-    with pytest.raises(TypeError, match=r"^function must take \(q, k, v\) as declared; two_args\(q, k\) cannot$"):
+    with pytest.raises(TypeError, match=r"^function must take \(q, k, v\) as declared; two_args\(q, k\) cannot \("):
         from_function(two_args)
-    with pytest.raises(TypeError, match=r"\(q, k, v, mask_mod=...\) as declared; plain_causal\(q, k, v\) cannot"):
+    with pytest.raises(TypeError, match=r"mask_mod=...\) as declared; plain_causal\(q, k, v\) cannot \(.*'mask_mod'"):
         from_function(plain_causal, masks=True)
     with pytest.raises(TypeError, match=r"must take \(q, k, v, q_offset=..., dropout_p=...\)"):
         from_function(plain_causal, kv_cache=True, dropout=True)
