@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .base import AttentionBase
 from .flex import MHAPyTorchFlexAttention
@@ -110,24 +110,31 @@ def _class_problem(impl: object) -> str | None:
     return None
 
 
-def _is_package_of(name: str | None, module_name: str) -> bool:
+def _is_package_of(name: str | None, module_name: str) -> TypeGuard[str]:
     """Whether ``name`` is ``module_name`` or a package above it: the spec's own module is missing,
     not a module that its code imports."""
     return name is not None and (module_name == name or module_name.startswith(name + "."))
 
 
-def _not_found(module_name: str, missing: str | None) -> str:
-    """Why the spec's own module was not found, and what to do: the usual causes are a file path
-    given for a module name and a folder missing from ``sys.path``."""
-    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
-        stem = module_name.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".py")
-        return (
-            f"{module_name!r} looks like a file path; give the module's import name ({stem}:...) "
-            "with its folder on sys.path (PYTHONPATH=that/folder, or run python -m from that folder)"
-        )
+def _as_path(module_name: str) -> str:
+    stem = module_name.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".py").lstrip(".")
     return (
-        f"no module {missing!r} on sys.path; add its folder to PYTHONPATH (a bare pytest does not "
-        "put the current folder on sys.path; python -m pytest does)"
+        f"{module_name!r} looks like a file path; give the module's import name ({stem}:...) "
+        "with its folder on sys.path (PYTHONPATH=that/folder, or run python -m from that folder)"
+    )
+
+
+def _not_found(module_name: str, missing: str) -> str:
+    """Why the spec's own module was not found, and what to do: a file path given for a module
+    name, a package without that submodule, or a folder missing from ``sys.path``."""
+    if module_name.endswith(".py"):
+        return _as_path(module_name)
+    package, _, child = missing.rpartition(".")
+    if package:
+        return f"no module {missing!r}: package {package} has no module {child}"
+    return (
+        f"no module {missing!r} on sys.path; add its folder to PYTHONPATH (python -m puts the "
+        "current folder on sys.path; a bare pytest does not)"
     )
 
 
@@ -146,12 +153,14 @@ def resolve(spec: str) -> str:
         alias, target = "", spec
     elif not alias.isidentifier():
         raise ValueError(f"{spec}: the name before '=' must be an identifier, got {alias!r}")
-    module_name, sep, attr = target.partition(":")
+    module_name, sep, attr = target.rpartition(":")  # the last ':': a Windows path keeps its drive
     if not sep or not module_name or not attr:
         raise ValueError(
             f"unknown implementation {spec!r}; registered: {', '.join(known)} "
             "(or give module:attr, or NAME=module:attr)"
         )
+    if module_name.startswith(".") or "/" in module_name or "\\" in module_name:
+        raise ValueError(f"{spec}: {_as_path(module_name)}")
     try:
         obj: Any = importlib.import_module(module_name)  # then whatever attr names: checked below
     except Exception as error:  # the user's module: a SyntaxError or whatever its top level raises

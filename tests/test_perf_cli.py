@@ -158,6 +158,14 @@ def test_a_misspelt_command_is_named_with_the_nearest_one(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_a_node_id_given_first_goes_to_pytest_as_after_run(tmp_path, capsys):
+    node = "no/such_cases.py::test_decode"
+    assert cli.main([node, "--out", str(tmp_path), "--quiet-pytest"]) == 2
+    out = capsys.readouterr().out
+    assert "unknown command" not in out and "file or directory not found: no/such_cases.py" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_arguments_pytest_refuses_are_a_usage_error_in_its_words(tmp_path, capsys):
     cmd = ["--out", str(tmp_path), "--quiet-pytest", "--perf-graphs=nosuch"]
     assert cli.main(cmd) == 2
@@ -169,10 +177,11 @@ def test_arguments_pytest_refuses_are_a_usage_error_in_its_words(tmp_path, capsy
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 @pytest.mark.parametrize("grid", [["--grid", "quick"], ["--perf-grid=full"]])
 def test_a_gpu_sized_grid_without_a_gpu_is_refused_before_anything_runs(tmp_path, capsys, grid):
+    (tmp_path / "summary.md").write_text("the last run's verdicts\n")
     assert cli.main([*grid, "--out", str(tmp_path)]) == 2
     out = capsys.readouterr().out
     assert "no CUDA GPU here, where only the tiny grid runs" in out and "sized for GPUs" in out
-    assert not (tmp_path / "cases.jsonl").exists()
+    assert (tmp_path / "summary.md").read_text() == "the last run's verdicts\n"  # refused before --out is touched
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

@@ -101,7 +101,7 @@ def _impls(specs: list[str]) -> list[str] | None:
         try:
             names.append(registry.resolve(spec))
         except (ValueError, TypeError) as exc:
-            raise pytest.UsageError(f"--perf-impl {spec}: {exc}") from None
+            raise pytest.UsageError(f"--perf-impl: {exc}") from None  # the registry's errors name the spec
     return list(dict.fromkeys(names)) or None
 
 
