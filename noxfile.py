@@ -207,7 +207,7 @@ def perf(session: nox.Session) -> None:
     -- --repeat 3: run three times and derive per-case thresholds from the spread.
     -- --benchmark-compare=main: same-run A/B of main against the working tree.
     -- --impl NAME|module:attr: time only that implementation (and the references).
-    Other args go to pytest (-k flex, --perf-grid=quick, --perf-graphs=fwd). Without CUDA it runs
+    --grid quick: a third of the grid. Other args go to pytest (-k flex, --perf-graphs=fwd). Without CUDA it runs
     a tiny CPU grid to show the machinery working and compares nothing. See perf/README.md.
     """
     python, env = _runner(session, {"perf"})

@@ -25,8 +25,10 @@
   derives per-case thresholds from the spread. ``--gpus N|all`` spreads the cases over several
   GPUs of the host (:mod:`.shard`): one pytest process per GPU, one merged run; an A/B still
   times both revisions of a case on the same GPU. Other arguments go to pytest (``-k flex``,
-  ``--perf-graphs=fwd``, pytest-benchmark's own flags). No CUDA GPU: the tiny CPU grid runs to show
-  the machinery working, nothing is compared or recorded, and the exit status is pytest's.
+  ``--perf-graphs=fwd``, pytest-benchmark's own flags); ``--grid NAME`` (or pytest's
+  ``--perf-grid=NAME``) picks the grid. No CUDA GPU: the tiny CPU grid runs to show the machinery
+  working (a GPU-sized grid is refused), nothing is compared or recorded, and the exit status is
+  pytest's. Arguments pytest refuses (exit 4) are a usage error here too (exit 2).
 * ``calibrate``: measure the A/B gate itself on this GPU (false alarms, power against injected
   slowdowns, the minimum effect it supports at ``--alpha``): :mod:`.calibrate`.
 * ``compare RUN``, ``record RUN...``, ``spread RUN...``, ``table RUN``: the same steps on JSON
@@ -268,6 +270,11 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
+    if not cuda and args.grid not in (None, "tiny"):  # refused before --out is touched
+        raise PerfError(
+            f"--grid {args.grid}: no CUDA GPU here, where only the tiny grid runs (the machinery); "
+            f"the {args.grid} grid is sized for GPUs"
+        )
     gpus = shard.parse_gpus(args.gpus, torch.cuda.device_count() if cuda else 0) if args.gpus else []
     target = _resolve(args, extra, cuda)
     if len(gpus) > 1 and target is not None and target.kind == "saved":
@@ -283,11 +290,6 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     for stale in [*out.glob("confirm-*.json"), *out.glob("confirm-*-cases.txt")]:
         stale.unlink()
     if not cuda:
-        if args.grid not in (None, "tiny"):
-            raise PerfError(
-                f"--grid {args.grid}: no CUDA GPU here, where only the tiny grid runs (the machinery); "
-                f"the {args.grid} grid is sized for GPUs"
-            )
         _say(NO_CUDA)
     extra = [
         *extra,
@@ -307,6 +309,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
             rc, run = launcher.sharded_run(f"run-{i}", args, extra, out, limit, plan)
         else:
             rc, run = launcher.pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
+            if i == 1:
+                launcher.refuse_usage_error(rc, f"run-{i}", args, out)
         status = max(status, 1 if rc != 0 else 0)
         if run is not None:
             runs.append(run)
@@ -623,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             tools_parser().print_help()
             return 0
         commands = ["run", "calibrate", *TOOLS]
-        if argv and not argv[0].startswith("-") and argv[0] not in commands and not Path(argv[0]).exists():
+        if argv and argv[0].isidentifier() and argv[0] not in commands and not Path(argv[0]).exists():
             near = difflib.get_close_matches(argv[0], commands, n=1)
             hint = f"did you mean {near[0]}? " if near else ""
             raise PerfError(f"unknown command {argv[0]!r}: {hint}commands are {', '.join(commands)}")

@@ -90,13 +90,21 @@ def pytest_run(
     else:
         rc = wait([start(cmd, env=env)], limit)[0]
     say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
-    if rc == USAGE_ERROR:  # nothing ran: not a run to salvage, and not a failing case either
-        why = "its message is above"
-        if args.quiet_pytest:  # pytest's own words, from this run's part of the log
-            this_run = (out / "pytest.log").read_text().rsplit(f"\n== {label}: ", 1)[-1].splitlines()
-            why = next((ln.strip() for ln in reversed(this_run) if "error:" in ln.lower()), "see pytest.log")
-        raise PerfError(f"pytest refused its arguments (exit {rc}, a usage error): {why}")
-    return rc, load_or_salvage(label, out)
+    return rc, None if rc == USAGE_ERROR else load_or_salvage(label, out)
+
+
+def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path) -> None:
+    """A first run that pytest refused outright (exit 4: an unknown flag, a path that does not
+    exist) is the user's usage error, in pytest's words: nothing ran, so there is no run to
+    salvage nor a failing case to report. Later runs and re-timings take the same arguments,
+    so only a first run is asked."""
+    if rc != USAGE_ERROR:
+        return
+    why = "its message is above"
+    if args.quiet_pytest:  # pytest's own words, from this run's part of the log
+        this_run = (out / "pytest.log").read_text().rsplit(f"\n== {label}: ", 1)[-1].splitlines()
+        why = next((ln.strip() for ln in reversed(this_run) if "error:" in ln.lower()), "see pytest.log")
+    raise PerfError(f"pytest refused its arguments (exit {rc}, a usage error): {why}")
 
 
 def retime(
@@ -169,7 +177,8 @@ def selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: P
     cmd += [*_grid_args(args, cpu), *extra, f"--perf-list-cases={listed}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode not in (0, 5):  # 5: nothing collected
-        raise PerfError(f"collecting the cases failed (pytest exit {done.returncode}): {done.stdout[-800:]}")
+        said = (done.stdout + done.stderr).strip()[-800:]  # a usage error goes to stderr
+        raise PerfError(f"collecting the cases failed (pytest exit {done.returncode}): {said}")
     return listed.read_text().split() if listed.is_file() else []
 
 
