@@ -435,3 +435,8 @@ def test_calibrate_runs_pytest_with_the_calibration_and_reports(tmp_path, monkey
     out = capsys.readouterr().out
     assert "NOT CALIBRATED: big: skipped: needs ~90 GiB" in out
     assert out.rstrip().splitlines()[-1].startswith(f"{H100['gpu_name']}: the A/B gate supports a minimum effect")
+
+
+def test_calibrate_reads_pytests_grid_as_its_own_and_refuses_two(capsys):
+    assert cli.main(["calibrate", "--grid", "tiny", "--perf-grid=quick"]) == 2
+    assert "two grids named (quick, tiny): give one, with --grid" in capsys.readouterr().out
