@@ -185,10 +185,10 @@ def _check_signature(function: Callable[..., Tensor], *, masks: bool, kv_cache: 
             signatures.append((signature, exc))
     call = ", ".join(["q", "k", "v", *(f"{k}=..." for k in keywords)])
     name = getattr(function, "__name__", type(function).__name__)
-    signature, exc = signatures[0]
+    first, why = signatures[0]
     # Python's bind error speaks of the call ("too many positional arguments" where the function
     # takes too few), so the message shows both sides, with its words after.
-    raise TypeError(f"function must take ({call}) as declared; {name}{signature} cannot ({exc})")
+    raise TypeError(f"function must take ({call}) as declared; {name}{first} cannot ({why})")
 
 
 def _several(name: str, value: object, example: str) -> frozenset:
