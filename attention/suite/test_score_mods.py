@@ -138,7 +138,8 @@ def test_reassigned_score_mod_is_used(data, impl_name):
         module.score_mod = score_mod
         with torch.no_grad():
             out = module(x)  # (B, T, d_out)
-        assert_module_matches_oracle(module, x, out, what=f"call {i} with score_mod {name} after {order[:i]}")
+        set_before = f", after setting {order[:i]} in turn" if i else ""
+        assert_module_matches_oracle(module, x, out, what=f"output with score_mod={name} (call {i}{set_before})")
 
 
 # -- large scores in half precision ------------------------------------------------------------
