@@ -103,7 +103,7 @@ class MHATritonAttention(AttentionBase):
             raise RuntimeError(
                 f"{type(self).__name__} does not run under torch.func transforms (grad, vmap, jacrev, jvp, ...): "
                 "its Triton kernels read raw tensor memory, which functorch's wrapped tensors do not expose "
-                "(docs/design.md#triton-and-torch-func); for gradients use torch.autograd (loss.backward(), "
+                "(docs/design.md#triton-and-torchfunc); for gradients use torch.autograd (loss.backward(), "
                 "torch.autograd.grad), for many inputs a batch dimension"
             )
         reason = self.unavailable(x.device)

@@ -455,7 +455,7 @@ def test_fp16_and_fp16_autocast_on_cpu_match_the_oracle() -> None:
 
 def test_torch_func_transforms_are_refused_and_leave_the_process_well() -> None:
     """The kernels read raw memory, which functorch's wrapped tensors lack: grad and vmap over the
-    module are refused, naming torch.func and what to use instead (docs/design.md#triton-and-torch-func).
+    module are refused, naming torch.func and what to use instead (docs/design.md#triton-and-torchfunc).
     The interpreter's self-check, first asked under a transform as in a fresh process, answers for
     plain tensors, so it never caches a failure that would refuse every later call."""
     _skip_where_unavailable("cpu")
