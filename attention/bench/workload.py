@@ -163,7 +163,7 @@ class Workload:
             if self.backward:
                 total += 2 * weights + tokens * self.hidden * elt + qkv + out
         if self.impl not in MODULE_REFERENCES:
-            copies, _ = score_copies(self.impl, self.backward, REFERENCES)
+            copies, _ = score_copies(self.impl, self.backward, REFERENCES, self.device)
             scores = self.batch * self.num_heads * self.seq_len * self.seq_len * elt
             total += int(copies * scores)
             if self.mask != "causal" or copies:
@@ -261,7 +261,7 @@ class DecodeWorkload:
     def estimated_peak_bytes(self) -> int:
         total = self.kv_bytes()
         if self.impl not in CORE_REFERENCES:
-            copies, _ = score_copies(self.impl, False, REFERENCES)
+            copies, _ = score_copies(self.impl, False, REFERENCES, self.device)
             if copies:  # materialises scores, and repeats KV heads for grouped queries
                 groups = self.num_heads // self.num_kv_heads
                 total += self.layer_kv_bytes() * groups if groups > 1 else 0  # one layer at a time
@@ -349,7 +349,7 @@ def _common_skip_reason(w: Workload | DecodeWorkload, copies: int) -> str | None
     need = copies * w.estimated_peak_bytes()
     free = free_memory_bytes(device)
     if free is not None and need > 0.92 * free:
-        _, why = score_copies(w.impl, w.backward, REFERENCES)
+        _, why = score_copies(w.impl, w.backward, REFERENCES, w.device)
         held = f", {copies} copies at once" if copies > 1 else ""
         return f"needs ~{fmt_gib(need)} ({why}{held}); {device.type} has {fmt_gib(free)} free"
     return None
