@@ -87,6 +87,25 @@ def test_ctrl_c_before_the_first_row_replaces_an_old_report(tmp_path, monkeypatc
     assert result["cells"] == [] and result["meta"]["complete"] is False
 
 
+def test_a_run_without_plots_leaves_no_plot_of_an_earlier_run_beside_its_report(tmp_path, monkeypatch, capsys):
+    for name in report.OUTPUTS:
+        (tmp_path / name).write_text("from an earlier run")
+    (tmp_path / "notes.txt").write_text("the user's own")
+    _stand_in_cells(monkeypatch)
+
+    assert _main([*TINY, "--no-plots", "--no-accuracy", "--out", str(tmp_path)]) == 0
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "report.json", "table.txt"]
+    assert json.loads((tmp_path / "report.json").read_text())["meta"]["complete"] is True
+
+
+def test_an_empty_out_is_a_usage_error_not_the_current_folder(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args([*TINY, "--out", ""])
+    assert exit_info.value.code == 2
+    assert "argument --out: needs a folder name, got an empty string" in capsys.readouterr().err
+
+
 def test_ctrl_c_while_drawing_plots_stops_at_once(tmp_path, monkeypatch, capsys):
     _stand_in_cells(monkeypatch)
 

@@ -235,6 +235,17 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+#: Every file a report writes into its folder.
+OUTPUTS = ("report.json", "table.txt", "time.png", "throughput.png", "memory.png", "accuracy.png")
+
+
+def clear(out: Path) -> None:
+    """Remove a previous report's files from ``out``, so none of them passes for this run's (a
+    run without plots, or without accuracy, or cut short, would leave the last run's beside it)."""
+    for name in OUTPUTS:
+        (Path(out) / name).unlink(missing_ok=True)
+
+
 def write(result: dict, out: Path, *, plots: bool = True) -> list[Path]:
     """Write ``report.json`` and (with ``plots``) time, throughput, memory and accuracy PNGs."""
     out = Path(out)

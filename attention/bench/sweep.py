@@ -145,6 +145,17 @@ def _device(text: str) -> str:
     return str(device)
 
 
+def _per_device(on_cuda: object, on_cpu: object) -> str:
+    """A default for the help text: one value, or each device's."""
+    return f"{on_cuda}" if on_cuda == on_cpu else f"{on_cuda} on CUDA, {on_cpu} on CPU"
+
+
+def _folder(text: str) -> Path:
+    if not text.strip():  # Path("") is the current folder: the report would land wherever one stands
+        raise argparse.ArgumentTypeError("needs a folder name, got an empty string")
+    return Path(text)
+
+
 def _dtype(text: str) -> torch.dtype:
     aliases = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if text not in aliases:
@@ -161,7 +172,7 @@ def _impl(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    names = ", ".join(registry.implementations())
+    names = _per_device(", ".join(_native_implementations("cuda")), ", ".join(_native_implementations("cpu")))
     cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
     parser = argparse.ArgumentParser(
         prog="python -m attention.bench",
@@ -183,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         type=_dtype,
         default=None,
-        help=f"compute dtype: fp32, bf16 or fp16 (default: {cuda['dtype']} on CUDA, {cpu['dtype']} on CPU)",
+        help=f"compute dtype: fp32, bf16 or fp16 (default: {_per_device(cuda['dtype'], cpu['dtype'])})",
     )
     parser.add_argument(
         "--seq-lens",
@@ -206,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"registry names or [NAME=]module:attr of your own AttentionBase subclass or attn(q, k, v) "
         f"function, several after one --impl or --impl repeated "
-        f"(default: all registered that run natively on the device: {names})",
+        f"(default: all registered that run natively on the device, not in an interpreter: {names})",
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=_folder,
         default=Path("benchmark-out"),
         help="folder for report.json, table.txt and the PNGs, created if missing (default: benchmark-out)",
     )
@@ -219,20 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help=f"sequences per batch, the same at every length, so score memory shows as T^2 "
-        f"(default: {cuda['batch']} on CUDA, {cpu['batch']} on CPU)",
+        f"(default: {_per_device(cuda['batch'], cpu['batch'])})",
     )
     parser.add_argument(
         "--hidden",
         type=_positive_int,
         default=None,
-        help=f"model width; heads = hidden / head-dim (default: {cuda['hidden']} on CUDA, {cpu['hidden']} on CPU)",
+        help=f"model width; heads = hidden / head-dim (default: {_per_device(cuda['hidden'], cpu['hidden'])})",
     )
     parser.add_argument(
         "--cell-seconds",
         type=_positive_float,
         default=None,
         help="timing budget per case in seconds; rounds adapt to it, at least 3, at most 20 "
-        f"(default: {cuda['cell_seconds']:g} on CUDA, {cpu['cell_seconds']:g} on CPU)",
+        f"(default: {_per_device(format(cuda['cell_seconds'], 'g'), format(cpu['cell_seconds'], 'g'))})",
     )
     parser.add_argument(
         "--threads",
@@ -365,7 +376,9 @@ def accuracy_cell(config: Config, impl: str, seq_len: int) -> Cell:
             module.proj.weight.copy_(torch.eye(d_model))  # (d_model, d_model)
             module.proj.bias.zero_()
         module.to(config.device)
-        gen = torch.Generator(device=config.device).manual_seed(0)
+        # Seeded by the length: with one seed, each length's input was a prefix of the next one's,
+        # so every length's max error was the same early row's and the column read flat.
+        gen = torch.Generator(device=config.device).manual_seed(seq_len)
         x = torch.randn(1, seq_len, 3 * d_model, generator=gen, device=config.device)  # (1, T, [q | k | v])
         figures: dict[str, object] = {"batch": 1, "num_heads": heads}
         for dtype in dtypes:
@@ -558,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import report
 
+    report.clear(config.out)
     report_json = config.out / "report.json"
     total = len(config.seq_lens) * len(config.impls)
     written = 0  # cells in report.json as it stands on disk
