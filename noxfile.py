@@ -90,16 +90,19 @@ def _runner(session: nox.Session, extras: set[str], groups: set[str] | None = No
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Property tests on CPU, and on CUDA where present, one worker per core; deterministic
-    (Hypothesis profile ``quick``). Args go to pytest (``-n 0`` runs them in one process)."""
+    """All tests: CPU, and CUDA where present; deterministic (Hypothesis profile ``quick``).
+
+    One worker per core. Args go to pytest (``-n 0`` runs them in one process)."""
     python, env = _runner(session, {"test", "perf", "notebook"})  # tests/ also covers perf and the notebook
     session.run(python, "-m", "pytest", *PARALLEL, "--slowest-files=10", *session.posargs, env=env, external=True)
 
 
 @nox.session(venv_backend="none")
 def no_triton(session: nox.Session) -> None:
-    """Where triton cannot be imported (not installed, or not on this platform): every test whose
-    id names triton, which must skip with the reason or pass, and ``unavailable()`` saying so.
+    """The triton tests with triton hidden, as where it is absent: each skips with why or passes.
+
+    Where triton is not installed, or not on this platform, every test whose id names triton must
+    skip with the reason or pass, and ``unavailable()`` say so.
     A sitecustomize puts ``None`` in ``sys.modules["triton"]``, which ``import triton`` and
     ``importlib.util.find_spec`` both read as absent, in pytest and its subprocesses alike."""
     python, env = _runner(session, {"test", "perf", "notebook"})
@@ -116,8 +119,9 @@ def no_triton(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def lowest_torch(session: nox.Session) -> None:
-    """The property suite on the oldest torch ``pyproject.toml`` admits (its ``torch>=X.Y``: the
-    newest X.Y.* CPU wheel), in an environment of its own, for the library's own implementations on
+    """The property suite on the oldest torch ``pyproject.toml`` admits, in its own environment.
+
+    Its ``torch>=X.Y``: the newest X.Y.* CPU wheel, for the library's own implementations on
     CPU; triton is left out (each torch brings its own). Args go to pytest (docs/design.md#torch-floor)."""
     floor = next(dep.split(">=")[1] for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("torch>="))
     env = {"PIP_CONSTRAINT": ""}  # .ci/run's pin is for the newest torch
@@ -130,8 +134,10 @@ def lowest_torch(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def explore(session: nox.Session) -> None:
-    """The property suite with fresh random draws and deep search (Hypothesis profile ``thorough``,
-    failures remembered in .hypothesis/): the nightly run, or yours after a change. Args go to pytest."""
+    """The property suite with fresh random draws and deep search: the nightly run.
+
+    Hypothesis profile ``thorough``, failures remembered in .hypothesis/; yours after a change too.
+    Args go to pytest."""
     python, env = _runner(session, {"test", "perf", "notebook"})
     env = {**env, "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "thorough")}
     session.run(python, "-m", "pytest", *PARALLEL, "attention/suite", *session.posargs, env=env, external=True)
@@ -149,7 +155,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def typecheck(session: nox.Session) -> None:
-    """mypy on the library (``[tool.mypy]`` in pyproject.toml). In the shared environment, with the
+    """mypy on the library (``[tool.mypy]`` in pyproject.toml).
+
+    In the shared environment, with the
     ``typecheck`` group there, not beside like ``lint``: mypy reads torch's types from the torch the
     code runs on. Args go to mypy."""
     python, env = _runner(session, {"test", "perf", "notebook"}, {"typecheck"})  # the tests' extras: one pip run
@@ -158,7 +166,9 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def actionlint(session: nox.Session) -> None:
-    """actionlint on the workflows. Its package downloads the actionlint binary from GitHub while
+    """actionlint on the workflows (not part of ``lint``: it downloads a binary).
+
+    Its package downloads the actionlint binary from GitHub while
     it installs, so this is not part of ``lint``: the lint workflow job runs both."""
     if session.venv_backend != "none":
         session.install(*nox.project.dependency_groups(PYPROJECT, "actionlint"))
