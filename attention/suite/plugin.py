@@ -231,9 +231,9 @@ def _untestable_on(impl_name: str, device: str, tested: Iterable[torch.dtype]) -
         return reason
     import attention
 
-    declared = attention.get(impl_name).capabilities().dtypes
-    if declared is not None and all(skip_reason(impl_name, device, dtype, ()) is not None for dtype in tested):
-        return f"declares dtypes {_names(declared)} only, and the tests here run {_names(tested)}"
+    declared = attention.get(impl_name).capabilities()
+    if declared.dtypes is not None and not any(declared.allows_dtype(dtype) for dtype in tested):
+        return f"declares dtypes {_names(declared.dtypes)} only, and the tests here run {_names(tested)}"
     return None
 
 
