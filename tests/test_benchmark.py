@@ -79,6 +79,7 @@ def test_tiny_sweep_writes_plots_and_table(tiny_report):
         "throughput.png",
         "time.png",
     ]  # no write probe or half-written report.json left behind
+    assert sorted(report.OUTPUTS) == sorted(p.name for p in out.iterdir())  # what the next run clears first
 
 
 def test_from_scratch_memory_grows_faster_than_sdpa(tiny_report):
