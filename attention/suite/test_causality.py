@@ -40,8 +40,9 @@ def test_replacing_later_tokens_leaves_earlier_outputs_unchanged(
         f"{(y[:, : t + 1] - y_replaced[:, : t + 1]).abs().max().item():.3e}"
     )
     # The replacement did reach the module: the last position sees its own (new) token.
-    moved = not torch.equal(y[:, -1], y_replaced[:, -1])
-    assert moved, "the last output did not change when its own token was replaced: it ignores its own position"
+    assert not torch.equal(y[:, -1], y_replaced[:, -1]), (
+        "the last output did not change when its own token was replaced: it ignores its own position"
+    )
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
