@@ -53,6 +53,12 @@ def _(device, mo, torch):
 def _(attention, device, inspection, mo):
     # Those that can run here (triton needs the triton package): the rest are named in a note below.
     runnable = [name for name, cls in attention.implementations().items() if cls.unavailable(device) is None]
+    # Those that run here only through an interpreter (triton on CPU): exact, but seconds per
+    # forward at the larger sizes below, so they can be switched off while sliders move.
+    interpreted = [name for name in runnable if attention.implementations()[name].runs_interpreted(device)]
+    run_interpreted = mo.ui.checkbox(
+        value=True, label=f"run {', '.join(interpreted)} (interpreted on {device}: slow at large sizes)"
+    )
     impl = mo.ui.dropdown(runnable, value="flex", label="implementation")
     pattern_kind = mo.ui.dropdown(list(attention.masks.SPEC_KINDS), value="document", label="mask")
     seq_len = mo.ui.slider(16, 512, step=16, value=128, show_value=True, label="tokens T")
@@ -69,6 +75,7 @@ def _(attention, device, inspection, mo):
             mo.hstack([impl, pattern_kind, dtype_name, head_dim, block_size], justify="start"),
             mo.hstack([seq_len, batch, num_heads], justify="start"),
             mo.hstack([window, prefix_len, num_docs], justify="start"),
+            *([run_interpreted] if interpreted else []),
         ]
     )
     return (
@@ -77,10 +84,12 @@ def _(attention, device, inspection, mo):
         dtype_name,
         head_dim,
         impl,
+        interpreted,
         num_docs,
         num_heads,
         pattern_kind,
         prefix_len,
+        run_interpreted,
         runnable,
         seq_len,
         window,
@@ -95,10 +104,12 @@ def _(
     dtype_name,
     head_dim,
     inspection,
+    interpreted,
     num_docs,
     num_heads,
     pattern_kind,
     prefix_len,
+    run_interpreted,
     runnable,
     seq_len,
     torch,
@@ -119,6 +130,7 @@ def _(
             device=device, dtype=dtype
         )
         for name in runnable
+        if run_interpreted.value or name not in interpreted
     }
     x = torch.randn(B, T, d_model, device=device, dtype=dtype)  # (B, T, d_model)
     return B, H, T, d_model, doc_ids, modules, pattern, x
@@ -195,12 +207,12 @@ def _(B, H, ListedColormap, T, block_size, create_block_mask, device, inspection
 
 
 @app.cell
-def _(attention, device, doc_ids, mo, modules, x):
+def _(attention, device, doc_ids, interpreted, mo, modules, x):
     from attention.accuracy import check_module
 
     errors = {name: check_module(module, x, document_ids=doc_ids) for name, module in modules.items()}
     _skipped = "".join(
-        f"\n- `{name}` not run: {cls.unavailable(device)}"
+        f"\n- `{name}` not run: " + ("switched off above" if name in interpreted else cls.unavailable(device))
         for name, cls in attention.implementations().items()
         if name not in modules
     )
@@ -233,6 +245,7 @@ def _(attention, device, doc_ids, mo, modules, x):
 def _(doc_ids, impl, mo, modules, plt, torch, x):
     from attention.reference import reference_forward
 
+    mo.stop(impl.value not in modules, mo.md(f"`{impl.value}` is switched off above: tick it to see where it differs."))
     _module = modules[impl.value]
     with torch.no_grad():  # flex has no backward on CPU
         _out = _module(x, document_ids=doc_ids)  # (B, T, d_model)

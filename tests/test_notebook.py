@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,15 +68,53 @@ def test_every_implementation_passes_the_oracle_and_reports_ops():
         assert all(op.calls >= 1 and math.isfinite(op.self_us) for op in ops)
 
 
-def test_notebook_runs_every_cell():
+def _notebook_app():
     pytest.importorskip("marimo")
     spec = importlib.util.spec_from_file_location("attention_notebook", NOTEBOOK)
     notebook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(notebook)
-    app = notebook.app
+    return notebook.app
 
-    _, defs = app.run()
+
+def test_notebook_runs_every_cell():
+    _, defs = _notebook_app().run()
     runnable = {name for name, cls in attention.implementations().items() if cls.unavailable("cpu") is None}
     assert set(defs["errors"]) == runnable >= {"from_scratch", "flex", "sdpa"}  # and triton, where installed
     assert all(e.passes for e in defs["errors"].values())
+    interpreted = {name for name in runnable if attention.implementations()[name].runs_interpreted("cpu")}
+    assert set(defs["interpreted"]) == interpreted
+
+
+def test_notebook_leaves_interpreted_implementations_out_when_switched_off():
+    app = _notebook_app()
+    _, defs = app.run()
+    if not defs["interpreted"]:
+        pytest.skip("no implementation runs interpreted here (triton is not installed or its interpreter fails)")
+    # Every name the controls cell returns: an override replaces the whole cell.
+    controls = [
+        "batch",
+        "block_size",
+        "dtype_name",
+        "head_dim",
+        "impl",
+        "interpreted",
+        "num_docs",
+        "num_heads",
+        "pattern_kind",
+        "prefix_len",
+        "run_interpreted",
+        "runnable",
+        "seq_len",
+        "window",
+    ]
+    chosen = defs["interpreted"][0]
+    overrides = {name: defs[name] for name in controls}
+    overrides |= {"run_interpreted": SimpleNamespace(value=False), "impl": SimpleNamespace(value=chosen)}
+
+    outputs, off = app.run(defs=overrides)
+    assert set(off["errors"]) == set(defs["runnable"]) - set(defs["interpreted"])
+    assert all(e.passes for e in off["errors"].values())
+    shown = " ".join(str(getattr(output, "text", output)) for output in outputs)  # the cells' HTML
+    assert f"<code>{chosen}</code> not run: switched off above" in shown  # the accuracy table's note
+    assert f"<code>{chosen}</code> is switched off above" in shown  # the error map, stopped
     assert defs["weights"].shape == (4, 128, 128)
