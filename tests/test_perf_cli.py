@@ -175,6 +175,15 @@ def test_arguments_pytest_refuses_are_a_usage_error_in_its_words(tmp_path, capsy
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_a_selection_that_leaves_no_case_is_a_usage_error_naming_it(tmp_path, capsys):
+    """It used to exit 1 after salvaging nothing, with a table of zeros and no word of why."""
+    assert cli.main(["--out", str(tmp_path), "--quiet-pytest", "-k", "sdpa and no_such_case"]) == 2
+    out = capsys.readouterr().out
+    assert "no case selected: -k 'sdpa and no_such_case' matched none of this grid's cases" in out
+    assert "--collect-only" in out and "salvage" not in out and "no run produced results" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 @pytest.mark.parametrize("grid", [["--grid", "quick"], ["--perf-grid=full"]])
 def test_a_gpu_sized_grid_without_a_gpu_is_refused_before_anything_runs(tmp_path, capsys, grid):
     (tmp_path / "summary.md").write_text("the last run's verdicts\n")

@@ -126,7 +126,7 @@ def main(argv: list[str]) -> int:
     ]
     started = time.time()
     rc, run = launcher.pytest_run(RUN_LABEL, args, extra, out, False, args.time_budget)
-    launcher.refuse_usage_error(rc, RUN_LABEL, args, out)
+    launcher.refuse_usage_error(rc, RUN_LABEL, args, out, extra)
     say(f"calibrate: pytest exit {rc}, {time.time() - started:.0f} s wall")
     if run is None:
         raise PerfError("the calibration run produced no results: see the pytest output above")

@@ -310,7 +310,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         else:
             rc, run = launcher.pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
             if i == 1:
-                launcher.refuse_usage_error(rc, f"run-{i}", args, out)
+                launcher.refuse_usage_error(rc, f"run-{i}", args, out, extra)
         status = max(status, 1 if rc != 0 else 0)
         if run is not None:
             runs.append(run)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ CASES = str(Path(_cases_init).parent)
 PLUGIN = "attention.bench.perf.plugin"
 #: pytest's exit status for arguments it refuses (an unknown flag, a path that does not exist).
 USAGE_ERROR = 4
+#: pytest's exit status when the selection (``-k``, ``-m``, ``--impl``) leaves no case to run.
+NO_CASES = 5
 
 
 def say(msg: str = "") -> None:
@@ -90,14 +93,20 @@ def pytest_run(
     else:
         rc = wait([start(cmd, env=env)], limit)[0]
     say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
-    return rc, None if rc == USAGE_ERROR else load_or_salvage(label, out)
+    return rc, None if rc in (USAGE_ERROR, NO_CASES) else load_or_salvage(label, out)
 
 
-def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path) -> None:
+def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path, extra: Sequence[str]) -> None:
     """A first run that pytest refused outright (exit 4: an unknown flag, a path that does not
-    exist) is the user's usage error, in pytest's words: nothing ran, so there is no run to
-    salvage nor a failing case to report. Later runs and re-timings take the same arguments,
-    so only a first run is asked."""
+    exist) is the user's usage error, in pytest's words, and so is one whose selection left no
+    case (exit 5): nothing ran, so there is no run to salvage nor a failing case to report.
+    Later runs and re-timings take the same arguments, so only a first run is asked."""
+    if rc == NO_CASES:
+        said = " ".join(_selection(extra)) or "the arguments given"
+        raise PerfError(
+            f"no case selected: {said} matched none of this grid's cases "
+            "(list them with: python -m attention.bench.perf run --collect-only -q)"
+        )
     if rc != USAGE_ERROR:
         return
     why = "its message is above"
@@ -105,6 +114,22 @@ def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path)
         this_run = (out / "pytest.log").read_text().rsplit(f"\n== {label}: ", 1)[-1].splitlines()
         why = next((ln.strip() for ln in reversed(this_run) if "error:" in ln.lower()), "see pytest.log")
     raise PerfError(f"pytest refused its arguments (exit {rc}, a usage error): {why}")
+
+
+_SELECTING = ("-k", "-m", "--perf-impl", "--perf-cases")
+
+
+def _selection(extra: Sequence[str]) -> list[str]:
+    """The arguments among ``extra`` that choose cases, each with its value (``-k flex``)."""
+    chosen = []
+    for i, arg in enumerate(extra):
+        flag = arg.split("=", 1)[0]
+        if flag in _SELECTING:
+            given_apart = arg == flag and i + 1 < len(extra)
+            chosen.append(shlex.join([arg, extra[i + 1]]) if given_apart else shlex.quote(arg))
+        elif arg.startswith(("-k", "-m")) and len(arg) > 2 and not arg.startswith("--"):  # -kflex
+            chosen.append(shlex.quote(arg))
+    return chosen
 
 
 def retime(
