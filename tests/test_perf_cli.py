@@ -184,6 +184,15 @@ def test_a_selection_that_leaves_no_case_is_a_usage_error_naming_it(tmp_path, ca
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_collect_only_lists_the_selected_cases_and_times_nothing(tmp_path, capfd):
+    """The listing the empty-selection error points to: case ids, then no tables of zeros."""
+    assert cli.main(["--collect-only", "-q", "-k", "raw_sdpa and fwd-", "--out", str(tmp_path), "--quiet-pytest"]) == 0
+    out = capfd.readouterr().out
+    assert "test_prefill[core-raw_sdpa-fp32-fwd-B4-T64-H4-D16]" in out and "fwd_bwd" not in out
+    assert "Wall time" not in out and "no such file" not in out and not (tmp_path / "list.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 @pytest.mark.parametrize("grid", [["--grid", "quick"], ["--perf-grid=full"]])
 def test_a_gpu_sized_grid_without_a_gpu_is_refused_before_anything_runs(tmp_path, capsys, grid):
     (tmp_path / "summary.md").write_text("the last run's verdicts\n")

@@ -299,6 +299,11 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     ]
     if args.benchmark_disable:
         extra.append("--benchmark-disable")
+    if {"--collect-only", "--co"} & set(extra):  # list the selected cases, time nothing
+        shown = argparse.Namespace(**{**vars(args), "quiet_pytest": False})  # the list is the output
+        rc, _ = launcher.pytest_run("list", shown, extra, out, not cuda, None)
+        launcher.refuse_usage_error(rc, "list", shown, out, extra)
+        return rc
     status, runs, started = 0, [], time.time()
     plan = launcher.gpu_plan(args, extra, out, gpus) if len(gpus) > 1 else None  # dealt once for every repeat
     for i in range(1, args.repeat + 1):

@@ -93,7 +93,8 @@ def pytest_run(
     else:
         rc = wait([start(cmd, env=env)], limit)[0]
     say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
-    return rc, None if rc in (USAGE_ERROR, NO_CASES) else load_or_salvage(label, out)
+    listing = {"--collect-only", "--co"} & set(extra)  # nothing timed: no run to load
+    return rc, None if listing or rc in (USAGE_ERROR, NO_CASES) else load_or_salvage(label, out)
 
 
 def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path, extra: Sequence[str]) -> None:
