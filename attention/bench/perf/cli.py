@@ -299,7 +299,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     ]
     if args.benchmark_disable:
         extra.append("--benchmark-disable")
-    if {"--collect-only", "--co"} & set(extra):  # list the selected cases, time nothing
+    if launcher.lists_only(extra):
         shown = argparse.Namespace(**{**vars(args), "quiet_pytest": False})  # the list is the output
         rc, _ = launcher.pytest_run("list", shown, extra, out, not cuda, None)
         launcher.refuse_usage_error(rc, "list", shown, out, extra)

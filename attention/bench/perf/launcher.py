@@ -93,8 +93,12 @@ def pytest_run(
     else:
         rc = wait([start(cmd, env=env)], limit)[0]
     say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
-    listing = {"--collect-only", "--co"} & set(extra)  # nothing timed: no run to load
-    return rc, None if listing or rc in (USAGE_ERROR, NO_CASES) else load_or_salvage(label, out)
+    return rc, None if lists_only(extra) or rc in (USAGE_ERROR, NO_CASES) else load_or_salvage(label, out)
+
+
+def lists_only(extra: Sequence[str]) -> bool:
+    """Whether pytest is asked to list the cases (``--collect-only``), timing nothing."""
+    return bool({"--collect-only", "--co"} & set(extra))
 
 
 def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path, extra: Sequence[str]) -> None:
