@@ -156,6 +156,8 @@ def test_cli_passes_a_flag_the_fresh_processes_do_not_confirm_and_says_so(tmp_pa
     assert cli.main(argv(tmp_path, "-k", "fp32 or sdpa")) == 0
     out = capsys.readouterr().out
     assert "Flagged slower, to be confirmed in up to 3 fresh processes: 1" in out
+    # The run's verdict line counts as the comparison does: the flag apart, not as a regression.
+    assert ": FLAGGED (0 regressions, 1 flagged slower to confirm, 0 guard failures, 0 improvements)" in out
     assert f"{FLEX}: flagged once, not confirmed in 2 fresh processes: medians 7.5" in out
     assert out.rstrip().splitlines()[-1].startswith("PASS")
     # Each re-timing: a fresh pytest process of the run's own arguments, only the flagged case,
@@ -202,6 +204,7 @@ def test_cli_confirm_zero_fails_every_flag_without_re_timing(tmp_path, monkeypat
     assert cli.main(argv(tmp_path, "--confirm", "0")) == 1
     out = capsys.readouterr().out
     assert [label for label, *_ in calls] == ["run-1"] and "confirmation off" in out
+    assert ": FAIL (1 regressions, 0 guard failures, 0 improvements)" in out
     doc = json.loads((tmp_path / "out" / confirm.FILE).read_text())
     assert doc["retimes"] == 0 and doc["confirmed"] == [FLEX] and doc["cases"][0]["retimes"] == []
 

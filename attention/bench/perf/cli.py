@@ -405,9 +405,12 @@ def _gate_on_baseline(
             verdict = "FAIL"
         else:
             verdict = "FLAGGED" if result.regressions else "PASS"
+        # Counted as the comparison's own summary counts them: slower cases apart while re-timings judge them.
+        slower = sum(v.kind == "slower" for v in result.regressions) if planned else 0
         verdicts.append(
-            f"{Path(run.path).name} vs {baseline_path}: {verdict} ({len(result.regressions)} regressions, "
-            f"{len(result.guard_failures)} guard failures, {len(result.improvements)} improvements)"
+            f"{Path(run.path).name} vs {baseline_path}: {verdict} ({len(result.regressions) - slower} regressions, "
+            + (f"{slower} flagged slower to confirm, " if slower else "")
+            + f"{len(result.guard_failures)} guard failures, {len(result.improvements)} improvements)"
         )
     _say("\n".join(verdicts))
     baseline = load_run(baseline_path)
