@@ -184,12 +184,24 @@ def test_a_selection_that_leaves_no_case_is_a_usage_error_naming_it(tmp_path, ca
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
-def test_collect_only_lists_the_selected_cases_and_times_nothing(tmp_path, capfd):
-    """The listing the empty-selection error points to: case ids, then no tables of zeros."""
-    assert cli.main(["--collect-only", "-q", "-k", "raw_sdpa and fwd-", "--out", str(tmp_path), "--quiet-pytest"]) == 0
-    out = capfd.readouterr().out
-    assert "test_prefill[core-raw_sdpa-fp32-fwd-B4-T64-H4-D16]" in out and "fwd_bwd" not in out
-    assert "Wall time" not in out and "no such file" not in out and not (tmp_path / "list.json").exists()
+def test_collect_only_lists_the_selected_cases_and_leaves_the_last_run_alone(tmp_path, capfd):
+    """The listing the empty-selection error points to: case ids, no tables of zeros, and the
+    last run's files in --out untouched."""
+    (tmp_path / "summary.md").write_text("the last run's verdicts\n")
+    for flag in ("--collect-only", "--collectonly"):
+        argv = [flag, "-q", "-k", "raw_sdpa and fwd-", "--out", str(tmp_path)]
+        assert cli.main(argv) == 0
+        out = capfd.readouterr().out
+        assert "test_prefill[core-raw_sdpa-fp32-fwd-B4-T64-H4-D16]" in out and "fwd_bwd" not in out
+        assert "Wall time" not in out and "no such file" not in out
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
+    assert (tmp_path / "summary.md").read_text() == "the last run's verdicts\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_an_empty_listing_names_the_selection_as_the_user_gave_it(tmp_path, capsys):
+    assert cli.main(["--co", "-q", "--impl", "sdpa", "-k", "no_such_case", "--out", str(tmp_path)]) == 2
+    assert "no case selected: -k no_such_case --impl sdpa matched none" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

@@ -286,3 +286,13 @@ def test_gpus_with_a_saved_run_compare_is_refused_before_any_case(tmp_path, monk
     monkeypatch.setattr(launcher, "sharded_run", lambda *a, **k: pytest.fail("a case ran"))
     assert cli.main(["--gpus", "all", "--benchmark-compare=0001", "--out", str(tmp_path)]) == 2
     assert "pytest-benchmark compares inside one process" in capsys.readouterr().out
+
+
+def test_gpus_with_a_selection_that_leaves_no_case_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """Each repeat said "no case selected" and the run ended "FAIL: no run produced results", exit 1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launcher, "gpu_plan", lambda *a, **k: [])
+    monkeypatch.setattr(launcher, "sharded_run", lambda *a, **k: pytest.fail("a case ran"))
+    assert cli.main(["--gpus", "all", "-k", "no_such_case", "--out", str(tmp_path)]) == 2
+    assert "no case selected: -k no_such_case matched none" in capsys.readouterr().out

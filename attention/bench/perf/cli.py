@@ -282,6 +282,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
             "--gpus with a pytest-benchmark saved run: pytest-benchmark compares inside one process, and each "
             "GPU's process would see only its shard; compare without --gpus"
         )
+    if launcher.lists_only(extra):  # before --out is touched: a listing leaves the last run's files
+        return launcher.list_cases(args, [*extra, *(f"--perf-impl={spec}" for spec in args.impl)], not cuda)
     out = _writable(Path(args.out or _default_out()))
     _check_outputs(args, cuda)
     # A previous run's verdicts must not pass for this one's, nor its cases join this one's log.
@@ -299,13 +301,10 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     ]
     if args.benchmark_disable:
         extra.append("--benchmark-disable")
-    if launcher.lists_only(extra):
-        shown = argparse.Namespace(**{**vars(args), "quiet_pytest": False})  # the list is the output
-        rc, _ = launcher.pytest_run("list", shown, extra, out, not cuda, None)
-        launcher.refuse_usage_error(rc, "list", shown, out, extra)
-        return rc
     status, runs, started = 0, [], time.time()
     plan = launcher.gpu_plan(args, extra, out, gpus) if len(gpus) > 1 else None  # dealt once for every repeat
+    if plan == []:  # the selection left no case for any GPU
+        raise PerfError(launcher.no_cases(extra))
     for i in range(1, args.repeat + 1):
         limit = None
         if args.time_budget:  # what is left, shared by the runs still to go

@@ -93,12 +93,24 @@ def pytest_run(
     else:
         rc = wait([start(cmd, env=env)], limit)[0]
     say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
-    return rc, None if lists_only(extra) or rc in (USAGE_ERROR, NO_CASES) else load_or_salvage(label, out)
+    return rc, None if rc in (USAGE_ERROR, NO_CASES) else load_or_salvage(label, out)
 
 
 def lists_only(extra: Sequence[str]) -> bool:
     """Whether pytest is asked to list the cases (``--collect-only``), timing nothing."""
-    return bool({"--collect-only", "--co"} & set(extra))
+    return bool({"--collect-only", "--collectonly", "--co"} & set(extra))
+
+
+def list_cases(args: argparse.Namespace, extra: list[str], cpu: bool) -> int:
+    """pytest's listing of the selected cases, to the terminal: it times nothing and writes
+    nothing, so the last run's files in ``--out`` stay as they were."""
+    cmd = [sys.executable, "-m", "pytest", CASES, "-p", PLUGIN, "-p", "no:cacheprovider", *_grid_args(args, cpu)]
+    rc = subprocess.run([*cmd, *extra]).returncode
+    if rc == NO_CASES:
+        raise PerfError(no_cases(extra))
+    if rc == USAGE_ERROR:
+        raise PerfError(f"pytest refused its arguments (exit {rc}, a usage error): its message is above")
+    return rc
 
 
 def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path, extra: Sequence[str]) -> None:
@@ -107,11 +119,7 @@ def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path,
     case (exit 5): nothing ran, so there is no run to salvage nor a failing case to report.
     Later runs and re-timings take the same arguments, so only a first run is asked."""
     if rc == NO_CASES:
-        said = " ".join(_selection(extra)) or "the arguments given"
-        raise PerfError(
-            f"no case selected: {said} matched none of this grid's cases "
-            "(list them with: python -m attention.bench.perf run --collect-only -q)"
-        )
+        raise PerfError(no_cases(extra))
     if rc != USAGE_ERROR:
         return
     why = "its message is above"
@@ -121,15 +129,27 @@ def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path,
     raise PerfError(f"pytest refused its arguments (exit {rc}, a usage error): {why}")
 
 
+def no_cases(extra: Sequence[str]) -> str:
+    """Why a run timed nothing when its selection (pytest's exit 5) left no case, and how to look."""
+    said = " ".join(_selection(extra)) or "the arguments given"
+    return (
+        f"no case selected: {said} matched none of this grid's cases (list the grid's cases with: "
+        "python -m attention.bench.perf run --collect-only -q, plus your --grid and --impl)"
+    )
+
+
 _SELECTING = ("-k", "-m", "--perf-impl", "--perf-cases")
 
 
 def _selection(extra: Sequence[str]) -> list[str]:
-    """The arguments among ``extra`` that choose cases, each with its value (``-k flex``)."""
+    """The arguments among ``extra`` that choose cases, each with its value (``-k flex``), as the
+    user gave them to the CLI (``--impl X`` for the ``--perf-impl=X`` it passes on)."""
     chosen = []
     for i, arg in enumerate(extra):
         flag = arg.split("=", 1)[0]
-        if flag in _SELECTING:
+        if flag == "--perf-impl" and arg != flag:
+            chosen.append(shlex.join(["--impl", arg.split("=", 1)[1]]))
+        elif flag in _SELECTING:
             given_apart = arg == flag and i + 1 < len(extra)
             chosen.append(shlex.join([arg, extra[i + 1]]) if given_apart else shlex.quote(arg))
         elif arg.startswith(("-k", "-m")) and len(arg) > 2 and not arg.startswith("--"):  # -kflex
