@@ -404,8 +404,7 @@ def _gate_on_baseline(
             verdict = "FAIL"
         else:
             verdict = "FLAGGED" if result.regressions else "PASS"
-        # Counted as the comparison's own summary counts them: slower cases apart while re-timings judge them.
-        slower = sum(v.kind == "slower" for v in result.regressions) if planned else 0
+        slower = len(cmp.flagged_slower(result, planned))  # apart, as the comparison's summary counts them
         verdicts.append(
             f"{Path(run.path).name} vs {baseline_path}: {verdict} ({len(result.regressions) - slower} regressions, "
             + (f"{slower} flagged slower to confirm, " if slower else "")

@@ -226,12 +226,18 @@ def _p(p: float | None) -> str:
     return f", p={p:.1e}" if p is not None else ""
 
 
+def flagged_slower(result: Comparison, confirming: int) -> list[Verdict]:
+    """The slower cases that re-timings will judge (none when ``confirming`` is 0: they fail now);
+    the rest of ``result.regressions`` fails as it stands."""
+    return [v for v in result.regressions if confirming and v.kind == "slower"]
+
+
 def format_comparison(result: Comparison, baseline: Run, current: Run, *, confirming: int = 0) -> str:
     """The verdicts as text. ``confirming``: the re-timings that will judge the slower cases
     (:mod:`.confirm`), which are then listed as flagged, not as regressions."""
     lines = [f"Compared {result.compared} cases of {current.path} against {baseline.path} ({current.gpu})."]
     lines += [f"  warning: {w}" for w in result.warnings]
-    flagged = [v for v in result.regressions if confirming and v.kind == "slower"]
+    flagged = flagged_slower(result, confirming)
     regressions = [v for v in result.regressions if v not in flagged]
     for title, items in (
         ("GUARD FAILURES (silent fallback or broken harness)", result.guard_failures),
