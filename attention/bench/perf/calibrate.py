@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         raise PerfError(NO_CUDA)
     if launcher.lists_only(extra):  # the cases it would calibrate; nothing timed, --out untouched
-        return launcher.list_cases(args, [*extra, *(f"--perf-impl={spec}" for spec in args.impl)], False)
+        return launcher.list_cases(args, extra, False)
     out = cli._writable(Path(args.out or cli._default_out()))
     for name in (*calibration.FILES, "cases.jsonl", "pytest.log"):  # a previous run's must not pass for this one's
         (out / name).unlink(missing_ok=True)

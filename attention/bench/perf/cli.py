@@ -283,7 +283,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
             "GPU's process would see only its shard; compare without --gpus"
         )
     if launcher.lists_only(extra):  # before --out is touched: a listing leaves the last run's files
-        return launcher.list_cases(args, [*extra, *(f"--perf-impl={spec}" for spec in args.impl)], not cuda)
+        return launcher.list_cases(args, extra, not cuda)
     out = _writable(Path(args.out or _default_out()))
     _check_outputs(args, cuda)
     # A previous run's verdicts must not pass for this one's, nor its cases join this one's log.

@@ -32,6 +32,8 @@ from .results import BASELINE_FILE, PerfError, Run, baseline_dir, load_run, salv
 #: The grid's test modules and the plugin that parametrises them.
 CASES = str(Path(_cases_init).parent)
 PLUGIN = "attention.bench.perf.plugin"
+#: Every pytest process of the grid starts so: the shipped case modules, the plugin by name.
+_PYTEST = (sys.executable, "-m", "pytest", CASES, "-p", PLUGIN, "-p", "no:cacheprovider")
 #: pytest's exit status for arguments it refuses (an unknown flag, a path that does not exist).
 USAGE_ERROR = 4
 #: pytest's exit status when the selection (``-k``, ``-m``, ``--impl``) leaves no case to run.
@@ -46,14 +48,7 @@ def pytest_cmd(label: str, args: argparse.Namespace, extra: list[str], out: Path
     json_path = out / f"{label}.json"
     json_path.unlink(missing_ok=True)
     cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        CASES,
-        "-p",
-        PLUGIN,
-        "-p",
-        "no:cacheprovider",
+        *_PYTEST,
         f"--benchmark-json={json_path}",
         f"--perf-log={out / 'cases.jsonl'}",
         f"--perf-run-label={label}",
@@ -102,10 +97,10 @@ def lists_only(extra: Sequence[str]) -> bool:
 
 
 def list_cases(args: argparse.Namespace, extra: list[str], cpu: bool) -> int:
-    """pytest's listing of the selected cases, to the terminal: it times nothing and writes
-    nothing, so the last run's files in ``--out`` stay as they were."""
-    cmd = [sys.executable, "-m", "pytest", CASES, "-p", PLUGIN, "-p", "no:cacheprovider", *_grid_args(args, cpu)]
-    rc = subprocess.run([*cmd, *extra]).returncode
+    """pytest's listing of the cases ``extra`` and ``args.impl`` select, to the terminal: it times
+    nothing and writes nothing, so the last run's files in ``--out`` stay as they were."""
+    extra = [*extra, *(f"--perf-impl={spec}" for spec in args.impl)]
+    rc = subprocess.run([*_PYTEST, *_grid_args(args, cpu), *extra]).returncode
     if rc == NO_CASES:
         raise PerfError(no_cases(extra))
     if rc == USAGE_ERROR:
@@ -223,7 +218,7 @@ def selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: P
     collection (the plugin writes them to a file: no parsing of pytest's output)."""
     listed = out / "selected-cases.txt"
     listed.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", CASES, "-p", PLUGIN, "-p", "no:cacheprovider", "--collect-only", "-q"]
+    cmd = [*_PYTEST, "--collect-only", "-q"]
     cmd += [*_grid_args(args, cpu), *extra, f"--perf-list-cases={listed}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode not in (0, 5):  # 5: nothing collected
