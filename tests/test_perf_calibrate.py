@@ -434,7 +434,9 @@ def test_calibrate_runs_pytest_with_the_calibration_and_reports(tmp_path, monkey
     ]
     out = capsys.readouterr().out
     assert "NOT CALIBRATED: big: skipped: needs ~90 GiB" in out
-    assert out.rstrip().splitlines()[-1].startswith(f"{H100['gpu_name']}: the A/B gate supports a minimum effect")
+    *_, supported, why = out.rstrip().splitlines()
+    assert supported.startswith(f"{H100['gpu_name']}: the A/B gate supports a minimum effect")
+    assert why == f"FAIL: {calibrate.RUN_LABEL}: a case failed (pytest exit 1); its error is in the pytest output above"
 
 
 def test_calibrate_reads_pytests_grid_as_its_own_and_refuses_two(capsys):

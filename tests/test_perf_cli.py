@@ -339,6 +339,47 @@ def test_gpu_run_records_then_compares(tmp_path, monkeypatch, capsys):
     assert "CONFIRMED in fresh processes" in out and left == [1.3e-3]  # two slow re-timings decide it
 
 
+def test_a_run_cut_by_the_time_budget_fails_and_says_so_though_every_comparison_passed(tmp_path, monkeypatch, capsys):
+    base = ["--out", str(tmp_path), "--baselines", str(tmp_path / "b")]
+    fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
+    assert cli.main(["--record", *base]) == 0
+    capsys.readouterr()
+    fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
+    finished = launcher.pytest_run
+
+    def cut(*args, **kwargs):
+        return launcher.INTERRUPTED, finished(*args, **kwargs)[1]  # the limit's SIGINT: exit 2, finished cases kept
+
+    monkeypatch.setattr(launcher, "pytest_run", cut)
+    assert cli.main(["--benchmark-compare", "--time-budget", "100", "--quiet-pytest", *base]) == 1
+    out = capsys.readouterr().out
+    *_, why, verdict = out.rstrip().splitlines()
+    assert "run-1.json vs " in out and ": PASS (0 regressions" in out and verdict.startswith("FAIL: results in")
+    assert why == (
+        "FAIL: run-1 reached its time limit (100 s, from --time-budget) and was stopped after timing 1 case(s); "
+        "the cases it had not reached were neither timed nor compared (raise --time-budget, or narrow the run with -k)"
+    )
+
+
+def test_each_way_a_pytest_run_fails_is_named_with_where_to_look(tmp_path):
+    args, _ = cli.run_parser().parse_known_args(["--out", str(tmp_path), "--quiet-pytest"])
+    log = launcher.output_of(args, tmp_path)
+    assert log == f"{tmp_path}/pytest.log" and launcher.output_of(args, tmp_path, sharded=True).endswith(
+        "gpuN/pytest.log"
+    )
+    run = make_run({KEY: {"median": 1e-3, "data": samples(1e-3)}})
+    assert launcher.why_failed("run-2", 2, None, run, log) == "run-2 was interrupted after timing 1 case(s)"
+    assert (
+        launcher.why_failed("run-1", 1, 60.0, run, log)
+        == f"run-1: a case failed (pytest exit 1); its error is in {log}"
+    )
+    assert (
+        launcher.why_failed("run-1", -9, 60.0, None, log)
+        == "run-1: pytest was killed by signal 9 after timing 0 case(s)"
+    )
+    assert launcher.why_failed("run-1", 3, None, run, log) == f"run-1: pytest exit 3; see {log}"
+
+
 def test_bare_compare_without_a_baseline_is_refused_before_any_case_runs(tmp_path, monkeypatch, capsys):
     queue = fake_gpu_runs(monkeypatch, tmp_path, [1.0e-3])
     assert cli.main(["--benchmark-compare", "--out", str(tmp_path), "--baselines", str(tmp_path / "none")]) == 2

@@ -133,4 +133,7 @@ def main(argv: list[str]) -> int:
     if run is None:
         raise PerfError("the calibration run produced no results: see the pytest output above")
     status = report(run, args, out, not_timed(out / "cases.jsonl", RUN_LABEL))
-    return status or (1 if rc != 0 else 0)
+    if rc != 0:  # the calibration above covers the cases that ran; the command still fails, and says why
+        say(f"FAIL: {launcher.why_failed(RUN_LABEL, rc, args.time_budget, run, launcher.output_of(args, out))}")
+        return 1
+    return status

@@ -301,7 +301,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     ]
     if args.benchmark_disable:
         extra.append("--benchmark-disable")
-    status, runs, started = 0, [], time.time()
+    status, runs, stops, started = 0, [], [], time.time()
+    log = launcher.output_of(args, out, sharded=len(gpus) > 1)
     plan = launcher.gpu_plan(args, extra, out, gpus) if len(gpus) > 1 else None  # dealt once for every repeat
     if plan == []:  # the selection left no case for any GPU
         raise PerfError(launcher.no_cases(extra))
@@ -315,13 +316,16 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
             rc, run = launcher.pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
             if i == 1:
                 launcher.refuse_usage_error(rc, f"run-{i}", args, out, extra)
-        status = max(status, 1 if rc != 0 else 0)
+        if rc != 0:
+            status = 1
+            stops.append(launcher.why_failed(f"run-{i}", rc, limit, run, log))
         if run is not None:
             runs.append(run)
     if args.benchmark_disable:
         _say(f"--benchmark-disable: every case ran once as a smoke test; nothing was timed. pytest exit {status}")
         return status
     if not runs:
+        _say_stops(stops)
         _say("FAIL: no run produced results")
         return 1
     if args.benchmark_json:
@@ -340,6 +344,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     if not cuda:
         if args.record:
             _say("--record skipped: no CUDA GPU (CPU runs are never baselined).")
+        _say_stops(stops)
         return status
     try:
         if target is not None and target.kind in ("baseline", "file"):
@@ -351,8 +356,15 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     except PerfError as exc:
         _say(f"ERROR: {exc}")
         return 2
+    _say_stops(stops)  # beside the verdict: the comparisons above may all have passed
     _say(f"{'FAIL' if status else 'PASS'}: results in {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return status
+
+
+def _say_stops(stops: list[str]) -> None:
+    """Each run that failed the command by its pytest exit alone, with why (:func:`launcher.why_failed`)."""
+    if stops:
+        _say("\n".join(f"FAIL: {stop}" for stop in stops))
 
 
 def _untimed(specs: list[str], run: Run, log: Path) -> list[str]:

@@ -34,6 +34,10 @@ CASES = str(Path(_cases_init).parent)
 PLUGIN = "attention.bench.perf.plugin"
 #: Every pytest process of the grid starts so: the shipped case modules, the plugin by name.
 _PYTEST = (sys.executable, "-m", "pytest", CASES, "-p", PLUGIN, "-p", "no:cacheprovider")
+#: pytest's exit status when a case failed.
+CASE_FAILED = 1
+#: pytest's exit status when its session was interrupted (by the time limit's SIGINT, or Ctrl-C).
+INTERRUPTED = 2
 #: pytest's exit status for arguments it refuses (an unknown flag, a path that does not exist).
 USAGE_ERROR = 4
 #: pytest's exit status when the selection (``-k``, ``-m``, ``--impl``) leaves no case to run.
@@ -106,6 +110,33 @@ def list_cases(args: argparse.Namespace, extra: list[str], cpu: bool) -> int:
     if rc == USAGE_ERROR:
         raise PerfError(f"pytest refused its arguments (exit {rc}, a usage error): its message is above")
     return rc
+
+
+def output_of(args: argparse.Namespace, out: Path, sharded: bool = False) -> str:
+    """Where a run's pytest output is, for a message that points to a failed case's error."""
+    if sharded:
+        return f"{out}/gpuN/pytest.log"
+    return f"{out}/pytest.log" if args.quiet_pytest else "the pytest output above"
+
+
+def why_failed(label: str, rc: int, limit: float | None, run: Run | None, log: str) -> str:
+    """Why run ``label``, whose pytest exited ``rc`` (not 0), fails the command whatever its
+    comparisons said: cut by its share of the time budget (the cases it had not reached were
+    neither timed nor compared), a failed case, or pytest's own trouble. ``log``: where its
+    output is."""
+    timed = f"after timing {len(run.records) if run is not None else 0} case(s)"
+    if rc == INTERRUPTED and limit is not None:
+        return (
+            f"{label} reached its time limit ({limit:.0f} s, from --time-budget) and was stopped {timed}; the cases it "
+            "had not reached were neither timed nor compared (raise --time-budget, or narrow the run with -k)"
+        )
+    if rc == INTERRUPTED:
+        return f"{label} was interrupted {timed}"
+    if rc == CASE_FAILED:
+        return f"{label}: a case failed (pytest exit {rc}); its error is in {log}"
+    if rc < 0:
+        return f"{label}: pytest was killed by signal {-rc} {timed}"
+    return f"{label}: pytest exit {rc}; see {log}"
 
 
 def refuse_usage_error(rc: int, label: str, args: argparse.Namespace, out: Path, extra: Sequence[str]) -> None:
