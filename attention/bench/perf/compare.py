@@ -250,7 +250,8 @@ def format_comparison(result: Comparison, baseline: Run, current: Run, *, confir
             lines.append(f"{title}: {len(items)}")
             lines += [f"  {v.key}: {v.message}" for v in items]
     if result.missing:
-        lines.append(f"In the baseline but not run (skipped, failed or filtered): {len(result.missing)}")
+        causes = "skipped, failed, filtered or cut by the time budget"
+        lines.append(f"In the baseline but not run ({causes}): {len(result.missing)}")
         lines += [f"  {k}" for k in result.missing[:20]] + (["  ..."] if len(result.missing) > 20 else [])
     if result.new:
         lines.append(f"New cases, not in the baseline: {len(result.new)}")
