@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
         (out / name).unlink(missing_ok=True)
     extra = [
         *extra,
-        *(f"--perf-impl={spec}" for spec in args.impl),
+        *launcher.impl_args(args),
         "--perf-calibrate",
         f"--perf-calibrate-pairs={args.pairs}",
         f"--perf-calibrate-max-depth={args.max_depth}",
@@ -135,5 +135,4 @@ def main(argv: list[str]) -> int:
     status = report(run, args, out, not_timed(out / "cases.jsonl", RUN_LABEL))
     if rc != 0:  # the calibration above covers the cases that ran; the command still fails, and says why
         say(f"FAIL: {launcher.why_failed(RUN_LABEL, rc, args.time_budget, run, launcher.output_of(args, out))}")
-        return 1
-    return status
+    return status or (1 if rc != 0 else 0)

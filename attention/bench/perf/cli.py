@@ -295,7 +295,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         _say(NO_CUDA)
     extra = [
         *extra,
-        *(f"--perf-impl={spec}" for spec in args.impl),
+        *launcher.impl_args(args),
         *_pytest_args(args, target, out),
         *_graph_policy(extra, target),
     ]

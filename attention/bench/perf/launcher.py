@@ -100,10 +100,15 @@ def lists_only(extra: Sequence[str]) -> bool:
     return bool({"--collect-only", "--collectonly", "--co"} & set(extra))
 
 
+def impl_args(args: argparse.Namespace) -> list[str]:
+    """The plugin's ``--perf-impl`` for each ``--impl`` the CLI was given."""
+    return [f"--perf-impl={spec}" for spec in args.impl]
+
+
 def list_cases(args: argparse.Namespace, extra: list[str], cpu: bool) -> int:
     """pytest's listing of the cases ``extra`` and ``args.impl`` select, to the terminal: it times
     nothing and writes nothing, so the last run's files in ``--out`` stay as they were."""
-    extra = [*extra, *(f"--perf-impl={spec}" for spec in args.impl)]
+    extra = [*extra, *impl_args(args)]
     rc = subprocess.run([*_PYTEST, *_grid_args(args, cpu), *extra]).returncode
     if rc == NO_CASES:
         raise PerfError(no_cases(extra))
@@ -252,7 +257,7 @@ def selected_cases(args: argparse.Namespace, extra: list[str], cpu: bool, out: P
     cmd = [*_PYTEST, "--collect-only", "-q"]
     cmd += [*_grid_args(args, cpu), *extra, f"--perf-list-cases={listed}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode not in (0, 5):  # 5: nothing collected
+    if done.returncode not in (0, NO_CASES):
         said = (done.stdout + done.stderr).strip()[-800:]  # a usage error goes to stderr
         raise PerfError(f"collecting the cases failed (pytest exit {done.returncode}): {said}")
     return listed.read_text().split() if listed.is_file() else []
