@@ -318,12 +318,10 @@ def sharded_run(
     cpu: bool = False,
 ) -> tuple[int, Run | None]:
     """The grid as ``plan`` (:func:`gpu_plan`) deals it: one pytest process per GPU, each pinned with
-    CUDA_VISIBLE_DEVICES and given its shard, merged into one run (and one A/B report)."""
+    CUDA_VISIBLE_DEVICES and given its shard, merged into one run (and one A/B report). ``plan``
+    is not empty: an empty selection is refused before any run (:func:`no_cases`)."""
     import torch
 
-    if not plan:
-        say(f"== {label}: no case selected")
-        return 5, None
     started = time.time()
     ab_run = any(a.startswith("--perf-compare-rev") for a in extra)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
