@@ -153,6 +153,31 @@ class AttentionBase(nn.Module):
             raise ValueError(f"{name} returned shape {tuple(context.shape)}; expected q's shape {tuple(q.shape)}")
         if context.dtype != q.dtype:
             raise TypeError(f"{name} returned {context.dtype} for {q.dtype} queries; return the queries' dtype")
+        if torch.is_grad_enabled() and q.requires_grad and self.supports_backward(q.device):
+            self._check_differentiable(context, name)
+
+    def _check_differentiable(self, context: Tensor, name: str) -> None:
+        """A result that gradients cannot flow back through, from an implementation that declares
+        a backward: refused at the forward, not as a bare autograd error at ``backward()`` (or no
+        error at all, with weights that silently never learn)."""
+        declare = f"declare that it has none ({self.no_backward_declaration})"
+        node = context.grad_fn
+        if node is None:
+            raise TypeError(
+                f"{name} returned a tensor outside autograd (no grad_fn) for queries that need gradients: "
+                "it ran under torch.no_grad(), detached its result or called a kernel with no backward; "
+                f"give it a backward (a torch.autograd.Function) or {declare}"
+            )
+        function = getattr(node, "_forward_cls", None)  # the torch.autograd.Function that made it, if one did
+        if (
+            function is not None
+            and function.backward is torch.autograd.Function.backward
+            and function.vjp is torch.autograd.Function.vjp
+        ):
+            raise TypeError(
+                f"{name} returned the output of {function.__name__}, a torch.autograd.Function with no "
+                f"backward; write its backward, or {declare}"
+            )
 
     def _merge(self, context: Tensor) -> Tensor:
         b, _, t, _ = context.shape
@@ -189,6 +214,9 @@ class AttentionBase(nn.Module):
         """Whether this implementation can apply ``score_mod`` (default: no, so a subclass that
         attends its own way never silently ignores one)."""
         return False
+
+    #: How this kind of implementation declares that it has no backward, for the error message.
+    no_backward_declaration: str = "override supports_backward() to return False"
 
     #: Why :meth:`supports_score_mod` said no, for the error message.
     score_mod_limits: str = "it does not apply score mods (override supports_score_mod once it does)"

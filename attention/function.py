@@ -40,6 +40,7 @@ class FunctionAttention(AttentionBase):
     function: Callable[..., Tensor]
     declaration: tuple[tuple[str, object], ...] = ()
     _capabilities: Capabilities
+    no_backward_declaration = "from_function(..., backward=False)"
 
     @classmethod
     def capabilities(cls) -> Capabilities:

@@ -178,3 +178,55 @@ def test_gradients_that_skip_attention_are_not_refused() -> None:
     module.qkv.requires_grad_(False)
     module(torch.randn(1, 5, 8)).sum().backward()
     assert module.proj.weight.grad is not None
+
+
+def forward_only(q, k, v):  # (B, H, T, D) -> (B, H, T, D), outside autograd
+    with torch.no_grad():
+        return plain_causal(q, k, v)
+
+
+class NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):  # (B, H, T, D) -> (B, H, T, D)
+        return plain_causal(q, k, v)
+
+
+def no_backward(q, k, v):  # (B, H, T, D) -> (B, H, T, D), an autograd.Function without a backward
+    return NoBackward.apply(q, k, v)
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [
+        (forward_only, r"forward_only\(\) \(from_function\) returned a tensor outside autograd \(no grad_fn\)"),
+        (
+            no_backward,
+            r"no_backward\(\) \(from_function\) returned the output of NoBackward, a torch.autograd.Function "
+            r"with no backward",
+        ),
+    ],
+)
+def test_a_function_with_no_backward_declared_with_one_is_refused_at_the_forward(fn, match) -> None:
+    """A forward-only kernel under the default ``backward=True`` would fail later, at ``backward()``,
+    as a bare autograd error (or not at all, its weights never learning); the forward names the
+    declaration that fixes it, and without gradients the function runs."""
+    module = from_function(fn)(8, 8, 2, 16)
+    x = torch.randn(1, 5, 8)  # (B, T, d_in)
+    with pytest.raises(TypeError, match=match) as refused:
+        module(x)
+    assert "from_function(..., backward=False)" in str(refused.value)
+    same = from_function(plain_causal)(8, 8, 2, 16)
+    same.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), same(x), rtol=0, atol=0)
+
+
+def test_a_subclass_with_no_backward_is_told_how_to_declare_it() -> None:
+    class Detached(attention.AttentionBase):
+        def _attend(self, q, k, v, *, q_offset, document_ids):  # (B, H, T, hd) -> (B, H, T, hd)
+            return plain_causal(q, k, v).detach()
+
+    with pytest.raises(
+        TypeError, match=r"Detached._attend returned a tensor outside autograd .*\(override supports_backward\(\)"
+    ):
+        Detached(8, 8, 2, 16)(torch.randn(1, 5, 8))
