@@ -25,11 +25,13 @@ reads return the same registry without warning again.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import traceback
 import warnings
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 ENTRY_POINT_GROUP = "attention.implementations"
+_PACKAGE = Path(__file__).resolve().parent  # the attention package's folder
 
 _BUILTINS: dict[str, type[AttentionBase]] = {
     "from_scratch": MultiHeadAttentionCombinedQKV,
@@ -102,11 +105,28 @@ def _class_problem(impl: object) -> str | None:
             return f"{_describe(impl)} is not a subclass of attention.AttentionBase (or a plain attn(q, k, v) function)"
         if impl._attend is AttentionBase._attend:
             return f"{_describe(impl)} does not override _attend(q, k, v, *, q_offset, document_ids): it cannot attend"
-        return None
+        return _attend_problem(impl)
     if isinstance(impl, AttentionBase):
         return f"{_describe(impl)} is a module instance: register its class, {_describe(type(impl))}"
     if not callable(impl):
         return f"{_describe(impl)} is neither an AttentionBase subclass nor a plain attn(q, k, v) function"
+    return None
+
+
+def _attend_problem(cls: type[AttentionBase]) -> str | None:
+    """Why ``cls._attend`` cannot take the call every forward makes, or ``None``: refused when the
+    class is registered, not as a bare ``TypeError`` from inside each test or benchmark."""
+    try:
+        signature = inspect.signature(cls._attend)
+    except (TypeError, ValueError):  # no signature to read: the first call will tell
+        return None
+    try:
+        signature.bind(None, None, None, None, q_offset=0, document_ids=None)
+    except TypeError as error:
+        return (
+            f"{_describe(cls)}._attend{signature} cannot take the call every forward makes, "
+            f"_attend(q, k, v, *, q_offset, document_ids) ({error})"
+        )
     return None
 
 
@@ -166,9 +186,9 @@ def resolve(spec: str) -> str:
     except Exception as error:  # the user's module: a SyntaxError or whatever its top level raises
         if isinstance(error, ModuleNotFoundError) and _is_package_of(error.name, module_name):
             raise ValueError(f"{spec}: {_not_found(module_name, error.name)}") from None
-        frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen")]
-        at = "" if isinstance(error, SyntaxError) or not frames else f" at {frames[-1].filename}:{frames[-1].lineno}"
-        raise ValueError(f"{spec}: cannot import {module_name} ({type(error).__name__}: {error}){at}") from None
+        raise ValueError(
+            f"{spec}: cannot import {module_name} ({type(error).__name__}: {error}){_raised_at(error)}"
+        ) from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -232,7 +252,7 @@ def _plugin_problem(ep: EntryPoint) -> str | None:
     try:
         impl = ep.load()
     except Exception as error:  # the plugin's own bug: ImportError, SyntaxError, AttributeError...
-        return f"loading it raised {type(error).__name__}: {error}"
+        return f"loading it raised {type(error).__name__}: {error}{_raised_at(error)}"
     problem = _class_problem(impl)
     if problem is not None:
         return problem
@@ -245,6 +265,18 @@ def _plugin_problem(ep: EntryPoint) -> str | None:
     _registry[name] = cls
     _sources[name] = ep.value
     return None
+
+
+def _raised_at(error: BaseException) -> str:
+    """`` at FILE:LINE``, the user's line that raised ``error`` while their module was imported: the
+    deepest frame outside this package (a ``from_function`` refusal is raised in here, and the
+    line to fix is the user's call), else the deepest; nothing for a ``SyntaxError``, whose
+    message says where."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen")]
+    theirs = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_PACKAGE)] or frames
+    if isinstance(error, SyntaxError) or not theirs:
+        return ""
+    return f" at {theirs[-1].filename}:{theirs[-1].lineno}"
 
 
 def _outside_stacklevel() -> int:

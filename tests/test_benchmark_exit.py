@@ -108,8 +108,13 @@ def test_a_bad_module_attr_is_a_usage_error(spec, message, tmp_path, capsys):
         ("x = 1\nraise RuntimeError('no GPU config')\n", r"\(RuntimeError: no GPU config\) at .*broken_\w+\.py:2"),
         # a module of the user's that is missing a dependency is not told to fix its sys.path
         ("import no_such_dependency\n", r"cannot import broken_\w+ \(ModuleNotFoundError: .*no_such_dependency.*\) "),
+        # from_function refuses in this package; the line to fix is the user's call
+        (
+            "from attention import from_function\ndef f(q, k, v):\n    return q\nattn = from_function(f, masks=True)\n",
+            r"\(TypeError: function must take \(q, k, v, mask_mod=\.\.\.\) as declared; .*\) at .*broken_\w+\.py:4",
+        ),
     ],
-    ids=["syntax", "raises", "imports a missing module"],
+    ids=["syntax", "raises", "imports a missing module", "a declaration refused"],
 )
 def test_a_module_that_fails_to_import_is_a_usage_error_naming_where(source, message, tmp_path, monkeypatch, capsys):
     name = f"broken_{len(source)}"

@@ -147,6 +147,22 @@ def test_register_rejects_a_subclass_that_does_not_attend(isolated_registry: Non
         attention.register("mine", Silent)
 
 
+def test_register_rejects_a_subclass_whose_attend_cannot_take_the_call(isolated_registry: None) -> None:
+    """A wrong ``_attend`` signature is refused by name when registered (and so when ``--impl``
+    resolves it), not as a bare ``TypeError`` from inside every test and benchmark."""
+
+    class Unkeyed(attention.AttentionBase):
+        def _attend(self, q, k, v):  # (B, H, T, hd) each -> (B, H, T, hd)
+            return q
+
+    with pytest.raises(
+        TypeError,
+        match=r"Unkeyed._attend\(self, q, k, v\) cannot take the call every forward makes, "
+        r"_attend\(q, k, v, \*, q_offset, document_ids\) \(got an unexpected keyword argument 'q_offset'\)",
+    ):
+        attention.register("unkeyed", Unkeyed)
+
+
 def test_register_rejects_an_instance(isolated_registry: None, plugin: ModuleType) -> None:
     with pytest.raises(TypeError, match=re.escape("is a module instance: register its class, user_attention.Einsum")):
         attention.register("mine", plugin.EinsumAttention(4, 4, 1, 8))
