@@ -50,7 +50,7 @@ def test_a_register_call_in_a_conftest_of_a_given_path_counts(tmp_path: Path) ->
 def test_a_misspelled_implementation_is_one_usage_error(tmp_path: Path) -> None:
     done = _pytest(tmp_path, "--pyargs", "attention.suite", "--attention-impl", "sdpaa")
     assert done.returncode == 4
-    assert "ERROR: --attention-impl: unknown implementation 'sdpaa'; registered: from_scratch" in done.stderr
+    assert "ERROR: cannot test: unknown implementation 'sdpaa'; registered: from_scratch" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
 
 
@@ -62,7 +62,7 @@ def test_an_implementation_nothing_here_can_test_is_a_usage_error_not_a_green_ru
     done = _pytest(tmp_path, "--pyargs", "attention.suite.test_shapes", "--attention-impl", "theirs:MetaOnly")
     assert done.returncode == 4, done.stdout + done.stderr
     assert re.search(
-        r"ERROR: --attention-impl MetaOnly: every test would skip on this machine, .*: "
+        r"ERROR: implementation MetaOnly: every test would skip on this machine, .*: "
         r"cpu: declares devices meta only",
         done.stderr,
     ), done.stderr

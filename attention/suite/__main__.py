@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, rest = parser.parse_known_args(argv)
     impls = [f"--attention-impl={spec}" for spec in args.impl]
-    return int(pytest.main(["--pyargs", "attention.suite", "-p", "attention.suite.plugin", *impls, *rest]))
+    # This command imported the package before pytest started, so pytest cannot rewrite it as an
+    # installed plugin's; the suite's test modules, imported later, still are.
+    quiet = ["-W", f"ignore:{_ALREADY_IMPORTED}:pytest.PytestAssertRewriteWarning"]
+    return int(pytest.main(["--pyargs", "attention.suite", "-p", "attention.suite.plugin", *quiet, *impls, *rest]))
+
+
+_ALREADY_IMPORTED = "Module already imported so cannot be rewritten"
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def pytest_configure(config: pytest.Config) -> None:
         for name in names:
             if (why := untestable_here(name)) is not None:
                 raise pytest.UsageError(
-                    f"--attention-impl {name}: every test would skip on this machine, and a run that "
+                    f"implementation {name}: every test would skip on this machine, and a run that "
                     f"tests nothing proves nothing: {why}"
                 )
 
@@ -101,7 +101,7 @@ def _resolve(spec: str) -> str:
     try:
         return attention.resolve(spec)
     except (TypeError, ValueError) as error:
-        raise pytest.UsageError(f"--attention-impl: {error}") from None
+        raise pytest.UsageError(f"cannot test: {error}") from None  # whichever flag named it
 
 
 def gpu_for_worker(worker: str | None, gpus: int) -> int | None:
