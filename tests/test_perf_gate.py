@@ -134,6 +134,15 @@ def test_cli_refuses_before_running_anything(argv, message, monkeypatch, capsys,
     assert message in capsys.readouterr().out
 
 
+def test_record_without_cuda_is_refused_before_running_anything(monkeypatch, capsys, tmp_path):
+    """A CI step that records baselines must not pass, having run the grid, on a runner without a GPU."""
+    monkeypatch.setattr(launcher, "pytest_run", lambda *a, **k: pytest.fail("a case ran"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["--repeat", "3", "--record", "--out", str(tmp_path / "out"), "--baselines", str(tmp_path)]) == 2
+    assert "--record needs a CUDA GPU: baselines are per GPU" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_an_ab_without_cuda_is_refused_within_seconds(tmp_path):
     start = time.perf_counter()

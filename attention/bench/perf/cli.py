@@ -174,6 +174,11 @@ def _resolve(args: argparse.Namespace, extra: list[str], cuda: bool) -> flags.Co
             raise PerfError(f"--impl: {exc}") from None  # the registry's errors name the spec
     if args.benchmark_disable and (args.benchmark_compare is not None or args.record):
         raise flags.FlagRefused("--benchmark-disable times nothing: nothing to compare or record")
+    if args.record and not cuda:
+        raise PerfError(
+            "--record needs a CUDA GPU: baselines are per GPU, and CPU numbers are never baselined; none here. "
+            "Without it the tiny CPU grid runs to show the machinery."
+        )
     if args.benchmark_compare is None:
         given = {
             "--benchmark-compare-fail": bool(args.benchmark_compare_fail),
@@ -341,12 +346,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     if untimed := _untimed(args.impl, runs[-1], out / "cases.jsonl"):
         _say("\n".join(f"FAIL: {line}" for line in untimed))
         status = max(status, 1)
-    if not cuda:
-        if args.record:
-            _say("--record skipped: no CUDA GPU (CPU runs are never baselined).")
-        _say_stops(stops)
-        return status
-    try:
+    try:  # a CPU run was refused every gate and --record before it started
         if target is not None and target.kind in ("baseline", "file"):
             status = max(status, _gate_on_baseline(args, runs, target.path, extra, out, started))
         elif target is not None and target.kind == "revision":
@@ -558,7 +558,7 @@ def run_parser() -> argparse.ArgumentParser:
         "--impl", action="append", default=[], metavar="NAME|module:attr",
         help="time this implementation (repeatable; default every registered one) beside raw_sdpa and gemms",
     )  # fmt: skip
-    run.add_argument("--out", default=None, help="where JSON and tables go (default: $PERF_OUT or .benchmarks/)")
+    run.add_argument("--out", default=None, help="where JSON and tables go (default: $PERF_OUT or .benchmarks/attention-perf/)")
     run.add_argument("--baselines", default=str(DEFAULT_BASELINES), help="baseline root (default ./perf/baselines)")
     run.add_argument("--thresholds", default=None, help="thresholds JSON (default: beside the baseline)")
     run.add_argument("--quiet-pytest", action="store_true", help="pytest output to OUT/pytest.log")
