@@ -558,7 +558,9 @@ def run_parser() -> argparse.ArgumentParser:
         "--impl", action="append", default=[], metavar="NAME|module:attr",
         help="time this implementation (repeatable; default every registered one) beside raw_sdpa and gemms",
     )  # fmt: skip
-    run.add_argument("--out", default=None, help="where JSON and tables go (default: $PERF_OUT or .benchmarks/attention-perf/)")
+    run.add_argument(
+        "--out", default=None, help="where JSON and tables go (default: $PERF_OUT or .benchmarks/attention-perf/)"
+    )
     run.add_argument("--baselines", default=str(DEFAULT_BASELINES), help="baseline root (default ./perf/baselines)")
     run.add_argument("--thresholds", default=None, help="thresholds JSON (default: beside the baseline)")
     run.add_argument("--quiet-pytest", action="store_true", help="pytest output to OUT/pytest.log")
