@@ -252,7 +252,7 @@ def _plugin_problem(ep: EntryPoint) -> str | None:
     try:
         impl = ep.load()
     except Exception as error:  # the plugin's own bug: ImportError, SyntaxError, AttributeError...
-        return f"loading it raised {type(error).__name__}: {error}{_raised_at(error)}"
+        return f"loading it raised {type(error).__name__}: {error}"
     problem = _class_problem(impl)
     if problem is not None:
         return problem
