@@ -116,8 +116,8 @@ def _class_problem(impl: object) -> str | None:
 def _attend_problem(cls: type[AttentionBase]) -> str | None:
     """Why ``cls._attend`` cannot take the call every forward makes, or ``None``: refused when the
     class is registered, not as a bare ``TypeError`` from inside each test or benchmark."""
-    try:
-        signature = inspect.signature(cls._attend)
+    try:  # the method's own signature: a decorator's wrapper is what the forward calls
+        signature = inspect.signature(cls._attend, follow_wrapped=False)
     except (TypeError, ValueError):  # no signature to read: the first call will tell
         return None
     try:

@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+#: pytest's warning for an installed plugin's package imported before it could rewrite it.
+_ALREADY_IMPORTED = "Module already imported so cannot be rewritten"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -27,9 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     # installed plugin's; the suite's test modules, imported later, still are.
     quiet = ["-W", f"ignore:{_ALREADY_IMPORTED}:pytest.PytestAssertRewriteWarning"]
     return int(pytest.main(["--pyargs", "attention.suite", "-p", "attention.suite.plugin", *quiet, *impls, *rest]))
-
-
-_ALREADY_IMPORTED = "Module already imported so cannot be rewritten"
 
 
 if __name__ == "__main__":
