@@ -151,7 +151,7 @@ def test_nvidia_smi_is_asked_by_uuid_not_by_the_pinned_index(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="collects the tiny CPU grid")
-@pytest.mark.parametrize("verbosity", [[], ["-q"], ["-v"], ["-qq"]])
+@pytest.mark.parametrize("verbosity", [["-v"], ["-qq"]])  # the two ends: -qq prints no node ids at all
 def test_selection_does_not_depend_on_pytest_verbosity(tmp_path, monkeypatch, verbosity):
     monkeypatch.chdir(ROOT)
     for key in [k for k in os.environ if k.startswith("PYTEST_")]:
