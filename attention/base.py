@@ -160,24 +160,26 @@ class AttentionBase(nn.Module):
         """A result that gradients cannot flow back through, from an implementation that declares
         a backward: refused at the forward, not as a bare autograd error at ``backward()`` (or no
         error at all, with weights that silently never learn)."""
-        declare = f"declare that it has none ({self.no_backward_declaration})"
         node = context.grad_fn
+        function = getattr(node, "_forward_cls", None)  # the torch.autograd.Function that made it, if one did
         if node is None:
-            raise TypeError(
+            why = (
                 f"{name} returned a tensor outside autograd (no grad_fn) for queries that need gradients: "
                 "it ran under torch.no_grad(), detached its result or called a kernel with no backward; "
-                f"give it a backward (a torch.autograd.Function) or {declare}"
+                "give it a backward (a torch.autograd.Function)"
             )
-        function = getattr(node, "_forward_cls", None)  # the torch.autograd.Function that made it, if one did
-        if (
+        elif (
             function is not None
             and function.backward is torch.autograd.Function.backward
             and function.vjp is torch.autograd.Function.vjp
         ):
-            raise TypeError(
+            why = (
                 f"{name} returned the output of {function.__name__}, a torch.autograd.Function with no "
-                f"backward; write its backward, or {declare}"
+                "backward; write its backward,"
             )
+        else:
+            return
+        raise TypeError(f"{why} or declare that it has none ({self.no_backward_declaration})")
 
     def _merge(self, context: Tensor) -> Tensor:
         b, _, t, _ = context.shape
