@@ -153,7 +153,8 @@ class MHATritonAttention(AttentionBase):
         device: torch.device | str,
         group: int = 1,
     ) -> dict[str, object]:
-        """Which kernels and tiles a call of this shape runs (recorded beside perf results)."""
+        """Which kernels and tiles a call of this shape runs (recorded beside perf results), for a
+        prefill from an empty cache (as many keys as queries) or a decode step."""
         from .device_info import supports_programmatic_launch
         from .kernels import decode
         from .kernels.launch import dkdv_blocks, padded_head_dim, prefill_blocks
@@ -168,7 +169,8 @@ class MHATritonAttention(AttentionBase):
                 "min_split": decode.MIN_SPLIT_KEYS,
                 "programmatic_launch": supports_programmatic_launch(device),
             }
-        config: dict[str, object] = {"kernel": "prefill", **prefill_blocks(dtype, head_dim, device).as_dict()}
+        blocks = prefill_blocks(dtype, head_dim, device, kv_len=q_len, grad=grad)
+        config: dict[str, object] = {"kernel": "prefill", **blocks.as_dict()}
         if grad:
             config["dkdv"] = dkdv_blocks(dtype, head_dim, device).as_dict()
         return config
@@ -205,7 +207,7 @@ class MHATritonAttention(AttentionBase):
             sees_all = q_offset + q.shape[2] >= k.shape[2] and q.shape[2] == 1
             visible = decode.ALL if sees_all else decode.CAUSAL
             return decode.attend(q, k, v, self.scale, q_offset=q_offset, visible=visible)  # (B, H, Tq, hd)
-        blocks = prefill_blocks(q.dtype, self.head_dim, q.device)
+        blocks = prefill_blocks(q.dtype, self.head_dim, q.device, kv_len=k.shape[2], grad=wants_grad)
         table = self.block_table(q, k, q_offset, document_ids, blocks.block_m, blocks.block_n)
         if not wants_grad:
             return prefill.attend(q, k, v, table, self.scale, blocks)  # (B, H, Tq, hd)

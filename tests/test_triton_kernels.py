@@ -27,7 +27,7 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 from attention.block_table import build_block_table
 from attention.device_info import supports_programmatic_launch
 from attention.kernels import decode, launch, prefill
-from attention.kernels.launch import Blocks, prefill_blocks
+from attention.kernels.launch import SHORT_KEYS, Blocks, prefill_blocks
 from attention.triton_attention import MHATritonAttention
 
 
@@ -192,6 +192,10 @@ def test_kernel_config_names_the_tiles_a_call_runs() -> None:
     assert (training["BLOCK_M"], training["BLOCK_N"]) == (128, 64)
     assert (training["dkdv"]["BLOCK_M"], training["dkdv"]["BLOCK_N"]) == (64, 128)
     assert "dkdv" not in config(bf16, 128, 4096, grad=False, device="cuda")
+    short = config(bf16, 128, SHORT_KEYS, grad=False, device="cuda")  # two 4-warp programs an SM
+    assert (short["BLOCK_M"], short["num_warps"]) == (64, 4)
+    assert config(bf16, 128, SHORT_KEYS + 1, grad=False, device="cuda")["BLOCK_M"] == 128
+    assert config(bf16, 128, SHORT_KEYS, grad=True, device="cuda")["BLOCK_M"] == 128  # the dQ kernel's tiles
 
 
 def test_decode_merges_more_splits_than_one_merge_step_reads() -> None:

@@ -193,19 +193,32 @@ def head_dim_args(head_dim: int) -> dict[str, int | bool]:
     return {"head_dim": head_dim, "EVEN_D": head_dim == block_d, "D_ALIGN": align, "BLOCK_D": block_d}
 
 
-def prefill_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
+#: Keys up to which a forward without gradients at head dim 128 runs 64-row tiles in 4 warps.
+SHORT_KEYS = 1024
+
+
+def prefill_blocks(
+    dtype: torch.dtype, head_dim: int, device: torch.device, *, kv_len: int | None = None, grad: bool = True
+) -> Blocks:
     """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
     for fp32 (twice the bytes per element: the same shared memory), 32 x 32 interpreted (each
     step costs the interpreter about the same at any tile size, so small cases reach several
     tiles, a partial one and the full-tile run cheaply). The full-tile run's own loop pays for
     16-bit inputs (tensor cores: the walk's lookups and masking were most of the cost); fp32,
-    whose dots are FMAs, walks one masked loop, since three loops make ptxas spill its registers."""
+    whose dots are FMAs, walks one masked loop, since three loops make ptxas spill its registers.
+
+    At head dim 128 a forward without gradients (``grad`` false) over at most :data:`SHORT_KEYS`
+    keys (``kv_len``) takes 64 x 64 tiles in 4 warps: its programs are short, and two of them
+    share an SM where one 8-warp program had it alone. With gradients the forward keeps the dQ
+    kernel's tiles, whose block table it shares."""
     if device.type != "cuda":
         return Blocks(32, 32, 4, 1, 32, full_run=True)
     if dtype == torch.float32:
         return Blocks(64, 32, 4, 2, 32, full_run=False)
     if padded_head_dim(head_dim) <= 64:
         return Blocks(128, 64, 4, 3, 64, full_run=True)
+    if not grad and kv_len is not None and kv_len <= SHORT_KEYS:
+        return Blocks(64, 64, 4, 3, 64, full_run=True)
     return Blocks(128, 64, 8, 3, 64, full_run=True)
 
 
