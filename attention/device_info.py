@@ -24,13 +24,25 @@ def shared_bytes_per_sm(device: torch.device) -> int | None:
     return getattr(_properties(device), "shared_memory_per_multiprocessor", None)
 
 
-@cache
-def supports_programmatic_launch(device: torch.device) -> bool:
-    """Whether kernels on ``device`` may be launched as programmatic dependents (NVIDIA Hopper on;
-    not ROCm, whose MI200/MI300 also report major version 9): a kernel so launched can start before
-    the one ahead of it in the stream finishes, and waits for it (``griddepcontrol.wait``) before
-    reading what it wrote (docs/design.md#triton-decode). Looked up once per device: every decode
-    call asks."""
+def _nvidia_hopper_on(device: torch.device) -> bool:
+    """Whether ``device`` is an NVIDIA GPU of compute capability 9.0 or later (not ROCm, whose
+    MI200/MI300 also report major version 9)."""
     if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
         return False
     return _properties(device).major >= 9
+
+
+@cache
+def supports_programmatic_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may be launched as programmatic dependents (NVIDIA Hopper on):
+    a kernel so launched can start before the one ahead of it in the stream finishes, and waits for
+    it (``griddepcontrol.wait``) before reading what it wrote (docs/design.md#triton-decode).
+    Looked up once per device: every decode call asks."""
+    return _nvidia_hopper_on(device)
+
+
+@cache
+def supports_tma(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can load tiles through tensor descriptors (TMA: NVIDIA Hopper
+    on; docs/design.md#triton-tma-forward). Looked up once per device: every prefill call asks."""
+    return _nvidia_hopper_on(device)
