@@ -157,7 +157,7 @@ class MHATritonAttention(AttentionBase):
         prefill from an empty cache (as many keys as queries) or a decode step."""
         from .device_info import supports_programmatic_launch
         from .kernels import decode
-        from .kernels.launch import dkdv_blocks, padded_head_dim, prefill_blocks
+        from .kernels.launch import dkdv_blocks, padded_head_dim, prefill_blocks, use_tma
 
         device = torch.device(device)
         if _decodes(q_len, group, grad):
@@ -169,10 +169,12 @@ class MHATritonAttention(AttentionBase):
                 "min_split": decode.MIN_SPLIT_KEYS,
                 "programmatic_launch": supports_programmatic_launch(device),
             }
-        blocks = prefill_blocks(dtype, head_dim, device, kv_len=q_len, grad=grad)
+        # Inputs laid out as the perf cases' are fit tensor descriptors when a row is whole 16-byte units.
+        tma = use_tma(device) and head_dim * dtype.itemsize % 16 == 0
+        blocks = prefill_blocks(dtype, head_dim, device, kv_len=q_len, grad=grad, tma=tma)
         config: dict[str, object] = {"kernel": "prefill", **blocks.as_dict()}
         if grad:
-            config["dkdv"] = dkdv_blocks(dtype, head_dim, device).as_dict()
+            config["dkdv"] = dkdv_blocks(dtype, head_dim, device, tma=tma).as_dict()
         return config
 
     def block_table(
@@ -194,7 +196,7 @@ class MHATritonAttention(AttentionBase):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
         from .kernels import decode, prefill
-        from .kernels.launch import dkdv_blocks, prefill_blocks
+        from .kernels.launch import dkdv_blocks, prefill_blocks, tma_fits, use_tma
 
         k, v = _in_query_dtype(q, k, v)  # (B, H_kv, Tk, hd) each
         self._check_dtype(q.dtype, q.device)  # what the kernels get, whatever changed it since the input
@@ -207,11 +209,12 @@ class MHATritonAttention(AttentionBase):
             sees_all = q_offset + q.shape[2] >= k.shape[2] and q.shape[2] == 1
             visible = decode.ALL if sees_all else decode.CAUSAL
             return decode.attend(q, k, v, self.scale, q_offset=q_offset, visible=visible)  # (B, H, Tq, hd)
-        blocks = prefill_blocks(q.dtype, self.head_dim, q.device, kv_len=k.shape[2], grad=wants_grad)
+        tma = use_tma(q.device) and tma_fits(q, k, v)
+        blocks = prefill_blocks(q.dtype, self.head_dim, q.device, kv_len=k.shape[2], grad=wants_grad, tma=tma)
         table = self.block_table(q, k, q_offset, document_ids, blocks.block_m, blocks.block_n)
         if not wants_grad:
             return prefill.attend(q, k, v, table, self.scale, blocks)  # (B, H, Tq, hd)
-        key_blocks = dkdv_blocks(q.dtype, self.head_dim, q.device)
+        key_blocks = dkdv_blocks(q.dtype, self.head_dim, q.device, tma=tma)
         key_tiles = key_blocks.block_m, key_blocks.block_n
         same = key_tiles == (blocks.block_m, blocks.block_n)  # on CPU and for fp32
         key_table = table if same else self.block_table(q, k, q_offset, document_ids, *key_tiles)

@@ -25,9 +25,9 @@ from attention.suite.support import CUDA, DEVICES, oracle_and_baseline_grads, ra
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 from attention.block_table import build_block_table
-from attention.device_info import supports_programmatic_launch
+from attention.device_info import supports_programmatic_launch, supports_tma
 from attention.kernels import decode, launch, prefill
-from attention.kernels.launch import SHORT_KEYS, Blocks, prefill_blocks
+from attention.kernels.launch import SHORT_KEYS, Blocks, prefill_blocks, tma_fits
 from attention.triton_attention import MHATritonAttention
 
 
@@ -94,10 +94,11 @@ def test_decode_kernels_match_the_oracle(device, tq, data, heads, hd, mode, spli
     small_tiles=st.booleans(),
     full_run=st.booleans(),
     own_key_tiles=st.booleans(),
+    tma=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_prefill_kernels_forward_and_backward_match_the_oracle(
-    device, data, hd, spec, small_tiles, full_run, own_key_tiles, seed
+    device, data, hd, spec, small_tiles, full_run, own_key_tiles, tma, seed
 ) -> None:
     _skip_where_unavailable(device)
     heads = data.draw(st.sampled_from(PREFILL_HEADS[device]), label="heads")
@@ -107,7 +108,7 @@ def test_prefill_kernels_forward_and_backward_match_the_oracle(
     # backward (dS = P * (dP - rowsum(dO * O))) reproduces only to rounding, and the ratio rule's
     # floor scales with the oracle's magnitude: zero. The module tests cover it through projections.
     assume(tq + past > 1)
-    check_prefill_kernels(device, heads, tq, past, hd, spec, small_tiles, full_run, own_key_tiles, seed)
+    check_prefill_kernels(device, heads, tq, past, hd, spec, small_tiles, full_run, own_key_tiles, seed, tma=tma)
 
 
 def test_a_query_seeing_three_keys_is_within_the_flash_backward_allowance() -> None:
@@ -122,10 +123,12 @@ def test_a_query_seeing_three_keys_is_within_the_flash_backward_allowance() -> N
 
 
 def check_prefill_kernels(
-    device, heads, tq, past, hd, spec, small_tiles, full_run, own_key_tiles, seed, factor=None
+    device, heads, tq, past, hd, spec, small_tiles, full_run, own_key_tiles, seed, factor=None, tma=False
 ) -> None:
     """Forward and backward of the prefill kernels on one drawn case against the float64 oracle,
-    gradients at ``factor`` times the plain error (default: the factor triton declares)."""
+    gradients at ``factor`` times the plain error (default: the factor triton declares), the
+    forward's tiles loaded through tensor descriptors with ``tma`` where this GPU has them (the
+    interpreter always runs them)."""
     h, h_kv = heads
     tk = past + tq
     q, k, v = _inputs(1, h, h_kv, tq, tk, hd, device, seed)
@@ -133,7 +136,8 @@ def check_prefill_kernels(
     blocks = prefill_blocks(torch.float32, hd, torch.device(device))
     if small_tiles:  # many tiles: full runs with masked tiles either side, dK/dV sub-steps
         blocks = Blocks(32, 16, blocks.num_warps, blocks.num_stages, 16, blocks.full_run)
-    blocks = dataclasses.replace(blocks, full_run=full_run)  # three loops, or one masked walk
+    tma = tma and (device == "cpu" or supports_tma(torch.device(device)))
+    blocks = dataclasses.replace(blocks, full_run=full_run, tma=tma)  # three loops, or one masked walk
     table = build_block_table(pattern, 1, h, tq, tk, blocks.block_m, blocks.block_n, device, past)
     keys = None, None  # dK/dV walk the forward's table
     if own_key_tiles:  # a table of their own: half the query rows, twice the keys (as on a GPU), in sub-steps
@@ -182,7 +186,9 @@ def test_split_tiles_follow_dtype_rows_and_shared_memory() -> None:
     assert decode.block_rows(4, 1) == 16 and decode.block_rows(8, 3) == 32  # every head of the group x tokens
 
 
-def test_kernel_config_names_the_tiles_a_call_runs() -> None:
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma"])
+def test_kernel_config_names_the_tiles_a_call_runs(monkeypatch: pytest.MonkeyPatch, tma: bool) -> None:
+    monkeypatch.setattr(launch, "use_tma", lambda device: tma)  # whatever GPU runs this, asked or not
     config = attention.get("triton").kernel_config
     bf16 = torch.bfloat16
     assert config(bf16, 128, 1, grad=False, device="cuda", group=4)["BLOCK_N"] == 128  # 4 rows
@@ -191,11 +197,62 @@ def test_kernel_config_names_the_tiles_a_call_runs() -> None:
     training = config(bf16, 128, 4096, grad=True, device="cuda")
     assert (training["BLOCK_M"], training["BLOCK_N"]) == (128, 64)
     assert (training["dkdv"]["BLOCK_M"], training["dkdv"]["BLOCK_N"]) == (64, 128)
+    assert training["TMA"] == tma  # the forward of a training step: the dQ kernel's tiles, loaded either way
     assert "dkdv" not in config(bf16, 128, 4096, grad=False, device="cuda")
     short = config(bf16, 128, SHORT_KEYS, grad=False, device="cuda")  # two 4-warp programs an SM
-    assert (short["BLOCK_M"], short["num_warps"]) == (64, 4)
-    assert config(bf16, 128, SHORT_KEYS + 1, grad=False, device="cuda")["BLOCK_M"] == 128
+    assert (short["BLOCK_M"], short["num_warps"], short["TMA"]) == (64, 4, tma)
+    long = config(bf16, 128, SHORT_KEYS + 1, grad=False, device="cuda")
+    assert (long["BLOCK_M"], long["num_warps"], long["num_stages"]) == ((64, 4, 3) if tma else (128, 8, 3))
+    assert config(bf16, 64, 4096, grad=False, device="cuda")["num_stages"] == (2 if tma else 3)
     assert config(bf16, 128, SHORT_KEYS, grad=True, device="cuda")["BLOCK_M"] == 128  # the dQ kernel's tiles
+    assert config(torch.float32, 128, 4096, grad=False, device="cuda")["TMA"] == 0  # fp32 keeps pointer loads
+    assert config(bf16, 36, 4096, grad=False, device="cuda")["TMA"] == 0  # 72-byte rows: no descriptor
+
+
+def test_descriptor_loads_are_taken_where_asked_for_and_the_gpu_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(launch.TMA_SWITCH, raising=False)
+    monkeypatch.setattr(launch, "supports_tma", lambda device: True)
+    assert not launch.use_tma(cuda)  # off unless asked for
+    monkeypatch.setenv(launch.TMA_SWITCH, "1")
+    assert launch.use_tma(cuda)
+    monkeypatch.setattr(launch, "supports_tma", lambda device: False)
+    assert not launch.use_tma(cuda)  # asked for, on a GPU without them
+
+
+def test_tensor_descriptors_take_only_tensors_laid_out_for_them() -> None:
+    """The copy engine addresses by 16 bytes: a head dim of 8 bf16 elements, or views of one
+    projection split into heads, fit; a head dim of 36, an offset start or a strided head dim do not,
+    and the forward refuses blocks that ask for descriptors over them."""
+    qkv = torch.randn(2, 40, 3, 4, 64, dtype=torch.bfloat16)  # (B, T, 3, H, hd): one projection's output
+    q, k, v = qkv.unbind(2)  # (B, T, H, hd) each
+    assert tma_fits(*(t.transpose(1, 2) for t in (q, k, v)))  # (B, H, T, hd) views
+    assert tma_fits(torch.randn(1, 2, 5, 8, dtype=torch.bfloat16))
+    assert not tma_fits(torch.randn(1, 2, 5, 36, dtype=torch.bfloat16))  # 72-byte rows
+    assert not tma_fits(torch.randn(1, 2, 5, 65, dtype=torch.bfloat16)[..., 1:])  # starts 2 bytes in
+    assert not tma_fits(torch.randn(1, 2, 5, 64, dtype=torch.bfloat16).transpose(2, 3))  # head dim strided
+    assert not tma_fits(torch.randn(1, 1, 5, 64).expand(1, 3, 5, 64))  # heads repeated by a zero stride
+    x = torch.randn(1, 1, 8, 36)  # fp32: 144-byte rows fit; sliced to an odd start they do not
+    assert tma_fits(x) and not tma_fits(torch.randn(1, 1, 8, 37)[..., 1:])
+    odd = torch.randn(1, 1, 8, 17)[..., 1:]  # (1, 1, 8, 16), starting 4 bytes in
+    table = build_block_table(masks.from_spec("causal").mask_mod, 1, 1, 8, 8, 32, 32, "cpu")
+    with pytest.raises(ValueError, match="tensor-descriptor loads, which need q, k and v"):
+        prefill.forward(odd, odd, odd, table, 0.25, Blocks(32, 32, 4, 1, 32, full_run=True, tma=True))
+
+
+def test_a_broadcast_output_gradient_reaches_the_descriptor_backward() -> None:
+    """``out.sum()``'s gradient is one value broadcast by zero strides, which no descriptor reads:
+    the backward copies it and gives the pointer-load kernels' gradients."""
+    _skip_where_unavailable("cpu")
+    table = build_block_table(masks.from_spec("causal").mask_mod, 1, 2, 40, 40, 32, 32, "cpu")
+    q, k, v = _inputs(1, 2, 2, 40, 40, 16, "cpu", seed=5)
+    grads = []
+    for tma in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        prefill.attend(*leaves, table, 0.25, Blocks(32, 32, 4, 1, 32, full_run=True, tma=tma)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for plain, described in zip(*grads, strict=True):
+        torch.testing.assert_close(described, plain, rtol=1e-6, atol=1e-6)  # the same sums in the same order
 
 
 def test_decode_merges_more_splits_than_one_merge_step_reads() -> None:
@@ -245,7 +302,7 @@ def test_module_backward_walks_a_key_table_of_its_own_tiles(monkeypatch, with_do
     forward's): here they get tiles of their own on CPU too, through the module's table cache."""
     _skip_where_unavailable("cpu")
     own = Blocks(16, 64, 4, 1, 16, full_run=True)  # the CPU forward's are 32 x 32
-    monkeypatch.setattr(launch, "dkdv_blocks", lambda dtype, head_dim, device: own)
+    monkeypatch.setattr(launch, "dkdv_blocks", lambda dtype, head_dim, device, tma: own)
     torch.manual_seed(3)
     module = attention.get("triton")(24, 64, 4, 100, num_kv_heads=2)
     x = seeded_randn(1, 100, 24, seed=3, device="cpu", dtype=torch.float32).requires_grad_()  # (B, T, d_in)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from .. import checks
+from ..device_info import supports_tma
 
 
 class Kernel:
@@ -149,6 +151,7 @@ class Blocks:
     num_stages: int
     sub_m: int  # query rows per inner step of the dK/dV kernel (divides block_m)
     full_run: bool  # walk each row's run of full tiles in a loop of its own (docs/design.md#triton-configs)
+    tma: bool = False  # load tiles through tensor descriptors (docs/design.md#triton-tma-forward)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -158,6 +161,7 @@ class Blocks:
             "num_stages": self.num_stages,
             "SUB_M": self.sub_m,
             "FULL_RUN": int(self.full_run),
+            "TMA": int(self.tma),
         }
 
 
@@ -198,7 +202,13 @@ SHORT_KEYS = 1024
 
 
 def prefill_blocks(
-    dtype: torch.dtype, head_dim: int, device: torch.device, *, kv_len: int | None = None, grad: bool = True
+    dtype: torch.dtype,
+    head_dim: int,
+    device: torch.device,
+    *,
+    kv_len: int | None = None,
+    grad: bool = True,
+    tma: bool = False,
 ) -> Blocks:
     """Hand-picked prefill tiles (docs/design.md#triton-configs): 128 x 64 for 16-bit inputs, 64 x 32
     for fp32 (twice the bytes per element: the same shared memory), 32 x 32 interpreted (each
@@ -210,24 +220,61 @@ def prefill_blocks(
     At head dim 128 a forward without gradients (``grad`` false) over at most :data:`SHORT_KEYS`
     keys (``kv_len``) takes 64 x 64 tiles in 4 warps: its programs are short, and two of them
     share an SM where one 8-warp program had it alone. With gradients the forward keeps the dQ
-    kernel's tiles, whose block table it shares."""
+    kernel's tiles, whose block table it shares.
+
+    ``tma`` (asked for, and the device and tensors allow it: :func:`use_tma`, :func:`tma_fits`)
+    turns tensor-descriptor loads on for 16-bit inputs (docs/design.md#triton-tma-forward): a
+    forward without gradients in 64 x 64 tiles and 4 warps at every length, since loads that cost
+    no registers or address arithmetic make the small tile pay at 4k and 16k too; with gradients
+    the tiles above. fp32 keeps its pointer loads. On CPU the flag is kept as given: the
+    interpreter runs the descriptor kernels exactly, which is how a machine without a GPU tests them."""
     if device.type != "cuda":
-        return Blocks(32, 32, 4, 1, 32, full_run=True)
+        return Blocks(32, 32, 4, 1, 32, full_run=True, tma=tma)
     if dtype == torch.float32:
         return Blocks(64, 32, 4, 2, 32, full_run=False)
-    if padded_head_dim(head_dim) <= 64:
-        return Blocks(128, 64, 4, 3, 64, full_run=True)
+    short_dims = padded_head_dim(head_dim) <= 64
+    if tma and not grad:
+        return Blocks(64, 64, 4, 2 if short_dims else 3, 64, full_run=True, tma=True)
+    if short_dims:
+        return Blocks(128, 64, 4, 3, 64, full_run=True, tma=tma)
     if not grad and kv_len is not None and kv_len <= SHORT_KEYS:
         return Blocks(64, 64, 4, 3, 64, full_run=True)
-    return Blocks(128, 64, 8, 3, 64, full_run=True)
+    return Blocks(128, 64, 8, 3, 64, full_run=True, tma=tma)
 
 
-def dkdv_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> Blocks:
+#: Set to ``1`` to load prefill tiles through tensor descriptors on GPUs that have them: off by
+#: default until its same-run A/B on a GPU (docs/design.md#triton-tma-forward).
+TMA_SWITCH = "ATTENTION_TRITON_TMA"
+
+
+def use_tma(device: torch.device) -> bool:
+    """Whether prefill kernels on ``device`` load their tiles through tensor descriptors: asked for
+    (:data:`TMA_SWITCH`), and the device has them. Read on every call, so a test or a benchmark
+    can set it for one run."""
+    return os.environ.get(TMA_SWITCH) == "1" and supports_tma(device)
+
+
+def tma_fits(*tensors: torch.Tensor) -> bool:
+    """Whether each of these ``(B, H, T, hd)`` tensors can be read through a tensor descriptor as
+    it lies in memory: its head dim contiguous, its start and every other stride a positive
+    multiple of 16 bytes (what the copy engine addresses by). Views a model makes (heads split from
+    one projection, transposed to ``(B, H, T, hd)``) fit when the head dim is a multiple of 8
+    16-bit elements; a tensor that does not fit takes the pointer loads."""
+    for t in tensors:
+        width = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(stride <= 0 or stride * width % 16 for stride in t.stride()[:-1]):
+            return False
+    return True
+
+
+def dkdv_blocks(dtype: torch.dtype, head_dim: int, device: torch.device, *, tma: bool = False) -> Blocks:
     """The dK/dV kernel's tiles (docs/design.md#triton-configs), which it walks in a block table of
     its own: for 16-bit inputs 128 keys per program (``block_n``) against 64-row query tiles, in 8
     warps, so each warp group owns 64 keys' rows of dK and dV (the forward's 64 keys per program
     gave each of 8 warps' groups 32, and took 2.3x as long at head dim 128 on an H200). fp32 and
-    CPU keep the forward's tiles, and so its table."""
+    CPU keep the forward's tiles, and so its table. ``tma``: as for :func:`prefill_blocks`."""
     if device.type != "cuda" or dtype == torch.float32:
-        return prefill_blocks(dtype, head_dim, device)
-    return Blocks(64, 128, 8, 3, 64, full_run=True)
+        return prefill_blocks(dtype, head_dim, device, tma=tma)
+    return Blocks(64, 128, 8, 3, 64, full_run=True, tma=tma)

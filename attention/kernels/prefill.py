@@ -15,6 +15,9 @@ columns of a table cut to its own tiles (for 16-bit inputs on a GPU, twice the f
 per program) the same three ways for every query head of its group, so the group's
 contributions are summed in registers, without atomics.
 
+With ``Blocks.tma`` every kernel but the row-sum one reads Q, K, V and dO through tensor
+descriptors instead of masked pointer loads, over the same walk (docs/design.md#triton-tma-forward).
+
 A query row that sees no key gets a zero output, a log-sum-exp of ``+inf`` (so the backward's
 probabilities ``exp2(s - lse)`` are exactly zero there) and zero gradients.
 """
@@ -24,9 +27,10 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..block_table import BlockTable
-from .launch import Blocks, Kernel, check_scale, dot_precision, head_dim_args
+from .launch import Blocks, Kernel, check_scale, dot_precision, head_dim_args, padded_head_dim, tma_fits
 from .tiles import head_dims, load_columns, load_rows, mask_tile, softmax_step
 
 LOG2E = 1.4426950408889634
@@ -41,7 +45,11 @@ def _fwd(
     H, G, q_len, kv_len, qk_scale,
     head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
+    # With TMA, Q, K and V are tensor descriptors of (B, H, T, hd) tensors read one
+    # [1, 1, rows, BLOCK_D] box at a time, zero past the sequence and the head dim, and their
+    # stride arguments are unused.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
@@ -50,7 +58,10 @@ def _fwd(
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     row_ok = rows < q_len
-    q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
+    if TMA:
+        q = Q.load([bh // H, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -59,16 +70,21 @@ def _fwd(
     full_lo, full_hi = tl.load(KV_FULL + row), tl.load(KV_FULL + row + 1)
     ids = TILE_IDS + b * ib + h * ih + qb * iq
     in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
-    k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
+    if not TMA:
+        k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
     for part in tl.static_range(3):  # the tiles before the full run, the run, the tiles after it
         if FULL_RUN or part == 0:  # without the run's loop: one masked walk of the whole range
             start = lo if part == 0 else (full_lo if part == 1 else full_hi)
             stop = (full_lo if FULL_RUN else hi) if part == 0 else (full_hi if part == 1 else hi)
             for kb in range(start, stop):
-                cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-                col_ok = cols < kv_len
-                k_t = load_columns(k_head, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
-                v = load_rows(v_head, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
+                if TMA:
+                    k_t = tl.trans(K.load([bh // H, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
+                    v = V.load([bh // H, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+                else:
+                    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+                    col_ok = cols < kv_len
+                    k_t = load_columns(k_head, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+                    v = load_rows(v_head, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
                 s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
                 if part != 1:  # the run's tiles are full: no lookup, nothing to hide
                     s = mask_tile(s, TILES, tl.load(ids + kb * ik), in_tile, BLOCK_M * BLOCK_N)
@@ -113,8 +129,9 @@ def _bwd_dq(
     H, G, q_len, kv_len, qk_scale, sm_scale,
     head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
-    # so* are dO's strides.
+    # so* are dO's strides. With TMA, Q, K, V and DO are tensor descriptors, as in the forward.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
@@ -124,8 +141,12 @@ def _bwd_dq(
     dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     row_ok = rows < q_len
     q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
-    do = load_rows(DO + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (BLOCK_M, BLOCK_D)
+    if TMA:
+        q = Q.load([bh // H, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = DO.load([bh // H, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
+        do = load_rows(DO + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (BLOCK_M, BLOCK_D)
     lse = tl.load(LSE + bh * q_len + rows, mask=row_ok, other=float("inf"))  # (BLOCK_M,)
     delta = tl.load(DELTA + bh * q_len + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -134,16 +155,21 @@ def _bwd_dq(
     full_lo, full_hi = tl.load(KV_FULL + row), tl.load(KV_FULL + row + 1)
     ids = TILE_IDS + b * ib + h * ih + qb * iq
     in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (BLOCK_M, BLOCK_N)
-    k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
+    if not TMA:
+        k_head, v_head = K + b * skb + hk * skh, V + b * svb + hk * svh
     for part in tl.static_range(3):  # as the forward walks
         if FULL_RUN or part == 0:
             start = lo if part == 0 else (full_lo if part == 1 else full_hi)
             stop = (full_lo if FULL_RUN else hi) if part == 0 else (full_hi if part == 1 else hi)
             for kb in range(start, stop):
-                cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-                col_ok = cols < kv_len
-                k_t = load_columns(k_head, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
-                v_t = load_columns(v_head, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
+                if TMA:
+                    k_t = tl.trans(K.load([bh // H, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
+                    v_t = tl.trans(V.load([bh // H, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
+                else:
+                    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+                    col_ok = cols < kv_len
+                    k_t = load_columns(k_head, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_D, BLOCK_N)
+                    v_t = load_columns(v_head, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_D, BLOCK_N)
                 s = tl.dot(q, k_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
                 dp = tl.dot(do, v_t, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
                 if part != 1:
@@ -167,9 +193,10 @@ def _bwd_dkdv(
     H, H_KV, G, q_len, kv_len, qk_scale, sm_scale,
     head_dim, EVEN_D: tl.constexpr, D_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, PRECISION: tl.constexpr,
-    FULL_RUN: tl.constexpr,
+    FULL_RUN: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    # so* are dO's strides.
+    # so* are dO's strides. With TMA, Q, K, V and DO are tensor descriptors (Q's and DO's boxes
+    # SUB_M rows), as in the forward.
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
@@ -178,8 +205,12 @@ def _bwd_dkdv(
     dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     col_ok = cols < kv_len
     kv_mask = col_ok[:, None] & dim_ok[None, :]
-    k = load_rows(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_N, BLOCK_D)
-    v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
+    if TMA:
+        k = K.load([bhk // H_KV, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V.load([bhk // H_KV, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        k = load_rows(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_N, BLOCK_D)
+        v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sub = tl.arange(0, SUB_M)  # (SUB_M,)
@@ -190,7 +221,8 @@ def _bwd_dkdv(
         lo, hi = tl.load(Q_RANGE + column), tl.load(Q_RANGE + column + 1)
         full_lo, full_hi = tl.load(Q_FULL + column), tl.load(Q_FULL + column + 1)
         ids = TILE_IDS + b * ib + h * ih + kb * ik
-        q_head, do_head = Q + b * sqb + h * sqh, DO + b * sob + h * soh
+        if not TMA:
+            q_head, do_head = Q + b * sqb + h * sqh, DO + b * sob + h * soh
         lse_head, delta_head = LSE + (b * H + h) * q_len, DELTA + (b * H + h) * q_len
         for part in tl.static_range(3):  # the forward's walk, down this tile column
             if FULL_RUN or part == 0:
@@ -200,8 +232,12 @@ def _bwd_dkdv(
                     for r0 in range(0, BLOCK_M, SUB_M):
                         rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
                         row_ok = rows < q_len
-                        q = load_rows(q_head, rows, row_ok, sqt, dims, dim_ok, sqd)  # (SUB_M, BLOCK_D)
-                        do = load_rows(do_head, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
+                        if TMA:
+                            q = Q.load([bhk // H_KV, h, qb * BLOCK_M + r0, 0]).reshape(SUB_M, BLOCK_D)
+                            do = DO.load([bhk // H_KV, h, qb * BLOCK_M + r0, 0]).reshape(SUB_M, BLOCK_D)
+                        else:
+                            q = load_rows(q_head, rows, row_ok, sqt, dims, dim_ok, sqd)  # (SUB_M, BLOCK_D)
+                            do = load_rows(do_head, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
                         lse = tl.load(lse_head + rows, mask=row_ok, other=float("inf"))
                         delta = tl.load(delta_head + rows, mask=row_ok, other=0.0)
                         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, SUB_M)
@@ -268,14 +304,36 @@ def _common(q: Tensor, blocks: Blocks) -> dict:
         BLOCK_N=blocks.block_n,
         PRECISION=dot_precision(q.dtype),
         FULL_RUN=blocks.full_run,
+        TMA=blocks.tma,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
 
 
+def _inputs(blocks: Blocks, *tensors: tuple[Tensor, int]) -> tuple[Tensor | TensorDescriptor, ...]:
+    """What a kernel reads each ``(B, H, T, hd)`` tensor through: the tensor itself, or with
+    ``blocks.tma`` a tensor descriptor of it read the paired number of positions of one head at a
+    time, the head dim padded to the kernels' tile with zeros."""
+    if not blocks.tma:
+        return tuple(t for t, _ in tensors)
+    if not tma_fits(*(t for t, _ in tensors)):
+        raise ValueError(
+            "blocks ask for tensor-descriptor loads, which need q, k and v "
+            "with a contiguous head dim and their start and other strides multiples of 16 bytes; got strides "
+            + ", ".join(str(t.stride()) for t, _ in tensors)
+            + f" of {tensors[0][0].dtype}"
+        )
+    return tuple(
+        TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, padded_head_dim(t.shape[3])])
+        for t, rows in tensors
+    )
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, blocks: Blocks) -> tuple[Tensor, Tensor]:
     """``(out, lse)``: ``q`` ``(B, H, Tq, hd)``, ``k, v`` ``(B, H_kv, Tk, hd)`` -> ``(B, H, Tq, hd)``
-    and the base-2 log-sum-exp ``(B, H, Tq)`` fp32."""
+    and the base-2 log-sum-exp ``(B, H, Tq)`` fp32. With ``blocks.tma`` the tiles are read
+    through tensor descriptors, which ``q``, ``k`` and ``v`` must allow (:func:`.launch.tma_fits`),
+    as must ``grad_out`` in the backward."""
     check_scale(scale)
     _check_table(table, blocks, q, k)
     b, h, tq, _ = q.shape
@@ -284,7 +342,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, bl
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)  # (B, H, Tq)
     grid = (table.kv_range.shape[2], b * h)
     FWD.on(q.device)[grid](
-        q, k, v, out, lse,
+        *_inputs(blocks, (q, blocks.block_m), (k, blocks.block_n), (v, blocks.block_n)), out, lse,
         table.kv_range, table.kv_full, table.tile_ids, table.tiles,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_table_strides(table, table.kv_range),
@@ -315,6 +373,8 @@ def backward(
     dK/dV over ``key_table``, cut to ``key_blocks``' tiles (both checked by :func:`attend`)."""
     b, h, tq, hd = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
+    if (blocks.tma or key_blocks.tma) and not tma_fits(grad_out):  # e.g. a broadcast gradient of a sum
+        grad_out = grad_out.clone(memory_format=torch.contiguous_format)  # (B, H, Tq, hd)
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)  # (B, H, Tq): rowsum(dO * O)
     BWD_DELTA.on(q.device)[(-(-tq // DELTA_ROWS), b * h)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), h, tq,
@@ -325,18 +385,21 @@ def backward(
     dv = torch.empty_like(v)  # (B, H_kv, Tk, hd)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     BWD_DQ.on(q.device)[(table.kv_range.shape[2], b * h)](
-        q, k, v, grad_out, lse, delta, dq,
+        *_inputs(blocks, (q, blocks.block_m), (k, blocks.block_n), (v, blocks.block_n), (grad_out, blocks.block_m)),
+        lse, delta, dq,
         table.kv_range, table.kv_full, table.tile_ids, table.tiles,
         *strides, *dq.stride(), *_table_strides(table, table.kv_range),
         h, h // h_kv, tq, tk, scale * LOG2E, scale,
         **_common(q, blocks),
     )  # fmt: skip
+    sub = key_blocks.sub_m
     BWD_DKDV.on(q.device)[(key_table.q_range.shape[2], b * h_kv)](
-        q, k, v, grad_out, lse, delta, dk, dv,
+        *_inputs(key_blocks, (q, sub), (k, key_blocks.block_n), (v, key_blocks.block_n), (grad_out, sub)),
+        lse, delta, dk, dv,
         key_table.q_range, key_table.q_full, key_table.tile_ids, key_table.tiles,
         *strides, *dk.stride(), *dv.stride(), *_table_strides(key_table, key_table.q_range),
         h, h_kv, h // h_kv, tq, tk, scale * LOG2E, scale,
-        SUB_M=key_blocks.sub_m, **_common(q, key_blocks),
+        SUB_M=sub, **_common(q, key_blocks),
     )  # fmt: skip
     return dq, dk, dv
 
