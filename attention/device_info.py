@@ -44,5 +44,6 @@ def supports_programmatic_launch(device: torch.device) -> bool:
 @cache
 def supports_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can load tiles through tensor descriptors (TMA: NVIDIA Hopper
-    on; docs/design.md#triton-tma-forward). Looked up once per device: every prefill call asks."""
+    on; docs/design.md#triton-tma-forward). Looked up once per device: with descriptor loads asked
+    for, every prefill call asks."""
     return _nvidia_hopper_on(device)

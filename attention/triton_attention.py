@@ -157,7 +157,7 @@ class MHATritonAttention(AttentionBase):
         prefill from an empty cache (as many keys as queries) or a decode step."""
         from .device_info import supports_programmatic_launch
         from .kernels import decode
-        from .kernels.launch import dkdv_blocks, padded_head_dim, prefill_blocks, use_tma
+        from .kernels.launch import dkdv_blocks, padded_head_dim, prefill_blocks, tma_rows_fit, use_tma
 
         device = torch.device(device)
         if _decodes(q_len, group, grad):
@@ -169,8 +169,7 @@ class MHATritonAttention(AttentionBase):
                 "min_split": decode.MIN_SPLIT_KEYS,
                 "programmatic_launch": supports_programmatic_launch(device),
             }
-        # Inputs laid out as the perf cases' are fit tensor descriptors when a row is whole 16-byte units.
-        tma = use_tma(device) and head_dim * dtype.itemsize % 16 == 0
+        tma = use_tma(device) and tma_rows_fit(head_dim, dtype)  # as for contiguous inputs, the perf cases'
         blocks = prefill_blocks(dtype, head_dim, device, kv_len=q_len, grad=grad, tma=tma)
         config: dict[str, object] = {"kernel": "prefill", **blocks.as_dict()}
         if grad:

@@ -238,12 +238,13 @@ def prefill_blocks(
     if short_dims:
         return Blocks(128, 64, 4, 3, 64, full_run=True, tma=tma)
     if not grad and kv_len is not None and kv_len <= SHORT_KEYS:
-        return Blocks(64, 64, 4, 3, 64, full_run=True)
+        return Blocks(64, 64, 4, 3, 64, full_run=True, tma=tma)
     return Blocks(128, 64, 8, 3, 64, full_run=True, tma=tma)
 
 
-#: Set to ``1`` to load prefill tiles through tensor descriptors on GPUs that have them: off by
-#: default until its same-run A/B on a GPU (docs/design.md#triton-tma-forward).
+#: Set to ``1`` to load prefill tiles through tensor descriptors on GPUs that have them (any other
+#: value, or none, leaves them off): off by default until its same-run A/B on a GPU
+#: (docs/design.md#triton-tma-forward).
 TMA_SWITCH = "ATTENTION_TRITON_TMA"
 
 
@@ -254,17 +255,24 @@ def use_tma(device: torch.device) -> bool:
     return os.environ.get(TMA_SWITCH) == "1" and supports_tma(device)
 
 
+def tma_rows_fit(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether one head's row of ``head_dim`` elements is whole 16-byte units, what the copy engine
+    addresses by: then a contiguous tensor, and a copy of any, fits a descriptor."""
+    return head_dim * dtype.itemsize % 16 == 0
+
+
 def tma_fits(*tensors: torch.Tensor) -> bool:
     """Whether each of these ``(B, H, T, hd)`` tensors can be read through a tensor descriptor as
-    it lies in memory: its head dim contiguous, its start and every other stride a positive
-    multiple of 16 bytes (what the copy engine addresses by). Views a model makes (heads split from
-    one projection, transposed to ``(B, H, T, hd)``) fit when the head dim is a multiple of 8
-    16-bit elements; a tensor that does not fit takes the pointer loads."""
+    it lies in memory: not empty, its rows whole 16-byte units (:func:`tma_rows_fit`), its head
+    dim contiguous, its start and every other stride a positive multiple of 16 bytes. Views a
+    model makes (heads split from one projection, transposed to ``(B, H, T, hd)``) fit when the
+    head dim is a multiple of 8 16-bit elements; a tensor that does not fit takes the pointer loads."""
     for t in tensors:
-        width = t.element_size()
+        if t.numel() == 0 or not tma_rows_fit(t.shape[-1], t.dtype):
+            return False
         if t.stride(-1) != 1 or t.data_ptr() % 16:
             return False
-        if any(stride <= 0 or stride * width % 16 for stride in t.stride()[:-1]):
+        if any(stride <= 0 or stride * t.element_size() % 16 for stride in t.stride()[:-1]):
             return False
     return True
 

@@ -31,7 +31,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..block_table import BlockTable
 from .launch import Blocks, Kernel, check_scale, dot_precision, head_dim_args, padded_head_dim, tma_fits
-from .tiles import head_dims, load_columns, load_rows, mask_tile, softmax_step
+from .tiles import head_dims, load_box, load_columns, load_rows, mask_tile, softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -52,14 +52,15 @@ def _fwd(
     # stride arguments are unused.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
+    seq = bh // H  # a descriptor's coordinate (int32)
+    b = seq.to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     h = bh % H
     hk = h // G
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     row_ok = rows < q_len
     if TMA:
-        q = Q.load([bh // H, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+        q = load_box(Q, seq, h, qb * BLOCK_M, BLOCK_M, BLOCK_D)
     else:
         q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -78,8 +79,8 @@ def _fwd(
             stop = (full_lo if FULL_RUN else hi) if part == 0 else (full_hi if part == 1 else hi)
             for kb in range(start, stop):
                 if TMA:
-                    k_t = tl.trans(K.load([bh // H, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
-                    v = V.load([bh // H, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+                    k_t = tl.trans(load_box(K, seq, hk, kb * BLOCK_N, BLOCK_N, BLOCK_D))
+                    v = load_box(V, seq, hk, kb * BLOCK_N, BLOCK_N, BLOCK_D)
                 else:
                     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
                     col_ok = cols < kv_len
@@ -134,7 +135,8 @@ def _bwd_dq(
     # so* are dO's strides. With TMA, Q, K, V and DO are tensor descriptors, as in the forward.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
+    seq = bh // H  # a descriptor's coordinate (int32)
+    b = seq.to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     h = bh % H
     hk = h // G
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -142,8 +144,8 @@ def _bwd_dq(
     row_ok = rows < q_len
     q_mask = row_ok[:, None] & dim_ok[None, :]
     if TMA:
-        q = Q.load([bh // H, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
-        do = DO.load([bh // H, h, qb * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+        q = load_box(Q, seq, h, qb * BLOCK_M, BLOCK_M, BLOCK_D)
+        do = load_box(DO, seq, h, qb * BLOCK_M, BLOCK_M, BLOCK_D)
     else:
         q = load_rows(Q + b * sqb + h * sqh, rows, row_ok, sqt, dims, dim_ok, sqd)  # (BLOCK_M, BLOCK_D)
         do = load_rows(DO + b * sob + h * soh, rows, row_ok, sot, dims, dim_ok, sod)  # (BLOCK_M, BLOCK_D)
@@ -163,8 +165,8 @@ def _bwd_dq(
             stop = (full_lo if FULL_RUN else hi) if part == 0 else (full_hi if part == 1 else hi)
             for kb in range(start, stop):
                 if TMA:
-                    k_t = tl.trans(K.load([bh // H, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
-                    v_t = tl.trans(V.load([bh // H, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D))
+                    k_t = tl.trans(load_box(K, seq, hk, kb * BLOCK_N, BLOCK_N, BLOCK_D))
+                    v_t = tl.trans(load_box(V, seq, hk, kb * BLOCK_N, BLOCK_N, BLOCK_D))
                 else:
                     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
                     col_ok = cols < kv_len
@@ -199,15 +201,16 @@ def _bwd_dkdv(
     # SUB_M rows), as in the forward.
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
-    b = (bhk // H_KV).to(tl.int64)  # b * (batch stride) can pass 2**31 elements
+    seq = bhk // H_KV  # a descriptor's coordinate (int32)
+    b = seq.to(tl.int64)  # b * (batch stride) can pass 2**31 elements
     hk = bhk % H_KV
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     dims, dim_ok = head_dims(head_dim, BLOCK_D, EVEN_D, D_ALIGN)  # (BLOCK_D,) each
     col_ok = cols < kv_len
     kv_mask = col_ok[:, None] & dim_ok[None, :]
     if TMA:
-        k = K.load([bhk // H_KV, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = V.load([bhk // H_KV, hk, kb * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+        k = load_box(K, seq, hk, kb * BLOCK_N, BLOCK_N, BLOCK_D)
+        v = load_box(V, seq, hk, kb * BLOCK_N, BLOCK_N, BLOCK_D)
     else:
         k = load_rows(K + b * skb + hk * skh, cols, col_ok, skt, dims, dim_ok, skd)  # (BLOCK_N, BLOCK_D)
         v = load_rows(V + b * svb + hk * svh, cols, col_ok, svt, dims, dim_ok, svd)  # (BLOCK_N, BLOCK_D)
@@ -233,8 +236,8 @@ def _bwd_dkdv(
                         rows = qb * BLOCK_M + r0 + sub  # (SUB_M,)
                         row_ok = rows < q_len
                         if TMA:
-                            q = Q.load([bhk // H_KV, h, qb * BLOCK_M + r0, 0]).reshape(SUB_M, BLOCK_D)
-                            do = DO.load([bhk // H_KV, h, qb * BLOCK_M + r0, 0]).reshape(SUB_M, BLOCK_D)
+                            q = load_box(Q, seq, h, qb * BLOCK_M + r0, SUB_M, BLOCK_D)
+                            do = load_box(DO, seq, h, qb * BLOCK_M + r0, SUB_M, BLOCK_D)
                         else:
                             q = load_rows(q_head, rows, row_ok, sqt, dims, dim_ok, sqd)  # (SUB_M, BLOCK_D)
                             do = load_rows(do_head, rows, row_ok, sot, dims, dim_ok, sod)  # (SUB_M, BLOCK_D)
@@ -318,9 +321,9 @@ def _inputs(blocks: Blocks, *tensors: tuple[Tensor, int]) -> tuple[Tensor | Tens
         return tuple(t for t, _ in tensors)
     if not tma_fits(*(t for t, _ in tensors)):
         raise ValueError(
-            "blocks ask for tensor-descriptor loads, which need q, k and v "
-            "with a contiguous head dim and their start and other strides multiples of 16 bytes; got strides "
-            + ", ".join(str(t.stride()) for t, _ in tensors)
+            "blocks ask for tensor-descriptor loads, which need non-empty tensors with a contiguous head dim "
+            "of whole 16-byte rows and their start and other strides multiples of 16 bytes; got shapes "
+            + ", ".join(f"{tuple(t.shape)} strides {t.stride()}" for t, _ in tensors)
             + f" of {tensors[0][0].dtype}"
         )
     return tuple(
@@ -332,8 +335,8 @@ def _inputs(blocks: Blocks, *tensors: tuple[Tensor, int]) -> tuple[Tensor | Tens
 def forward(q: Tensor, k: Tensor, v: Tensor, table: BlockTable, scale: float, blocks: Blocks) -> tuple[Tensor, Tensor]:
     """``(out, lse)``: ``q`` ``(B, H, Tq, hd)``, ``k, v`` ``(B, H_kv, Tk, hd)`` -> ``(B, H, Tq, hd)``
     and the base-2 log-sum-exp ``(B, H, Tq)`` fp32. With ``blocks.tma`` the tiles are read
-    through tensor descriptors, which ``q``, ``k`` and ``v`` must allow (:func:`.launch.tma_fits`),
-    as must ``grad_out`` in the backward."""
+    through tensor descriptors, which ``q``, ``k`` and ``v`` must allow (:func:`.launch.tma_fits`;
+    the backward copies an output gradient that does not)."""
     check_scale(scale)
     _check_table(table, blocks, q, k)
     b, h, tq, _ = q.shape

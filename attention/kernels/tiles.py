@@ -45,6 +45,13 @@ def load_columns(base, idx, idx_ok, stride_idx, dims, dim_ok, stride_d):
 
 
 @triton.jit
+def load_box(desc, seq, head, start, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``start .. start + ROWS`` of one head of one sequence, ``(ROWS, BLOCK_D)``, through the
+    tensor descriptor ``desc`` of a ``(B, H, T, hd)`` tensor: zeros past the sequence and the head dim."""
+    return desc.load([seq, head, start, 0]).reshape(ROWS, BLOCK_D)
+
+
+@triton.jit
 def softmax_step(s, v, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
     """Fold one tile of raw scores ``s`` (rows x keys, ``-inf`` where unseen) and its values into
     the running max ``m_i`` (base-2 units: ``s * qk_scale``), denominator ``l_i`` and
