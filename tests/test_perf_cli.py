@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from attention.bench.perf import cli, flags, launcher
+from attention.bench.perf.previous_run import ASIDE, PreviousRun
 from attention.bench.perf.results import write_run
 
 from .perf_support import H100, make_run, on_gpu, samples, with_machine
@@ -165,22 +166,57 @@ def test_a_node_id_given_first_goes_to_pytest_as_after_run(tmp_path, capsys):
     assert "unknown command" not in out and "file or directory not found: no/such_cases.py" in out
 
 
+#: An earlier run's files in --out, each with text of its own.
+LAST_RUN = {name: f"the last run's {name}\n" for name in ("run-1.json", "cases.jsonl", "summary.txt", "pytest.log")}
+
+
+def _write_last_run(out: Path) -> None:
+    for name, text in LAST_RUN.items():
+        (out / name).write_text(text)
+
+
+def _last_run_kept(out: Path) -> bool:
+    return {p.name: p.read_text() for p in out.iterdir()} == LAST_RUN
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_arguments_pytest_refuses_are_a_usage_error_in_its_words(tmp_path, capsys):
+    """A mistyped flag costs nothing: the last run's files stay as they were."""
+    _write_last_run(tmp_path)
     cmd = ["--out", str(tmp_path), "--quiet-pytest", "--perf-graphs=nosuch"]
     assert cli.main(cmd) == 2
     out = capsys.readouterr().out
     assert "pytest refused its arguments (exit 4, a usage error): " in out
     assert "argument --perf-graphs: invalid choice: 'nosuch'" in out and "no run produced results" not in out
+    assert _last_run_kept(tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_a_selection_that_leaves_no_case_is_a_usage_error_naming_it(tmp_path, capsys):
-    """It used to exit 1 after salvaging nothing, with a table of zeros and no word of why."""
+    """It used to exit 1 after salvaging nothing, with a table of zeros and no word of why; then
+    to delete the last run's results on the way."""
+    _write_last_run(tmp_path)
     assert cli.main(["--out", str(tmp_path), "--quiet-pytest", "-k", "sdpa and no_such_case"]) == 2
     out = capsys.readouterr().out
     assert "no case selected: -k 'sdpa and no_such_case' matched none of this grid's cases" in out
     assert "--collect-only" in out and "salvage" not in out and "no run produced results" not in out
+    assert _last_run_kept(tmp_path)
+
+
+def test_a_run_that_starts_drops_the_last_runs_files_and_a_refused_one_puts_them_back(tmp_path):
+    _write_last_run(tmp_path)
+    (tmp_path / "run-3.json").write_text("a third round, of a run with --repeat 3\n")
+    (tmp_path / "thresholds.json").write_text("{}\n")  # not a run's result: stays where it is
+    started = PreviousRun(tmp_path, repeat=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ASIDE, "run-3.json", "thresholds.json"]
+    (tmp_path / "pytest.log").write_text("the refused run's log\n")
+    started.restore()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*LAST_RUN, "run-3.json", "thresholds.json"])
+    assert (tmp_path / "pytest.log").read_text() == LAST_RUN["pytest.log"]
+    started = PreviousRun(tmp_path, repeat=1)
+    started.drop()
+    started.restore()  # nothing to put back once dropped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-3.json", "thresholds.json"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

@@ -52,7 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=None,
-        help="where JSON, tables and plot go (default: $PERF_OUT or .benchmarks/; with --from, the run's folder)",
+        help=(
+            "where JSON, tables and plot go (default: $PERF_OUT or .benchmarks/attention-perf/, as for run; "
+            "with --from, the run's folder)"
+        ),
     )
     p.add_argument("--grid", choices=("full", "quick", "tiny"), default=None, help="default: full on CUDA")
     p.add_argument("--impl", action="append", default=[], metavar="NAME|module:attr", help="as for run")

@@ -57,6 +57,7 @@ from ..files import unwritable, unwritable_file
 from . import ab, base_revision, confirm, flags, guards, launcher, machine, report, revision, shard
 from . import compare as cmp
 from .launcher import say as _say
+from .previous_run import PreviousRun
 from .results import (
     BASELINE_FILE,
     THRESHOLDS_FILE,
@@ -291,11 +292,26 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         return launcher.list_cases(args, extra, not cuda)
     out = _writable(Path(args.out or _default_out()))
     _check_outputs(args, cuda)
-    # A previous run's verdicts must not pass for this one's, nor its cases join this one's log.
-    for name in ("summary.md", "ab.json", "ab.png", "cases.jsonl", "pytest.log", confirm.FILE):
-        (out / name).unlink(missing_ok=True)
-    for stale in [*out.glob("confirm-*.json"), *out.glob("confirm-*-cases.txt")]:
-        stale.unlink()
+    # A previous run's verdicts must not pass for this one's, nor its cases join this one's log;
+    # but a run refused before it times anything leaves them as they were.
+    previous = PreviousRun(out, args.repeat)
+    try:
+        return _run_grid(args, extra, cuda, target, gpus, out, previous)
+    except PerfError:
+        previous.restore()
+        raise
+
+
+def _run_grid(
+    args: argparse.Namespace,
+    extra: list[str],
+    cuda: bool,
+    target: flags.CompareTarget | None,
+    gpus: list[int],
+    out: Path,
+    previous: PreviousRun,
+) -> int:
+    """:func:`cmd_run` once its arguments are checked and the last run's files set aside."""
     if not cuda:
         _say(NO_CUDA)
     extra = [
@@ -321,6 +337,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
             rc, run = launcher.pytest_run(f"run-{i}", args, extra, out, not cuda, limit)
             if i == 1:
                 launcher.refuse_usage_error(rc, f"run-{i}", args, out, extra)
+        if i == 1:  # pytest took the arguments: the last run's files give way to this run's
+            previous.drop()
         if rc != 0:
             status = 1
             stops.append(launcher.why_failed(f"run-{i}", rc, limit, run, log))
@@ -553,7 +571,9 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--benchmark-disable", action="store_true", help="run each case once, untimed (a smoke test)")
     run.add_argument("--record", action="store_true", help="write the run(s) as this GPU's baseline")
     run.add_argument("--repeat", type=int, default=1, help="run the grid N times; N >= 2 measures spread")
-    run.add_argument("--grid", choices=("full", "quick", "tiny"), default=None, help="default: full on CUDA")
+    run.add_argument(
+        "--grid", choices=("full", "quick", "tiny"), default=None, help="default: full on CUDA, tiny without a GPU"
+    )
     run.add_argument(
         "--impl", action="append", default=[], metavar="NAME|module:attr",
         help="time this implementation (repeatable; default every registered one) beside raw_sdpa and gemms",
