@@ -321,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GPU counts to run (default: 1, powers of two, and every visible GPU)",
     )
-    parser.add_argument("--batch", type=_positive_int, default=1)
-    parser.add_argument("--heads", type=_positive_int, default=16)
-    parser.add_argument("--head-dim", type=_positive_int, default=128)
+    parser.add_argument("--batch", type=_positive_int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--heads", type=_positive_int, default=16, help="attention heads (default 16)")
+    parser.add_argument("--head-dim", type=_positive_int, default=128, help="elements per head (default 128)")
     parser.add_argument("--dtype", type=_dtype, default=torch.bfloat16, help="bf16 (default), fp16 or fp32")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument(
