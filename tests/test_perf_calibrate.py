@@ -439,6 +439,17 @@ def test_calibrate_runs_pytest_with_the_calibration_and_reports(tmp_path, monkey
     assert why == f"FAIL: {calibrate.RUN_LABEL}: a case failed (pytest exit 1); its error is in the pytest output above"
 
 
+def test_calibrate_refused_by_pytest_keeps_the_last_calibration(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    last = {name: f"the last calibration's {name}\n" for name in ("calibration.json", "cases.jsonl", "pytest.log")}
+    for name, text in last.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(launcher, "pytest_run", lambda *_: (launcher.USAGE_ERROR, None))
+    assert cli.main(["calibrate", "--out", str(tmp_path), "--no-such-flag"]) == 2
+    assert "pytest refused its arguments (exit 4, a usage error)" in capsys.readouterr().out
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == last
+
+
 def test_calibrate_reads_pytests_grid_as_its_own_and_refuses_two(capsys):
     assert cli.main(["calibrate", "--grid", "tiny", "--perf-grid=quick"]) == 2
     assert "two grids named (quick, tiny): give one, with --grid" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attention.bench.perf import cli, flags, launcher
-from attention.bench.perf.previous_run import ASIDE, PreviousRun
+from attention.bench.perf.previous_run import ASIDE, GRID_FILES, GRID_PATTERNS, PreviousRun
 from attention.bench.perf.results import write_run
 
 from .perf_support import H100, make_run, on_gpu, samples, with_machine
@@ -207,13 +207,13 @@ def test_a_run_that_starts_drops_the_last_runs_files_and_a_refused_one_puts_them
     _write_last_run(tmp_path)
     (tmp_path / "run-3.json").write_text("a third round, of a run with --repeat 3\n")
     (tmp_path / "thresholds.json").write_text("{}\n")  # not a run's result: stays where it is
-    started = PreviousRun(tmp_path, repeat=2)
+    started = PreviousRun(tmp_path, [*GRID_FILES, "run-1.json", "run-2.json"], GRID_PATTERNS)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ASIDE, "run-3.json", "thresholds.json"]
     (tmp_path / "pytest.log").write_text("the refused run's log\n")
     started.restore()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*LAST_RUN, "run-3.json", "thresholds.json"])
     assert (tmp_path / "pytest.log").read_text() == LAST_RUN["pytest.log"]
-    started = PreviousRun(tmp_path, repeat=1)
+    started = PreviousRun(tmp_path, [*GRID_FILES, "run-1.json"], GRID_PATTERNS)
     started.drop()
     started.restore()  # nothing to put back once dropped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-3.json", "thresholds.json"]

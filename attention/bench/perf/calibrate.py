@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import ab, calibration, cli, flags, launcher
 from .launcher import say
+from .previous_run import PreviousRun
 from .results import PerfError, load_run, not_timed
 
 RUN_LABEL = "calibration-run"
@@ -120,8 +121,8 @@ def main(argv: list[str]) -> int:
     if launcher.lists_only(extra):  # the cases it would calibrate; nothing timed, --out untouched
         return launcher.list_cases(args, extra, False)
     out = cli._writable(Path(args.out or cli._default_out()))
-    for name in (*calibration.FILES, "cases.jsonl", "pytest.log"):  # a previous run's must not pass for this one's
-        (out / name).unlink(missing_ok=True)
+    # A previous run's files must not pass for this one's; a run pytest refuses leaves them as they were.
+    previous = PreviousRun(out, [*calibration.FILES, "cases.jsonl", "pytest.log", f"{RUN_LABEL}.json"])
     extra = [
         *extra,
         *launcher.impl_args(args),
@@ -131,7 +132,12 @@ def main(argv: list[str]) -> int:
     ]
     started = time.time()
     rc, run = launcher.pytest_run(RUN_LABEL, args, extra, out, False, args.time_budget)
-    launcher.refuse_usage_error(rc, RUN_LABEL, args, out, extra)
+    try:
+        launcher.refuse_usage_error(rc, RUN_LABEL, args, out, extra)
+    except PerfError:
+        previous.restore()
+        raise
+    previous.drop()
     say(f"calibrate: pytest exit {rc}, {time.time() - started:.0f} s wall")
     if run is None:
         raise PerfError("the calibration run produced no results: see the pytest output above")

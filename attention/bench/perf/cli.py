@@ -57,7 +57,7 @@ from ..files import unwritable, unwritable_file
 from . import ab, base_revision, confirm, flags, guards, launcher, machine, report, revision, shard
 from . import compare as cmp
 from .launcher import say as _say
-from .previous_run import PreviousRun
+from .previous_run import GRID_FILES, GRID_PATTERNS, PreviousRun
 from .results import (
     BASELINE_FILE,
     THRESHOLDS_FILE,
@@ -294,7 +294,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     _check_outputs(args, cuda)
     # A previous run's verdicts must not pass for this one's, nor its cases join this one's log;
     # but a run refused before it times anything leaves them as they were.
-    previous = PreviousRun(out, args.repeat)
+    run_files = (f"run-{i}.json" for i in range(1, args.repeat + 1))
+    previous = PreviousRun(out, [*GRID_FILES, *run_files], GRID_PATTERNS)
     try:
         return _run_grid(args, extra, cuda, target, gpus, out, previous)
     except PerfError:

@@ -9,26 +9,27 @@ run is refused, and dropped once its first pytest run has started timing.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import confirm
 
-#: What one run writes in ``--out`` besides its ``run-N.json``.
-RESULT_FILES = ("summary.txt", "summary.md", "ab.json", "ab.png", "cases.jsonl", "pytest.log", confirm.FILE)
-RESULT_PATTERNS = ("confirm-*.json", "confirm-*-cases.txt")
+#: What a grid run writes in ``--out`` besides its ``run-N.json``.
+GRID_FILES = ("summary.txt", "summary.md", "ab.json", "ab.png", "cases.jsonl", "pytest.log", confirm.FILE)
+GRID_PATTERNS = ("confirm-*.json", "confirm-*-cases.txt")
 #: The folder inside ``--out`` that holds them meanwhile.
 ASIDE = ".previous-run"
 
 
 class PreviousRun:
-    def __init__(self, out: Path, repeat: int) -> None:
-        """Move the result files of a run of ``repeat`` rounds into ``out``'s :data:`ASIDE` folder."""
+    def __init__(self, out: Path, names: Iterable[str], patterns: Iterable[str] = ()) -> None:
+        """Move the files of ``out`` named ``names`` or matching ``patterns`` (globs) into its
+        :data:`ASIDE` folder."""
         self.out = out
         self.aside = out / ASIDE
         shutil.rmtree(self.aside, ignore_errors=True)  # left by a run that was killed before it dropped them
         self.aside.mkdir()
-        names = [*RESULT_FILES, *(f"run-{i}.json" for i in range(1, repeat + 1))]
-        found = [out / name for name in names] + [p for pattern in RESULT_PATTERNS for p in out.glob(pattern)]
+        found = [out / name for name in names] + [p for pattern in patterns for p in out.glob(pattern)]
         for path in found:
             if path.is_file():
                 path.replace(self.aside / path.name)
