@@ -213,9 +213,9 @@ def test_a_run_that_starts_drops_the_last_runs_files_and_a_refused_one_puts_them
     started.restore()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*LAST_RUN, "run-3.json", "thresholds.json"])
     assert (tmp_path / "pytest.log").read_text() == LAST_RUN["pytest.log"]
-    started = PreviousRun(tmp_path, [*GRID_FILES, "run-1.json"], GRID_PATTERNS)
-    started.drop()
-    started.restore()  # nothing to put back once dropped
+    with pytest.raises(RuntimeError), PreviousRun(tmp_path, [*GRID_FILES, "run-1.json"], GRID_PATTERNS) as started:
+        started.drop()
+        raise RuntimeError("after the run started: its files stand, nothing is put back")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-3.json", "thresholds.json"]
 
 

@@ -18,6 +18,6 @@
 * :mod:`.plugin`: the pytest plugin (options, cases, timer, guards, the A/B); :mod:`.state`: a run's state.
 * :mod:`.cases`: the grid's test modules, run from any directory.
 * :mod:`.launcher`: runs pytest (time limits, salvage, ``--gpus``); :mod:`.facts`: GPU facts, in a child.
-* :mod:`.cli`: ``python -m attention.bench.perf`` (what ``nox -s perf`` runs).; :mod:`.previous_run`: the last run's
+* :mod:`.cli`: ``python -m attention.bench.perf`` (what ``nox -s perf`` runs); :mod:`.previous_run`: the last run's
   files in ``--out``, set aside while a run starts.
 """

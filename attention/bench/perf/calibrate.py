@@ -122,7 +122,6 @@ def main(argv: list[str]) -> int:
         return launcher.list_cases(args, extra, False)
     out = cli._writable(Path(args.out or cli._default_out()))
     # A previous run's files must not pass for this one's; a run pytest refuses leaves them as they were.
-    previous = PreviousRun(out, [*calibration.FILES, "cases.jsonl", "pytest.log", f"{RUN_LABEL}.json"])
     extra = [
         *extra,
         *launcher.impl_args(args),
@@ -131,13 +130,9 @@ def main(argv: list[str]) -> int:
         f"--perf-calibrate-max-depth={args.max_depth}",
     ]
     started = time.time()
-    rc, run = launcher.pytest_run(RUN_LABEL, args, extra, out, False, args.time_budget)
-    try:
+    with PreviousRun(out, [*calibration.FILES, "cases.jsonl", "pytest.log", f"{RUN_LABEL}.json"]):
+        rc, run = launcher.pytest_run(RUN_LABEL, args, extra, out, False, args.time_budget)
         launcher.refuse_usage_error(rc, RUN_LABEL, args, out, extra)
-    except PerfError:
-        previous.restore()
-        raise
-    previous.drop()
     say(f"calibrate: pytest exit {rc}, {time.time() - started:.0f} s wall")
     if run is None:
         raise PerfError("the calibration run produced no results: see the pytest output above")

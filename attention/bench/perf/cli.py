@@ -295,12 +295,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     # A previous run's verdicts must not pass for this one's, nor its cases join this one's log;
     # but a run refused before it times anything leaves them as they were.
     run_files = (f"run-{i}.json" for i in range(1, args.repeat + 1))
-    previous = PreviousRun(out, [*GRID_FILES, *run_files], GRID_PATTERNS)
-    try:
+    with PreviousRun(out, [*GRID_FILES, *run_files], GRID_PATTERNS) as previous:
         return _run_grid(args, extra, cuda, target, gpus, out, previous)
-    except PerfError:
-        previous.restore()
-        raise
 
 
 def _run_grid(

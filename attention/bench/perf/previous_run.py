@@ -3,7 +3,11 @@
 A new run must not leave an earlier run's verdicts or cases beside its own, but a run that pytest
 refuses before it runs anything (a mistyped flag, a ``-k`` that selects no case) must not cost
 the earlier run's results either. So they are moved into a folder of their own, put back if the
-run is refused, and dropped once its first pytest run has started timing.
+run is refused, and dropped once its first pytest run has started timing::
+
+    with PreviousRun(out, names) as previous:  # put back if the block raises before drop()
+        ...  # the first pytest run, refused or not
+        previous.drop()
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from types import TracebackType
 
 from . import confirm
 
@@ -33,6 +38,18 @@ class PreviousRun:
         for path in found:
             if path.is_file():
                 path.replace(self.aside / path.name)
+
+    def __enter__(self) -> PreviousRun:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Put the files back if the block raised before :meth:`drop` (a refused run), else drop them."""
+        if exc_type is None:
+            self.drop()
+        else:
+            self.restore()
 
     def restore(self) -> None:
         """Put them back (the new run was refused before it ran); nothing once dropped."""
