@@ -366,8 +366,8 @@ class AttentionBase(nn.Module):
             self.num_kv_heads,
             max_tokens,
             self.head_dim,
-            dtype=dtype or weight.dtype,
-            device=device or weight.device,
+            dtype=weight.dtype if dtype is None else dtype,
+            device=weight.device if device is None else device,
         )
 
     # -- helpers the implementations share -------------------------------------------------

@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 from numbers import Real
 
+import torch
+
 
 def _got(value: object) -> str:
     return f"{type(value).__name__} ({value!r})"
@@ -44,6 +46,15 @@ def real(name: str, value: object, allowed: Callable[[float], bool], rule: str) 
     value = float(value)
     if not allowed(value):
         raise ValueError(f"{name} must be {rule}, got {value}")
+    return value
+
+
+def floating_dtype(name: str, value: object) -> torch.dtype:
+    """``value`` as a floating-point ``torch.dtype``, the kind activations and caches hold."""
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype such as torch.float32, got {_got(value)}")
+    if not value.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point dtype, got {value}")
     return value
 
 

@@ -44,6 +44,7 @@ class KVCache(nn.Module):
             ("head_dim", head_dim),
         ):
             checks.integer(name, value)
+        checks.floating_dtype("dtype", dtype)
         shape = (batch_size, num_kv_heads, max_tokens, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)

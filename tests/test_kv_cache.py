@@ -38,6 +38,23 @@ def test_cache_layout(device):
     assert wide.k_cache.dtype == torch.float64
 
 
+@pytest.mark.parametrize(
+    ("dtype", "error", "message"),
+    [
+        ("float32", TypeError, r"dtype must be a torch\.dtype such as torch\.float32, got str \('float32'\)"),
+        (torch.int64, ValueError, r"dtype must be a floating-point dtype, got torch\.int64"),
+        (torch.bool, ValueError, r"dtype must be a floating-point dtype, got torch\.bool"),
+    ],
+    ids=["str", "int64", "bool"],
+)
+def test_cache_dtype_is_checked_when_made(dtype, error, message):
+    """A cache no forward could write (integer keys, a dtype's name) is refused where it is made,
+    not at every later call."""
+    module = attention.get("sdpa")(8, 32, 4, 16)
+    with pytest.raises(error, match=message):
+        module.make_kv_cache(1, 4, dtype=dtype)
+
+
 def test_truncate_validates():
     module = attention.get("sdpa")(8, 32, 4, 16).eval()
     cache = module.make_kv_cache(1, 8)
