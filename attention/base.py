@@ -230,6 +230,15 @@ class AttentionBase(nn.Module):
         return None
 
     @classmethod
+    def dtype_unsupported(cls, dtype: torch.dtype, device: torch.device | str) -> str | None:
+        """Why this implementation does not compute ``dtype`` on ``device`` (its declared dtypes,
+        or a kernel's limit there), or ``None`` when it does."""
+        declared = cls.capabilities()
+        if declared.dtypes is None or declared.allows_dtype(dtype):
+            return None
+        return f"declares dtypes {', '.join(sorted(map(str, declared.dtypes)))} only, not {dtype}"
+
+    @classmethod
     def runs_interpreted(cls, device: torch.device | str) -> bool:
         """Whether it runs on ``device`` only through an interpreter (correct, but its timings
         would measure the interpreter: benchmarks skip it there)."""
@@ -479,10 +488,10 @@ class AttentionBase(nn.Module):
             raise TypeError(f"x is {x.dtype} but the weights are {weight.dtype}; cast one to match")
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the weights are on {weight.device}")
+        problem = self.dtype_unsupported(x.dtype, x.device)
+        if problem is not None:
+            raise TypeError(f"{type(self).__name__} {problem}")
         declared = self.capabilities()
-        if declared.dtypes is not None and not declared.allows_dtype(x.dtype):
-            shown = ", ".join(sorted(str(d) for d in declared.dtypes))
-            raise TypeError(f"{type(self).__name__} declares dtypes {shown} only; x is {x.dtype}")
         if declared.devices is not None and not declared.allows_device(x.device):
             shown = ", ".join(sorted(declared.devices))
             raise ValueError(f"{type(self).__name__} declares devices {shown} only; x is on {x.device}")

@@ -116,17 +116,22 @@ class MHATritonAttention(AttentionBase):
                 f"got {self.head_dim}"
             )
 
+    @classmethod
+    def dtype_unsupported(cls, dtype: torch.dtype, device: torch.device | str) -> str | None:
+        kind = torch.device(device).type
+        if kind not in DTYPES or dtype in DTYPES[kind]:
+            return super().dtype_unsupported(dtype, device)
+        allowed = [_DTYPE_NAMES[d] for d in DTYPES[kind]]
+        where = "CUDA" if kind == "cuda" else "CPU (interpreted)"
+        return f"runs {', '.join(allowed[:-1])} or {allowed[-1]} on {where}, not {dtype}{_why_not(dtype)}"
+
     def _check_dtype(self, dtype: torch.dtype, device: torch.device) -> None:
         """Refuse a dtype the kernels would compute wrong on ``device`` (see :data:`DTYPES`)."""
-        if dtype in DTYPES[device.type]:
+        problem = self.dtype_unsupported(dtype, device)
+        if problem is None:
             return
-        allowed = [_DTYPE_NAMES[d] for d in DTYPES[device.type]]
-        where = "CUDA" if device.type == "cuda" else "CPU (interpreted)"
-        autocast = " (torch.autocast's dtype)" if torch.is_autocast_enabled(device.type) else ""
-        raise TypeError(
-            f"{type(self).__name__} runs {', '.join(allowed[:-1])} or {allowed[-1]} on {where}, "
-            f"got {dtype}{autocast}{_why_not(dtype)}"
-        )
+        autocast = f" ({dtype} is torch.autocast's dtype)" if torch.is_autocast_enabled(device.type) else ""
+        raise TypeError(f"{type(self).__name__} {problem}{autocast}")
 
     @classmethod
     def grad_error_allowance(cls, device: torch.device | str) -> float:

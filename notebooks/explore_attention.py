@@ -125,15 +125,25 @@ def _(
     doc_ids = None if pattern.document_ids is None else pattern.document_ids.to(device)  # (B, T)
     torch.manual_seed(0)
     shared = attention.get("from_scratch")(d_model, d_model, H, T).state_dict()
+    # Why each implementation left out is not run: unavailable here, switched off above, or not
+    # computing this dtype here (triton's interpreter refuses bfloat16).
+    not_run = {}
+    for _name, _cls in attention.implementations().items():
+        if _name not in runnable:
+            not_run[_name] = _cls.unavailable(device)
+        elif _name in interpreted and not run_interpreted.value:
+            not_run[_name] = "switched off above"
+        elif (_problem := _cls.dtype_unsupported(dtype, device)) is not None:
+            not_run[_name] = _problem
     modules = {
         name: inspection.build(name, shared, d_model=d_model, num_heads=H, seq_len=T, mask_mod=pattern.mask_mod).to(
             device=device, dtype=dtype
         )
         for name in runnable
-        if run_interpreted.value or name not in interpreted
+        if name not in not_run
     }
     x = torch.randn(B, T, d_model, device=device, dtype=dtype)  # (B, T, d_model)
-    return B, H, T, d_model, doc_ids, modules, pattern, x
+    return B, H, T, d_model, doc_ids, modules, not_run, pattern, x
 
 
 @app.cell
@@ -207,15 +217,20 @@ def _(B, H, ListedColormap, T, block_size, create_block_mask, device, inspection
 
 
 @app.cell
-def _(attention, device, doc_ids, interpreted, mo, modules, x):
+def _(B, H, T, d_model, device, doc_ids, inspection, mo, modules, not_run, pattern, torch, x):
     from attention.accuracy import check_module
 
-    errors = {name: check_module(module, x, document_ids=doc_ids) for name, module in modules.items()}
-    _skipped = "".join(
-        f"\n- `{name}` not run: " + ("switched off above" if name in interpreted else cls.unavailable(device))
-        for name, cls in attention.implementations().items()
-        if name not in modules
-    )
+    # The attention core alone: identity projections and input [q | k | v], so each error is the
+    # attention's own (through the shared projections, their rounding set every max error alike).
+    core = {
+        name: inspection.core_module(name, num_heads=H, head_dim=d_model // H, seq_len=T, mask_mod=pattern.mask_mod).to(
+            device=device, dtype=x.dtype
+        )
+        for name in modules
+    }
+    qkv = torch.randn(B, T, 3 * d_model, device=device, dtype=x.dtype)  # (B, T, [q | k | v])
+    errors = {name: check_module(module, qkv, document_ids=doc_ids) for name, module in core.items()}
+    _skipped = "".join(f"\n- `{name}` not run: {reason}" for name, reason in not_run.items())
     _rows = [
         {
             "implementation": name,
@@ -231,32 +246,33 @@ def _(attention, device, doc_ids, interpreted, mo, modules, x):
             mo.md(
                 f"""
                 ## Do the implementations agree?
-                Each output against the float64 oracle, in {x.dtype}. The rule: at most 2x the error
-                of the oracle's own math run in the same dtype, plus a few ulps.{_skipped}
+                Each attention core (identity projections, random q, k and v) against the float64
+                oracle, in {x.dtype}. The rule: at most 2x the error of the oracle's own math run in
+                the same dtype, plus a few ulps.{_skipped}
                 """
             ),
             mo.ui.table(_rows, selection=None, pagination=False),
         ]
     )
-    return (errors,)
+    return core, errors, qkv
 
 
 @app.cell
-def _(doc_ids, impl, mo, modules, plt, torch, x):
+def _(core, doc_ids, impl, mo, not_run, plt, qkv, torch):
     from attention.reference import reference_forward
 
-    mo.stop(impl.value not in modules, mo.md(f"`{impl.value}` is switched off above: tick it to see where it differs."))
-    _module = modules[impl.value]
+    mo.stop(impl.value in not_run, mo.md(f"`{impl.value}` is not run: {not_run.get(impl.value)}."))
+    _module = core[impl.value]
     with torch.no_grad():  # flex has no backward on CPU
-        _out = _module(x, document_ids=doc_ids)  # (B, T, d_model)
-    _oracle = reference_forward(_module, x, document_ids=doc_ids)  # (B, T, d_model), float64
+        _out = _module(qkv, document_ids=doc_ids)  # (B, T, d_model)
+    _oracle = reference_forward(_module, qkv, document_ids=doc_ids)  # (B, T, d_model), float64
     _diff = (_out.detach().double() - _oracle).abs()[0].cpu()  # (T, d_model)
     _fig, _ax = plt.subplots(figsize=(10, 3))
     _im = _ax.imshow(_diff.T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     _fig.colorbar(_im, ax=_ax)
     _ax.set_xlabel("token")
     _ax.set_ylabel("feature")
-    _ax.set_title(f"{impl.value}: |output - float64 oracle|, batch 0")
+    _ax.set_title(f"{impl.value}: |attention core - float64 oracle|, batch 0")
     _fig.tight_layout()
     mo.vstack([mo.md(f"## Where `{impl.value}` differs from the oracle\nPick another implementation above."), _fig])
     return

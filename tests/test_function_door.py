@@ -51,7 +51,7 @@ def test_undeclared_capabilities_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="does not support dropout"):
         cls(8, 8, 2, 16, dropout=0.1)
     narrow = from_function(plain_causal, dtypes=[torch.float64])(8, 8, 2, 16)
-    with pytest.raises(TypeError, match=r"declares dtypes torch.float64 only; x is torch.float32"):
+    with pytest.raises(TypeError, match=r"declares dtypes torch.float64 only, not torch.float32"):
         narrow.float()(torch.randn(1, 4, 8))
 
 

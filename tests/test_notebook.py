@@ -68,6 +68,38 @@ def test_every_implementation_passes_the_oracle_and_reports_ops():
         assert all(op.calls >= 1 and math.isfinite(op.self_us) for op in ops)
 
 
+#: Every name the notebook's controls cell defines: an override of one replaces the whole cell.
+_CONTROLS = (
+    "batch",
+    "block_size",
+    "dtype_name",
+    "head_dim",
+    "impl",
+    "interpreted",
+    "num_docs",
+    "num_heads",
+    "pattern_kind",
+    "prefix_len",
+    "run_interpreted",
+    "runnable",
+    "seq_len",
+    "window",
+)
+
+
+@pytest.mark.parametrize("name", ["from_scratch", "sdpa", "flex"])
+def test_core_module_is_the_attention_core_over_its_input(name):
+    """Identity projections: the module's output is causal attention over x = [q | k | v] itself."""
+    module = inspection.core_module(name, num_heads=2, head_dim=8, seq_len=16)
+    x = torch.randn(3, 16, 48)  # (B, T, [q | k | v])
+    q, k, v = (part.unflatten(-1, (2, 8)).transpose(1, 2) for part in x.split(16, dim=-1))  # 3 x (B, H, T, hd)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+    with torch.no_grad():
+        actual = module(x)  # (B, T, 16)
+    torch.testing.assert_close(actual, expected.transpose(1, 2).flatten(2))
+    assert not module.training
+
+
 def _notebook_app():
     pytest.importorskip("marimo")
     spec = importlib.util.spec_from_file_location("attention_notebook", NOTEBOOK)
@@ -90,25 +122,8 @@ def test_notebook_leaves_interpreted_implementations_out_when_switched_off():
     _, defs = app.run()
     if not defs["interpreted"]:
         pytest.skip("no implementation runs interpreted here (triton is not installed or its interpreter fails)")
-    # Every name the controls cell returns: an override replaces the whole cell.
-    controls = [
-        "batch",
-        "block_size",
-        "dtype_name",
-        "head_dim",
-        "impl",
-        "interpreted",
-        "num_docs",
-        "num_heads",
-        "pattern_kind",
-        "prefix_len",
-        "run_interpreted",
-        "runnable",
-        "seq_len",
-        "window",
-    ]
     chosen = defs["interpreted"][0]
-    overrides = {name: defs[name] for name in controls}
+    overrides = {name: defs[name] for name in _CONTROLS}
     overrides |= {"run_interpreted": SimpleNamespace(value=False), "impl": SimpleNamespace(value=chosen)}
 
     outputs, off = app.run(defs=overrides)
@@ -116,5 +131,24 @@ def test_notebook_leaves_interpreted_implementations_out_when_switched_off():
     assert all(e.passes for e in off["errors"].values())
     shown = " ".join(str(getattr(output, "text", output)) for output in outputs)  # the cells' HTML
     assert f"<code>{chosen}</code> not run: switched off above" in shown  # the accuracy table's note
-    assert f"<code>{chosen}</code> is switched off above" in shown  # the error map, stopped
+    assert f"<code>{chosen}</code> is not run: switched off above" in shown  # the error map, stopped
+
+
+def test_notebook_leaves_out_what_cannot_compute_the_chosen_dtype():
+    """bfloat16 on CPU: triton's interpreter refuses it, so the notebook names why and runs the
+    rest, instead of failing three cells."""
+    app = _notebook_app()
+    _, defs = app.run()
+    refusing = [n for n in defs["runnable"] if attention.get(n).dtype_unsupported(torch.bfloat16, "cpu") is not None]
+    if not refusing:
+        pytest.skip("every implementation that runs here computes bfloat16 on CPU")
+    overrides = {name: defs[name] for name in _CONTROLS}
+    overrides |= {"dtype_name": SimpleNamespace(value="bfloat16"), "impl": SimpleNamespace(value=refusing[0])}
+
+    outputs, bf16 = app.run(defs=overrides)
+    assert set(bf16["errors"]) == set(defs["runnable"]) - set(refusing)
+    assert all(e.passes for e in bf16["errors"].values())
+    shown = " ".join(str(getattr(output, "text", output)) for output in outputs)
+    assert f"<code>{refusing[0]}</code> not run: runs fp16 or fp32 on CPU (interpreted), not torch.bfloat16" in shown
+    assert f"<code>{refusing[0]}</code> is not run: runs fp16 or fp32" in shown  # the error map, stopped
     assert defs["weights"].shape == (4, 128, 128)

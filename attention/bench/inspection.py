@@ -56,6 +56,19 @@ def build(
     return module.eval()
 
 
+def core_module(name: str, *, num_heads: int, head_dim: int, seq_len: int, **kwargs) -> AttentionBase:
+    """Implementation ``name`` in eval mode with identity projections, taking ``x = [q | k | v]``
+    (width ``3 * num_heads * head_dim``): ``module(x)`` is exactly the attention core over ``q, k, v``,
+    so its error against the oracle is the attention's, not hidden under the projections' rounding."""
+    d_model = num_heads * head_dim
+    module = get(name)(3 * d_model, d_model, num_heads, seq_len, **kwargs)
+    with torch.no_grad():
+        module.qkv.weight.copy_(torch.eye(3 * d_model))  # (3 d_model, 3 d_model): q, k, v = x
+        module.proj.weight.copy_(torch.eye(d_model))  # (d_model, d_model)
+        module.proj.bias.zero_()
+    return module.eval()
+
+
 @dataclass(frozen=True)
 class OpRow:
     """One op in a profile: what ran, how often and how long, summed over calls."""

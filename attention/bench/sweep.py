@@ -37,6 +37,7 @@ from .. import registry
 from ..accuracy import check_module
 from .cost import DTYPES, dtype_name
 from .files import unwritable
+from .inspection import core_module
 from .memory import free_cached_memory, method_for, peak_memory, quiet_profiler_logs
 from .timing import check_threads, clock_for, cpu_threads, measure, usable_cpus
 from .workload import Workload
@@ -353,9 +354,8 @@ def time_cell(config: Config, workload: Workload) -> Cell:
 def accuracy_cell(config: Config, impl: str, seq_len: int) -> Cell:
     """Max and mean |attention - float64 oracle| on one sequence, in float32 and in ``config.dtype``.
 
-    The module gets identity projections and ``x = [q | k | v]``, so ``module(x)`` is exactly the
-    attention core over random ``q, k, v`` and :func:`attention.reference_forward` is its float64
-    oracle: the error is the attention's, not hidden under the projections' rounding.
+    The module is :func:`inspection.core_module`'s (identity projections, ``x = [q | k | v]``), so
+    :func:`attention.reference_forward` is the float64 oracle of the attention core alone.
     """
     heads = min(ACCURACY_HEADS, config.num_heads)
     d_model = heads * config.head_dim
@@ -370,12 +370,7 @@ def accuracy_cell(config: Config, impl: str, seq_len: int) -> Cell:
             return Cell("skipped", f"{'float64 oracle' if dtype == torch.float64 else impl}: {reason}")
 
     def body() -> Cell:
-        module = registry.get(impl)(3 * d_model, d_model, heads, seq_len).eval()
-        with torch.no_grad():
-            module.qkv.weight.copy_(torch.eye(3 * d_model))  # (3 d_model, 3 d_model): q, k, v = x
-            module.proj.weight.copy_(torch.eye(d_model))  # (d_model, d_model)
-            module.proj.bias.zero_()
-        module.to(config.device)
+        module = core_module(impl, num_heads=heads, head_dim=config.head_dim, seq_len=seq_len).to(config.device)
         # Seeded by the length: with one seed, each length's input was a prefix of the next one's,
         # so every length's max error was the same early row's and the column read flat.
         gen = torch.Generator(device=config.device).manual_seed(seq_len)

@@ -198,8 +198,8 @@ def skip_reason(impl_name: str, device: str, dtype: torch.dtype | None, needs: t
     declared = impl.capabilities()
     if declared.devices is not None and not declared.allows_device(device):
         return f"declares devices {', '.join(sorted(declared.devices))} only"
-    if dtype is not None and declared.dtypes is not None and not declared.allows_dtype(dtype):
-        return f"declares dtypes {_names(declared.dtypes)} only, not {dtype}"
+    if dtype is not None and (problem := impl.dtype_unsupported(dtype, device)) is not None:
+        return problem
     for capability in needs:
         has = {
             "masks": declared.masks,
