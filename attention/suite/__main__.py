@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     # This command imported the package before pytest started, so pytest cannot rewrite it as an
     # installed plugin's; the suite's test modules, imported later, still are.
     quiet = ["-W", f"ignore:{_ALREADY_IMPORTED}:pytest.PytestAssertRewriteWarning"]
-    return int(pytest.main(["--pyargs", "attention.suite", "-p", "attention.suite.plugin", *quiet, *impls, *rest]))
+    # The property suite times nothing: pytest-benchmark's plugin would only leave an empty
+    # .benchmarks/ in the caller's folder.
+    untimed = ["-p", "no:benchmark"]
+    return int(
+        pytest.main(["--pyargs", "attention.suite", "-p", "attention.suite.plugin", *untimed, *quiet, *impls, *rest])
+    )
 
 
 if __name__ == "__main__":
