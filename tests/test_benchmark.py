@@ -262,3 +262,14 @@ def test_peak_memory_on_cpu_sees_a_temporary():
     peak = peak_memory(allocate_and_free, device="cpu")
     assert 8 * 1024**2 <= peak.bytes < 9 * 1024**2
     assert peak.total_bytes is None and "profiler" in peak.method
+
+
+def test_an_accuracy_cell_skipped_for_the_implementation_gives_its_reason_once():
+    """The report's note reads "<impl> accuracy: <reason>"; the reason itself already names the
+    implementation, so the cell's must not name it again (only the oracle's skips are labelled)."""
+    if (missing := attention.get("triton").unavailable("cpu")) is not None:
+        pytest.skip(missing)
+    config = sweep.parse_args(["--device", "cpu", "--impl", "triton", "--seq-lens", "64"])
+    cell = sweep.accuracy_cell(config, "triton", 64)
+    assert cell.status == "skipped"
+    assert cell.reason == "triton runs interpreted on cpu: its timings would measure the interpreter"
