@@ -139,10 +139,13 @@ def test_more_tokens_than_context_length(impl_name: str) -> None:
         _forward(_build(impl_name), _x(1, 17, 6))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64])
-def test_input_dtype_differs_from_weights(impl_name: str, dtype: torch.dtype) -> None:
-    x = torch.ones(1, 3, 6, dtype=dtype)
-    with pytest.raises(TypeError, match=re.escape(f"x is {dtype} but the weights are torch.float32")):
+# Named x_dtype, not dtype: the module computes in fp32 here, and a "dtype" parameter is the one
+# the plugin checks against what an implementation computes (it would skip this test where the
+# refusal matters most).
+@pytest.mark.parametrize("x_dtype", [torch.float64, torch.bfloat16, torch.int64])
+def test_input_dtype_differs_from_weights(impl_name: str, x_dtype: torch.dtype) -> None:
+    x = torch.ones(1, 3, 6, dtype=x_dtype)
+    with pytest.raises(TypeError, match=re.escape(f"x is {x_dtype} but the weights are torch.float32")):
         _forward(_build(impl_name), x)
 
 
