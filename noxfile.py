@@ -122,7 +122,8 @@ def lowest_torch(session: nox.Session) -> None:
     """The property suite on the oldest torch ``pyproject.toml`` admits, in its own environment.
 
     Its ``torch>=X.Y``: the newest X.Y.* CPU wheel, for the library's own implementations on
-    CPU; triton is left out (each torch brings its own). Args go to pytest (docs/design.md#torch-floor)."""
+    CPU; the triton tests are deselected (each torch brings its own triton). Args go to pytest
+    (docs/design.md#torch-floor)."""
     floor = next(dep.split(">=")[1] for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("torch>="))
     env = {"PIP_CONSTRAINT": ""}  # .ci/run's pin is for the newest torch
     cpu = "https://download.pytorch.org/whl/cpu"
@@ -217,8 +218,9 @@ def perf(session: nox.Session) -> None:
     -- --repeat 3: run three times and derive per-case thresholds from the spread.
     -- --benchmark-compare=main: same-run A/B of main against the working tree.
     -- --impl NAME|module:attr: time only that implementation (and the references).
-    --grid quick: a third of the grid. Other args go to pytest (-k flex, --perf-graphs=fwd). Without CUDA it runs
-    a tiny CPU grid to show the machinery working and compares nothing. See perf/README.md.
+    --grid quick: under half of the grid (D=128, three lengths, fewer decode contexts, one mask).
+    Other args go to pytest (-k flex, --perf-graphs=fwd). Without CUDA it runs a tiny CPU grid to
+    show the machinery working and compares nothing. See perf/README.md.
     """
     python, env = _runner(session, {"perf"})
     env = {**env, "PYTHONPATH": str(HERE)}

@@ -67,7 +67,7 @@ def make_raw(cases: dict[str, dict], machine: dict | None = None) -> dict:
             {
                 "group": "g",
                 "name": f"test_prefill[{key}]",
-                "fullname": f"perf/test_prefill.py::test_prefill[{key}]",
+                "fullname": f"perf/test_grid.py::test_prefill[{key}]",
                 "extra_info": case_info(key, **spec),
                 "stats": {"median": median, "data": data, "rounds": len(data)},
             }

@@ -3,9 +3,10 @@
     python -m attention.bench                       # every implementation, defaults for this machine
     python -m attention.bench --impl sdpa flex --seq-lens 1024 4096 --out report/
 
-For every registered implementation and every length it measures the attention core forward
-and forward+backward (median time, TFLOP/s, peak memory), and the whole module's error against
-the float64 oracle in float32 and in the chosen dtype. Cases come from
+For every registered implementation that runs natively here (or those ``--impl`` names) and
+every length it measures the attention core forward and forward+backward (median time, TFLOP/s,
+peak memory), and the attention core's error against the float64 oracle (through the module with
+identity projections) in float32 and in the chosen dtype. Cases come from
 :class:`attention.bench.workload.Workload` (FLOPs, memory estimates, skip decisions) and are timed by
 :func:`attention.bench.timing.measure`, the timer perf/ uses. A case that cannot run (no backward on
 this device, not enough memory) is reported with the reason instead of stopping the sweep.
@@ -426,7 +427,7 @@ def metadata(config: Config) -> dict[str, object]:
         "hidden": config.hidden,
         "num_heads": config.num_heads,
         "head_dim": config.head_dim,
-        "level": "core (time, memory); module (accuracy)",
+        "level": "core (time, memory); core through the module, identity projections (accuracy)",
         "mask": "causal",
         "timer": getattr(clock_for(config.device), "name", "clock"),
         "memory_method": method_for(config.device),

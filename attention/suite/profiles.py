@@ -5,8 +5,6 @@
   of minutes on a 2-core CPU.
 * ``dev``: fresh random examples and remembered failures (``.hypothesis/``), a little more
   search than ``quick``: for exploring after a change.
-* ``cuda-quick``: deterministic and few examples, for a GPU run on a time budget: flex
-  compiles once per shape, dtype and grad mode (seconds each), so example counts set its cost.
 * ``thorough``: fresh random examples, many of them: the nightly run (``nox -s explore``).
 
 A profile of the same name that the user's own code registered first is left as it is. None is
@@ -26,7 +24,6 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(max_examples=5, derandomize=True, database=None, print_blob=True, **_COMMON),
     "dev": dict(max_examples=20, **_COMMON),
-    "cuda-quick": dict(max_examples=3, derandomize=True, database=None, **_COMMON),
     "thorough": dict(max_examples=200, **_COMMON),
 }
 

@@ -30,7 +30,6 @@ H100_ANCHORS: dict[tuple[str, str, int], dict[int, float]] = {
     ("flex", "fwd+bwd", 128): {1024: 207, 4096: 330, 16384: 390},
 }
 H100_CEILINGS = {"matmul_tflops": 797.0, "copy_gbps": 3001.0}
-H100_DECODE_GBPS = {1024: 1848.0, 4096: 2608.0, 16384: 2989.0}  # SDPA, B=8, H=16, D=128
 
 #: "Far outside" the anchors: this much faster than the best anchor means the timer is not
 #: timing the GPU; this much slower than the worst means a fallback or a broken harness.
