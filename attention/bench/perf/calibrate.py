@@ -24,7 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import ab, calibration, cli, flags, launcher
+from . import calibration, cli, flags, launcher
 from .launcher import say
 from .previous_run import PreviousRun
 from .results import PerfError, load_run, not_timed
@@ -75,17 +75,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _min_effects(path: str | None) -> ab.MinEffects:
-    try:
-        return ab.load_min_effects(path or ab.MIN_EFFECTS_FILE)
-    except (OSError, ValueError) as exc:
-        raise PerfError(f"--min-effects: {exc}") from None
-
-
 def report(run, args: argparse.Namespace, out: Path, skipped: list[tuple[str, str]]) -> int:
     """Judge ``run``, print the tables and verdicts, write the files; 2, writing nothing, if no case
     was calibrated (a run not made by calibrate holds no calibration samples)."""
-    cal = calibration.analyze(run, alpha=args.alpha, min_effects=_min_effects(args.min_effects), not_calibrated=skipped)
+    effects = cli.min_effects(args.min_effects)
+    cal = calibration.analyze(run, alpha=args.alpha, min_effects=effects, not_calibrated=skipped)
     if not cal.cases:
         first = "; ".join(f"{key}: {why}" for key, why in cal.not_calibrated[:1])
         more = f" (and {len(cal.not_calibrated) - 1} more)" if len(cal.not_calibrated) > 1 else ""
@@ -106,7 +100,7 @@ def main(argv: list[str]) -> int:
     args.grid, extra = flags.take_grid(args.grid, extra)
     if args.pairs < 1 or args.max_depth < 1:
         raise PerfError(f"--pairs and --max-depth must be >= 1, got {args.pairs} and {args.max_depth}")
-    _min_effects(args.min_effects)  # a bad file is refused before anything runs
+    cli.min_effects(args.min_effects)  # a bad file is refused before anything runs
     if args.source is not None:
         run = load_run(args.source)
         return report(run, args, Path(args.out) if args.out else Path(args.source).parent, [])

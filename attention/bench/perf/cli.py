@@ -49,7 +49,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ... import registry
@@ -89,12 +88,13 @@ def _default_out() -> Path:
     return Path(os.environ.get("PERF_OUT") or Path(".benchmarks") / "attention-perf")
 
 
-def _min_effects() -> Callable[[str], float]:
-    """The A/B's per-case minimum effects (the packaged min_effects.json), as floors for baseline thresholds."""
+def min_effects(path: str | None = None) -> ab.MinEffects:
+    """The A/B's per-case minimum effects: ``path`` (a ``--min-effects`` file) or the packaged
+    min_effects.json; the baseline commands take them as floors for their thresholds."""
     try:
-        return ab.load_min_effects(ab.MIN_EFFECTS_FILE).for_case
+        return ab.load_min_effects(path or ab.MIN_EFFECTS_FILE)
     except (OSError, ValueError) as exc:
-        raise PerfError(str(exc)) from None
+        raise PerfError(f"--min-effects: {exc}" if path else str(exc)) from None
 
 
 def _thresholds_path(explicit: str | None, baseline: Path) -> Path:
@@ -156,7 +156,7 @@ def record(runs: list[Run], baselines: Path, *, with_thresholds: bool) -> Path:
     write_run(merged, target / BASELINE_FILE)
     _say(f"Recorded {len(merged.records)} cases from {len(runs)} run(s) as {target / BASELINE_FILE}")
     if with_thresholds:
-        thresholds = cmp.thresholds_from_spread(runs, min_effect=_min_effects())
+        thresholds = cmp.thresholds_from_spread(runs, min_effect=min_effects().for_case)
         write_json(thresholds, target / THRESHOLDS_FILE)
         _say(f"Wrote thresholds from the spread of {len(runs)} runs: {target / THRESHOLDS_FILE}")
     elif not (target / THRESHOLDS_FILE).exists():
@@ -353,7 +353,7 @@ def _run_grid(
     summary = [report.matrix(runs[-1]), report.wall_time(runs[-1]), report.targets(runs[-1])]
     summary += [f"warning: {w}" for w in _noise(runs[-1])]
     if len(runs) >= 2:
-        thresholds = cmp.thresholds_from_spread(runs, min_effect=_min_effects())
+        thresholds = cmp.thresholds_from_spread(runs, min_effect=min_effects().for_case)
         write_json(thresholds, out / THRESHOLDS_FILE)
         summary.append(cmp.format_spread(thresholds))
     (out / "summary.txt").write_text("\n\n".join([*summary, report.cases_table(runs[-1])]) + "\n")
@@ -493,7 +493,7 @@ def cmd_spread(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise PerfError("spread needs at least two runs of the same grid: one run has no spread")
     runs = load_runs(args.runs)
-    thresholds = cmp.thresholds_from_spread(runs, k=args.k, floor=args.floor, min_effect=_min_effects())
+    thresholds = cmp.thresholds_from_spread(runs, k=args.k, floor=args.floor, min_effect=min_effects().for_case)
     _say(cmp.format_spread(thresholds))
     if args.write:
         write_json(thresholds, args.write)
