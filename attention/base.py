@@ -337,10 +337,12 @@ class AttentionBase(nn.Module):
             if name in state:
                 state[f"_{name}"] = state.pop(name)
         super().__setstate__(state)
+        self._patterns_changed()  # caches built from the patterns are left out of a pickle
 
     def _patterns_changed(self) -> None:
-        """Called whenever ``mask_mod`` or ``score_mod`` is set: an implementation that caches
-        anything built from them (flex: BlockMasks, compile keys) drops it here."""
+        """Called whenever ``mask_mod`` or ``score_mod`` is set, and on unpickling: an
+        implementation that caches anything built from them (flex: BlockMasks, compile keys;
+        triton: block tables) drops it here."""
 
     @property
     def scale(self) -> float:

@@ -242,10 +242,6 @@ class MHAPyTorchFlexAttention(AttentionBase):
         state.pop("_pattern_keys", None)
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._patterns_changed()
-
     def block_mask(self, q: Tensor, k: Tensor, q_offset: int = 0, document_ids: Tensor | None = None) -> BlockMask:
         """The BlockMask for these queries and keys, cached unless ``document_ids`` vary per call."""
         batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]

@@ -92,10 +92,6 @@ class MHATritonAttention(AttentionBase):
         state.pop("_tables", None)  # a cache: rebuilt on load
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._patterns_changed()
-
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
         super()._check_input(x, kv_cache, document_ids)
         # Refused here, before the cache is written, so a refused call leaves the cache as it was.

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cost import GiB, MiB
 from .files import write_atomically
 
 DIRECTION_LABELS = {"fwd": "forward", "fwd_bwd": "forward+backward"}
-_MIB = 1024**2
 
 
 def title(result: dict) -> str:
@@ -59,7 +59,7 @@ def fmt_bytes(n: float | None) -> str:
     """``n`` bytes in GiB from 1 GiB up, else MiB; ``n/a`` for ``None``."""
     if n is None:
         return "n/a"
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / _MIB:.1f} MiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
 
 
 def print_table(result: dict, console) -> None:
@@ -185,10 +185,10 @@ def plot_throughput(result: dict, path: Path) -> Path:
 
 def plot_memory(result: dict, path: Path) -> Path:
     fig, axes = _loglog_panels(
-        result, "peak_bytes", "peak memory above inputs (MiB)", 1 / _MIB, "peak memory vs sequence length"
+        result, "peak_bytes", "peak memory above inputs (MiB)", 1 / MiB, "peak memory vs sequence length"
     )
     for ax, direction in zip(axes, ("fwd", "fwd_bwd"), strict=True):
-        _guides(ax, result, "peak_bytes", direction, 1 / _MIB)
+        _guides(ax, result, "peak_bytes", direction, 1 / MiB)
     return save_figure(fig, path)
 
 

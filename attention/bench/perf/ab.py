@@ -209,7 +209,8 @@ def _graph_timed(v: CaseVerdict) -> bool:
     return v.timing_mode == "cuda-graph"
 
 
-def _cell(text: str) -> str:
+def markdown_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (a ``|`` would end the cell)."""
     return text.replace("|", "\\|")
 
 
@@ -237,7 +238,8 @@ def _table(verdicts: Sequence[CaseVerdict], level: float) -> list[str]:
             if v.base_peak_mib > 0:
                 peak += f" ({v.head_peak_mib / v.base_peak_mib - 1:+.0%})"
         label = _verdict_label(v) + (f": {v.message}" if v.status == "error" else "")
-        cells = [f"`{_cell(v.key)}`", _cell(label), ratio, interval, f"±{_pct(v.min_effect)}", detect, p, peak]
+        key, label = f"`{markdown_cell(v.key)}`", markdown_cell(label)
+        cells = [key, label, ratio, interval, f"±{_pct(v.min_effect)}", detect, p, peak]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 

@@ -651,7 +651,7 @@ def verdict_lines(cal: Calibration) -> list[str]:
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    out += ["| " + " | ".join(map(ab.markdown_cell, row)) + " |" for row in rows]
     return out
 
 
