@@ -170,7 +170,7 @@ class MHATritonAttention(AttentionBase):
                 "min_split": decode.MIN_SPLIT_KEYS,
                 "programmatic_launch": supports_programmatic_launch(device),
             }
-        tma = use_tma(device) and tma_rows_fit(head_dim, dtype)  # as for contiguous inputs, the perf cases'
+        tma = use_tma(device, head_dim) and tma_rows_fit(head_dim, dtype)  # as for contiguous inputs, the perf cases'
         blocks = prefill_blocks(dtype, head_dim, device, kv_len=q_len, grad=grad, tma=tma)
         config: dict[str, object] = {"kernel": "prefill", **blocks.as_dict()}
         if grad:
@@ -209,7 +209,7 @@ class MHATritonAttention(AttentionBase):
             sees_all = q_offset + q.shape[2] >= k.shape[2] and q.shape[2] == 1
             visible = decode.ALL if sees_all else decode.CAUSAL
             return decode.attend(q, k, v, self.scale, q_offset=q_offset, visible=visible)  # (B, H, Tq, hd)
-        tma = use_tma(q.device) and tma_fits(q, k, v)
+        tma = use_tma(q.device, self.head_dim) and tma_fits(q, k, v)
         blocks = prefill_blocks(q.dtype, self.head_dim, q.device, kv_len=k.shape[2], grad=wants_grad, tma=tma)
         table = self.block_table(q, k, q_offset, document_ids, blocks.block_m, blocks.block_n)
         if not wants_grad:

@@ -188,7 +188,7 @@ def test_split_tiles_follow_dtype_rows_and_shared_memory() -> None:
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma"])
 def test_kernel_config_names_the_tiles_a_call_runs(monkeypatch: pytest.MonkeyPatch, tma: bool) -> None:
-    monkeypatch.setattr(launch, "use_tma", lambda device: tma)  # whatever GPU runs this, asked or not
+    monkeypatch.setattr(launch, "use_tma", lambda device, head_dim: tma)  # whatever GPU runs this, asked or not
     config = attention.get("triton").kernel_config
     bf16 = torch.bfloat16
     assert config(bf16, 128, 1, grad=False, device="cuda", group=4)["BLOCK_N"] == 128  # 4 rows
@@ -209,15 +209,21 @@ def test_kernel_config_names_the_tiles_a_call_runs(monkeypatch: pytest.MonkeyPat
     assert config(bf16, 36, 4096, grad=False, device="cuda")["TMA"] == 0  # 72-byte rows: no descriptor
 
 
-def test_descriptor_loads_are_taken_where_asked_for_and_the_gpu_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_descriptor_loads_are_taken_where_faster_or_asked_for_and_the_gpu_has_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cuda = torch.device("cuda")
     monkeypatch.delenv(launch.TMA_SWITCH, raising=False)
     monkeypatch.setattr(launch, "supports_tma", lambda device: True)
-    assert not launch.use_tma(cuda)  # off unless asked for
+    assert launch.use_tma(cuda, 128)  # by default where measured faster
+    assert not any(launch.use_tma(cuda, hd) for hd in (32, 64, 80, 96))
     monkeypatch.setenv(launch.TMA_SWITCH, "1")
-    assert launch.use_tma(cuda)
+    assert launch.use_tma(cuda, 64)
+    monkeypatch.setenv(launch.TMA_SWITCH, "0")
+    assert not launch.use_tma(cuda, 128)
+    monkeypatch.setenv(launch.TMA_SWITCH, "1")
     monkeypatch.setattr(launch, "supports_tma", lambda device: False)
-    assert not launch.use_tma(cuda)  # asked for, on a GPU without them
+    assert not launch.use_tma(cuda, 128)  # asked for, on a GPU without them
 
 
 def test_tensor_descriptors_take_only_tensors_laid_out_for_them() -> None:
@@ -476,7 +482,7 @@ def test_kernels_refuse_what_they_would_misread() -> None:
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
 def test_float64_is_refused_on_cuda() -> None:
     module = attention.get("triton")(16, 32, 2, 8).to("cuda", torch.float64)
-    with pytest.raises(TypeError, match=r"fp16, bf16 or fp32 on CUDA, got torch\.float64"):
+    with pytest.raises(TypeError, match=r"fp16, bf16 or fp32 on CUDA, not torch\.float64"):
         module(torch.randn(1, 4, 16, device="cuda", dtype=torch.float64))
 
 

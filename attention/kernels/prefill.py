@@ -49,8 +49,9 @@ def _fwd(
 ):  # fmt: skip
     # With TMA, Q, K and V are tensor descriptors of (B, H, T, hd) tensors read one
     # [1, 1, rows, BLOCK_D] box at a time, zero past the sequence and the head dim, and their
-    # stride arguments are unused.
-    qb = tl.program_id(0)
+    # stride arguments are unused. Their programs take the causal triangle's longest rows first, so
+    # the short ones fill the last wave (docs/design.md#triton-tma-forward).
+    qb = tl.num_programs(0) - 1 - tl.program_id(0) if TMA else tl.program_id(0)
     bh = tl.program_id(1)
     seq = bh // H  # a descriptor's coordinate (int32)
     b = seq.to(tl.int64)  # b * (batch stride) can pass 2**31 elements
@@ -132,8 +133,9 @@ def _bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FULL_RUN: tl.constexpr,
     TMA: tl.constexpr,
 ):  # fmt: skip
-    # so* are dO's strides. With TMA, Q, K, V and DO are tensor descriptors, as in the forward.
-    qb = tl.program_id(0)
+    # so* are dO's strides. With TMA, Q, K, V and DO are tensor descriptors, as in the forward,
+    # and the longest rows go first.
+    qb = tl.num_programs(0) - 1 - tl.program_id(0) if TMA else tl.program_id(0)
     bh = tl.program_id(1)
     seq = bh // H  # a descriptor's coordinate (int32)
     b = seq.to(tl.int64)  # b * (batch stride) can pass 2**31 elements
