@@ -100,26 +100,30 @@ def test_core_module_is_the_attention_core_over_its_input(name):
     assert not module.training
 
 
-def _notebook_app():
+@pytest.fixture(scope="module")
+def notebook():
+    """The notebook's app and the definitions of one run with its default controls (each run
+    takes seconds: the tests below rerun it only with the controls they change)."""
     pytest.importorskip("marimo")
     spec = importlib.util.spec_from_file_location("attention_notebook", NOTEBOOK)
-    notebook = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(notebook)
-    return notebook.app
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, defs = module.app.run()
+    return module.app, defs
 
 
-def test_notebook_runs_every_cell():
-    _, defs = _notebook_app().run()
+def test_notebook_runs_every_cell(notebook):
+    _, defs = notebook
     runnable = {name for name, cls in attention.implementations().items() if cls.unavailable("cpu") is None}
     assert set(defs["errors"]) == runnable >= {"from_scratch", "flex", "sdpa"}  # and triton, where installed
     assert all(e.passes for e in defs["errors"].values())
     interpreted = {name for name in runnable if attention.implementations()[name].runs_interpreted("cpu")}
     assert set(defs["interpreted"]) == interpreted
+    assert defs["weights"].shape == (4, 128, 128)
 
 
-def test_notebook_leaves_interpreted_implementations_out_when_switched_off():
-    app = _notebook_app()
-    _, defs = app.run()
+def test_notebook_leaves_interpreted_implementations_out_when_switched_off(notebook):
+    app, defs = notebook
     if not defs["interpreted"]:
         pytest.skip("no implementation runs interpreted here (triton is not installed or its interpreter fails)")
     chosen = defs["interpreted"][0]
@@ -134,11 +138,10 @@ def test_notebook_leaves_interpreted_implementations_out_when_switched_off():
     assert f"<code>{chosen}</code> is not run: switched off above" in shown  # the error map, stopped
 
 
-def test_notebook_leaves_out_what_cannot_compute_the_chosen_dtype():
+def test_notebook_leaves_out_what_cannot_compute_the_chosen_dtype(notebook):
     """bfloat16 on CPU: triton's interpreter refuses it, so the notebook names why and runs the
     rest, instead of failing three cells."""
-    app = _notebook_app()
-    _, defs = app.run()
+    app, defs = notebook
     refusing = [n for n in defs["runnable"] if attention.get(n).dtype_unsupported(torch.bfloat16, "cpu") is not None]
     if not refusing:
         pytest.skip("every implementation that runs here computes bfloat16 on CPU")
@@ -151,4 +154,3 @@ def test_notebook_leaves_out_what_cannot_compute_the_chosen_dtype():
     shown = " ".join(str(getattr(output, "text", output)) for output in outputs)
     assert f"<code>{refusing[0]}</code> not run: runs fp16 or fp32 on CPU (interpreted), not torch.bfloat16" in shown
     assert f"<code>{refusing[0]}</code> is not run: runs fp16 or fp32" in shown  # the error map, stopped
-    assert defs["weights"].shape == (4, 128, 128)
