@@ -171,10 +171,14 @@ def test_the_cli_runs_a_users_implementation_from_its_repository_and_fails_a_bro
     assert done.returncode == 1, done.stdout[-3000:]
     log = (tmp_path / "bad" / "cases.jsonl").read_text()
     assert "broken on purpose" in log and '"status": "failed"' in log
-    cmd = [*base, "--out", str(tmp_path / "none"), "--impl", f"{PKG}.attn:no_such_thing"]
-    done = subprocess.run(cmd, cwd=user_repo, env=_env(user_repo), capture_output=True, text=True, timeout=300)
+
+
+def test_an_impl_naming_a_missing_attribute_is_a_usage_error_naming_the_spec_once(imported: Path, tmp_path, capfd):
+    from attention.bench.perf import cli
+
+    assert cli.main(["--out", str(tmp_path / "none"), "--impl", f"{PKG}.attn:no_such_thing"]) == 2
     told = "--impl: perf_outside_pkg.attn:no_such_thing: perf_outside_pkg.attn has no attribute no_such_thing"
-    assert done.returncode == 2 and told in done.stdout  # the spec named once
+    assert told in capfd.readouterr().out
 
 
 def test_pytest_perf_in_this_checkout_loads_the_plugin_once_also_when_named_twice():
