@@ -34,6 +34,15 @@ def _declares(capability: object) -> bool:
     return bool(capability()) if callable(capability) else bool(capability)
 
 
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the projections hand to attention for input ``x``: ``torch.autocast``'s where it
+    is on for ``x``'s device (it casts the ``qkv`` matmul of any floating input but float64)."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def _fn_name(fn: object) -> str:
     """A mask or score mod's name for messages: its ``__name__``, else its type's."""
     return getattr(fn, "__name__", type(fn).__name__)
@@ -237,6 +246,14 @@ class AttentionBase(nn.Module):
         if declared.dtypes is None or declared.allows_dtype(dtype):
             return None
         return f"declares dtypes {', '.join(sorted(map(str, declared.dtypes)))} only, not {dtype}"
+
+    def _check_dtype(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Refuse to attend in ``dtype`` on ``device`` where :meth:`dtype_unsupported` says why."""
+        problem = self.dtype_unsupported(dtype, device)
+        if problem is None:
+            return
+        autocast = f" ({dtype} is torch.autocast's dtype)" if torch.is_autocast_enabled(device.type) else ""
+        raise TypeError(f"{type(self).__name__} {problem}{autocast}")
 
     @classmethod
     def runs_interpreted(cls, device: torch.device | str) -> bool:
@@ -490,9 +507,7 @@ class AttentionBase(nn.Module):
             raise TypeError(f"x is {x.dtype} but the weights are {weight.dtype}; cast one to match")
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the weights are on {weight.device}")
-        problem = self.dtype_unsupported(x.dtype, x.device)
-        if problem is not None:
-            raise TypeError(f"{type(self).__name__} {problem}")
+        self._check_dtype(attention_dtype(x), x.device)
         declared = self.capabilities()
         if declared.devices is not None and not declared.allows_device(x.device):
             shown = ", ".join(sorted(declared.devices))

@@ -24,12 +24,25 @@ def shared_bytes_per_sm(device: torch.device) -> int | None:
     return getattr(_properties(device), "shared_memory_per_multiprocessor", None)
 
 
-def _nvidia_hopper_on(device: torch.device) -> bool:
-    """Whether ``device`` is an NVIDIA GPU of compute capability 9.0 or later (not ROCm, whose
+def _nvidia_major(device: torch.device) -> int | None:
+    """The compute capability's major version of an NVIDIA GPU, ``None`` for anything else (ROCm's
     MI200/MI300 also report major version 9)."""
     if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
-        return False
-    return _properties(device).major >= 9
+        return None
+    return _properties(device).major
+
+
+def _nvidia_hopper_on(device: torch.device) -> bool:
+    """Whether ``device`` is an NVIDIA GPU of compute capability 9.0 or later."""
+    major = _nvidia_major(device)
+    return major is not None and major >= 9
+
+
+@cache
+def is_hopper(device: torch.device) -> bool:
+    """Whether ``device`` is an NVIDIA Hopper GPU (compute capability 9.x): where a kernel choice
+    measured on an H100 or H200 is taken by default."""
+    return _nvidia_major(device) == 9
 
 
 @cache
@@ -44,6 +57,5 @@ def supports_programmatic_launch(device: torch.device) -> bool:
 @cache
 def supports_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can load tiles through tensor descriptors (TMA: NVIDIA Hopper
-    on; docs/design.md#triton-tma-forward). Looked up once per device: with descriptor loads asked
-    for, every prefill call asks."""
+    on; docs/design.md#triton-tma-forward). Looked up once per device: every prefill call asks."""
     return _nvidia_hopper_on(device)

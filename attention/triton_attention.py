@@ -105,7 +105,9 @@ class MHATritonAttention(AttentionBase):
         reason = self.unavailable(x.device)
         if reason is not None:
             raise RuntimeError(f"{type(self).__name__} cannot run here: {reason}")
-        self._check_dtype(_attention_dtype(x), x.device)
+        from .kernels.launch import tma_switch
+
+        tma_switch()  # a wrong ATTENTION_TRITON_TMA is refused before the cache is written
         if x.device.type == "cuda" and self.head_dim > MAX_HEAD_DIM:
             raise ValueError(
                 f"{type(self).__name__} supports head_dim (d_out // num_heads) up to {MAX_HEAD_DIM} on CUDA, "
@@ -120,14 +122,6 @@ class MHATritonAttention(AttentionBase):
         allowed = [_DTYPE_NAMES[d] for d in DTYPES[kind]]
         where = "CUDA" if kind == "cuda" else "CPU (interpreted)"
         return f"runs {', '.join(allowed[:-1])} or {allowed[-1]} on {where}, not {dtype}{_why_not(dtype)}"
-
-    def _check_dtype(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Refuse a dtype the kernels would compute wrong on ``device`` (see :data:`DTYPES`)."""
-        problem = self.dtype_unsupported(dtype, device)
-        if problem is None:
-            return
-        autocast = f" ({dtype} is torch.autocast's dtype)" if torch.is_autocast_enabled(device.type) else ""
-        raise TypeError(f"{type(self).__name__} {problem}{autocast}")
 
     @classmethod
     def grad_error_allowance(cls, device: torch.device | str) -> float:
@@ -245,15 +239,6 @@ def _why_not(dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16:
         return ": Triton's interpreter holds bfloat16 as raw 16-bit integers, and tl.dot multiplies them as integers"
     return ""
-
-
-def _attention_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the projections hand to attention for input ``x``: ``torch.autocast``'s where it
-    is on for ``x``'s device (it casts the ``qkv`` matmul of any floating input but float64)."""
-    device = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 def _in_query_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

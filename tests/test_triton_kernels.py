@@ -215,8 +215,24 @@ def test_descriptor_loads_are_taken_where_faster_or_asked_for_and_the_gpu_has_th
     cuda = torch.device("cuda")
     monkeypatch.delenv(launch.TMA_SWITCH, raising=False)
     monkeypatch.setattr(launch, "supports_tma", lambda device: True)
-    assert launch.use_tma(cuda, 128)  # by default where measured faster
+    monkeypatch.setattr(launch, "is_hopper", lambda device: True)
+    assert launch.use_tma(cuda, 128)  # by default where measured faster: head dim 128 on Hopper
     assert not any(launch.use_tma(cuda, hd) for hd in (32, 64, 80, 96))
+    monkeypatch.setattr(launch, "is_hopper", lambda device: False)
+    assert not launch.use_tma(cuda, 128)  # a later GPU: not measured there
+    monkeypatch.setenv(launch.TMA_SWITCH, "")
+    assert not launch.use_tma(cuda, 128)  # empty is unset
+    module, x = _cpu_module_and_input(torch.float32)
+    cache = module.make_kv_cache(2, 24)
+    for wrong in ("false", "off", "yes"):
+        monkeypatch.setenv(launch.TMA_SWITCH, wrong)
+        told = rf"ATTENTION_TRITON_TMA must be 0 \(off\), 1 \(on\) .* got '{wrong}'"
+        with pytest.raises(ValueError, match=told):
+            launch.use_tma(cuda, 128)
+        if attention.get("triton").unavailable("cpu") is None:
+            with torch.no_grad(), pytest.raises(ValueError, match=told):
+                module(x, kv_cache=cache)  # refused before the cache is written
+            assert cache.pos == 0
     monkeypatch.setenv(launch.TMA_SWITCH, "1")
     assert launch.use_tma(cuda, 64)
     monkeypatch.setenv(launch.TMA_SWITCH, "0")
@@ -525,6 +541,18 @@ def test_autocast_to_bf16_is_refused_on_cpu() -> None:
         pytest.raises(TypeError, match=r"not torch\.bfloat16: .* \(torch\.bfloat16 is torch\.autocast's dtype\)"),
     ):
         module(x)
+
+
+def test_a_bf16_module_under_fp16_autocast_runs_on_cpu() -> None:
+    """What the kernels get is autocast's dtype, not the input's: a bf16 module under fp16 autocast
+    hands them fp16, which the interpreter computes right, so the call is not refused for bf16."""
+    _skip_where_unavailable("cpu")
+    module, x = _cpu_module_and_input(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", torch.float16):
+        y = module(x)  # (B, T, d_out)
+        same = module.float()(x.float())  # (B, T, d_out): the fp32 module under the same autocast
+    assert y.dtype == same.dtype == torch.float16
+    torch.testing.assert_close(y, same, rtol=0.05, atol=0.02)  # bf16 weights against their fp32 copy
 
 
 def test_fp16_and_fp16_autocast_on_cpu_match_the_oracle() -> None:

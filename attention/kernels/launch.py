@@ -18,7 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from .. import checks
-from ..device_info import supports_tma
+from ..device_info import is_hopper, supports_tma
 
 
 class Kernel:
@@ -222,7 +222,7 @@ def prefill_blocks(
     share an SM where one 8-warp program had it alone. With gradients the forward keeps the dQ
     kernel's tiles, whose block table it shares.
 
-    ``tma`` (asked for, and the device and tensors allow it: :func:`use_tma`, :func:`tma_fits`)
+    ``tma`` (where :func:`use_tma` takes them and the tensors allow it: :func:`tma_fits`)
     turns tensor-descriptor loads on for 16-bit inputs (docs/design.md#triton-tma-forward): a
     forward without gradients in 64 x 64 tiles and 4 warps at every length, since loads that cost
     no registers or address arithmetic make the small tile pay at 4k and 16k too; with gradients
@@ -243,23 +243,33 @@ def prefill_blocks(
 
 
 #: ``0`` turns tensor-descriptor loads off, ``1`` on at every head dim, on GPUs that have them;
-#: unset (or any other value), they are on where they were measured faster: head dim 128
-#: (docs/design.md#triton-tma-forward).
+#: unset (or empty), they are on where they were measured faster: head dim 128 on Hopper
+#: (docs/design.md#triton-tma-forward). Any other value is refused.
 TMA_SWITCH = "ATTENTION_TRITON_TMA"
 
 
 def use_tma(device: torch.device, head_dim: int) -> bool:
     """Whether prefill kernels on ``device`` load their tiles through tensor descriptors: the device
-    has them, and :data:`TMA_SWITCH` asks for them or, unset, ``head_dim`` is 128, the one they
-    were measured faster at (9-15% in the forward; at 64 up to 12% slower in the backward; head
-    dims padded to 128 not yet measured). Read on every call, so a test or a benchmark can set it
-    for one run."""
+    has them, and :data:`TMA_SWITCH` asks for them or, unset, ``head_dim`` is 128 on a Hopper GPU,
+    where they were measured faster (11-15% in the forward, 4-20% in the backward; at head dim 64
+    4-6% slower in the backward; padded head dims and later GPUs not measured). Read on every call,
+    so a test or a benchmark can set it for one run."""
+    asked = tma_switch()
     if not supports_tma(device):
         return False
-    asked = os.environ.get(TMA_SWITCH)
-    if asked in ("0", "1"):
-        return asked == "1"
-    return head_dim == 128
+    if asked is not None:
+        return asked
+    return head_dim == 128 and is_hopper(device)
+
+
+def tma_switch() -> bool | None:
+    """:data:`TMA_SWITCH` read: ``True`` (1), ``False`` (0) or ``None`` (unset or empty); a
+    ``ValueError`` naming it for anything else, which the module raises before a call writes
+    its cache."""
+    asked = os.environ.get(TMA_SWITCH, "")
+    if asked not in ("", "0", "1"):
+        raise ValueError(f"{TMA_SWITCH} must be 0 (off), 1 (on) or unset (measured default), got {asked!r}")
+    return None if asked == "" else asked == "1"
 
 
 def tma_rows_fit(head_dim: int, dtype: torch.dtype) -> bool:
