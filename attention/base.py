@@ -511,7 +511,7 @@ class AttentionBase(nn.Module):
         declared = self.capabilities()
         if declared.devices is not None and not declared.allows_device(x.device):
             shown = ", ".join(sorted(declared.devices))
-            raise ValueError(f"{type(self).__name__} declares devices {shown} only; x is on {x.device}")
+            raise ValueError(f"{type(self).__name__} declares devices {shown} only, not {x.device.type}")
         if kv_cache is not None and not declared.kv_cache:
             raise self._undeclared("kv_cache", "a call with kv_cache")
         if document_ids is not None and not declared.masks:

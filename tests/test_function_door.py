@@ -53,6 +53,9 @@ def test_undeclared_capabilities_are_refused_by_name() -> None:
     narrow = from_function(plain_causal, dtypes=[torch.float64])(8, 8, 2, 16)
     with pytest.raises(TypeError, match=r"declares dtypes torch.float64 only, not torch.float32"):
         narrow.float()(torch.randn(1, 4, 8))
+    cuda_only = from_function(plain_causal, devices=["cuda"])(8, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"declares devices cuda only, not cpu"):
+        cuda_only(torch.randn(1, 4, 8))
 
 
 def test_a_mask_mod_function_gets_the_pattern_shifted_by_the_cache() -> None:

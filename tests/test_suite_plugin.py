@@ -140,3 +140,26 @@ def test_workflows_name_only_the_suites_profiles():
     }
     # A value is a literal name of ours: not Hypothesis's, not quoted into one, not an expression.
     assert {(file, name) for file, name in named if name not in PROFILES} == set()
+
+
+def test_an_implementation_computing_none_of_the_tested_dtypes_is_untestable_with_its_reasons(monkeypatch) -> None:
+    """A kernel's own dtype limit (``dtype_unsupported`` overridden, nothing declared) that rules out
+    every dtype the suite runs on a device: one reason for the device, not a skip per test."""
+    import attention
+    from attention import registry
+    from attention.suite import plugin
+
+    class HalfOnlyKernel(attention.get("sdpa")):
+        @classmethod
+        def dtype_unsupported(cls, dtype, device):
+            return None if dtype == torch.bfloat16 else f"its kernel runs bf16 only, not {dtype}"
+
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(registry, "_sources", dict(registry._sources))
+    attention.register("half_only_kernel", HalfOnlyKernel)
+    reason = plugin._untestable_on("half_only_kernel", "cpu", [torch.float32, torch.float16])
+    assert reason == (
+        "computes none of the dtypes the tests here run: its kernel runs bf16 only, not torch.float32; "
+        "its kernel runs bf16 only, not torch.float16"
+    )
+    assert plugin._untestable_on("half_only_kernel", "cpu", [torch.float32, torch.bfloat16]) is None

@@ -231,9 +231,13 @@ def _untestable_on(impl_name: str, device: str, tested: Iterable[torch.dtype]) -
         return reason
     import attention
 
-    declared = attention.get(impl_name).capabilities()
+    impl = attention.get(impl_name)
+    declared = impl.capabilities()
     if declared.dtypes is not None and not any(declared.allows_dtype(dtype) for dtype in tested):
         return f"declares dtypes {_names(declared.dtypes)} only, and the tests here run {_names(tested)}"
+    problems = [impl.dtype_unsupported(dtype, device) for dtype in tested]
+    if all(problems):  # a kernel's own limit (dtype_unsupported overridden), not a declaration
+        return f"computes none of the dtypes the tests here run: {'; '.join(map(str, problems))}"
     return None
 
 
