@@ -39,7 +39,7 @@ from ..accuracy import check_module
 from .cost import DTYPES, dtype_name
 from .files import unwritable
 from .inspection import core_module
-from .memory import free_cached_memory, method_for, peak_memory, quiet_profiler_logs
+from .memory import end_case, end_cases, method_for, peak_memory, quiet_profiler_logs
 from .timing import check_threads, clock_for, cpu_threads, measure, usable_cpus
 from .workload import Workload
 
@@ -316,7 +316,7 @@ def _guarded(device: str, body: Callable[[], Cell]) -> Cell:
         status = "oom" if _is_oom(error) else "error"
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         cell = Cell(status, f"{type(error).__name__}: {message}"[:300])
-    free_cached_memory(device)
+    end_case(device)
     return cell
 
 
@@ -445,8 +445,11 @@ def run_sweep(
     """Measure every (implementation, length), shortest lengths first, with ``config.threads``
     torch threads (restored after). ``progress(label)`` is called before each step,
     ``partial(result_so_far)`` before the first (implementation, length) and after each."""
-    with cpu_threads(config.threads):
-        return _sweep(config, progress, partial)
+    try:
+        with cpu_threads(config.threads):
+            return _sweep(config, progress, partial)
+    finally:
+        end_cases()
 
 
 def _sweep(

@@ -36,7 +36,6 @@ are refused at once with the reason (:mod:`.flags`).
 
 from __future__ import annotations
 
-import gc
 import importlib
 import signal
 import time
@@ -47,7 +46,7 @@ import pytest
 import torch
 
 from ... import flex, registry
-from ..memory import free_cached_memory, quiet_profiler_logs
+from ..memory import end_case, end_cases, free_cached_memory, quiet_profiler_logs
 from ..timing import clock_for
 from . import ab, calibration, guards, machine, runner, spin, stats
 from . import grid as perf_grid
@@ -200,6 +199,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    end_cases()
     state = config.stash.get(_STATE, None)
     if state is not None and state.base is not None:
         state.base.close()  # the worktrees go, on success, failure, Ctrl-C and SIGTERM alike
@@ -449,7 +449,4 @@ def run_case(perf_state: PerfState):
         return info
 
     yield run
-    free_cached_memory(state.device)
-    # What survives a case lives all session (compiled kernels, dynamo's caches): freezing it keeps
-    # the next gc.collect() from walking it again, which took ~0.3 s a case (~80 s a grid).
-    gc.freeze()
+    end_case(state.device)
