@@ -367,6 +367,38 @@ def test_module_backward_walks_a_key_table_of_its_own_tiles(monkeypatch, with_do
     assert tiles == ([] if with_documents else [(16, 64), (32, 32)])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("kv_heads", [8, 2], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("spec", ["causal", "sliding_window", "document", "prefix_lm"])
+def test_the_default_kernels_at_head_dim_128_match_the_oracle_in_bf16(spec: str, kv_heads: int) -> None:
+    """bf16 at head dim 128: what a Hopper GPU runs through tensor descriptors, longest rows first,
+    by default (docs/design.md#triton-tma-forward), and other GPUs through pointer loads. Output and
+    every gradient by the ratio rule, over partial tiles (1000 tokens), GQA, masks and documents."""
+    from attention.bench.inspection import make_pattern
+
+    _skip_where_unavailable("cuda")
+    t, h, hd = 1000, 8, 128
+    pattern = make_pattern(spec, t, batch=2, window=256, prefix_len=100, num_docs=3)
+    ids = None if pattern.document_ids is None else pattern.document_ids.to("cuda")  # (B, T)
+    torch.manual_seed(5)
+    module = attention.get("triton")(h * hd, h * hd, h, t, num_kv_heads=kv_heads, mask_mod=pattern.mask_mod)
+    module = module.to("cuda", torch.bfloat16)
+    expected_tma = launch.use_tma(torch.device("cuda"), hd)
+    assert module.kernel_config(torch.bfloat16, hd, t, grad=True, device="cuda")["TMA"] == expected_tma
+    x = seeded_randn(2, t, h * hd, seed=5, device="cuda", dtype=torch.bfloat16)  # (B, T, d_in)
+    check = check_module(module, x, document_ids=ids)
+    assert check.passes, check.problem
+    x.requires_grad_()
+    y = module(x, document_ids=ids)  # (B, T, d_out)
+    upstream = seeded_randn(*y.shape, seed=6, device="cuda", dtype=torch.bfloat16)  # (B, T, d_out)
+    grads = torch.autograd.grad(y, [x, *module.parameters()], upstream)
+    oracle, baseline = oracle_and_baseline_grads(module, x, upstream, pattern.mask_mod, ids)
+    names = ["x", *(name for name, _ in module.named_parameters())]
+    for name, *triple in zip(names, grads, oracle, baseline, strict=True):
+        assert_matches_oracle(*triple, factor=grad_factor(MHATritonAttention, "cuda"), what=f"gradient of {name}")
+
+
 def _compiled_variants(kernel) -> int:
     """Binaries Triton holds for a kernel (its per-device caches)."""
     return sum(len(cache[0]) for cache in kernel.compiled.device_caches.values())
