@@ -356,13 +356,7 @@ def test_module_backward_walks_a_key_table_of_its_own_tiles(monkeypatch, with_do
     module = attention.get("triton")(24, 64, 4, 100, num_kv_heads=2)
     x = seeded_randn(1, 100, 24, seed=3, device="cpu", dtype=torch.float32).requires_grad_()  # (B, T, d_in)
     ids = random_document_ids(1, 100, seed=3) if with_documents else None
-    y = module(x, document_ids=ids)  # (B, T, d_out)
-    upstream = seeded_randn(*y.shape, seed=4, device="cpu", dtype=torch.float32)  # (B, T, d_out)
-    grads = torch.autograd.grad(y, [x, *module.parameters()], upstream)
-    oracle, baseline = oracle_and_baseline_grads(module, x, upstream, masks.causal, ids)
-    names = ["x", *(name for name, _ in module.named_parameters())]
-    for name, *triple in zip(names, grads, oracle, baseline, strict=True):
-        assert_matches_oracle(*triple, factor=grad_factor(MHATritonAttention, "cpu"), what=f"gradient of {name}")
+    _assert_gradients_match_oracle(module, x, ids, seed=4)
     tiles = sorted(key[-2:] for key in module._tables)  # cached unless document ids vary per call
     assert tiles == ([] if with_documents else [(16, 64), (32, 32)])
 
@@ -389,14 +383,20 @@ def test_the_default_kernels_at_head_dim_128_match_the_oracle_in_bf16(spec: str,
     x = seeded_randn(2, t, h * hd, seed=5, device="cuda", dtype=torch.bfloat16)  # (B, T, d_in)
     check = check_module(module, x, document_ids=ids)
     assert check.passes, check.problem
-    x.requires_grad_()
+    _assert_gradients_match_oracle(module, x.requires_grad_(), ids, seed=6)
+
+
+def _assert_gradients_match_oracle(module, x, ids, *, seed: int) -> None:
+    """The gradients of ``x`` and every parameter through ``module`` against the float64 oracle's,
+    by the ratio rule, for an upstream gradient drawn with ``seed``."""
     y = module(x, document_ids=ids)  # (B, T, d_out)
-    upstream = seeded_randn(*y.shape, seed=6, device="cuda", dtype=torch.bfloat16)  # (B, T, d_out)
+    upstream = seeded_randn(*y.shape, seed=seed, device=x.device.type, dtype=x.dtype)  # (B, T, d_out)
     grads = torch.autograd.grad(y, [x, *module.parameters()], upstream)
-    oracle, baseline = oracle_and_baseline_grads(module, x, upstream, pattern.mask_mod, ids)
+    oracle, baseline = oracle_and_baseline_grads(module, x, upstream, module.mask_mod, ids)
     names = ["x", *(name for name, _ in module.named_parameters())]
+    factor = grad_factor(MHATritonAttention, x.device)
     for name, *triple in zip(names, grads, oracle, baseline, strict=True):
-        assert_matches_oracle(*triple, factor=grad_factor(MHATritonAttention, "cuda"), what=f"gradient of {name}")
+        assert_matches_oracle(*triple, factor=factor, what=f"gradient of {name}")
 
 
 def _compiled_variants(kernel) -> int:
