@@ -34,7 +34,7 @@ def _declares(capability: object) -> bool:
     return bool(capability()) if callable(capability) else bool(capability)
 
 
-def attention_dtype(x: Tensor) -> torch.dtype:
+def _attention_dtype(x: Tensor) -> torch.dtype:
     """The dtype the projections hand to attention for input ``x``: ``torch.autocast``'s where it
     is on for ``x``'s device (it casts the ``qkv`` matmul of any floating input but float64)."""
     device = x.device.type
@@ -507,7 +507,7 @@ class AttentionBase(nn.Module):
             raise TypeError(f"x is {x.dtype} but the weights are {weight.dtype}; cast one to match")
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the weights are on {weight.device}")
-        self._check_dtype(attention_dtype(x), x.device)
+        self._check_dtype(_attention_dtype(x), x.device)
         declared = self.capabilities()
         if declared.devices is not None and not declared.allows_device(x.device):
             shown = ", ".join(sorted(declared.devices))
