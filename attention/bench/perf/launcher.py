@@ -32,8 +32,11 @@ from .results import BASELINE_FILE, PerfError, Run, baseline_dir, load_run, salv
 #: The grid's test modules and the plugin that parametrises them.
 CASES = str(Path(_cases_init).parent)
 PLUGIN = "attention.bench.perf.plugin"
+#: Plugins a timing run has no use for, blocked by name: each process of a run would import them
+#: (Hypothesis's alone takes about a second), and a run starts several processes.
+_UNUSED_PLUGINS = ("cacheprovider", "hypothesispytest", "anyio", "attention.suite.plugin")
 #: Every pytest process of the grid starts so: the shipped case modules, the plugin by name.
-_PYTEST = (sys.executable, "-m", "pytest", CASES, "-p", PLUGIN, "-p", "no:cacheprovider")
+_PYTEST = (sys.executable, "-m", "pytest", CASES, "-p", PLUGIN, *(f"-pno:{name}" for name in _UNUSED_PLUGINS))
 #: pytest's exit status when a case failed.
 CASE_FAILED = 1
 #: pytest's exit status when its session was interrupted (by the time limit's SIGINT, or Ctrl-C).
