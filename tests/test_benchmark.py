@@ -212,6 +212,16 @@ def test_threads_flag_sets_the_cpu_thread_count(monkeypatch):
     assert sweep.parse_args(["--device", "cpu", "--threads", "3"]).threads == 3
 
 
+@pytest.mark.parametrize(
+    ("per_call", "rounds"),
+    [(0.01, 20), (0.0105, 20), (0.05, 4), (1.0, 3), (1e-6, 50), (0.0, 50)],
+)
+def test_rounds_fill_the_budget_within_their_bounds(per_call, rounds):
+    # 0.2 s a case, 3 to 50 rounds: a round more rather than a budget short; a call too short to
+    # time gets the most.
+    assert timing.rounds_for(per_call, 0.2, 3, 50) == rounds
+
+
 class _Exploding:
     """A workload whose build runs out of memory, as a too-large CUDA case would."""
 

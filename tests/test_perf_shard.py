@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attention.bench.perf import ab, cli, launcher, shard
+from attention.bench.perf import ab, cli, launcher, runner, shard
 from attention.bench.perf.results import PerfError, load_run, parse_run
 
 from .perf_support import H100, make_raw, make_run, on_gpu, samples, with_machine
@@ -69,6 +69,9 @@ def test_costs_come_from_history_and_the_model_fills_in_at_historys_pace():
     compile_s = shard.model_seconds(triton, 0.2) - model["sdpa"]
     assert compile_s == pytest.approx(shard.FIXED_S["triton"] - shard.DEFAULT_FIXED_S)
     assert model["decode"] > shard.model_seconds(dict(infos["decode"], min_bytes=0), 0.2)  # bytes count
+    second = {"impl": "sdpa", "family": "sdpa", "flops": shard.DEFAULT_FLOPS_PER_S}  # a second a call
+    calls = shard.UNTIMED_CALLS + runner.MIN_ROUNDS  # a long case is timed for the runner's fewest rounds
+    assert shard.model_seconds(second, 0.2) == pytest.approx(shard.DEFAULT_FIXED_S + calls)
     costs = shard.case_costs(infos, {"sdpa": 2 * model["sdpa"]}, 0.2)
     assert costs["sdpa"] == 2 * model["sdpa"]  # what it took before
     assert costs["flex"] == pytest.approx(2 * model["flex"])  # the model, at history's pace

@@ -38,7 +38,7 @@ from .cost import DTYPES, dtype_name, fmt_gib
 from .files import unwritable
 from .memory import free_memory_bytes, method_for, peak_memory
 from .sweep import _dtype, _positive_float, _positive_int, device_name
-from .timing import measure
+from .timing import measure, rounds_for
 from .workload import Workload
 
 DEFAULT_SEQ_LENS = (4096, 8192, 16384, 32768, 131072, 524288)
@@ -176,7 +176,7 @@ def _inputs(
 
 def _time(config: BenchConfig, fn: Callable[[], object], device: torch.device, world_size: int) -> dict:
     probe = max(_agreed(world_size, measure(fn, device=device, rounds=1, warmup=config.warmup)[0]))
-    rounds = int(min(config.max_rounds, max(config.min_rounds, config.cell_seconds / max(probe, 1e-9))))
+    rounds = rounds_for(probe, config.cell_seconds, config.min_rounds, config.max_rounds)
     per_rank = _agreed(world_size, measure(fn, device=device, rounds=rounds, warmup=0))
     slowest = sorted(max(times) for times in zip(*per_rank, strict=True))  # each round: its slowest rank
     peak = peak_memory(fn, device=device)

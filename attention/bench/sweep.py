@@ -40,7 +40,7 @@ from .cost import DTYPES, dtype_name
 from .files import unwritable
 from .inspection import core_module
 from .memory import end_case, end_cases, method_for, peak_memory, quiet_profiler_logs
-from .timing import check_threads, clock_for, cpu_threads, measure, usable_cpus
+from .timing import check_threads, clock_for, cpu_threads, measure, rounds_for, usable_cpus
 from .workload import Workload
 
 #: Defaults per device: the CPU sweep fits in well under two minutes on 2 cores (flex runs
@@ -329,7 +329,7 @@ def time_cell(config: Config, workload: Workload) -> Cell:
     def body() -> Cell:
         fn, setup = workload.build()
         probe = measure(fn, device=config.device, rounds=1, warmup=config.warmup, setup=setup)
-        rounds = int(min(config.max_rounds, max(config.min_rounds, config.cell_seconds / max(probe[0], 1e-9))))
+        rounds = rounds_for(probe[0], config.cell_seconds, config.min_rounds, config.max_rounds)
         times = sorted(measure(fn, device=config.device, rounds=rounds, warmup=0, setup=setup))
         median = statistics.median(times)
         peak = peak_memory(fn, device=config.device, setup=setup)

@@ -11,6 +11,7 @@ starts with a cold cache, as triton's ``do_bench`` does and as the anchors of do
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -176,6 +177,14 @@ def cuda_graph(
     return replay
 
 
+def rounds_for(per_call: float, budget_s: float, fewest: int, most: int) -> int:
+    """Rounds of ``per_call`` seconds that fill ``budget_s``: at least ``fewest``, at most ``most``
+    (``most`` for a call too short to measure)."""
+    if per_call <= 0:
+        return most
+    return max(fewest, min(most, math.ceil(budget_s / per_call)))
+
+
 def measure(
     fn: Callable[[], object],
     *,
@@ -183,19 +192,17 @@ def measure(
     rounds: int = 20,
     warmup: int = 3,
     setup: Callable[[], object] | None = None,
-    flush_l2: bool = True,
 ) -> list[float]:
     """Seconds per call of ``fn`` over ``rounds`` timed calls, after ``warmup`` untimed ones
     (which absorb compilation, autotuning and mask building). ``setup`` and the L2 flush run
     before each call, outside the timed region."""
     clock = clock_for(device)
-    flusher = L2Flusher(device) if flush_l2 else None
+    flusher = L2Flusher(device)
     times = []
     for i in range(warmup + rounds):
         if setup is not None:
             setup()
-        if flusher is not None:
-            flusher.flush()
+        flusher.flush()
         start = clock()
         fn()
         end = clock()

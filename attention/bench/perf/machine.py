@@ -16,7 +16,7 @@ import subprocess
 
 import torch
 
-from ..timing import L2Flusher, clock_for
+from ..timing import measure
 
 #: The key under which our fields sit in pytest-benchmark's ``machine_info``.
 KEY = "attention_perf"
@@ -73,16 +73,7 @@ def machine_info(device: torch.device | str) -> dict:
 
 
 def _median_seconds(fn, device: torch.device, rounds: int) -> float:
-    clock = clock_for(device)
-    flusher = L2Flusher(device)
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        flusher.flush()
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times)
+    return statistics.median(measure(fn, device=device, rounds=rounds, warmup=1))
 
 
 def copy_bandwidth_gbps(device: torch.device | str, nbytes: int | None = None, rounds: int = 10) -> float:

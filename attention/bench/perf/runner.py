@@ -23,7 +23,6 @@ compilation, probing or timing is to blame.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +38,7 @@ from ...sdpa import MHAPyTorchScaledDotProduct
 from ..build import implementation
 from ..cost import MiB, dtype_name
 from ..memory import free_cached_memory, free_memory_bytes, peak_memory
-from ..timing import CudaEventClock, L2Flusher, clock_for, cuda_graph
+from ..timing import CudaEventClock, L2Flusher, clock_for, cuda_graph, rounds_for
 from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, Workload
 from . import probe, spin
 
@@ -61,6 +60,8 @@ DEFAULT_BUDGET_S = 0.2
 #: then bounded by the 8th smallest and 8th largest of the rounds' ratios, so one or two stray
 #: rounds cannot widen it (at 10 rounds it would span the two extremes: docs/design.md#paired-rounds).
 MIN_ROUNDS = 30
+#: Rounds per case at most, however short a call.
+MAX_ROUNDS = 100
 
 
 @dataclass
@@ -69,7 +70,7 @@ class RunOptions:
     graphs: str = "all"  # capture every case ("all"), forward cases ("fwd") or none
     budget_s: float = DEFAULT_BUDGET_S  # timed seconds per case; rounds follow from it
     min_rounds: int = MIN_ROUNDS
-    max_rounds: int = 100
+    max_rounds: int = MAX_ROUNDS
     warmup: int = 3
     copy_gbps: float | None = None  # measured once per session (machine.copy_bandwidth_gbps)
     matmul_tflops: float | None = None
@@ -498,9 +499,7 @@ def _rounds_for(per_call: float | None, opts: RunOptions) -> int:
     """Rounds of ``per_call`` seconds that fit the per-case time budget."""
     if per_call is None:
         per_call = opts.budget_s / opts.min_rounds
-    if per_call <= 0:
-        return opts.max_rounds
-    return max(opts.min_rounds, min(opts.max_rounds, math.ceil(opts.budget_s / per_call)))
+    return rounds_for(per_call, opts.budget_s, opts.min_rounds, opts.max_rounds)
 
 
 def _rounds(timed, before_round, timer, opts: RunOptions) -> int:

@@ -15,8 +15,10 @@ import heapq
 import statistics
 from collections.abc import Mapping, Sequence
 
+from ..timing import rounds_for
 from .machine import KEY
 from .results import PerfError, Run
+from .runner import MAX_ROUNDS, MIN_ROUNDS
 
 #: Seconds of compilation and warm-up a case of each implementation pays before timing: flex
 #: compiles a kernel per shape (inductor), triton per tile config, the rest runs torch's kernels.
@@ -26,10 +28,8 @@ DEFAULT_FIXED_S = 0.5
 FLOPS_PER_S = {"from_scratch": 20e12}
 DEFAULT_FLOPS_PER_S = 300e12
 BYTES_PER_S = 2e12
-#: Calls of a case outside its timed rounds (warm-up, memory probe, profiler probe, capture) and
-#: the most rounds it is timed for.
+#: Calls of a case outside its timed rounds (warm-up, memory probe, profiler probe, capture).
 UNTIMED_CALLS = 8
-MAX_ROUNDS = 100
 
 
 def parse_gpus(spec: str, available: int) -> list[int]:
@@ -58,7 +58,7 @@ def model_seconds(info: Mapping[str, object], budget_s: float) -> float:
         float(info.get("flops") or 0.0) / FLOPS_PER_S.get(impl, DEFAULT_FLOPS_PER_S),
         float(info.get("min_bytes") or 0.0) / BYTES_PER_S,
     )
-    rounds = MAX_ROUNDS if per_call <= 0 else min(MAX_ROUNDS, max(10.0, budget_s / per_call))
+    rounds = rounds_for(per_call, budget_s, MIN_ROUNDS, MAX_ROUNDS)  # as the runner times it
     return fixed + (UNTIMED_CALLS + rounds) * per_call
 
 
