@@ -139,3 +139,19 @@ def test_the_sign_test_counts_rounds_above_and_below():
     assert stats.sign_test_p(np.array([0.1] * 10)) == pytest.approx(2 / 1024)
     assert stats.sign_test_p(np.array([0.1] * 5 + [-0.1] * 5)) == 1.0
     assert stats.sign_test_p(np.array([-0.1] * 9 + [0.1])) == pytest.approx(2 * 11 / 1024)
+
+
+@pytest.mark.parametrize(
+    ("base", "head", "change"),
+    [
+        (100.0, 126.5, "regressed"),  # past 100 x 1.1 + 16
+        (100.0, 125.5, "unchanged"),
+        (100.0, 74.0, "improved"),  # 100 > 74 x 1.1 + 16
+        (100.0, 77.0, "unchanged"),
+        (1.0, 17.5, "regressed"),  # the slack dominates small peaks
+        (None, 500.0, "unknown"),
+        (500.0, None, "unknown"),
+    ],
+)
+def test_peak_memory_changes_past_the_factor_and_the_slack(base, head, change):
+    assert stats.memory_change(base, head) == change

@@ -38,7 +38,7 @@ from pathlib import Path
 from ...checks import is_finite
 from ..files import write_atomically
 from .case_patterns import check_patterns, first_match
-from .stats import DEFAULT_LEVEL, RatioInterval, ratio_interval
+from .stats import DEFAULT_LEVEL, RatioInterval, memory_change, ratio_interval
 
 DEFAULT_MIN_EFFECT = 0.02
 STATUSES = ("regressed", "improved", "unchanged", "error", "base_only", "head_only")
@@ -72,16 +72,6 @@ def _pct(x: float) -> str:
     return f"{x:.1%}" if abs(x) >= 0.01 else f"{x:.2%}"
 
 
-def _memory_status(base: float | None, head: float | None, factor: float, slack: float) -> str:
-    if base is None or head is None:
-        return "unknown"
-    if head > base * (1 + factor) + slack:
-        return "regressed"
-    if base > head * (1 + factor) + slack:
-        return "improved"
-    return "unchanged"
-
-
 def _interval_text(iv: RatioInterval) -> str:
     p = "" if iv.p_value is None else f", p={iv.p_value:.2g}"
     return f"{iv.ratio:.3f}x [{iv.low:.3f}, {iv.high:.3f}] {iv.level:.0%}{p}, could detect ±{_pct(iv.detectable)}"
@@ -102,8 +92,6 @@ def judge(
     level: float = DEFAULT_LEVEL,
     base_peak_mib: float | None = None,
     head_peak_mib: float | None = None,
-    memory_factor: float = 0.10,
-    memory_slack_mib: float = 16.0,
 ) -> CaseVerdict:
     """One case's verdict. ``None`` samples mean the case exists on one side only (listed, not
     failed); unusable samples give an "error" verdict rather than an exception, so one broken case
@@ -113,7 +101,7 @@ def judge(
     so a claimed speed-up is never weaker than the regression bar mirrored."""
     if base is None and head is None:
         raise ValueError(f"{key}: no samples on either side")
-    mem = _memory_status(base_peak_mib, head_peak_mib, memory_factor, memory_slack_mib)
+    mem = memory_change(base_peak_mib, head_peak_mib)
     peaks = dict(base_peak_mib=base_peak_mib, head_peak_mib=head_peak_mib, memory_status=mem)
     if base is None or head is None:
         status = "head_only" if base is None else "base_only"

@@ -36,13 +36,13 @@ from ...checks import is_finite
 from . import guards
 from .case_patterns import check_patterns, first_match
 from .results import BadResultFile, Run, read_json
-from .stats import mann_whitney_p, scipy_warning
+from .stats import MEMORY_FACTOR, MEMORY_SLACK_MIB, mann_whitney_p, memory_change, scipy_warning
 
 ALPHA = 0.01
 DEFAULT_THRESHOLDS = {
     "version": 1,
     "floor": 0.05,
-    "default": {"time": 0.10, "memory": 0.10, "memory_slack_mib": 16.0},
+    "default": {"time": 0.10, "memory": MEMORY_FACTOR, "memory_slack_mib": MEMORY_SLACK_MIB},
     "patterns": [],
     "cases": {},
 }
@@ -203,10 +203,9 @@ def _compare_time(key, base, cur, limit, result: Comparison) -> None:
 
 def _compare_memory(key, base, cur, limit, result: Comparison) -> None:
     b, c = base.peak_mib, cur.peak_mib
-    if b is None or c is None:
-        return
     slack = float(limit["memory_slack_mib"])
-    if c > b * (1 + limit["memory"]) + slack:
+    change = memory_change(b, c, limit["memory"], slack)
+    if change == "regressed":
         result.regressions.append(
             Verdict(
                 key,
@@ -214,7 +213,7 @@ def _compare_memory(key, base, cur, limit, result: Comparison) -> None:
                 f"peak {b:.0f} -> {c:.0f} MiB ({c / max(b, 1e-9):.2f}x, limit +{limit['memory']:.0%} +{slack:g} MiB)",
             )
         )
-    elif c < (b - slack) / (1 + limit["memory"]):
+    elif change == "improved":
         result.improvements.append(Verdict(key, "memory_down", f"peak {b:.0f} -> {c:.0f} MiB"))
 
 

@@ -26,6 +26,9 @@ import numpy as np
 
 MIN_SAMPLES = 5
 DEFAULT_LEVEL = 0.99
+#: Peak memory's default limit in both gates: more than 10% and 16 MiB above the base.
+MEMORY_FACTOR = 0.10
+MEMORY_SLACK_MIB = 16.0
 ALTERNATIVES = ("less", "greater", "two-sided")
 SCIPY_MISSING = (
     "scipy is not installed: no Mann-Whitney p-values, so medians are compared without a rank test "
@@ -47,6 +50,22 @@ def _mannwhitneyu() -> Callable | None:
 def scipy_warning() -> str | None:
     """:data:`SCIPY_MISSING` where p-values cannot be computed, so an absent p is not read as p=1."""
     return SCIPY_MISSING if _mannwhitneyu() is None else None
+
+
+def memory_change(
+    base_mib: float | None, head_mib: float | None, factor: float = MEMORY_FACTOR, slack_mib: float = MEMORY_SLACK_MIB
+) -> str:
+    """Peak memory from base to head: "regressed" past ``base * (1 + factor) + slack_mib``,
+    "improved" by the same margin the other way, else "unchanged"; "unknown" without both peaks.
+    Peaks are one measurement each, with no rounds to test: the slack keeps allocator rounding
+    on small cases from counting."""
+    if base_mib is None or head_mib is None:
+        return "unknown"
+    if head_mib > base_mib * (1 + factor) + slack_mib:
+        return "regressed"
+    if base_mib > head_mib * (1 + factor) + slack_mib:
+        return "improved"
+    return "unchanged"
 
 
 def mann_whitney_p(base: Sequence[float], head: Sequence[float], alternative: str) -> float | None:
