@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from attention.bench.perf import calibrate, calibration, cli, launcher, runner, spin
+from attention.bench.perf import calibrate, calibration, cli, launcher, results, runner, spin
 from attention.bench.perf.results import Record, load_run, parse_run, write_json
 from attention.bench.workload import Workload
 
@@ -56,14 +56,14 @@ def variants(
         "gate_rounds": rounds,
         "depth": depth,
         "per_call_s": seconds,
-        "twin": {"data": side(twin_offset), "timing_mode": runner.GRAPH},
+        "twin": {"data": side(twin_offset), "timing_mode": results.GRAPH},
         "injected": injected,
     }
     return side(0.0), cal
 
 
 def record(key: str, head: list[float], cal: dict, **info) -> Record:
-    info = {"timing_mode": runner.GRAPH, "kind": "prefill", "direction": "fwd", **info, "calibration": cal}
+    info = {"timing_mode": results.GRAPH, "kind": "prefill", "direction": "fwd", **info, "calibration": cal}
     return Record(key, float(np.median(head)), head, info)
 
 
@@ -170,7 +170,7 @@ def test_kinds_pool_by_how_cases_were_timed_and_records_without_samples_are_list
     records = grid_of(rng, 3)
     records += [record(f"decode-{i}", *variants(rng), kind="decode") for i in range(2)]
     records += [record(f"bwd-{i}", *variants(rng), direction="fwd+bwd", timing_mode=runner.EAGER) for i in range(2)]
-    records.append(Record("plain", 1e-3, [1e-3] * 10, {"timing_mode": runner.GRAPH}))
+    records.append(Record("plain", 1e-3, [1e-3] * 10, {"timing_mode": results.GRAPH}))
     cal = calibration.analyze_records(records, gpu="g", not_calibrated=[("gone", "skipped: too big")])
     assert list(cal.kinds) == ["graph fwd", "graph decode", "eager fwd+bwd"]
     assert [s.cases for s in cal.kinds.values()] == [3, 2, 2] and cal.overall.cases == 7
@@ -296,7 +296,7 @@ def test_calibration_case_rotates_head_twin_and_injected_variants(monkeypatch):
 
     def prepare(fn, setup, w, opts, wall, *, sides=1, probe_into=None):
         tag = next(tags)
-        return runner.Prepared(lambda: order.append(tag), lambda: None, runner.GRAPH, 1.0)
+        return runner.Prepared(lambda: order.append(tag), lambda: None, results.GRAPH, 1.0)
 
     monkeypatch.setattr(runner, "_prepare", prepare)
     monkeypatch.setattr(runner, "_per_call", lambda *a: 1e-3)

@@ -38,6 +38,7 @@ from pathlib import Path
 from ...checks import is_finite
 from ..files import write_atomically
 from .case_patterns import check_patterns, first_match
+from .results import GRAPH
 from .stats import DEFAULT_LEVEL, RatioInterval, memory_change, ratio_interval
 
 DEFAULT_MIN_EFFECT = 0.02
@@ -59,7 +60,7 @@ class CaseVerdict:
     head_peak_mib: float | None = None
     memory_status: str = "unchanged"  # "regressed" / "improved" / "unchanged" / "unknown"
     message: str = ""
-    timing_mode: str | None = None  # "cuda-graph" or "eager: ..." as the run timed it
+    timing_mode: str | None = None  # GRAPH or "eager: ..." as the run timed it
 
     @property
     def failed(self) -> bool:
@@ -194,7 +195,7 @@ def detectable_summary(
 
 
 def _graph_timed(v: CaseVerdict) -> bool:
-    return v.timing_mode == "cuda-graph"
+    return v.timing_mode == GRAPH
 
 
 def markdown_cell(text: str) -> str:

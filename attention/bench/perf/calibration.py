@@ -49,8 +49,8 @@ from pathlib import Path
 
 from ..files import write_atomically
 from . import ab
-from .results import Record, Run
-from .runner import CAPTURE_FAILED, GRAPH, MIN_ROUNDS, TOO_LARGE_TO_CAPTURE
+from .results import Record, Run, graph_timed
+from .runner import CAPTURE_FAILED, MIN_ROUNDS, TOO_LARGE_TO_CAPTURE, captures
 from .stats import DEFAULT_LEVEL, RatioInterval, paired_ratio, ratio_interval
 
 #: Injected slowdowns, as shares of each case's own time.
@@ -79,14 +79,14 @@ def predicted_kind(*, decode: bool, backward: bool, graphs: str, cuda: bool) -> 
     """The kind a case will be timed as, before it runs: the graph policy (``--perf-graphs``) on CUDA.
     A capture that fails, or a case too large to capture, is timed eagerly: :func:`kind_of` then
     files it by what happened."""
-    graph = cuda and (graphs == "all" or (graphs == "fwd" and not backward))
+    graph = cuda and captures(graphs, backward)
     return kind_label(graph=graph, decode=decode, backward=backward)
 
 
 def kind_of(info: dict) -> str:
     """The kind a case was timed as, from its ``extra_info``."""
     return kind_label(
-        graph=info.get("timing_mode") == GRAPH,
+        graph=graph_timed(info),
         decode=info.get("kind") == "decode",
         backward=info.get("direction") == "fwd+bwd",
     )

@@ -35,7 +35,7 @@ from pathlib import Path
 from ...checks import is_finite
 from . import guards
 from .case_patterns import check_patterns, first_match
-from .results import BadResultFile, Run, read_json
+from .results import BadResultFile, Run, graph_timed, read_json
 from .stats import MEMORY_FACTOR, MEMORY_SLACK_MIB, mann_whitney_p, memory_change, scipy_warning
 
 ALPHA = 0.01
@@ -298,7 +298,7 @@ def spread(runs: list[Run]) -> dict[str, dict]:
 def case_kind(info: dict) -> str:
     """The kind of a case, as its noise goes: ``"family dtype direction graph|eager"``, e.g.
     ``"sdpa bf16 fwd+bwd eager"`` or ``"flex fp32 fwd graph"`` (from its ``extra_info``)."""
-    timing = "graph" if info.get("timing_mode") == "cuda-graph" else "eager"
+    timing = "graph" if graph_timed(info) else "eager"
     return f"{info.get('family', '?')} {info.get('dtype', '?')} {info.get('direction', '?')} {timing}"
 
 

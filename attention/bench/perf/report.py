@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from . import guards
-from .results import Run
+from .results import Run, graph_timed
 
 
 def _short_len(n: int) -> str:
@@ -25,7 +25,7 @@ def _value(info: dict) -> str:
 
 
 def _flag(info: dict) -> str:
-    mark = "" if info.get("timing_mode") == "cuda-graph" else "*"
+    mark = "" if graph_timed(info) else "*"
     backend = info.get("sdpa_backend")
     if backend and backend not in ("cudnn", "none"):
         mark += f"[{backend}]"

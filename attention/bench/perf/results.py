@@ -43,6 +43,15 @@ class NoBaseline(PerfError):
     pass
 
 
+#: A case's ``timing_mode`` where its rounds were CUDA-graph replays (other modes start "eager").
+GRAPH = "cuda-graph"
+
+
+def graph_timed(info: dict) -> bool:
+    """Whether a case (its ``extra_info``) was timed in a CUDA graph."""
+    return info.get("timing_mode") == GRAPH
+
+
 @dataclass
 class Record:
     """One case of one run."""

@@ -41,10 +41,10 @@ from ..memory import free_cached_memory, free_memory_bytes, peak_memory
 from ..timing import CudaEventClock, L2Flusher, clock_for, cuda_graph, rounds_for
 from ..workload import CORE_REFERENCES, MODULE_REFERENCES, DecodeWorkload, Workload
 from . import probe, spin
+from .results import GRAPH
 
 GRAPH_POLICIES = ("all", "fwd", "none")
 EAGER = "eager: includes dispatch"
-GRAPH = "cuda-graph"
 #: A case the policy would capture, timed eagerly instead (stable texts: baselines compare on them).
 TOO_LARGE_TO_CAPTURE = f"{EAGER} (too large to capture)"
 CAPTURE_FAILED = f"{EAGER} (graph capture failed)"
@@ -62,6 +62,12 @@ DEFAULT_BUDGET_S = 0.2
 MIN_ROUNDS = 30
 #: Rounds per case at most, however short a call.
 MAX_ROUNDS = 100
+
+
+def captures(graphs: str, backward: bool) -> bool:
+    """Whether the graph policy (``--perf-graphs``) times a case in a CUDA graph: every case
+    ("all"), the forward ones ("fwd") or none."""
+    return graphs == "all" or (graphs == "fwd" and not backward)
 
 
 @dataclass
@@ -243,7 +249,7 @@ def _prepare(
             probe_into.update(_probe(fn, w, device))
 
     prepared = Prepared(fn, setup, EAGER, peak)
-    wants_graph = opts.graphs == "all" or (opts.graphs == "fwd" and not w.backward)
+    wants_graph = captures(opts.graphs, w.backward)
     free = free_memory_bytes(device) if device.type == "cuda" else None
     if wants_graph and free is not None and sides * w.estimated_peak_bytes() > GRAPH_MEMORY_SHARE * free:
         # Warm-up and graph pools would hold the case twice; at this size dispatch is noise anyway.
