@@ -3,7 +3,7 @@
 Three costs shape this module (docs/design.md#recompile-limit, docs/design.md#flex-on-cpu):
 
 * A BlockMask is costly to build, so it is built once per (batch, lengths, offset, device) and reused
-  until ``mask_mod`` is reassigned.
+  until ``mask_mod`` or ``score_mod`` is reassigned.
 * One compiled ``flex_attention`` reused across shapes, dtypes and grad modes hits dynamo's
   recompile limit (8 per code object) and silently falls back to the unfused path, 50x slower.
   Dynamo keeps its cache on the *code object*, so wrapping the same function twice does not

@@ -3,7 +3,8 @@
 * Prefill and training (many query tokens, or any call that needs gradients): FlashAttention-2
   forward and backward over a :class:`~attention.block_table.BlockTable` of the module's
   ``mask_mod``, so fully masked tiles are skipped for any pattern. Tables are built once per
-  (lengths, offset, device) and reused until ``mask_mod`` is reassigned, as flex's BlockMasks are.
+  (batch, lengths, offset, device, tiles) and reused until ``mask_mod`` or ``score_mod`` is
+  reassigned, as flex's BlockMasks are.
 * Decoding (up to :data:`DECODE_MAX_TOKENS` new tokens against a KV cache, no gradients):
   split-KV kernels that read each cached byte once per KV head, for every query head of its group.
 

@@ -52,7 +52,8 @@ THRESHOLDS_HINT = (
 )
 #: What a thresholds entry (default, pattern or case) may set.
 THRESHOLD_FIELDS = ("time", "memory", "memory_slack_mib")
-#: thresholds_from_spread: threshold = max(floor, SPREAD_K x worst relative deviation of a run's median).
+#: thresholds_from_spread: threshold = max(floor, SPREAD_K x worst relative deviation of a run's
+#: median, the kind's floor, the case's A/B minimum effect).
 SPREAD_K = 3.0
 #: A kind of case gets a floor of its own from this many measured cases; fewer say too little.
 MIN_KIND_CASES = 3
@@ -61,7 +62,8 @@ MIN_KIND_CASES = 3
 @dataclass
 class Verdict:
     key: str
-    kind: str  # "slower", "faster", "memory_up", "memory_down", "timing_mode_changed"
+    # "slower", "slower_not_significant", "faster", "memory_up", "memory_down", "timing_mode_changed", "guard"
+    kind: str
     message: str
 
 
@@ -188,7 +190,7 @@ def _compare_time(key, base, cur, limit, result: Comparison) -> None:
                 Verdict(
                     key,
                     "slower",
-                    f"{_ms(base.median)} -> {_ms(cur.median)} ms ({ratio:.2f}x, limit {1 + tol:.2f}x{_p(p)})",
+                    f"{ms(base.median)} -> {ms(cur.median)} ms ({ratio:.2f}x, limit {1 + tol:.2f}x{_p(p)})",
                 )
             )
         else:
@@ -197,7 +199,7 @@ def _compare_time(key, base, cur, limit, result: Comparison) -> None:
         p = mann_whitney_p(base.data, cur.data, "less")
         if p is None or p < ALPHA:
             result.improvements.append(
-                Verdict(key, "faster", f"{_ms(base.median)} -> {_ms(cur.median)} ms ({ratio:.2f}x{_p(p)})")
+                Verdict(key, "faster", f"{ms(base.median)} -> {ms(cur.median)} ms ({ratio:.2f}x{_p(p)})")
             )
 
 
@@ -217,8 +219,9 @@ def _compare_memory(key, base, cur, limit, result: Comparison) -> None:
         result.improvements.append(Verdict(key, "memory_down", f"peak {b:.0f} -> {c:.0f} MiB"))
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.4g}"
+def ms(seconds: float | None) -> str:
+    """Seconds as milliseconds to four figures, "-" for none."""
+    return "-" if seconds is None else f"{seconds * 1e3:.4g}"
 
 
 def _p(p: float | None) -> str:

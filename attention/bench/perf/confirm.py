@@ -175,16 +175,12 @@ def _label(run: Run) -> str:
     return Path(run.path).stem
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.4g}"
-
-
 def format_flags(found: dict[str, Flag]) -> list[str]:
     """One line a flagged case: what the first run said, then the re-timings' medians and verdict."""
     lines = []
     for flag in found.values():
         first = "; ".join(f"{t.run} {t.message}" for t in flag.first)
-        medians = ", ".join(_ms(t.median) for t in flag.retimes)
+        medians = ", ".join(cmp.ms(t.median) for t in flag.retimes)
         verdicts = ", ".join(t.verdict for t in flag.retimes)
         if flag.planned == 0:
             lines.append(f"  {flag.key}: {first} (confirmation off)")
@@ -192,12 +188,12 @@ def format_flags(found: dict[str, Flag]) -> list[str]:
             once = "once" if len(flag.first) == 1 else f"in {len(flag.first)} runs"
             lines.append(
                 f"  {flag.key}: flagged {once}, not confirmed in {len(flag.retimes)} fresh processes: "
-                f"medians {medians} ms, baseline {_ms(flag.baseline_median)} ms ({verdicts}); first: {first}"
+                f"medians {medians} ms, baseline {cmp.ms(flag.baseline_median)} ms ({verdicts}); first: {first}"
             )
         else:
             lines.append(
                 f"  {flag.key}: CONFIRMED in fresh processes: medians {medians} ms, baseline "
-                f"{_ms(flag.baseline_median)} ms ({verdicts}); first: {first}"
+                f"{cmp.ms(flag.baseline_median)} ms ({verdicts}); first: {first}"
             )
     return lines
 
@@ -219,7 +215,7 @@ def report(found: dict[str, Flag], planned: int) -> str:
     if confirmed:
         lines += [f"REGRESSIONS (confirmed): {len(confirmed)}", *format_flags(confirmed)]
     if cleared:
-        lines += [f"Flagged once, not confirmed (not failed): {len(cleared)}", *format_flags(cleared)]
+        lines += [f"Flagged, not confirmed (not failed): {len(cleared)}", *format_flags(cleared)]
     return "\n".join(lines)
 
 
