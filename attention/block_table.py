@@ -61,18 +61,6 @@ class BlockTable:
     tile_ids: Tensor  # (Bm, Hm, NQ, NK) int64: FULL_TILE, EMPTY_TILE or the index of a stored partial tile
     tiles: Tensor  # (P, block_m, block_n) int8: 1 where the query sees the key (P >= 1)
 
-    @property
-    def reads_batch(self) -> bool:
-        return self.tile_ids.shape[0] > 1
-
-    @property
-    def reads_heads(self) -> bool:
-        return self.tile_ids.shape[1] > 1
-
-    def density(self) -> float:
-        """The fraction of tiles that are visible (full or partial)."""
-        return float((self.tile_ids != EMPTY_TILE).sum()) / self.tile_ids.numel()
-
 
 def build_block_table(
     mask_mod: MaskMod,
