@@ -1,13 +1,40 @@
-"""Synthetic perf runs for the CPU tests of attention.bench.perf: pytest-benchmark-shaped JSON documents."""
+"""Synthetic perf runs for the CPU tests of attention.bench.perf (pytest-benchmark-shaped JSON
+documents), and what the tests that start the perf suite or git as subprocesses share."""
 
 from __future__ import annotations
 
 import copy
+import os
 import random
+import shutil
+from pathlib import Path
+
+import pytest
 
 from attention.bench.perf import launcher
 from attention.bench.perf.machine import KEY
 from attention.bench.perf.results import parse_run
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Commits, tags and `git status` alike, whatever the user's global git config says.
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Perf Test",
+    "GIT_AUTHOR_EMAIL": "perf@example.com",
+    "GIT_COMMITTER_NAME": "Perf Test",
+    "GIT_COMMITTER_EMAIL": "perf@example.com",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+}
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not on PATH")
+
+
+def subprocess_env(*paths: Path) -> dict:
+    """A Python subprocess's environment: the checkout and ``paths`` importable, and not the xdist
+    worker's ``PYTEST_`` variables (pytest-benchmark would think the inner run is distributed too)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (ROOT, *paths))
+    return env
+
 
 H100 = {
     "device": "cuda",

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +16,9 @@ from attention.bench.perf import calibrate, calibration, cli, launcher, results,
 from attention.bench.perf.results import Record, load_run, parse_run, write_json
 from attention.bench.workload import Workload
 
-from .perf_support import H100, make_raw
-from .test_perf_gate import PedanticBenchmark, _env
+from .perf_support import H100, ROOT, make_raw, subprocess_env
+from .test_perf_gate import PedanticBenchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -332,7 +330,7 @@ def test_pytest_perf_calibrates_on_cpu_and_the_cli_judges_the_run(tmp_path):
         "--perf-calibrate-max-depth=3",
     ]  # 1 case a kind: 4 runs, capped
     cmd += [f"--benchmark-json={run_json}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = load_run(run_json)
     assert run.machine["calibration"]["spin"]["device"] == "cpu" and run.machine["calibration"]["pairs"] == 8
@@ -342,7 +340,7 @@ def test_pytest_perf_calibrates_on_cpu_and_the_cli_judges_the_run(tmp_path):
         assert all(len(e["data"]) == len(rec.data) for e in cal["injected"].values())
     done = subprocess.run(
         [sys.executable, "-m", "attention.bench.perf", "calibrate", "--from", str(run_json), "--alpha", "0.05"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert {p.name for p in tmp_path.iterdir()} >= set(calibration.FILES)
@@ -360,7 +358,7 @@ def test_pytest_perf_calibrates_on_cpu_and_the_cli_judges_the_run(tmp_path):
 def test_pytest_refuses_a_calibration_that_would_time_nothing_or_too_little(flag, message):
     cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "-q", "--perf-device=cpu"]
     cmd += ["--perf-grid=tiny", "--perf-calibrate", flag]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 4 and message in done.stderr, done.stderr[-2000:]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,10 +15,9 @@ from attention.bench.perf import cli, flags, launcher
 from attention.bench.perf.previous_run import ASIDE, GRID_FILES, GRID_PATTERNS, PreviousRun
 from attention.bench.perf.results import write_run
 
-from .perf_support import H100, make_run, on_gpu, samples, with_machine
+from .perf_support import H100, ROOT, make_run, on_gpu, samples, subprocess_env, with_machine
 
 KEY = "core-sdpa-bf16-fwd-B4-T4096-H32-D64"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path: Path, name: str, median: float = 1e-3, machine: dict | None = None, **info) -> str:
@@ -252,9 +250,7 @@ def test_a_gpu_sized_grid_without_a_gpu_is_refused_before_anything_runs(tmp_path
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_a_cpu_run_shows_the_machinery_and_compares_nothing(tmp_path):
-    # Not the xdist worker's variables: pytest-benchmark would think the inner run is distributed too.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "attention.bench.perf", "--out", str(tmp_path), "--quiet-pytest"]
     cmd += ["-k", "core-sdpa-fp32-fwd-B4-T64 or decode-sdpa", "--perf-budget=0.02"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

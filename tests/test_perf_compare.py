@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,9 +10,8 @@ from attention.bench.perf import ab
 from attention.bench.perf import compare as cmp
 from attention.bench.perf.results import merge_runs
 
-from .perf_support import case_info, make_run, samples
+from .perf_support import ROOT, case_info, make_run, samples
 
-ROOT = Path(__file__).resolve().parents[1]
 EAGER = "eager: includes dispatch"
 
 A, B, C = "core-sdpa-bf16-fwd-B4-T4096-H32-D64", "core-flex-bf16-fwd-B4-T4096-H32-D64", "decode-sdpa-bf16-B8-N4096"

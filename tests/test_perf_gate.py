@@ -4,7 +4,6 @@ work, fast refusals, the interleaved A/B timing order, the base revision, and th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,19 +19,11 @@ from attention.bench.perf.base_revision import BaseRevision
 from attention.bench.perf.results import NoBaseline, PerfError, Refused, write_run
 from attention.bench.workload import Workload
 
-from .perf_support import H100, make_run, on_gpu
+from .perf_support import H100, ROOT, make_run, on_gpu, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "core-sdpa-bf16-fwd-B4-T4096-H32-D64"
 HAS_GIT_HISTORY = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0
-needs_git = pytest.mark.skipif(not HAS_GIT_HISTORY, reason="needs the repository's git history")
-
-
-def _env() -> dict:
-    # Not the xdist worker's variables: pytest-benchmark would think the inner run is distributed too.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+needs_history = pytest.mark.skipif(not HAS_GIT_HISTORY, reason="needs the repository's git history")
 
 
 # -- what --benchmark-compare[=X] resolves to -------------------------------------------------
@@ -147,7 +138,7 @@ def test_record_without_cuda_is_refused_before_running_anything(monkeypatch, cap
 def test_an_ab_without_cuda_is_refused_within_seconds(tmp_path):
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "attention.bench.perf", "--benchmark-compare=HEAD", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--benchmark-compare=HEAD needs a CUDA GPU" in done.stdout
     assert time.perf_counter() - start < 30  # torch's import dominates; no case ran
@@ -157,7 +148,7 @@ def test_an_ab_without_cuda_is_refused_within_seconds(tmp_path):
 # -- the A/B through the CLI, with pytest replaced -------------------------------------------
 
 
-@needs_git
+@needs_history
 def test_cli_ab_passes_the_revision_to_pytest_and_reads_the_verdict(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     on_gpu(monkeypatch, dict(H100))
@@ -183,7 +174,7 @@ def test_cli_ab_passes_the_revision_to_pytest_and_reads_the_verdict(tmp_path, mo
     assert "cannot build 1 case(s)" in capsys.readouterr().out
 
 
-@needs_git
+@needs_history
 def test_cli_refuses_an_unknown_revision_before_running(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     on_gpu(monkeypatch, dict(H100))
@@ -258,7 +249,7 @@ def test_a_base_that_cannot_build_the_case_is_a_refusal_not_a_regression():
 # -- the base revision, for real ----------------------------------------------------------------
 
 
-@needs_git
+@needs_history
 def test_base_revision_imports_another_copy_of_the_library_and_cleans_up():
     before = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     with BaseRevision("HEAD", registry.builtin_implementations(), cwd=ROOT) as base:
@@ -274,12 +265,12 @@ def test_base_revision_imports_another_copy_of_the_library_and_cleans_up():
     assert after == before
 
 
-@needs_git
+@needs_history
 def test_pytest_perf_gates_an_ab_on_cpu_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "-q", "--perf-device=cpu"]
     cmd += ["--perf-grid=tiny", "-k", "core-sdpa-fp32-fwd-B4-T64", "--perf-budget=0.02"]
     cmd += ["--perf-compare-rev=HEAD", f"--perf-ab-out={tmp_path}", "--perf-min-effect=0.5"]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "same-run A/B" in done.stdout and "PASS" in done.stdout
     doc = json.loads((tmp_path / "ab.json").read_text())
@@ -344,7 +335,7 @@ def test_saved_runs_are_compared_on_gpu_and_torch_minor_only(monkeypatch):
     assert "torch_minor" in warning and "2.15" in warning
 
 
-@needs_git
+@needs_history
 def test_a_base_revision_that_cannot_run_a_case_fails_the_gate_and_says_so(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -358,7 +349,7 @@ def test_a_base_revision_that_cannot_run_a_case_fails_the_gate_and_says_so(tmp_p
     cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "-q", "--perf-device=cpu"]
     cmd += ["--perf-grid=tiny", "-k", "core-sdpa-fp32-fwd-B4-T64", "--perf-budget=0.02"]
     cmd += ["--perf-compare-rev=broken", f"--perf-ab-out={tmp_path}"]
-    env = dict(_env(), PYTHONPATH=str(clone))
+    env = dict(subprocess_env(), PYTHONPATH=str(clone))
     done = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout[-3000:]
     doc = json.loads((tmp_path / "ab.json").read_text())

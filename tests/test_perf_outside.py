@@ -15,16 +15,9 @@ from attention import registry
 from attention.bench.perf import base_revision, launcher, revision
 from attention.bench.perf.base_revision import BaseRevision
 
-ROOT = Path(__file__).resolve().parents[1]
+from .perf_support import GIT_ENV, ROOT, needs_git, subprocess_env
+
 PKG = "perf_outside_pkg"  # a name no other test imports
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Perf Test",
-    "GIT_AUTHOR_EMAIL": "perf@example.com",
-    "GIT_COMMITTER_NAME": "Perf Test",
-    "GIT_COMMITTER_EMAIL": "perf@example.com",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
 # The implementation imports its own package by absolute name: at the base commit it must get the
 # base's helpers, not the head's already imported ones.
 ATTN = f"""import time
@@ -40,10 +33,6 @@ def attn(q, k, v):  # q (B, H, Tq, D), k/v (B, H, Tk, D)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, Tq, D)
 """
 BROKEN = "def broken_attn(q, k, v):\n    raise RuntimeError('broken on purpose')\n"
-
-needs_git = pytest.mark.skipif(
-    subprocess.run(["git", "--version"], capture_output=True).returncode != 0, reason="needs git"
-)
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -134,9 +123,7 @@ def test_builtins_outside_this_checkout_and_uncheckable_packages_are_not_compare
 
 
 def _env(*paths: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (ROOT, *paths))
-    return dict(env, **GIT_ENV)
+    return {**subprocess_env(*paths), **GIT_ENV}
 
 
 @needs_git

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,20 +30,10 @@ from attention.bench.perf.revision import (
     worktree,
 )
 
-needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not on PATH")
+from .perf_support import GIT_ENV, needs_git
 
 MODULE = Path(__file__).resolve().parents[1] / "attention" / "bench" / "perf" / "revision.py"
 LONG_SUBJECT = "second: the value is new now, and this subject line is much longer than fifty characters"
-
-#: Commits, tags and `git status` alike, whatever the user's global git config says.
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Perf Test",
-    "GIT_AUTHOR_EMAIL": "perf@example.com",
-    "GIT_COMMITTER_NAME": "Perf Test",
-    "GIT_COMMITTER_EMAIL": "perf@example.com",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
 
 
 @pytest.fixture(autouse=True)

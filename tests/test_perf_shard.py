@@ -15,9 +15,7 @@ from hypothesis import strategies as st
 from attention.bench.perf import ab, cli, launcher, runner, shard
 from attention.bench.perf.results import PerfError, load_run, parse_run
 
-from .perf_support import H100, make_raw, make_run, on_gpu, samples, with_machine
-
-ROOT = Path(__file__).resolve().parents[1]
+from .perf_support import H100, ROOT, make_raw, make_run, on_gpu, samples, subprocess_env, with_machine
 
 
 def test_gpus_are_all_or_a_count_of_those_present():
@@ -218,13 +216,6 @@ def test_the_gpu_facts_child_is_a_module_that_prints_one_json_line(monkeypatch, 
     assert {info["impl"] for info in doc["cases"].values()} == {"sdpa", "raw_sdpa", "gemms"}
 
 
-def _env() -> dict:
-    # Not the xdist worker's variables: pytest-benchmark would think the inner run is distributed too.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_gpus_on_a_machine_without_them_is_refused_at_once(tmp_path, capsys):
     assert cli.main(["--gpus", "2", "--out", str(tmp_path)]) == 2
@@ -242,12 +233,12 @@ def test_a_listed_shard_runs_only_its_cases_in_its_order(tmp_path):
     listed.write_text("\n".join(cases) + "\n")
     cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "--perf-device=cpu", "--perf-grid=tiny"]
     cmd += ["--perf-budget=0.02", f"--perf-cases={listed}", f"--perf-log={tmp_path / 'log.jsonl'}", "-q"]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["case"] for e in log if "case" in e] == cases
     listed.write_text("no-such-case\n")
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 4 and "1 case(s) not in this grid: no-such-case" in done.stderr
 
 
