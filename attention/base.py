@@ -13,7 +13,8 @@ includes cached keys), ``H`` query heads, ``H_kv`` key/value heads, ``hd`` head 
 from __future__ import annotations
 
 import math
-from typing import cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,10 @@ from .score_mods import ScoreMod
 
 #: The pattern attributes that are checked properties (see AttentionBase.__setattr__).
 _PATTERN_ATTRS = ("mask_mod", "score_mod")
+#: Shapes a module keeps what it built from its patterns for; the oldest goes first (decoding
+#: adds one per step).
+MAX_CACHED_SHAPES = 64
+_Built = TypeVar("_Built")
 
 
 def _declares(capability: object) -> bool:
@@ -347,6 +352,12 @@ class AttentionBase(nn.Module):
     def _load(self, name: str) -> object:
         return self._modules[name] if name in self._modules else self.__dict__[f"_{name}"]
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for name in self._pattern_caches:  # rebuilt on load, by _patterns_changed
+            state.pop(name, None)
+        return state
+
     def __setstate__(self, state: dict) -> None:
         # Modules pickled before mask_mod and score_mod became checked properties held them as
         # plain attributes under their own names.
@@ -356,10 +367,28 @@ class AttentionBase(nn.Module):
         super().__setstate__(state)
         self._patterns_changed()  # caches built from the patterns are left out of a pickle
 
+    #: The attributes an implementation derives from its patterns (set in ``_patterns_changed``),
+    #: left out of a pickle: caches, and what cannot be pickled.
+    _pattern_caches: tuple[str, ...] = ()
+
     def _patterns_changed(self) -> None:
         """Called whenever ``mask_mod`` or ``score_mod`` is set, and on unpickling: an
         implementation that caches anything built from them (flex: BlockMasks, compile keys;
         triton: block tables) drops it here."""
+
+    @staticmethod
+    def _per_shape(
+        cache: dict[tuple, _Built], key: tuple, document_ids: Tensor | None, build: Callable[[], _Built]
+    ) -> _Built:
+        """What ``build`` makes from the patterns for one shape (``key``), kept in ``cache``; built
+        afresh, and not kept, for a call's own ``document_ids``."""
+        if document_ids is not None:
+            return build()
+        if key not in cache:
+            if len(cache) >= MAX_CACHED_SHAPES:
+                del cache[next(iter(cache))]
+            cache[key] = build()
+        return cache[key]
 
     @property
     def scale(self) -> float:

@@ -35,7 +35,6 @@ from .masks import dense_mask, offset_mask
 from .score_mods import ScoreMod, offset_score_mod
 
 _compiled: dict[tuple, Callable[..., Tensor]] = {}
-_MAX_CACHED_BLOCK_MASKS = 64
 #: One-token decode splits the cached keys into this many chunks or more (``SPLIT_KV``). torch's
 #: default, 2 x SMs // (batch x KV heads), gives 2 splits for 8 sequences of 16 KV heads on an
 #: H100: too few CTAs in flight to saturate HBM. Measured there (bf16, D=128, B=8, CUDA graphs):
@@ -227,6 +226,9 @@ class MHAPyTorchFlexAttention(AttentionBase):
             raise TypeError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
         self.kernel_options = kernel_options
 
+    # BlockMasks are a cache, and compile keys hold code objects, which cannot be pickled.
+    _pattern_caches = ("_block_masks", "_pattern_keys")
+
     def _patterns_changed(self) -> None:
         # BlockMasks and compile keys are built from mask_mod and score_mod: a module given new
         # ones must not attend with the old (so they are rebuilt here, on every assignment).
@@ -234,36 +236,25 @@ class MHAPyTorchFlexAttention(AttentionBase):
         # What dynamo guards on in this module's patterns, worked out once, not on every call.
         self._pattern_keys = (pattern_key(self.mask_mod), pattern_key(self.score_mod))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # BlockMasks are a cache, and compile keys hold code objects, which cannot be pickled:
-        # both are left out of torch.save(module) / pickle and rebuilt on load.
-        state = super().__getstate__()
-        state.pop("_block_masks", None)
-        state.pop("_pattern_keys", None)
-        return state
-
     def block_mask(self, q: Tensor, k: Tensor, q_offset: int = 0, document_ids: Tensor | None = None) -> BlockMask:
         """The BlockMask for these queries and keys, cached unless ``document_ids`` vary per call."""
         batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         key = (batch, q_len, kv_len, q_offset, q.device)  # batch: a mask that reads b is built per batch
-        if document_ids is None and key in self._block_masks:
-            return self._block_masks[key]
-        pattern = offset_mask(self._pattern(document_ids), q_offset)
-        # A tiny probe says whether the pattern reads b or h; if not, one mask serves all.
-        probe = dense_mask(pattern, batch, heads, 1, 1, q.device).shape  # (B or 1, H or 1, 1, 1)
-        mask = create_block_mask(
-            pattern,
-            B=batch if probe[0] > 1 else None,
-            H=heads if probe[1] > 1 else None,
-            Q_LEN=q_len,
-            KV_LEN=kv_len,
-            device=q.device,
-        )
-        if document_ids is None:
-            if len(self._block_masks) >= _MAX_CACHED_BLOCK_MASKS:  # decoding adds one per step
-                del self._block_masks[next(iter(self._block_masks))]
-            self._block_masks[key] = mask
-        return mask
+
+        def build() -> BlockMask:
+            pattern = offset_mask(self._pattern(document_ids), q_offset)
+            # A tiny probe says whether the pattern reads b or h; if not, one mask serves all.
+            probe = dense_mask(pattern, batch, heads, 1, 1, q.device).shape  # (B or 1, H or 1, 1, 1)
+            return create_block_mask(
+                pattern,
+                B=batch if probe[0] > 1 else None,
+                H=heads if probe[1] > 1 else None,
+                Q_LEN=q_len,
+                KV_LEN=kv_len,
+                device=q.device,
+            )
+
+        return self._per_shape(self._block_masks, key, document_ids, build)
 
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
         super()._check_input(x, kv_cache, document_ids)  # gradients on CPU refused there

@@ -16,7 +16,6 @@ tests on machines without a GPU).
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +32,6 @@ DECODE_MAX_ROWS = 128
 #: The largest head dim the CUDA tiles are sized for (docs/design.md#triton-configs): wider heads
 #: would need smaller tiles to fit shared memory.
 MAX_HEAD_DIM = 128
-_MAX_CACHED_TABLES = 64
 #: The dtypes the kernels compute right, per device type (docs/design.md#triton-dtypes).
 DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
@@ -84,14 +82,11 @@ class MHATritonAttention(AttentionBase):
             return interpreter_problem()
         return None
 
+    _pattern_caches = ("_tables",)
+
     def _patterns_changed(self) -> None:
         # Tables are built from mask_mod: a module given a new one must not attend with the old.
         self._tables: dict[tuple, BlockTable] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_tables", None)  # a cache: rebuilt on load
-        return state
 
     def _check_input(self, x: Tensor, kv_cache: KVCache | None, document_ids: Tensor | None) -> None:
         super()._check_input(x, kv_cache, document_ids)
@@ -178,16 +173,14 @@ class MHATritonAttention(AttentionBase):
         """The block table for these queries and keys, cached unless ``document_ids`` vary per call."""
         batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         key = (batch, q_len, kv_len, q_offset, q.device, block_m, block_n)
-        if document_ids is None and key in self._tables:
-            return self._tables[key]
-        table = build_block_table(
-            self._pattern(document_ids), batch, heads, q_len, kv_len, block_m, block_n, q.device, q_offset
+        return self._per_shape(
+            self._tables,
+            key,
+            document_ids,
+            lambda: build_block_table(
+                self._pattern(document_ids), batch, heads, q_len, kv_len, block_m, block_n, q.device, q_offset
+            ),
         )
-        if document_ids is None:
-            if len(self._tables) >= _MAX_CACHED_TABLES:
-                del self._tables[next(iter(self._tables))]
-            self._tables[key] = table
-        return table
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, document_ids: Tensor | None) -> Tensor:
         from .kernels import decode, prefill

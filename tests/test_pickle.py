@@ -15,6 +15,7 @@ import torch
 
 import attention
 from attention import masks, score_mods
+from attention.base import MAX_CACHED_SHAPES, AttentionBase
 from attention.flex import pattern_key
 
 
@@ -32,6 +33,21 @@ def test_flex_caches_are_left_out_and_rebuilt():
     loaded = pickle_round_trip(module)
     assert loaded._block_masks == {}
     assert loaded._pattern_keys == module._pattern_keys
+
+
+def test_a_per_shape_cache_keeps_the_newest_shapes_and_nothing_of_a_calls_own_document_ids():
+    cache: dict[tuple, int] = {}
+    built: list[int] = []
+
+    def get(shape: int, document_ids: torch.Tensor | None = None) -> int:
+        return AttentionBase._per_shape(cache, (shape,), document_ids, lambda: built.append(shape) or shape)
+
+    for shape in range(MAX_CACHED_SHAPES + 1):
+        assert get(shape) == shape
+    assert len(cache) == MAX_CACHED_SHAPES and (0,) not in cache  # the oldest went
+    assert get(1) == 1 and built.count(1) == 1  # kept: not built again
+    assert get(1, torch.tensor([[0, 0, 1]])) == 1 and built.count(1) == 2  # built for the call
+    assert len(cache) == MAX_CACHED_SHAPES
 
 
 def test_patterns_compare_by_parameters():
