@@ -48,11 +48,6 @@ def _attention_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _fn_name(fn: object) -> str:
-    """A mask or score mod's name for messages: its ``__name__``, else its type's."""
-    return getattr(fn, "__name__", type(fn).__name__)
-
-
 class AttentionBase(nn.Module):
     """Causal multi-head attention: ``(batch, tokens, d_in) -> (batch, tokens, d_out)``.
 
@@ -247,10 +242,7 @@ class AttentionBase(nn.Module):
     def dtype_unsupported(cls, dtype: torch.dtype, device: torch.device | str) -> str | None:
         """Why this implementation does not compute ``dtype`` on ``device`` (its declared dtypes,
         or a kernel's limit there), or ``None`` when it does."""
-        declared = cls.capabilities()
-        if declared.dtypes is None or declared.allows_dtype(dtype):
-            return None
-        return f"declares dtypes {', '.join(sorted(map(str, declared.dtypes)))} only, not {dtype}"
+        return cls.capabilities().dtype_refused(dtype)
 
     def _check_dtype(self, dtype: torch.dtype, device: torch.device) -> None:
         """Refuse to attend in ``dtype`` on ``device`` where :meth:`dtype_unsupported` says why."""
@@ -398,10 +390,10 @@ class AttentionBase(nn.Module):
         text = (
             f"d_in={self.d_in}, d_out={self.d_out}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, context_length={self.context_length}, "
-            f"dropout={self.dropout}, mask_mod={_fn_name(self.mask_mod)}"
+            f"dropout={self.dropout}, mask_mod={checks.name_of(self.mask_mod)}"
         )
         if self.score_mod is not None:
-            text += f", score_mod={_fn_name(self.score_mod)}"
+            text += f", score_mod={checks.name_of(self.score_mod)}"
         return text
 
     def make_kv_cache(
@@ -493,13 +485,13 @@ class AttentionBase(nn.Module):
 
     def _check_declared_mask(self, mask_mod: MaskMod) -> None:
         if mask_mod is not causal and not self.capabilities().masks:
-            raise self._undeclared("masks", f"mask_mod={_fn_name(mask_mod)}")
+            raise self._undeclared("masks", f"mask_mod={checks.name_of(mask_mod)}")
 
     def _check_score_mod(self, score_mod: ScoreMod | None, num_heads: int) -> None:
         if score_mod is None:
             return
         checks.function("score_mod", score_mod, "(score, b, h, q_idx, kv_idx)")
-        name = _fn_name(score_mod)
+        name = checks.name_of(score_mod)
         if not self.supports_score_mod(score_mod):
             raise ValueError(f"{type(self).__name__} cannot express score_mod={name}: {self.score_mod_limits}")
         heads = getattr(score_mod, "num_heads", num_heads)
@@ -538,9 +530,8 @@ class AttentionBase(nn.Module):
             raise ValueError(f"x is on {x.device} but the weights are on {weight.device}")
         self._check_dtype(_attention_dtype(x), x.device)
         declared = self.capabilities()
-        if declared.devices is not None and not declared.allows_device(x.device):
-            shown = ", ".join(sorted(declared.devices))
-            raise ValueError(f"{type(self).__name__} declares devices {shown} only, not {x.device.type}")
+        if (refused := declared.device_refused(x.device)) is not None:
+            raise ValueError(f"{type(self).__name__} {refused}")
         if kv_cache is not None and not declared.kv_cache:
             raise self._undeclared("kv_cache", "a call with kv_cache")
         if document_ids is not None and not declared.masks:
@@ -556,7 +547,7 @@ class AttentionBase(nn.Module):
             held = tuple(self.mask_mod.document_ids.shape)
             if held[0] != b or held[1] < past + t:
                 raise ValueError(
-                    f"mask_mod {_fn_name(self.mask_mod)} holds document_ids of shape {held}; this call needs "
+                    f"mask_mod {checks.name_of(self.mask_mod)} holds document_ids of shape {held}; this call needs "
                     f"(batch, cached + tokens) = {(b, past + t)} at least: assign a per_document mask for these ids"
                 )
         # Last, and before the cache is written, so a refused call leaves it as it was. Only what
@@ -580,12 +571,12 @@ class AttentionBase(nn.Module):
         prefix_len = prefix_length(self.mask_mod)
         if 0 < past < prefix_len:
             raise ValueError(
-                f"mask_mod {_fn_name(self.mask_mod)} shows keys before prefix_len={prefix_len} "
+                f"mask_mod {checks.name_of(self.mask_mod)} shows keys before prefix_len={prefix_len} "
                 f"to every query, but the cache ends at {past}: put the whole prefix in the first chunk"
             )
         if isinstance(self.mask_mod, PerDocument) and self.mask_mod.prefix_split_at(past):
             raise ValueError(
-                f"mask_mod {_fn_name(self.mask_mod)} shows each document's first "
+                f"mask_mod {checks.name_of(self.mask_mod)} shows each document's first "
                 f"{prefix_length(self.mask_mod.mask_mod)} keys to all its queries, but the cache ends at {past}, "
                 "inside a document's prefix: end each chunk outside every prefix"
             )

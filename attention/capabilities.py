@@ -75,6 +75,18 @@ class Capabilities:
     def allows_device(self, device: torch.device | str) -> bool:
         return self.devices is None or torch.device(device).type in self.devices
 
+    def dtype_refused(self, dtype: torch.dtype) -> str | None:
+        """Why the declaration refuses ``dtype`` ("declares dtypes ... only, not ..."), or ``None``."""
+        if self.dtypes is None or self.allows_dtype(dtype):
+            return None
+        return f"declares dtypes {', '.join(sorted(map(str, self.dtypes)))} only, not {dtype}"
+
+    def device_refused(self, device: torch.device | str) -> str | None:
+        """Why the declaration refuses ``device`` ("declares devices ... only, not ..."), or ``None``."""
+        if self.devices is None or self.allows_device(device):
+            return None
+        return f"declares devices {', '.join(sorted(self.devices))} only, not {torch.device(device).type}"
+
     @property
     def zero_empty_rows(self) -> bool:
         return self.empty_rows == "zeros"

@@ -64,6 +64,11 @@ def boolean(name: str, value: object) -> bool:
     return value
 
 
+def name_of(fn: object) -> str:
+    """A function's name for messages: its ``__name__``, else its type's (a callable object)."""
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 def function(name: str, value: object, signature: str) -> Callable[..., object]:
     """``value`` as a callable; it must be callable as ``signature`` (named in the message)."""
     if not callable(value):

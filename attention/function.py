@@ -25,6 +25,7 @@ from typing import Any, SupportsIndex, cast
 import torch
 from torch import Tensor
 
+from . import checks
 from .base import AttentionBase
 from .capabilities import Capabilities, is_device_type
 from .masks import checked, offset_mask
@@ -56,11 +57,7 @@ class FunctionAttention(AttentionBase):
 
     @classmethod
     def unavailable(cls, device: torch.device | str) -> str | None:
-        devices = cls.capabilities().devices
-        if devices is None or cls.capabilities().allows_device(device):
-            return None
-        declared = ", ".join(sorted(devices))
-        return f"declares devices {declared} only, not {torch.device(device).type}"
+        return cls.capabilities().device_refused(device)
 
     @classmethod
     def compiles_per_shape(cls, device: torch.device | str) -> bool:
@@ -185,7 +182,7 @@ def _check_signature(function: Callable[..., Tensor], *, masks: bool, kv_cache: 
         except TypeError as exc:
             signatures.append((signature, exc))
     call = ", ".join(["q", "k", "v", *(f"{k}=..." for k in keywords)])
-    name = getattr(function, "__name__", type(function).__name__)
+    name = checks.name_of(function)
     first, why = signatures[0]
     # Python's bind error speaks of the call ("too many positional arguments" where the function
     # takes too few), so the message shows both sides, with its words after.
@@ -211,7 +208,7 @@ def _make_class(
         dtypes=declared["dtypes"],
         devices=declared["devices"],
     )
-    name = getattr(function, "__name__", type(function).__name__)
+    name = checks.name_of(function)
     namespace = {
         "function": staticmethod(function),
         "declaration": declaration,

@@ -388,7 +388,7 @@ def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
     """
     signature = "(b, h, q_idx, kv_idx)"
     fn = checks.function(name, mask_mod, signature)
-    label = getattr(fn, "__name__", type(fn).__name__)
+    label = checks.name_of(fn)
     try:
         params = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: the probe below still runs

@@ -196,8 +196,8 @@ def skip_reason(impl_name: str, device: str, dtype: torch.dtype | None, needs: t
     if reason is not None:
         return reason
     declared = impl.capabilities()
-    if declared.devices is not None and not declared.allows_device(device):
-        return f"declares devices {', '.join(sorted(declared.devices))} only"
+    if (refused := declared.device_refused(device)) is not None:
+        return refused
     if dtype is not None and (problem := impl.dtype_unsupported(dtype, device)) is not None:
         return problem
     for capability in needs:
