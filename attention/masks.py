@@ -317,13 +317,21 @@ def dense_mask(
     Dimensions the pattern ignores stay of size 1 (a causal mask is ``(1, 1, Tq, Tk)``), so the
     dense mask costs no more memory than the pattern needs.
     """
+    mask = mask_mod(*index_grids(batch, heads, q_len, kv_len, device, q_offset))
+    _check_result(mask, (batch, heads, q_len, kv_len))
+    return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
+
+
+def index_grids(
+    batch: int, heads: int, q_len: int, kv_len: int, device: torch.device | str, q_offset: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``b, h, q_idx, kv_idx`` broadcasting to ``(B, H, Tq, Tk)``, the queries from ``q_offset``:
+    what a ``mask_mod`` or ``score_mod`` is evaluated on densely."""
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     h = torch.arange(heads, device=device).view(1, -1, 1, 1)  # (1, H, 1, 1)
     q_idx = torch.arange(q_offset, q_offset + q_len, device=device).view(1, 1, -1, 1)  # (1, 1, Tq, 1)
     kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)  # (1, 1, 1, Tk)
-    mask = mask_mod(b, h, q_idx, kv_idx)
-    _check_result(mask, (batch, heads, q_len, kv_len))
-    return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
+    return b, h, q_idx, kv_idx
 
 
 def _check_result(mask: object, grid: tuple[int, ...]) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .masks import Parameterised
+from .masks import Parameterised, index_grids
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -93,20 +93,10 @@ def is_additive(score_mod: ScoreMod) -> bool:
     return bool(getattr(score_mod, "additive", False))
 
 
-def _grids(
-    batch: int, heads: int, q_len: int, kv_len: int, device: torch.device, q_offset: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    h = torch.arange(heads, device=device).view(1, -1, 1, 1)  # (1, H, 1, 1)
-    q_idx = torch.arange(q_offset, q_offset + q_len, device=device).view(1, 1, -1, 1)  # (1, 1, Tq, 1)
-    kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)  # (1, 1, 1, Tk)
-    return b, h, q_idx, kv_idx
-
-
 def apply_dense(score_mod: ScoreMod, scores: Tensor, q_offset: int = 0) -> Tensor:
     """``score_mod`` on a dense ``(B, H, Tq, Tk)`` score matrix whose first row sits at ``q_offset``."""
     batch, heads, q_len, kv_len = scores.shape
-    grids = _grids(batch, heads, q_len, kv_len, scores.device, q_offset)
+    grids = index_grids(batch, heads, q_len, kv_len, scores.device, q_offset)
     # At least float32, as flex computes scores: a bias rounded to bf16 would be off by whole units.
     work = scores if scores.dtype == torch.float64 else scores.float()  # (B, H, Tq, Tk)
     return score_mod(work, *grids).to(scores.dtype)  # (B, H, Tq, Tk)
@@ -118,7 +108,7 @@ def dense_bias(
     """An additive ``score_mod``'s bias in float32, broadcastable to ``(B, H, Tq, Tk)``;
     dimensions it ignores stay of size 1 (ALiBi: ``(1, H, Tq, Tk)``)."""
     zero = torch.zeros((), dtype=torch.float32, device=device)  # the score the bias is added to
-    bias = score_mod(zero, *_grids(batch, heads, q_len, kv_len, device, q_offset))
+    bias = score_mod(zero, *index_grids(batch, heads, q_len, kv_len, device, q_offset))
     return torch.broadcast_to(bias, torch.broadcast_shapes(bias.shape, (1, 1, q_len, kv_len)))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .cost import GiB
 from .files import write_atomically
-from .report import fmt_bytes, save_figure
+from .report import fmt_bytes, fmt_tokens, save_figure
 
 LEVELS = ("core", "module")
 DIRECTIONS = {"fwd": "forward", "fwd_bwd": "forward+backward"}
@@ -131,10 +131,6 @@ def title(result: dict) -> str:
     )
 
 
-def _length(t: int) -> str:
-    return f"{t // 1024}k" if t % 1024 == 0 else str(t)
-
-
 def print_table(result: dict, console) -> None:
     """Rich tables: every cell; then speed-up, efficiency and crossover; then the load balancer."""
     from rich.table import Table
@@ -152,7 +148,7 @@ def print_table(result: dict, console) -> None:
     for c in sorted(result["cells"], key=lambda c: (LEVELS.index(c["level"]), c["direction"], c["seq_len"], c["gpus"])):
         if not c["load_balance"]:
             continue
-        cols = [c["level"], c["direction"].replace("_", "+"), _length(c["seq_len"]), str(c["gpus"])]
+        cols = [c["level"], c["direction"].replace("_", "+"), fmt_tokens(c["seq_len"]), str(c["gpus"])]
         if c["status"] != "ok":
             number = notes.setdefault(c["reason"], len(notes) + 1)
             table.add_row(*cols, f"{c['status']} [{number}]", "", "", "", "", "")
@@ -181,8 +177,8 @@ def print_table(result: dict, console) -> None:
             row["level"],
             row["direction"].replace("_", "+"),
             str(row["gpus"]),
-            "-" if up_to is None else _length(up_to),
-            "never (measured)" if start is None else _length(start),
+            "-" if up_to is None else fmt_tokens(up_to),
+            "never (measured)" if start is None else fmt_tokens(start),
         )
     console.print(cross)
     balance = load_balance_effect(result)
@@ -195,7 +191,7 @@ def print_table(result: dict, console) -> None:
                 row["level"],
                 row["direction"].replace("_", "+"),
                 str(row["gpus"]),
-                _length(row["seq_len"]),
+                fmt_tokens(row["seq_len"]),
                 f"{row['on_s'] * 1e3:.2f}",
                 f"{row['off_s'] * 1e3:.2f}",
                 f"{row['off_over_on']:.2f}",

@@ -55,6 +55,11 @@ def _impls(result: dict) -> list[str]:
 # -- table -------------------------------------------------------------------------------------
 
 
+def fmt_tokens(n: int) -> str:
+    """A sequence length for tables: whole multiples of 1024 as "4k", others as they are."""
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def fmt_bytes(n: float | None) -> str:
     """``n`` bytes in GiB from 1 GiB up, else MiB; ``n/a`` for ``None``."""
     if n is None:

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from ..report import fmt_tokens
 from . import guards
 from .results import Run, graph_timed
-
-
-def _short_len(n: int) -> str:
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def _value(info: dict) -> str:
@@ -54,7 +51,7 @@ def matrix(run: Run) -> str:
         rows = groups[name]
         lens = sorted({n for per in rows.values() for n in per})
         lines.append(f"-- {name}")
-        lines.append(f"   {'T =':<18}" + " ".join(f"{_short_len(n):>12}" for n in lens))
+        lines.append(f"   {'T =':<18}" + " ".join(f"{fmt_tokens(n):>12}" for n in lens))
         for impl in sorted(rows):
             cells = []
             for n in lens:
@@ -140,7 +137,7 @@ def targets(run: Run) -> str:
             _find(run, impl=impl, level="core", **shape) for impl in ("raw_sdpa", "raw_sdpa_flash", "raw_sdpa_cudnn")
         ]
         raws = [r for r in raws if r]
-        parts = [f"  {dtype} {direction:<7} D{d:<3} T{_short_len(t):>4}:"]
+        parts = [f"  {dtype} {direction:<7} D{d:<3} T{fmt_tokens(t):>4}:"]
         if core and raws:
             best = min(raws, key=lambda r: r["median"])
             ratio = core["median"] / best["median"]
