@@ -129,18 +129,6 @@ SELECTION = {
     "my_eager": "test_masks or test_kv_cache or test_generation or test_causality",
 }
 
-#: A Hypothesis profile for these runs: the suite's ``quick`` one without shrinking, which would
-#: spend tens of seconds minimising the failures this test causes on purpose. Loaded by ``-p``
-#: before the suite registers its own profiles (it leaves one registered first as it is).
-NO_SHRINK = """
-from hypothesis import Phase, settings
-
-from attention.suite.profiles import PROFILES
-
-phases = [phase for phase in Phase if phase not in (Phase.shrink, Phase.explain)]
-settings.register_profile("quick-no-shrink", **{**PROFILES["quick"], "phases": phases})
-"""
-
 
 def _outcome(case: ET.Element) -> tuple[str, str]:
     for child in case:
@@ -152,13 +140,12 @@ def _outcome(case: ET.Element) -> tuple[str, str]:
 
 def run_suite(installed: Installed) -> tuple[dict[str, list[Case]], str]:
     """Each implementation's test cases from one run of the suite in the fresh environment, and the screen."""
-    (installed.workdir / "no_shrink.py").write_text(NO_SHRINK)
     report = installed.workdir / "report.xml"
-    command = [str(installed.python), "-m", "pytest", "--pyargs", "attention.suite", "-p", "no_shrink"]
+    command = [str(installed.python), "-m", "pytest", "--pyargs", "attention.suite"]
     command += ["-p", "no:cacheprovider", "-q", f"--junitxml={report}"]
     command += [arg for impl in SELECTION for arg in ("--attention-impl", impl)]
     command += ["-k", " or ".join(f"({impl} and ({k}))" for impl, k in SELECTION.items())]
-    env = {**_clean_env(), "HYPOTHESIS_PROFILE": "quick-no-shrink"}
+    env = {**_clean_env(), "HYPOTHESIS_PROFILE": "quick"}  # whatever this run's: it reports failures unshrunk
     done = subprocess.run(command, cwd=installed.workdir, env=env, capture_output=True, text=True, timeout=600)
     screen = done.stdout + done.stderr
     assert done.returncode == 1, screen  # some failed (on purpose); 2 or more: the run itself broke
