@@ -220,12 +220,18 @@ def check_fp16_overflow_case(
         math_out = module._merge(math_context)  # (B, T, d_out)
 
     what = f"{impl_name} fp16 output, |q·k| up to {largest:.0f}"
-    assert torch.isfinite(out).all(), f"{what}: NaN or inf although the scaled scores fit fp16"
+    finite = bool(torch.isfinite(out).all())  # a bare bool: pytest would print the tensor under the message
+    assert finite, (
+        f"{what}: NaN or inf although the scaled scores fit fp16, so q·k overflowed before it was "
+        "scaled: scale inside the product's fp32 accumulation (torch.baddbmm(..., alpha=scale), or "
+        "scores computed in fp32), or declare dtypes= without torch.float16 (from_function(..., dtypes=...))"
+    )
     assert_module_matches_oracle(module, x, out, what=what)
     assert_matches_oracle(out, attention.reference_forward(module, x), math_out, what=f"{what}, vs math attention")
     if hasattr(module, "attention_weights"):
         weights = module.attention_weights(x)  # (B, H, T, T)
         exact = copy.deepcopy(module).double().attention_weights(x.double())  # (B, H, T, T) float64
-        assert torch.isfinite(weights).all(), "NaN or inf in attention_weights"
+        weights_finite = bool(torch.isfinite(weights).all())
+        assert weights_finite, "NaN or inf in fp16 attention_weights although the scaled scores fit fp16"
         assert_matches_oracle(weights, exact, math_weights, what="fp16 attention_weights, vs math attention")
     return True
