@@ -177,7 +177,7 @@ def resolve(spec: str) -> str:
     if not sep or not module_name or not attr:
         raise ValueError(
             f"unknown implementation {spec!r}; registered: {', '.join(known)} "
-            "(or give module:attr, or NAME=module:attr)"
+            "(or give module:attr, or NAME=module:attr; a register() call in a conftest.py reaches pytest runs only)"
         )
     if module_name.startswith(".") or "/" in module_name or "\\" in module_name:
         raise ValueError(f"{spec}: {_as_path(module_name)}")
