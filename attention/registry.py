@@ -214,6 +214,38 @@ def resolve(spec: str) -> str:
     return name
 
 
+def _names_an_implementation(arg: str) -> bool:
+    """Whether a command-line word names an implementation (a registered name, ``module:attr``,
+    ``NAME=module:attr``) and not a file, a folder or a pytest node id."""
+    if "::" in arg or Path(arg).exists():
+        return False
+    if arg in implementations():
+        return True
+    alias, eq, target = arg.partition("=")
+    module_name, sep, attr = (target if eq and alias.isidentifier() else arg).rpartition(":")
+    return bool(sep) and all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()
+
+
+def bare_words(args: list[str]) -> list[str]:
+    """The words of a command line that are neither options nor, as far as can be told, an
+    option's value: a word right after an option without ``=`` may be its value (``-k sdpa``)."""
+    return [
+        arg
+        for i, arg in enumerate(args)
+        if not arg.startswith("-") and not (i and args[i - 1].startswith("-") and "=" not in args[i - 1])
+    ]
+
+
+def misplaced_specs(args: list[str], flag: str) -> str | None:
+    """Why words pytest is about to take as test paths are implementations (one given after
+    another's ``flag``, or without it), or ``None``."""
+    stray = [arg for arg in bare_words(args) if _names_an_implementation(arg)]
+    if not stray:
+        return None
+    each = " ".join(f"{flag} {spec}" for spec in stray)
+    return f"{', '.join(stray)}: an implementation, not a test path: name each with its own {flag} ({each})"
+
+
 def source(name: str) -> str | None:
     """``"module:attr"`` that implementation ``name`` was loaded from (``None`` for a built-in):
     the same-run A/B loads it from there at another revision of its repository."""

@@ -238,6 +238,19 @@ def test_an_empty_listing_names_the_selection_as_the_user_gave_it(tmp_path, caps
     assert "no case selected: -k no_such_case --impl sdpa matched none" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("argv", "told"),
+    [
+        (["--impl", "pkg.mod:attn", "sdpa"], "sdpa: an implementation, not a test path: name each with its own --impl"),
+        (["--impl", "sdpa", "run"], "'run' is a command: it comes first (python -m attention.bench.perf run ...)"),
+    ],
+)
+def test_words_in_the_wrong_place_are_a_usage_error_before_anything_runs(tmp_path, capsys, argv, told):
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert told in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 @pytest.mark.parametrize("grid", [["--grid", "quick"], ["--perf-grid=full"]])
 def test_a_gpu_sized_grid_without_a_gpu_is_refused_before_anything_runs(tmp_path, capsys, grid):

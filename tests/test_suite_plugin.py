@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 PLAIN = """
@@ -56,6 +57,31 @@ def test_a_misspelled_implementation_is_one_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 4
     assert "ERROR: cannot test: unknown implementation 'sdpaa'; registered: from_scratch" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "stray"),
+    [
+        (["my_pkg.attn:attn"], "my_pkg.attn:attn"),  # --impl forgotten
+        (["--impl", "my_pkg.attn:attn", "sdpa"], "sdpa"),  # two after one --impl, as the report takes them
+        (["--impl", "sdpa", "-k", "from_scratch", "v2=pkg.mod:attn"], "v2=pkg.mod:attn"),
+    ],
+)
+def test_an_implementation_given_where_pytest_takes_paths_is_a_usage_error(argv, stray, capsys) -> None:
+    from attention.suite.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "-q"])
+    assert exit_.value.code == 2
+    assert f"{stray}: an implementation, not a test path: name each with its own --impl" in capsys.readouterr().err
+
+
+def test_option_values_and_test_paths_are_not_taken_for_implementations(tmp_path: Path) -> None:
+    from attention import registry
+
+    (tmp_path / "test_x.py").write_text("")
+    words = ["-k", "sdpa", "-p", "pkg.mod:attr", f"{tmp_path / 'test_x.py'}::test_one", str(tmp_path), "-x"]
+    assert registry.misplaced_specs(words, "--impl") is None
 
 
 def test_an_implementation_nothing_here_can_test_is_a_usage_error_not_a_green_run(tmp_path: Path) -> None:

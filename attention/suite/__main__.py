@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from .. import registry
+
 #: pytest's warning for an installed plugin's package imported before it could rewrite it.
 _ALREADY_IMPORTED = "Module already imported so cannot be rewritten"
 
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         help="name or module:attr (repeatable); pytest's --attention-impl works here too",
     )
     args, rest = parser.parse_known_args(argv)
+    if (misplaced := registry.misplaced_specs(rest, "--impl")) is not None:
+        parser.error(misplaced)
     impls = [f"--attention-impl={spec}" for spec in args.impl]
     # This command imported the package before pytest started, so pytest cannot rewrite it as an
     # installed plugin's; the suite's test modules, imported later, still are.
