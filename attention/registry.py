@@ -137,11 +137,20 @@ def _is_package_of(name: str | None, module_name: str) -> TypeGuard[str]:
 
 
 def _as_path(module_name: str) -> str:
-    stem = module_name.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".py").lstrip(".")
-    return (
-        f"{module_name!r} looks like a file path; give the module's import name ({stem}:...) "
-        "with its folder on sys.path (PYTHONPATH=that/folder, or run python -m from that folder)"
+    """What to give instead of a file path: the module's import name, counted from the first
+    folder up that is not a package (no ``__init__.py``), and that folder on sys.path."""
+    path = Path(module_name.replace("\\", "/"))
+    parts = [path.name.removesuffix(".py").lstrip(".")]
+    folder = path.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.resolve().name)
+        folder = folder.parent
+    where = (
+        "from this folder (python -m puts it on sys.path)"
+        if folder.resolve() == Path.cwd().resolve()
+        else f"with its folder on sys.path (PYTHONPATH={folder}, or run python -m from there)"
     )
+    return f"{module_name!r} looks like a file path; give the module's import name ({'.'.join(parts)}:...) {where}"
 
 
 def _not_found(module_name: str, missing: str) -> str:

@@ -414,3 +414,14 @@ def test_two_functions_of_one_name_are_told_apart_by_a_name_given_in_the_spec(tm
         registry.resolve("sdpa=attn_v2:attn")
     with pytest.raises(ValueError, match=r"the name before '=' must be an identifier, got 'my attn'"):
         registry.resolve("my attn=attn_v2:attn")
+
+
+def test_a_file_path_in_a_spec_is_answered_with_the_modules_import_name(tmp_path, monkeypatch) -> None:
+    (tmp_path / "my_pkg" / "sub").mkdir(parents=True)
+    for folder in ("my_pkg", "my_pkg/sub"):
+        (tmp_path / folder / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape("import name (my_pkg.sub.attn:...) from this folder")):
+        registry.resolve("my_pkg/sub/attn.py:attn")  # a package's module: named from the top package
+    with pytest.raises(ValueError, match=re.escape("(attn:...) with its folder on sys.path (PYTHONPATH=loose")):
+        registry.resolve("loose/attn.py:attn")  # a plain folder: on sys.path itself
