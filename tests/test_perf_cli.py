@@ -317,8 +317,12 @@ def test_targets_report_the_design_ratios():
     assert "flex/cuDNN 0.83 ok" in text
     assert "0.90 of copy ok" in text
     assert "x anchor 414" in text
-    cpu = report.targets(make_run(cases, with_machine(device="cpu", gpu_name=None, slug="cpu")))
+    cpu_run = make_run(cases, with_machine(device="cpu", gpu_name=None, slug="cpu"))
+    cpu = report.targets(cpu_run)
     assert "not judged" in cpu and "MISS" not in cpu and "ok" not in cpu
+    # The compute ceiling, in the dtype it was measured in: bf16 on a GPU, fp32 on the CPU.
+    assert "| bf16 matmul 790 TFLOP/s" in report.matrix(make_run(cases))
+    assert "| fp32 matmul" in report.matrix(cpu_run)
 
 
 def test_mask_lines_say_when_no_peak_memory_was_measured():

@@ -40,10 +40,11 @@ def matrix(run: Run) -> str:
         info = rec.info
         groups[rec.group or "?"][info.get("impl", rec.key)][info.get("seq_len", 0)] = info
     m = run.machine
+    matmul = "bf16" if m.get("gpu_name") else "fp32"  # as machine.matmul_tflops measures it
     lines = [
         f"{m.get('gpu_name') or m.get('device')} | torch {m.get('torch')} | CUDA {m.get('cuda')} | "
         f"cuDNN {m.get('cudnn')} | triton {m.get('triton')} | copy {m.get('copy_gbps') or 0:.0f} GB/s | "
-        f"bf16 matmul {m.get('matmul_tflops') or 0:.3g} TFLOP/s",
+        f"{matmul} matmul {m.get('matmul_tflops') or 0:.3g} TFLOP/s",
         "TFLOP/s (decode: GB/s of KV read / fraction of copy bandwidth); * = eager, includes dispatch; "
         "[x] = SDPA backend other than cuDNN or flex not fused; ! = guard failed",
     ]
