@@ -233,6 +233,15 @@ def test_collect_only_lists_the_selected_cases_and_leaves_the_last_run_alone(tmp
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_a_smoke_test_runs_each_case_once_and_looks_for_no_timings(tmp_path, capfd):
+    argv = ["--benchmark-disable", "--quiet-pytest", "-k", "core-sdpa-fp32-fwd-B4-T64", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capfd.readouterr().out
+    assert "every case ran once as a smoke test; nothing was timed. pytest exit 0" in out
+    assert "no such file" not in out and "rebuilding" not in out  # no JSON is expected: none is missed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_an_empty_listing_names_the_selection_as_the_user_gave_it(tmp_path, capsys):
     assert cli.main(["--co", "-q", "--impl", "sdpa", "-k", "no_such_case", "--out", str(tmp_path)]) == 2
     assert "no case selected: -k no_such_case --impl sdpa matched none" in capsys.readouterr().out

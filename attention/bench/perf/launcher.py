@@ -95,7 +95,12 @@ def pytest_run(
     else:
         rc = wait([start(cmd, env=env)], limit)[0]
     say(f"== {label}: pytest exit {rc}, {time.time() - began:.0f} s wall")
-    return rc, None if rc in (USAGE_ERROR, NO_CASES) else load_or_salvage(label, out)
+    return rc, None if rc in (USAGE_ERROR, NO_CASES) or times_nothing(extra) else load_or_salvage(label, out)
+
+
+def times_nothing(extra: Sequence[str]) -> bool:
+    """Whether pytest runs each case once untimed (``--benchmark-disable``): no JSON to read."""
+    return "--benchmark-disable" in extra
 
 
 def lists_only(extra: Sequence[str]) -> bool:
@@ -354,7 +359,7 @@ def sharded_run(
     for (gpu, where), rc in zip(dirs, codes, strict=True):
         say(f"== {label} on GPU {gpu}: pytest exit {rc}")
         say("\n".join(f"   {line}" for line in (where / "pytest.log").read_text().splitlines()[-3:]))
-        run = load_or_salvage(label, where)
+        run = None if times_nothing(extra) else load_or_salvage(label, where)
         if run is not None:
             parts.append((gpu, run))
         with (out / "cases.jsonl").open("a") as merged_log:
