@@ -141,13 +141,13 @@ def _as_path(module_name: str) -> str:
     folder up that is not a package (no ``__init__.py``), and that folder on sys.path."""
     path = Path(module_name.replace("\\", "/"))
     parts = [path.name.removesuffix(".py").lstrip(".")]
-    folder = path.parent
-    while (folder / "__init__.py").is_file():
-        parts.insert(0, folder.resolve().name)
+    folder = path.parent.resolve()
+    while (folder / "__init__.py").is_file() and folder != folder.parent:
+        parts.insert(0, folder.name)
         folder = folder.parent
     where = (
-        "from this folder (python -m puts it on sys.path)"
-        if folder.resolve() == Path.cwd().resolve()
+        "from this folder, on sys.path (python -m puts it there; a bare pytest needs PYTHONPATH=.)"
+        if folder == Path.cwd().resolve()
         else f"with its folder on sys.path (PYTHONPATH={folder}, or run python -m from there)"
     )
     return f"{module_name!r} looks like a file path; give the module's import name ({'.'.join(parts)}:...) {where}"

@@ -251,6 +251,7 @@ def test_an_empty_listing_names_the_selection_as_the_user_gave_it(tmp_path, caps
     ("argv", "told"),
     [
         (["--impl", "pkg.mod:attn", "sdpa"], "sdpa: an implementation, not a test path: name each with its own --impl"),
+        (["--quiet-pytest", "-x", "--impl", "sdpa", "flex"], "flex: an implementation, not a test path"),
         (["--impl", "sdpa", "run"], "'run' is a command: it comes first (python -m attention.bench.perf run ...)"),
     ],
 )

@@ -423,5 +423,10 @@ def test_a_file_path_in_a_spec_is_answered_with_the_modules_import_name(tmp_path
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=re.escape("import name (my_pkg.sub.attn:...) from this folder")):
         registry.resolve("my_pkg/sub/attn.py:attn")  # a package's module: named from the top package
-    with pytest.raises(ValueError, match=re.escape("(attn:...) with its folder on sys.path (PYTHONPATH=loose")):
+    with pytest.raises(ValueError, match=re.escape(f"(attn:...) with its folder on sys.path (PYTHONPATH={tmp_path}")):
         registry.resolve("loose/attn.py:attn")  # a plain folder: on sys.path itself
+    monkeypatch.chdir(tmp_path / "my_pkg")  # inside a package, up to the first folder that is none
+    with pytest.raises(
+        ValueError, match=re.escape(f"(my_pkg.attn:...) with its folder on sys.path (PYTHONPATH={tmp_path}")
+    ):
+        registry.resolve("./attn.py:attn")

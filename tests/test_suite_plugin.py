@@ -65,6 +65,7 @@ def test_a_misspelled_implementation_is_one_usage_error(tmp_path: Path) -> None:
         (["my_pkg.attn:attn"], "my_pkg.attn:attn"),  # --impl forgotten
         (["--impl", "my_pkg.attn:attn", "sdpa"], "sdpa"),  # two after one --impl, as the report takes them
         (["--impl", "sdpa", "-k", "from_scratch", "v2=pkg.mod:attn"], "v2=pkg.mod:attn"),
+        (["-x", "--impl", "sdpa", "flex"], "flex"),  # after --impl's value, not after -x
     ],
 )
 def test_an_implementation_given_where_pytest_takes_paths_is_a_usage_error(argv, stray, capsys) -> None:

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         help="name or module:attr (repeatable); pytest's --attention-impl works here too",
     )
     args, rest = parser.parse_known_args(argv)
-    if (misplaced := registry.misplaced_specs(rest, "--impl")) is not None:
+    # The whole command line, where each --impl's value still follows it.
+    if (misplaced := registry.misplaced_specs(sys.argv[1:] if argv is None else argv, "--impl")) is not None:
         parser.error(misplaced)
     impls = [f"--attention-impl={spec}" for spec in args.impl]
     # This command imported the package before pytest started, so pytest cannot rewrite it as an

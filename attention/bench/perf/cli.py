@@ -672,9 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = run.parse_known_args(argv[1:] if argv[:1] == ["run"] else argv)
         if extra[:1] == ["--"]:
             extra = extra[1:]
-        if (misplaced := registry.misplaced_specs(extra, "--impl")) is not None:
+        # The whole command line, where each option the CLI took still has its value after it.
+        words = argv[1:] if argv[:1] == ["run"] else argv
+        if (misplaced := registry.misplaced_specs(words, "--impl")) is not None:
             raise PerfError(misplaced)
-        if late := [word for word in registry.bare_words(extra) if word in commands and not Path(word).exists()]:
+        if late := [word for word in registry.bare_words(words) if word in commands and not Path(word).exists()]:
             raise PerfError(f"{late[0]!r} is a command: it comes first (python -m attention.bench.perf {late[0]} ...)")
         if args.repeat < 1:
             run.error("--repeat must be >= 1")
