@@ -7,13 +7,14 @@ import copy
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from attention.bench.perf import launcher
 from attention.bench.perf.machine import KEY
-from attention.bench.perf.results import parse_run
+from attention.bench.perf.results import GRAPH, parse_run
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Commits, tags and `git status` alike, whatever the user's global git config says.
@@ -67,7 +68,7 @@ def case_info(key: str, **extra) -> dict:
         "seq_len": 4096,
         "mask": "causal",
         "timer": "cuda-event",
-        "timing_mode": "cuda-graph",
+        "timing_mode": GRAPH,
         "sdpa_backend": "cudnn",
         "tflops": 400.0,
         "peak_mem_mib": 64.0,
@@ -117,3 +118,28 @@ def on_gpu(monkeypatch, info: dict) -> None:
     monkeypatch.setattr(
         launcher, "gpu_facts", lambda gpus, grid_name="", impls=(): {"names": [info["gpu_name"]], "machine": info}
     )
+
+
+class PedanticBenchmark:
+    """pytest-benchmark's pedantic contract: warm-up rounds, then per round setup, target, teardown."""
+
+    disabled = False
+    _timer = staticmethod(time.perf_counter)
+
+    def __init__(self) -> None:
+        self.extra_info: dict = {}
+        self.stats = None
+
+    def pedantic(self, target, setup=None, teardown=None, rounds=1, warmup_rounds=0, iterations=1):
+        data = []
+        for i in range(warmup_rounds + rounds):
+            if setup:
+                setup()
+            start = time.perf_counter()
+            target()
+            if i >= warmup_rounds:
+                data.append(time.perf_counter() - start)
+            if teardown:
+                teardown()
+        stats = type("Stats", (), {"median": sorted(data)[len(data) // 2], "data": data})
+        self.stats = type("Metadata", (), {"stats": stats})

@@ -16,8 +16,7 @@ from attention.bench.perf import calibrate, calibration, cli, launcher, results,
 from attention.bench.perf.results import Record, load_run, parse_run, write_json
 from attention.bench.workload import Workload
 
-from .perf_support import H100, ROOT, make_raw, subprocess_env
-from .test_perf_gate import PedanticBenchmark
+from .perf_support import H100, ROOT, PedanticBenchmark, make_raw, subprocess_env
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

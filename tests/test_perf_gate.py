@@ -19,7 +19,7 @@ from attention.bench.perf.base_revision import BaseRevision
 from attention.bench.perf.results import NoBaseline, PerfError, Refused, write_run
 from attention.bench.workload import Workload
 
-from .perf_support import H100, ROOT, make_run, on_gpu, subprocess_env
+from .perf_support import H100, ROOT, PedanticBenchmark, make_run, on_gpu, subprocess_env
 
 KEY = "core-sdpa-bf16-fwd-B4-T4096-H32-D64"
 HAS_GIT_HISTORY = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0
@@ -184,31 +184,6 @@ def test_cli_refuses_an_unknown_revision_before_running(tmp_path, monkeypatch, c
 
 
 # -- interleaving ------------------------------------------------------------------------------
-
-
-class PedanticBenchmark:
-    """pytest-benchmark's pedantic contract: warm-up rounds, then per round setup, target, teardown."""
-
-    disabled = False
-    _timer = staticmethod(time.perf_counter)
-
-    def __init__(self) -> None:
-        self.extra_info: dict = {}
-        self.stats = None
-
-    def pedantic(self, target, setup=None, teardown=None, rounds=1, warmup_rounds=0, iterations=1):
-        data = []
-        for i in range(warmup_rounds + rounds):
-            if setup:
-                setup()
-            start = time.perf_counter()
-            target()
-            if i >= warmup_rounds:
-                data.append(time.perf_counter() - start)
-            if teardown:
-                teardown()
-        stats = type("Stats", (), {"median": sorted(data)[len(data) // 2], "data": data})
-        self.stats = type("Metadata", (), {"stats": stats})
 
 
 def test_ab_rounds_interleave_base_head_head_base(monkeypatch):

@@ -2,7 +2,7 @@
 
 Baselines are only comparable on the same GPU model and torch minor version, so the run's
 JSON carries both (``machine_info["attention_perf"]``), and the baseline directory is named after
-the GPU (:func:`slugify`). Ceilings (device copy bandwidth, bf16 matmul throughput) are
+the GPU (:func:`slugify`). Ceilings (device copy bandwidth, matmul throughput: bf16 on a GPU) are
 measured in the same run, so GB/s and TFLOP/s can be read as fractions of what this device does.
 """
 
