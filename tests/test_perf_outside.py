@@ -176,3 +176,18 @@ def test_pytest_perf_in_this_checkout_loads_the_plugin_once_also_when_named_twic
     ids = [line for line in done.stdout.splitlines() if "::" in line]
     assert ids and all(line.startswith("perf/test_grid.py::") for line in ids)
     assert not [line for line in ids if any(f"-{other}-" in line for other in ("flex", "from_scratch", "triton"))]
+
+
+def test_a_project_the_package_sits_under_does_not_configure_the_grids_pytest(tmp_path: Path):
+    """Installed in a project's own venv, the case modules lie below that project's pyproject.toml:
+    its addopts (here an option no plugin of the grid's knows) must not reach the grid's pytest."""
+    import shutil
+
+    site = tmp_path / "venv-site"
+    shutil.copytree(ROOT / "attention", site / "attention", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "pyproject.toml").write_text('[tool.pytest.ini_options]\naddopts = ["--no-such-option-here"]\n')
+    cmd = [sys.executable, "-m", "attention.bench.perf", "run", "--collect-only", "-q", "-k", "fwd-B4-T64"]
+    env = {**subprocess_env(), "PYTHONPATH": str(site)}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "test_prefill.py::test_prefill[core-sdpa-fp32-fwd-B4-T64" in done.stdout
