@@ -70,12 +70,31 @@ def test_costs_come_from_history_and_the_model_fills_in_at_historys_pace():
     second = {"impl": "sdpa", "family": "sdpa", "flops": shard.DEFAULT_FLOPS_PER_S}  # a second a call
     calls = shard.UNTIMED_CALLS + runner.MIN_ROUNDS  # a long case is timed for the runner's fewest rounds
     assert shard.model_seconds(second, 0.2) == pytest.approx(shard.DEFAULT_FIXED_S + calls)
+    more = shard.UNTIMED_CALLS + 50  # --benchmark-min-rounds=50 raises the floor
+    assert shard.model_seconds(second, 0.2, min_rounds=50) == pytest.approx(shard.DEFAULT_FIXED_S + more)
     costs = shard.case_costs(infos, {"sdpa": 2 * model["sdpa"]}, 0.2)
     assert costs["sdpa"] == 2 * model["sdpa"]  # what it took before
     assert costs["flex"] == pytest.approx(2 * model["flex"])  # the model, at history's pace
     history = make_run({"x": {"median": 1e-3, "wall_s": {"warmup": 1.5, "timing": 0.5}}})
     assert shard.history_seconds(history) == {"x": 2.0}
     assert shard.history_seconds(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "timing"),
+    [
+        ([], (runner.DEFAULT_BUDGET_S, runner.MIN_ROUNDS)),
+        (["--perf-budget=0.5", "--benchmark-min-rounds=40"], (0.5, 40)),
+        (["--perf-budget=0.5", "--benchmark-max-time=0.1"], (0.1, runner.MIN_ROUNDS)),  # as the plugin applies it
+    ],
+)
+def test_the_shard_model_times_cases_as_the_workers_flags_say(extra, timing):
+    assert launcher._timing(extra) == timing
+
+
+def test_a_bad_timing_flag_is_refused_before_the_cases_are_dealt():
+    with pytest.raises(PerfError, match="--benchmark-min-rounds must be a whole number, got 'many'"):
+        launcher._timing(["--benchmark-min-rounds=many"])
 
 
 def _part(keys, **machine):

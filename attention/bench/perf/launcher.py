@@ -311,7 +311,7 @@ def gpu_plan(
         raise PerfError(f"pytest collected cases the grid does not describe: {', '.join(missing[:3])}")
     history_path = baseline_dir(Path(args.baselines), info) / BASELINE_FILE
     history = shard.history_seconds(load_run(history_path) if not cpu and history_path.is_file() else None)
-    costs = shard.case_costs(infos, history, _budget(extra))
+    costs = shard.case_costs(infos, history, *_timing(extra))
     shards = shard.lpt_shards(costs, len(gpus))
     return [(gpu, dealt, sum(costs[c] for c in dealt)) for gpu, dealt in zip(gpus, shards, strict=True) if dealt]
 
@@ -384,15 +384,22 @@ def sharded_run(
     return status, load_run(out / f"{label}.json")
 
 
-def _budget(extra: list[str]) -> float:
-    """Timed seconds per case the workers will use (``--perf-budget``, else its default)."""
-    from .runner import DEFAULT_BUDGET_S
+def _timing(extra: list[str]) -> tuple[float, int]:
+    """Timed seconds per case and rounds at least, as the workers will take them: ``--perf-budget``
+    and the runner's floor, unless pytest-benchmark's ``--benchmark-max-time`` or
+    ``--benchmark-min-rounds`` set them (:data:`.flags.APPLIED`)."""
+    from .runner import DEFAULT_BUDGET_S, MIN_ROUNDS
 
-    given = flags.given(extra, "--perf-budget")
-    try:
-        return float(given[-1]) if given and given[-1] else DEFAULT_BUDGET_S
-    except ValueError:
-        raise PerfError(f"--perf-budget must be a number of seconds, got {given[-1]!r}") from None
+    def last(flag: str, kind: type, what: str, default):
+        given = flags.given(extra, flag)
+        try:
+            return kind(given[-1]) if given and given[-1] else default
+        except ValueError:
+            raise PerfError(f"{flag} must be {what}, got {given[-1]!r}") from None
+
+    seconds = "a number of seconds"
+    budget = last("--benchmark-max-time", float, seconds, last("--perf-budget", float, seconds, DEFAULT_BUDGET_S))
+    return budget, last("--benchmark-min-rounds", int, "a whole number", MIN_ROUNDS)
 
 
 def run_time_limit(remaining_s: float, run: int, repeat: int) -> float:

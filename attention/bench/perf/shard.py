@@ -47,10 +47,10 @@ def parse_gpus(spec: str, available: int) -> list[int]:
     return list(range(count))
 
 
-def model_seconds(info: Mapping[str, object], budget_s: float) -> float:
+def model_seconds(info: Mapping[str, object], budget_s: float, min_rounds: int = MIN_ROUNDS) -> float:
     """A case's wall time from its description (:func:`attention.bench.perf.runner.describe`):
     fixed cost per implementation, then its calls at an assumed pace: forward+backward counted
-    in its FLOPs, decode by the bytes it must read."""
+    in its FLOPs, decode by the bytes it must read; timed for the rounds the runner gives it."""
     impl = str(info.get("impl"))
     # By name first: a plugin or the triton implementation is family "other".
     fixed = FIXED_S.get(impl, FIXED_S.get(str(info.get("family", impl)), DEFAULT_FIXED_S))
@@ -58,7 +58,7 @@ def model_seconds(info: Mapping[str, object], budget_s: float) -> float:
         float(info.get("flops") or 0.0) / FLOPS_PER_S.get(impl, DEFAULT_FLOPS_PER_S),
         float(info.get("min_bytes") or 0.0) / BYTES_PER_S,
     )
-    rounds = rounds_for(per_call, budget_s, MIN_ROUNDS, MAX_ROUNDS)  # as the runner times it
+    rounds = rounds_for(per_call, budget_s, min_rounds, max(MAX_ROUNDS, min_rounds))  # as the runner does
     return fixed + (UNTIMED_CALLS + rounds) * per_call
 
 
@@ -75,11 +75,14 @@ def history_seconds(run: Run | None) -> dict[str, float]:
 
 
 def case_costs(
-    infos: Mapping[str, Mapping[str, object]], history: Mapping[str, float], budget_s: float
+    infos: Mapping[str, Mapping[str, object]],
+    history: Mapping[str, float],
+    budget_s: float,
+    min_rounds: int = MIN_ROUNDS,
 ) -> dict[str, float]:
     """Seconds per case: the history's where it has the case, else the model's, scaled by the
     median history/model ratio of the cases both know (the model only has to rank them)."""
-    model = {key: model_seconds(info, budget_s) for key, info in infos.items()}
+    model = {key: model_seconds(info, budget_s, min_rounds) for key, info in infos.items()}
     known = [history[k] / model[k] for k in infos if k in history and model[k] > 0]
     pace = statistics.median(known) if known else 1.0
     return {key: history.get(key, model[key] * pace) for key in infos}
