@@ -220,6 +220,7 @@ def test_rounds_fill_the_budget_within_their_bounds(per_call, rounds):
     # 0.2 s a case, 3 to 50 rounds: a round more rather than a budget short; a call too short to
     # time gets the most.
     assert timing.rounds_for(per_call, 0.2, 3, 50) == rounds
+    assert timing.rounds_for(per_call, 0.2, 60, 50) == 60  # a floor above the cap (--benchmark-min-rounds=60)
 
 
 class _Exploding:

@@ -179,9 +179,9 @@ def cuda_graph(
 
 def rounds_for(per_call: float, budget_s: float, fewest: int, most: int) -> int:
     """Rounds of ``per_call`` seconds that fill ``budget_s``: at least ``fewest``, at most ``most``
-    (``most`` for a call too short to measure)."""
+    unless ``fewest`` is more (``most`` for a call too short to measure)."""
     if per_call <= 0:
-        return most
+        return max(fewest, most)
     return max(fewest, min(most, math.ceil(budget_s / per_call)))
 
 

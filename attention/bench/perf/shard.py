@@ -58,7 +58,7 @@ def model_seconds(info: Mapping[str, object], budget_s: float, min_rounds: int =
         float(info.get("flops") or 0.0) / FLOPS_PER_S.get(impl, DEFAULT_FLOPS_PER_S),
         float(info.get("min_bytes") or 0.0) / BYTES_PER_S,
     )
-    rounds = rounds_for(per_call, budget_s, min_rounds, max(MAX_ROUNDS, min_rounds))  # as the runner does
+    rounds = rounds_for(per_call, budget_s, min_rounds, MAX_ROUNDS)  # as the runner times it
     return fixed + (UNTIMED_CALLS + rounds) * per_call
 
 

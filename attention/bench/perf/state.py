@@ -77,5 +77,4 @@ def run_options(config: pytest.Config, device: str) -> tuple[runner.RunOptions, 
             value = config.getoption(flag.removeprefix("--").replace("-", "_"))
             setattr(opts, field_name, type(getattr(opts, field_name))(value))
             notes.append(f"{flag}={value} sets the perf runner's {field_name}")
-    opts.max_rounds = max(opts.max_rounds, opts.min_rounds)
     return opts, notes
