@@ -86,10 +86,15 @@ def copy_bandwidth_gbps(device: torch.device | str, nbytes: int | None = None, r
     return 2 * nbytes / seconds / 1e9
 
 
+def matmul_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of the compute ceiling: bf16 on CUDA, fp32 on the CPU (whose bf16 matmul is slow)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def matmul_tflops(device: torch.device | str, n: int | None = None, rounds: int = 10) -> float:
-    """Square bf16 matmul throughput on CUDA (fp32 on CPU): the compute ceiling for TFLOP/s."""
+    """Square matmul throughput in :func:`matmul_dtype`: the compute ceiling for TFLOP/s."""
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = matmul_dtype(device)
     n = n or (8192 if device.type == "cuda" else 512)
     a = torch.randn(n, n, device=device, dtype=dtype)  # (n, n)
     b = torch.randn(n, n, device=device, dtype=dtype)  # (n, n)

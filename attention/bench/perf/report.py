@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from ..cost import dtype_name
 from ..report import fmt_tokens
-from . import guards
+from . import guards, machine
 from .results import Run, graph_timed
 
 
@@ -40,7 +41,7 @@ def matrix(run: Run) -> str:
         info = rec.info
         groups[rec.group or "?"][info.get("impl", rec.key)][info.get("seq_len", 0)] = info
     m = run.machine
-    matmul = "bf16" if m.get("gpu_name") else "fp32"  # as machine.matmul_tflops measures it
+    matmul = dtype_name(machine.matmul_dtype(m.get("device") or "cpu"))
     lines = [
         f"{m.get('gpu_name') or m.get('device')} | torch {m.get('torch')} | CUDA {m.get('cuda')} | "
         f"cuDNN {m.get('cudnn')} | triton {m.get('triton')} | copy {m.get('copy_gbps') or 0:.0f} GB/s | "
