@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="name or module:attr (repeatable); pytest's --attention-impl works here too",
     )
+    argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
     # The whole command line, where each --impl's value still follows it.
-    if (misplaced := registry.misplaced_specs(sys.argv[1:] if argv is None else argv, "--impl")) is not None:
+    if (misplaced := registry.misplaced_specs(argv, "--impl")) is not None:
         parser.error(misplaced)
     impls = [f"--attention-impl={spec}" for spec in args.impl]
     # This command imported the package before pytest started, so pytest cannot rewrite it as an
