@@ -39,13 +39,19 @@ def _declares(capability: object) -> bool:
     return bool(capability()) if callable(capability) else bool(capability)
 
 
-def _attention_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the projections hand to attention for input ``x``: ``torch.autocast``'s where it
-    is on for ``x``'s device (it casts the ``qkv`` matmul of any floating input but float64)."""
-    device = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """``torch.autocast``'s dtype where it is on for device type ``device``; ``None`` where it is
+    off, or where autocast does not exist (``meta``, for one)."""
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    return x.dtype
+    return None
+
+
+def _attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the projections hand to attention for input ``x``: autocast's where it is on for
+    ``x``'s device (it casts the ``qkv`` matmul of any floating input but float64)."""
+    cast = _autocast_dtype(x.device.type)
+    return cast if cast is not None and x.dtype != torch.float64 else x.dtype
 
 
 class AttentionBase(nn.Module):
@@ -162,6 +168,8 @@ class AttentionBase(nn.Module):
             raise ValueError(f"{name} returned shape {tuple(context.shape)}; expected q's shape {tuple(q.shape)}")
         if context.dtype != q.dtype:
             raise TypeError(f"{name} returned {context.dtype} for {q.dtype} queries; return the queries' dtype")
+        if context.device != q.device:
+            raise ValueError(f"{name} returned a tensor on {context.device} for queries on {q.device}")
         if torch.is_grad_enabled() and q.requires_grad and self.supports_backward(q.device):
             self._check_differentiable(context, name)
 
@@ -249,7 +257,7 @@ class AttentionBase(nn.Module):
         problem = self.dtype_unsupported(dtype, device)
         if problem is None:
             return
-        autocast = f" ({dtype} is torch.autocast's dtype)" if torch.is_autocast_enabled(device.type) else ""
+        autocast = f" ({dtype} is torch.autocast's dtype)" if _autocast_dtype(device.type) is not None else ""
         raise TypeError(f"{type(self).__name__} {problem}{autocast}")
 
     @classmethod
@@ -410,7 +418,7 @@ class AttentionBase(nn.Module):
         if max_tokens > self.context_length:
             raise ValueError(f"max_tokens ({max_tokens}) exceeds context_length ({self.context_length})")
         weight = self.qkv.weight
-        return KVCache(
+        cache = KVCache(
             batch_size,
             self.num_kv_heads,
             max_tokens,
@@ -418,6 +426,8 @@ class AttentionBase(nn.Module):
             dtype=weight.dtype if dtype is None else dtype,
             device=weight.device if device is None else device,
         )
+        cache.claim(self)
+        return cache
 
     # -- helpers the implementations share -------------------------------------------------
 
@@ -564,6 +574,12 @@ class AttentionBase(nn.Module):
                 f"this module has {self.num_kv_heads} KV heads of dim {self.head_dim}"
             )
         kv_cache.check_compatible(x, x.shape[1])
+        owner = kv_cache.owner
+        if owner is not None and owner is not self and not torch.compiler.is_compiling():
+            raise ValueError(
+                f"kv_cache was made by another module ({type(owner).__name__} at {id(owner):#x}) and holds its "
+                "keys and values: make one cache per module (layer) with its make_kv_cache()"
+            )
         past = kv_cache.pos
         # A bidirectional prefix lets early queries see later prefix keys; the queries already
         # run could not, so continuing a cache that ends inside the prefix would silently differ

@@ -41,6 +41,16 @@ def is_device_type(name: object) -> bool:
         return False
 
 
+def check_empty_rows(value: object) -> str:
+    """``value`` if it is one of :data:`EMPTY_ROWS`; a ``TypeError`` for a non-string, a
+    ``ValueError`` for another string."""
+    if not isinstance(value, str):
+        raise TypeError(f"empty_rows must be one of {EMPTY_ROWS}, got {type(value).__name__} {value!r}")
+    if value not in EMPTY_ROWS:
+        raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """An implementation's declared abilities; the defaults are a full ``_attend`` subclass's.
@@ -58,8 +68,7 @@ class Capabilities:
         for name in ("masks", "kv_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.empty_rows not in EMPTY_ROWS:
-            raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {self.empty_rows!r}")
+        check_empty_rows(self.empty_rows)
         if self.dtypes is not None:
             bad = [d for d in self.dtypes if not (isinstance(d, torch.dtype) and d.is_floating_point)]
             if bad or not self.dtypes:

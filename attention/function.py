@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import checks
 from .base import AttentionBase
-from .capabilities import Capabilities, is_device_type
+from .capabilities import Capabilities, check_empty_rows, is_device_type
 from .masks import checked, offset_mask
 
 #: How keys and values reach the function: with their own ``H_kv`` heads, or repeated to ``H``.
@@ -156,7 +156,7 @@ def from_function(
         ("backward", backward),
         ("dtypes", None if dtypes is None else _several("dtypes", dtypes, "(torch.bfloat16,)")),
         ("devices", None if devices is None else _several("devices", devices, "('cuda',)")),
-        ("empty_rows", empty_rows),
+        ("empty_rows", check_empty_rows(empty_rows)),  # checked before the declaration is hashed
         ("compiled_on", compiled),
     )
     return _make_class(function, declaration)
@@ -193,7 +193,10 @@ def _several(name: str, value: object, example: str) -> frozenset:
     """``value`` as a set; a lone string or dtype is refused (a string would split into letters)."""
     if isinstance(value, (str, torch.dtype)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a collection such as {example}, got {value!r}")
-    return frozenset(value)
+    try:
+        return frozenset(value)
+    except TypeError:  # an unhashable member: a list of lists, say
+        raise TypeError(f"{name} must be a collection such as {example}, got {value!r}") from None
 
 
 @functools.cache

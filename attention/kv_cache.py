@@ -9,6 +9,9 @@ sequence) is overwritten before it is read.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +52,20 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self._pos = 0  # a Python int, so reading it never syncs the GPU
+        self._owner: weakref.ref[nn.Module] | None = None
+
+    @property
+    def owner(self) -> nn.Module | None:
+        """The module whose keys and values this cache holds: the one that made it with
+        ``make_kv_cache()`` (``None`` for a cache built directly, or unpickled)."""
+        return None if self._owner is None else self._owner()
+
+    def claim(self, module: nn.Module) -> None:
+        """Mark the cache as ``module``'s, so another module's call with it is refused."""
+        self._owner = weakref.ref(module)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_owner": None}  # a weak reference does not pickle
 
     @property
     def pos(self) -> int:

@@ -362,6 +362,8 @@ def implementations() -> dict[str, type[AttentionBase]]:
 
 def get(name: str) -> type[AttentionBase]:
     """The implementation registered as ``name``; a clear error lists the known names."""
+    if not isinstance(name, str):
+        raise TypeError(f"implementation name must be a str, got {type(name).__name__} ({name!r})")
     known = implementations()
     if name not in known:
         raise ValueError(f"unknown implementation {name!r}; registered: {', '.join(known)}")

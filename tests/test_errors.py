@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import attention
 
@@ -66,3 +67,16 @@ def test_an_installed_triton_that_fails_to_import_is_a_reason_not_a_raise(tmp_pa
         f"forward MHATritonAttention cannot run here: {reason}",
         "sdpa (1, 3, 16)",
     ]
+
+
+@pytest.mark.parametrize("impl_name", ["from_scratch", "sdpa"])
+def test_a_module_on_the_meta_device_traces_shapes(impl_name: str) -> None:
+    # Shape tracing and deferred initialisation build on meta, where torch.autocast does not exist:
+    # asking it whether it is on there raised from deep inside torch.
+    with torch.device("meta"):
+        module = attention.get(impl_name)(16, 16, 2, 64)
+    cache = module.make_kv_cache(2, 8)
+    x = torch.randn(2, 5, 16, device="meta")  # (B, T, d_in)
+    assert module(x, kv_cache=cache).shape == (2, 5, 16)
+    assert module(x[:, :1], kv_cache=cache).shape == (2, 1, 16)
+    assert cache.pos == 6

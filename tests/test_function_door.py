@@ -87,6 +87,16 @@ def test_a_wrong_result_is_refused_naming_the_function() -> None:
         from_function(drops_a_row)(8, 8, 2, 16)(torch.randn(1, 4, 8))
 
 
+def test_a_result_on_another_device_is_refused_naming_the_function() -> None:
+    def elsewhere(q, k, v):
+        return torch.empty_like(q, device="meta")
+
+    with pytest.raises(
+        ValueError, match=r"elsewhere\(\) \(from_function\) returned a tensor on meta for queries on cpu"
+    ):
+        from_function(elsewhere)(8, 8, 2, 16)(torch.randn(1, 4, 8))
+
+
 def test_the_class_is_cached_and_modules_pickle() -> None:
     cls = from_function(plain_causal)
     assert from_function(plain_causal) is cls
@@ -103,6 +113,9 @@ def test_the_class_is_cached_and_modules_pickle() -> None:
         ({"masks": 1}, TypeError, "masks must be a bool"),
         ({"gqa": "grouped"}, ValueError, "gqa must be one of"),
         ({"empty_rows": "nan"}, ValueError, "empty_rows must be one of"),
+        ({"empty_rows": ["zeros"]}, TypeError, r"empty_rows must be one of \('zeros', 'any'\), got list"),
+        ({"empty_rows": None}, TypeError, "empty_rows must be one of .* got NoneType"),
+        ({"dtypes": [[torch.float32]]}, TypeError, r"dtypes must be a collection such as .* got \[\[torch.float32\]\]"),
         ({"dtypes": [torch.int32]}, TypeError, "dtypes must be floating torch dtypes"),
         ({"dtypes": torch.float16}, TypeError, r"dtypes must be a collection such as \(torch.bfloat16,\)"),
         ({"devices": ["cuda:0"]}, TypeError, "devices must be device types"),

@@ -107,6 +107,13 @@ def test_implementations_returns_a_copy() -> None:
     assert list(attention.implementations()) == IMPL_NAMES
 
 
+@pytest.mark.parametrize("name", [["sdpa"], None])
+def test_get_refuses_a_name_that_is_no_string(name: object) -> None:
+    message = f"implementation name must be a str, got {type(name).__name__} ({name!r})"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        attention.get(name)
+
+
 def test_get_unknown_name_lists_the_registered_ones() -> None:
     known = ", ".join(attention.implementations())
     with pytest.raises(ValueError, match=re.escape(f"unknown implementation 'flash4'; registered: {known}")):

@@ -291,6 +291,21 @@ def test_cache_of_other_head_config_rejected(impl_name, other, what):
     assert_unchanged(cache, before)
 
 
+@pytest.mark.attention_needs("kv_cache")
+def test_cache_of_another_module_rejected(impl_name):
+    # Two layers of one shape: each cache holds its own layer's keys and values.
+    module, other = cpu_module(impl_name), cpu_module(impl_name)
+    cache = other.make_kv_cache(1, 8)
+    run_chunks(other, torch.randn(1, 3, 8), [3], cache)
+    before = snapshot(cache)
+    with (
+        pytest.raises(ValueError, match=r"kv_cache was made by another module .* one cache per module"),
+        torch.no_grad(),
+    ):
+        module(torch.randn(1, 2, 8), kv_cache=cache)
+    assert_unchanged(cache, before)
+
+
 @pytest.mark.attention_needs("kv_cache", "masks")  # document_ids
 def test_bad_document_ids_leave_cache_unchanged(impl_name):
     module = cpu_module(impl_name)
