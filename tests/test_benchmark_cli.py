@@ -99,6 +99,21 @@ def test_a_run_without_plots_leaves_no_plot_of_an_earlier_run_beside_its_report(
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["complete"] is True
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "told"),
+    [
+        ("--cell-seconds", "inf", "expected a finite positive number, got inf"),
+        ("--cell-seconds", "nan", "expected a finite positive number, got nan"),
+        ("--seq-lens", "\u0663", "expected a positive integer, got '\u0663'"),  # an Arabic-Indic 3, which int() reads
+    ],
+)
+def test_numbers_nobody_meant_are_usage_errors(capsys, flag, value, told):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args([*TINY, flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {told}" in capsys.readouterr().err
+
+
 def test_an_empty_out_is_a_usage_error_not_the_current_folder(capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep.parse_args([*TINY, "--out", ""])

@@ -261,6 +261,15 @@ def test_words_in_the_wrong_place_are_a_usage_error_before_anything_runs(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("budget", ["-5", "0", "nan", "inf"])
+def test_a_time_budget_that_is_no_positive_number_is_a_usage_error(tmp_path, capsys, budget):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--time-budget", budget, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"argument --time-budget: expected a finite positive number, got {budget}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 @pytest.mark.parametrize("grid", [["--grid", "quick"], ["--perf-grid=full"]])
 def test_a_gpu_sized_grid_without_a_gpu_is_refused_before_anything_runs(tmp_path, capsys, grid):

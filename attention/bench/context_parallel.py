@@ -34,10 +34,11 @@ import torch.nn.functional as F
 
 from .. import context_parallel as cp
 from ..sdpa import MHAPyTorchScaledDotProduct
+from .arguments import positive_float, positive_int
 from .cost import DTYPES, dtype_name, fmt_gib
 from .files import unwritable
 from .memory import free_memory_bytes, method_for, peak_memory
-from .sweep import _dtype, _positive_float, _positive_int, device_name
+from .sweep import _dtype, device_name
 from .timing import measure, rounds_for
 from .workload import Workload
 
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seq-lens",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         metavar="T",
         default=list(DEFAULT_SEQ_LENS),
@@ -315,20 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gpus",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         metavar="N",
         default=None,
         help="GPU counts to run (default: 1, powers of two, and every visible GPU)",
     )
-    parser.add_argument("--batch", type=_positive_int, default=1, help="sequences per step (default 1)")
-    parser.add_argument("--heads", type=_positive_int, default=16, help="attention heads (default 16)")
-    parser.add_argument("--head-dim", type=_positive_int, default=128, help="elements per head (default 128)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--heads", type=positive_int, default=16, help="attention heads (default 16)")
+    parser.add_argument("--head-dim", type=positive_int, default=128, help="elements per head (default 128)")
     parser.add_argument("--dtype", type=_dtype, default=torch.bfloat16, help="bf16 (default), fp16 or fp32")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument(
         "--lb-length",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="one of --seq-lens at which the load balancer is also measured off "
         f"(default: {DEFAULT_LB_LENGTH} if swept, else the longest)",
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cell-seconds",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         help="timing budget per cell; rounds adapt to it, 3 to 20 (default: 1)",
     )

@@ -36,6 +36,7 @@ import torch
 
 from .. import registry
 from ..accuracy import check_module
+from .arguments import positive_float, positive_int
 from .cost import DTYPES, dtype_name
 from .files import unwritable
 from .inspection import core_module
@@ -105,32 +106,12 @@ class Cell:
 # -- command line ------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _threads(text: str) -> int:
     """A thread count this machine can run (:func:`attention.bench.timing.check_threads`)."""
     try:
-        return check_threads(_positive_int(text))
+        return check_threads(positive_int(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def _device(text: str) -> str:
@@ -200,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seq-lens",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=None,
         metavar="T",
@@ -208,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{' '.join(map(str, cpu['seq_lens']))} on CPU)",
     )
     parser.add_argument(
-        "--head-dim", type=_positive_int, default=64, help="features per head; must divide --hidden (default: 64)"
+        "--head-dim", type=positive_int, default=64, help="features per head; must divide --hidden (default: 64)"
     )
     parser.add_argument(
         "--impl",
@@ -229,20 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"sequences per batch, the same at every length, so score memory shows as T^2 "
         f"(default: {_per_device(cuda['batch'], cpu['batch'])})",
     )
     parser.add_argument(
         "--hidden",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"model width; heads = hidden / head-dim (default: {_per_device(cuda['hidden'], cpu['hidden'])})",
     )
     parser.add_argument(
         "--cell-seconds",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="timing budget per case in seconds; rounds adapt to it, at least 3, at most 20 "
         f"(default: {_per_device(format(cuda['cell_seconds'], 'g'), format(cpu['cell_seconds'], 'g'))})",

@@ -24,6 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..arguments import positive_float
 from . import calibration, cli, flags, launcher
 from .launcher import say
 from .previous_run import PreviousRun
@@ -71,7 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-effects", default=None, metavar="FILE", help="minimum effects (default: the packaged file)")
     p.add_argument("--from", dest="source", default=None, metavar="RUN.json", help="judge a saved calibration run")
     p.add_argument("--quiet-pytest", action="store_true", help="pytest output to OUT/pytest.log")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="interrupt pytest after this")
+    p.add_argument(
+        "--time-budget", type=positive_float, default=None, metavar="SECONDS", help="interrupt pytest after this"
+    )
     return p
 
 

@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 from ... import registry
+from ..arguments import positive_float
 from ..files import unwritable, unwritable_file
 from . import ab, base_revision, confirm, flags, guards, launcher, machine, report, revision, shard
 from . import compare as cmp
@@ -587,7 +588,7 @@ def run_parser() -> argparse.ArgumentParser:
         "first, merged into one run; each GPU's log in OUT/gpuI/",
     )  # fmt: skip
     run.add_argument(
-        "--time-budget", type=float, default=None, metavar="SECONDS",
+        "--time-budget", type=positive_float, default=None, metavar="SECONDS",
         help="wall time for all runs together; a run past its share is interrupted, its finished cases kept",
     )  # fmt: skip
     return run

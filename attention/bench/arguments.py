@@ -1,0 +1,30 @@
+"""Command-line value types the benchmark CLIs share: argparse refuses anything else with a usage
+error naming the option."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .. import checks
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1, in ASCII digits (``int`` would also read '٣' as 3)."""
+    if not checks.is_ascii_number(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (``float`` also reads 'inf' and 'nan')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
+    return value
