@@ -22,7 +22,17 @@ from torch import Tensor, nn
 from . import checks
 from .capabilities import MEANING, Capabilities
 from .kv_cache import KVCache
-from .masks import MaskMod, PerDocument, and_masks, causal, check_mask_mod, dense_mask, document, prefix_length
+from .masks import (
+    MaskMod,
+    PerDocument,
+    and_masks,
+    causal,
+    check_mask_mod,
+    dense_mask,
+    document,
+    earlier_query_sees,
+    prefix_length,
+)
 from .score_mods import ScoreMod
 
 #: The pattern attributes that are checked properties (see AttentionBase.__setattr__).
@@ -560,6 +570,8 @@ class AttentionBase(nn.Module):
                     f"mask_mod {checks.name_of(self.mask_mod)} holds document_ids of shape {held}; this call needs "
                     f"(batch, cached + tokens) = {(b, past + t)} at least: assign a per_document mask for these ids"
                 )
+        if kv_cache is not None:
+            self._check_cached_pattern(document_ids, b, past, past + t, x.device)
         # Last, and before the cache is written, so a refused call leaves it as it was. Only what
         # q, k and v are made from: the output projection's gradients need no attention backward.
         self._refuse_gradients(x.device, x, *self.qkv.parameters())
@@ -597,6 +609,23 @@ class AttentionBase(nn.Module):
                 "inside a document's prefix: end each chunk outside every prefix"
             )
         return past
+
+    def _check_cached_pattern(
+        self, document_ids: Tensor | None, batch: int, past: int, end: int, device: torch.device
+    ) -> None:
+        """Refuse a chunk whose keys the pattern shows to queries of an earlier chunk, which ran
+        without them: the cache would silently differ from one call on the whole sequence."""
+        pattern = self.mask_mod if self.mask_mod is causal else self._pattern(document_ids)  # ids cover 0 .. end
+        seen = earlier_query_sees(pattern, batch, self.num_heads, past, end, device)
+        if seen is not None:
+            query, key = seen
+            raise ValueError(
+                f"mask_mod {checks.name_of(self.mask_mod)} shows query {query} the key at {key}, which this chunk "
+                f"brings (positions {past}..{end - 1}): query {query} ran in an earlier chunk without it, so "
+                "cached calls would differ from one call on the whole sequence. With a KV cache a query may "
+                "see no later key, but for a prefix declared as prefix_len (masks.prefix_lm), held by the "
+                "first chunk: run such a pattern in one call"
+            )
 
     @staticmethod
     def _check_document_ids(document_ids: Tensor, x: Tensor, shape: tuple[int, int]) -> None:

@@ -322,6 +322,37 @@ def dense_mask(
     return torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len)))
 
 
+#: Mask elements evaluated at once when an earlier chunk's queries are checked against a new
+#: chunk's keys (:func:`earlier_query_sees`), in bands of query rows.
+CHECK_ELEMENTS = 1 << 24
+
+
+def earlier_query_sees(
+    mask_mod: MaskMod, batch: int, heads: int, past: int, end: int, device: torch.device | str
+) -> tuple[int, int] | None:
+    """A query before ``past`` that ``mask_mod`` shows a key in ``past .. end - 1``, with the first
+    such key, as ``(query, key)``; ``None`` when there is none.
+
+    A KV cache runs queries in chunks: one that ran before ``past`` never saw the keys from
+    ``past`` on, so a pattern that shows it one gives cached outputs that differ from one call on
+    the whole sequence. Causal patterns, sliding windows and a prefix declared as ``prefix_len``
+    (whose split a cache refuses on its own, :func:`prefix_length`) show none, and are not
+    evaluated."""
+    if past == 0 or end <= past or mask_mod is causal or isinstance(mask_mod, (SlidingWindow, PrefixLM)):
+        return None
+    band = max(1, CHECK_ELEMENTS // ((end - past) * batch * heads))  # query rows a step
+    for row0 in range(0, past, band):
+        rows = min(band, past - row0)
+        b, h, q_idx, kv_idx = index_grids(batch, heads, rows, end - past, device, row0)
+        seen = mask_mod(b, h, q_idx, kv_idx + past)
+        _check_result(seen, (batch, heads, rows, end - past))
+        hits = torch.broadcast_to(seen, torch.broadcast_shapes(seen.shape, (1, 1, rows, end - past)))
+        found = hits.any(dim=(0, 1)).nonzero()  # (n, 2): (row, key) pairs, row-major
+        if len(found):
+            return row0 + int(found[0, 0]), past + int(found[0, 1])
+    return None
+
+
 def index_grids(
     batch: int, heads: int, q_len: int, kv_len: int, device: torch.device | str, q_offset: int = 0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -306,6 +306,24 @@ def test_cache_of_another_module_rejected(impl_name):
     assert_unchanged(cache, before)
 
 
+def _first_key_seen_by_all(b, h, q_idx, kv_idx):
+    """Bidirectional at key 4 (every query sees it), causal elsewhere, with no ``prefix_len`` declared."""
+    return (kv_idx == 4) | (q_idx >= kv_idx)
+
+
+@pytest.mark.attention_needs("kv_cache", "masks")
+def test_a_pattern_showing_an_earlier_chunk_a_later_key_is_refused(impl_name):
+    module = cpu_module(impl_name, mask_mod=_first_key_seen_by_all)
+    cache = module.make_kv_cache(1, 8)
+    run_chunks(module, torch.randn(1, 3, 8), [3], cache)
+    before = snapshot(cache)
+    # Queries 0..2 ran without key 4, which the pattern shows them: the chunk bringing it is refused.
+    refused = r"_first_key_seen_by_all shows query 0 the key at 4, which this chunk"
+    with pytest.raises(ValueError, match=refused), torch.no_grad():
+        module(torch.randn(1, 2, 8), kv_cache=cache)
+    assert_unchanged(cache, before)
+
+
 @pytest.mark.attention_needs("kv_cache", "masks")  # document_ids
 def test_bad_document_ids_leave_cache_unchanged(impl_name):
     module = cpu_module(impl_name)
