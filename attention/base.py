@@ -31,6 +31,7 @@ from .masks import (
     dense_mask,
     document,
     earlier_query_sees,
+    held_document_ids,
     prefix_length,
 )
 from .score_mods import ScoreMod
@@ -563,12 +564,16 @@ class AttentionBase(nn.Module):
             )
         if document_ids is not None:
             self._check_document_ids(document_ids, x, (b, past + t))
-        if isinstance(self.mask_mod, PerDocument):
-            held = tuple(self.mask_mod.document_ids.shape)
+        if (ids := held_document_ids(self.mask_mod)) is not None:
+            held = tuple(ids.shape)
             if held[0] != b or held[1] < past + t:
                 raise ValueError(
                     f"mask_mod {checks.name_of(self.mask_mod)} holds document_ids of shape {held}; this call needs "
-                    f"(batch, cached + tokens) = {(b, past + t)} at least: assign a per_document mask for these ids"
+                    f"(batch, cached + tokens) = {(b, past + t)} at least: assign a mask made for these ids"
+                )
+            if ids.device != x.device:
+                raise ValueError(
+                    f"mask_mod {checks.name_of(self.mask_mod)} holds document_ids on {ids.device}, x is on {x.device}"
                 )
         if kv_cache is not None:
             self._check_cached_pattern(document_ids, b, past, past + t, x.device)

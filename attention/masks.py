@@ -171,13 +171,33 @@ def document(document_ids: Tensor) -> MaskMod:
 
     ``document_ids`` is ``(batch, tokens)`` of integer ids, one per position from the first
     cached key to the last query. Combine with a pattern through :func:`and_masks`; the pattern
-    then sees absolute positions (see :func:`per_document` for document-local ones).
+    then sees absolute positions (see :func:`per_document` for document-local ones). The ids are
+    kept as the function's ``document_ids``, so a module given it as its ``mask_mod`` checks them
+    against each call's batch and positions.
     """
+    check_document_ids(document_ids)
 
     def document_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return document_ids[b, q_idx] == document_ids[b, kv_idx]
 
+    document_mask.document_ids = document_ids  # type: ignore[attr-defined]  # an attribute on a function
     return document_mask
+
+
+def check_document_ids(document_ids: object) -> None:
+    """Refuse ids that are not a ``(batch, tokens)`` tensor of integers."""
+    if not isinstance(document_ids, Tensor):
+        raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
+    if document_ids.dim() != 2 or document_ids.shape[1] < 1:
+        raise ValueError(f"document_ids must have shape (batch, tokens), got {tuple(document_ids.shape)}")
+
+
+def held_document_ids(mask_mod: MaskMod) -> Tensor | None:
+    """The ``(batch, tokens)`` ids a pattern holds (:func:`document`, :func:`per_document`), or ``None``."""
+    ids = getattr(mask_mod, "document_ids", None)
+    return ids if isinstance(ids, Tensor) else None
 
 
 def document_starts(document_ids: Tensor) -> Tensor:
@@ -232,12 +252,7 @@ class PerDocument:
 
     def __init__(self, mask_mod: MaskMod, document_ids: Tensor) -> None:
         checks.function("mask_mod", mask_mod, "(b, h, q_idx, kv_idx)")
-        if not isinstance(document_ids, Tensor):
-            raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
-        if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
-            raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
-        if document_ids.dim() != 2 or document_ids.shape[1] < 1:
-            raise ValueError(f"document_ids must have shape (batch, tokens), got {tuple(document_ids.shape)}")
+        check_document_ids(document_ids)
         # Frozen, and the ids copied: flex caches BlockMasks per module, so ids changed in place
         # or a swapped pattern would keep attending with the old ones.
         document_ids = document_ids.clone()  # (B, T)

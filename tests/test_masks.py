@@ -105,6 +105,19 @@ def test_factories_validate_arguments(factory, value, error, message):
         factory(value)
 
 
+@pytest.mark.parametrize(
+    ("ids", "error", "message"),
+    [
+        (torch.zeros(2, 5), TypeError, "document_ids must hold integers, got torch.float32"),
+        (torch.zeros(5, dtype=torch.long), ValueError, "document_ids must have shape (batch, tokens), got (5,)"),
+        ([[0, 1]], TypeError, "document_ids must be a torch.Tensor, got list"),
+    ],
+)
+def test_document_refuses_ids_a_module_call_would_refuse(ids, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        masks.document(ids)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
 def test_document_ids_on_another_device_rejected():

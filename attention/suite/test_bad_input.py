@@ -236,6 +236,15 @@ def test_bad_document_ids(impl_name: str, document_ids: object, error: type[Exce
         _forward(_build(impl_name), _x(1, 3, 6), document_ids=document_ids)
 
 
+@pytest.mark.attention_needs("masks")
+def test_a_document_mask_made_for_other_ids_is_refused(impl_name: str) -> None:
+    # masks.document(ids) as the module's pattern holds its ids: a call they do not cover would
+    # index past them deep inside the pattern.
+    module = _build(impl_name, mask_mod=attention.masks.document(torch.tensor([[0, 0, 1]])))
+    with pytest.raises(ValueError, match=re.escape("holds document_ids of shape (1, 3); this call needs") + ".*(2, 5)"):
+        _forward(module, _x(2, 5, 6))
+
+
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.attention_needs("masks")
