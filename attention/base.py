@@ -34,7 +34,7 @@ from .masks import (
     held_document_ids,
     prefix_length,
 )
-from .score_mods import ScoreMod
+from .score_mods import ScoreMod, check_score_mod
 
 #: The pattern attributes that are checked properties (see AttentionBase.__setattr__).
 _PATTERN_ATTRS = ("mask_mod", "score_mod")
@@ -511,7 +511,7 @@ class AttentionBase(nn.Module):
     def _check_score_mod(self, score_mod: ScoreMod | None, num_heads: int) -> None:
         if score_mod is None:
             return
-        checks.function("score_mod", score_mod, "(score, b, h, q_idx, kv_idx)")
+        check_score_mod(score_mod)
         name = checks.name_of(score_mod)
         if not self.supports_score_mod(score_mod):
             raise ValueError(f"{type(self).__name__} cannot express score_mod={name}: {self.score_mod_limits}")

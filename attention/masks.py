@@ -408,9 +408,9 @@ def checked(mask_mod: MaskMod) -> MaskMod:
     return checked_mask
 
 
-def _tensor_device(fn: object, depth: int = 0) -> torch.device:
-    """Where the tensors a pattern closes over live (document ids on a GPU), so the probe's index
-    tensors meet them there; the CPU if it holds none."""
+def held_tensor_device(fn: object, depth: int = 0) -> torch.device:
+    """Where the tensors a pattern (or score mod) closes over live (document ids on a GPU), so a
+    probe's index tensors meet them there; the CPU if it holds none."""
     if isinstance(fn, Tensor):
         return fn.device
     if depth > 8:
@@ -424,10 +424,26 @@ def _tensor_device(fn: object, depth: int = 0) -> torch.device:
     else:
         parts = list(getattr(fn, "__dict__", {}).values())
     for part in parts:
-        device = _tensor_device(part, depth + 1)
+        device = held_tensor_device(part, depth + 1)
         if device.type != "cpu":
             return device
     return torch.device("cpu")
+
+
+def callable_as(name: str, fn: object, signature: str) -> Callable:
+    """``fn``, if it can be called with the arguments ``signature`` names (``"(b, h, q_idx,
+    kv_idx)"``); a ``TypeError`` naming ``name`` and both signatures otherwise. A callable without
+    a readable signature (some builtins) passes: its probe call tells."""
+    fn = checks.function(name, fn, signature)
+    try:
+        params = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    try:
+        params.bind(*range(signature.count(",") + 1))
+    except TypeError:
+        raise TypeError(f"{name} must be callable{signature}, got {checks.name_of(fn)}{params}") from None
+    return fn
 
 
 def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
@@ -440,19 +456,9 @@ def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
     ``(1, 1, 1, 2)``, all zeros so that a pattern indexing a tensor by position stays in range,
     on the device of the tensors the pattern holds (document ids), else the CPU.
     """
-    signature = "(b, h, q_idx, kv_idx)"
-    fn = checks.function(name, mask_mod, signature)
+    fn = callable_as(name, mask_mod, "(b, h, q_idx, kv_idx)")
     label = checks.name_of(fn)
-    try:
-        params = inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins have no signature: the probe below still runs
-        params = None
-    if params is not None:
-        try:
-            params.bind(0, 0, 0, 0)
-        except TypeError:
-            raise TypeError(f"{name} must be callable{signature}, got {label}{params}") from None
-    device = _tensor_device(fn)
+    device = held_tensor_device(fn)
     zero = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=device)  # (1, 1, 1, 1)
     q_idx = torch.zeros((1, 1, 2, 1), dtype=torch.long, device=device)  # (1, 1, 2, 1)
     kv_idx = torch.zeros((1, 1, 1, 2), dtype=torch.long, device=device)  # (1, 1, 1, 2)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .masks import Parameterised, index_grids
+from .masks import Parameterised, callable_as, held_tensor_device, index_grids
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -91,6 +91,46 @@ def generate_tanh_softcap(cap: float) -> ScoreMod:
 def is_additive(score_mod: ScoreMod) -> bool:
     """Whether ``score_mod`` only adds a bias that does not depend on the score."""
     return bool(getattr(score_mod, "additive", False))
+
+
+def check_score_mod(score_mod: object) -> None:
+    """Refuse, before any work, a ``score_mod`` that cannot be called as ``(score, b, h, q_idx,
+    kv_idx)`` (``TypeError``), that returns no floating tensor shaped like ``score`` (``TypeError``,
+    ``ValueError``), or that is not elementwise (``ValueError``): flex applies it to one score at a
+    time and the others to the whole score matrix, so a function of several scores (``score -
+    score.max()``) would silently give each implementation another answer.
+
+    It is called on a ``(1, 1, 2, 3)`` grid of scores, and on each score of it alone, with every
+    index 0 (so a mod indexing a tensor by position stays in range), on the device of the tensors
+    it holds, else the CPU."""
+    fn = callable_as("score_mod", score_mod, "(score, b, h, q_idx, kv_idx)")
+    label = checks.name_of(fn)
+    device = held_tensor_device(fn)
+    b, h, q_idx, kv_idx = (torch.zeros_like(grid) for grid in index_grids(1, 1, 2, 3, device))
+    scores = torch.linspace(-2.0, 3.0, 6, device=device).view(1, 1, 2, 3)  # (1, 1, 2, 3)
+    try:
+        result = fn(scores, b, h, q_idx, kv_idx)
+    except Exception as exc:
+        raise TypeError(
+            f"score_mod {label} raised {type(exc).__name__} on a (1, 1, 2, 3) grid on {device}: {exc}"
+        ) from exc
+    if not isinstance(result, Tensor) or not result.dtype.is_floating_point:
+        got = result.dtype if isinstance(result, Tensor) else type(result).__name__
+        raise TypeError(f"score_mod must return a floating tensor shaped like score, {label} returned {got}")
+    if result.shape != scores.shape:
+        raise ValueError(
+            "score_mod must return a tensor shaped like score, (1, 1, 2, 3) here; "
+            f"{label} returned {tuple(result.shape)}"
+        )
+    for i in range(2):
+        for j in range(3):
+            alone = fn(scores[..., i : i + 1, j : j + 1], b, h, q_idx[..., i : i + 1, :], kv_idx[..., j : j + 1])
+            if not torch.allclose(alone.reshape(()), result[0, 0, i, j], rtol=1e-5, atol=1e-6):
+                raise ValueError(
+                    f"score_mod {label} is not elementwise: score {i, j} of a (1, 1, 2, 3) grid came out "
+                    f"{float(result[0, 0, i, j]):.6g}, and {float(alone.reshape(())):.6g} with that score alone; "
+                    "flex applies it to one score at a time, the others to the whole score matrix"
+                )
 
 
 def apply_dense(score_mod: ScoreMod, scores: Tensor, q_offset: int = 0) -> Tensor:

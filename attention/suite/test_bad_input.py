@@ -207,6 +207,42 @@ def test_mask_mod_returning_a_wrong_shape(impl_name: str, mask_mod, shape: str) 
         _build(impl_name, mask_mod=mask_mod)
 
 
+def _normalised(score, b, h, q_idx, kv_idx):
+    return score - score.max()  # depends on every score: flex, one score at a time, would give 0
+
+
+def _four_args(score, b, h, q_idx):
+    return score
+
+
+@pytest.mark.parametrize(
+    ("score_mod", "error", "message"),
+    [
+        (
+            _four_args,
+            TypeError,
+            "score_mod must be callable(score, b, h, q_idx, kv_idx), got _four_args(score, b, h, q_idx)",
+        ),
+        (
+            lambda s, b, h, q, k: None,
+            TypeError,
+            "must return a floating tensor shaped like score, <lambda> returned NoneType",
+        ),
+        (
+            lambda s, b, h, q, k: s > 0,
+            TypeError,
+            "must return a floating tensor shaped like score, <lambda> returned torch.bool",
+        ),
+        (lambda s, b, h, q, k: s.sum(), ValueError, "shaped like score, (1, 1, 2, 3) here; <lambda> returned ()"),
+        (_normalised, ValueError, "score_mod _normalised is not elementwise: score (0, 0) of a (1, 1, 2, 3) grid"),
+    ],
+    ids=["arity", "none", "bool", "reduces", "not-elementwise"],
+)
+def test_score_mod_that_cannot_work_is_refused_at_construction(impl_name, score_mod, error, message) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        _build(impl_name, score_mod=score_mod)
+
+
 def test_reassigned_mask_mod_is_checked_too(impl_name: str) -> None:
     module = _build(impl_name)
     with pytest.raises(TypeError, match=re.escape("mask_mod must be callable(b, h, q_idx, kv_idx), got int (3)")):
