@@ -477,18 +477,9 @@ class AttentionBase(nn.Module):
         mask_mod: MaskMod,
         score_mod: ScoreMod | None,
     ) -> None:
-        for name, value in (
-            ("d_in", d_in),
-            ("d_out", d_out),
-            ("num_heads", num_heads),
-            ("context_length", context_length),
-            ("num_kv_heads", num_kv_heads),
-        ):
-            checks.integer(name, value)
-        if d_out % num_heads != 0:
-            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        checks.integer("d_in", d_in)
+        checks.heads(d_out, num_heads, num_kv_heads)
+        checks.integer("context_length", context_length)
         checks.real("dropout", dropout, lambda p: 0.0 <= p < 1.0, "in [0, 1)")
         if dropout > 0 and not _declares(self.supports_dropout):
             raise ValueError(f"{type(self).__name__} does not support dropout; got dropout={dropout}")

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from . import checks
 from .base import AttentionBase
-from .masks import MaskMod, and_masks, causal, dense_mask, document
-from .score_mods import ScoreMod, apply_dense
+from .masks import MaskMod, and_masks, causal, check_document_ids, check_mask_mod, dense_mask, document
+from .score_mods import ScoreMod, apply_dense, check_score_mod
 
 
 def reference_mha(
@@ -29,9 +30,20 @@ def reference_mha(
     score_mod: ScoreMod | None = None,
 ) -> Tensor:
     """``(B, T, d_in) -> (B, T, d_out)`` with the shared layout's ``params`` (state_dict keys:
-    ``qkv.weight``, optional ``qkv.bias``, ``proj.weight``, ``proj.bias``)."""
-    num_kv_heads = num_kv_heads or num_heads
+    ``qkv.weight``, optional ``qkv.bias``, ``proj.weight``, ``proj.bias``). Arguments are checked
+    as a module's are: the oracle must not quietly judge against a different computation."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    _check_params(x, params, num_heads, num_kv_heads)
+    check_mask_mod(mask_mod)
+    if score_mod is not None:
+        check_score_mod(score_mod)
     b, t, _ = x.shape
+    if document_ids is not None:
+        check_document_ids(document_ids)
+        if tuple(document_ids.shape) != (b, t):
+            raise ValueError(
+                f"document_ids must have shape (batch, tokens) = {(b, t)}, got {tuple(document_ids.shape)}"
+            )
     d_out = params["proj.weight"].shape[0]
     head_dim = d_out // num_heads
     kv_dim = num_kv_heads * head_dim
@@ -48,6 +60,27 @@ def reference_mha(
     context = reference_attention(q, k, v, visible, score_mod=score_mod)  # (B, H, T, hd)
     context = context.permute(0, 2, 1, 3).reshape(b, t, d_out)  # (B, T, d_out)
     return context @ params["proj.weight"].T + params["proj.bias"]  # (B, T, d_out)
+
+
+def _check_params(x: object, params: object, num_heads: object, num_kv_heads: object) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (batch, tokens, d_in), got shape {tuple(x.shape)}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of state_dict names to tensors, got {type(params).__name__}")
+    if missing := [name for name in ("qkv.weight", "proj.weight", "proj.bias") if name not in params]:
+        raise ValueError(f"params lacks {', '.join(missing)} (the shared layout's state_dict keys)")
+    d_out = params["proj.weight"].shape[0]
+    checks.heads(d_out, num_heads, num_kv_heads)
+    qkv_rows = d_out + 2 * num_kv_heads * (d_out // num_heads)  # type: ignore[operator]  # checked ints
+    if tuple(params["qkv.weight"].shape) != (qkv_rows, x.shape[-1]):
+        raise ValueError(
+            f"params['qkv.weight'] has shape {tuple(params['qkv.weight'].shape)}; {num_heads} heads and "
+            f"{num_kv_heads} KV heads of d_out={d_out} over d_in={x.shape[-1]} need {(qkv_rows, x.shape[-1])}"
+        )
 
 
 def reference_attention(
@@ -77,6 +110,11 @@ def reference_forward(
     module: AttentionBase, x: Tensor, *, dtype: torch.dtype = torch.float64, document_ids: Tensor | None = None
 ) -> Tensor:
     """What ``module(x)`` should return, computed by :func:`reference_mha` in ``dtype``."""
+    if not isinstance(module, AttentionBase):
+        raise TypeError(f"module must be an attention.AttentionBase, got {type(module).__name__}")
+    checks.floating_dtype("dtype", dtype)
+    if isinstance(x, Tensor) and not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")  # before the cast hides it
     return reference_mha(
         x.detach().to(dtype),
         module_params(module, dtype),
