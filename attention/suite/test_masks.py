@@ -234,6 +234,29 @@ def test_prefix_tokens_see_each_other(length, prefix_len, seed, device, impl_nam
         )
 
 
+@pytest.mark.attention_needs("masks")
+@pytest.mark.parametrize("device", DEVICES)
+@given(length=st.integers(3, 40), window=st.integers(1, 40), token=st.integers(0, 39), seed=st.integers(0, 2**16))
+def test_a_window_shows_exactly_its_keys(length, window, token, seed, device, impl_name):
+    """Sliding window, worked out from positions: perturbing token ``j`` moves exactly rows
+    ``j .. j + window - 1`` (the oldest key row ``i`` sees is ``i - window + 1``), so a window one
+    key too wide or too narrow on either side is caught, whatever the mask code says."""
+    j = token % length
+    case = dict(batch=1, length=length, num_heads=2, num_kv_heads=2, head_dim=16, d_in=8, seed=seed)
+    module, x = build(impl_name, case, device, torch.float32, masks.sliding_window(window))
+    perturbed = x.clone()
+    perturbed[0, j] += 3 * torch.randn(8).to(device)  # (d_in,)
+    with torch.no_grad():
+        out = module(x)  # (1, T, d_out)
+        change = (module(perturbed) - out).abs().amax(dim=-1)[0]  # (T,)
+    expected = torch.tensor([j <= i < j + window for i in range(length)])
+    moved = change.cpu() > unchanged_tolerance(out)
+    assert torch.equal(moved, expected), (
+        f"sliding_window({window}), T={length}, perturbed token {j}: rows moved {moved.nonzero().flatten().tolist()}, "
+        f"expected {expected.nonzero().flatten().tolist()}"
+    )
+
+
 # -- no query sees the future: worked out from positions and ids, never from the mask code ----------
 
 #: The patterns above (their call-time document ids may give one id to separate runs, which

@@ -27,10 +27,21 @@ from attention.suite.support import (
     random_document_ids,
 )
 
+
+def position_bias(score, b, h, q_idx, kv_idx):
+    """An additive bias on absolute positions, not on ``kv - q`` alone: evaluated at the wrong query
+    position (a KV cache's offset left out) it gives other weights, where ALiBi's error would be
+    the same for every key of a row, and cancel in the softmax."""
+    return score + 0.5 * ((q_idx + 2 * kv_idx) % 3 == 0).to(score.dtype)
+
+
+position_bias.additive = True  # type: ignore[attr-defined]  # score_mods.is_additive reads it
+
 NUM_HEADS = 4
 SCORE_MODS = {
     "alibi": lambda: score_mods.generate_alibi(NUM_HEADS),
     "softcap": lambda: score_mods.generate_tanh_softcap(2.0),  # small enough to bind: scores reach ~±4
+    "position": lambda: position_bias,
 }
 PATTERNS = ["causal", "sliding_window", "prefix_lm", "document"]
 #: fp16 skipped on CUDA (bf16 covers half precision): each pattern is several flex compiles there.
