@@ -177,6 +177,14 @@ def tiles(dtype: torch.dtype, block_m: int, block_d: int, shared_bytes_per_sm: i
 INTERPRETED_TILES = Tiles(16, 1, 1)
 
 
+def step_tiles(dtype: torch.dtype, block_m: int, block_d: int, device: torch.device) -> Tiles:
+    """The split kernel's steps on ``device``: :func:`tiles` for its SMs' shared memory on CUDA,
+    :data:`INTERPRETED_TILES` interpreted (each step costs the interpreter the same at any size)."""
+    if device.type != "cuda":
+        return INTERPRETED_TILES
+    return tiles(dtype, block_m, block_d, shared_bytes_per_sm(device))
+
+
 def block_rows(group: int, q_len: int) -> int:
     """Tile rows of a split program: every query head of a KV head's group times the query
     tokens, padded to a power of two, at least 16 (``tl.dot``'s smallest)."""
@@ -220,7 +228,7 @@ def attend(
     dim_args = head_dim_args(hd)
     block_d = dim_args["BLOCK_D"]
     block_m = block_rows(h // h_kv, tq)
-    step = tiles(q.dtype, block_m, block_d, shared_bytes_per_sm(q.device)) if q.is_cuda else INTERPRETED_TILES
+    step = step_tiles(q.dtype, block_m, block_d, q.device)
     if splits is None:
         splits = num_splits(b, h_kv, tk, multiprocessors(q.device) * step.per_sm)
     split_len = triton.cdiv(triton.cdiv(tk, splits), step.block_n) * step.block_n  # keys per split, whole steps
