@@ -423,19 +423,29 @@ class AttentionBase(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """A cache for ``batch_size`` sequences of up to ``max_tokens`` positions (default dtype
-        and device: the weights')."""
+        """A cache for ``batch_size`` sequences of up to ``max_tokens`` positions, on the weights'
+        device (``device``, if given, must be it) in ``dtype`` (default: the weights')."""
         checks.integer("max_tokens", max_tokens)
         if max_tokens > self.context_length:
             raise ValueError(f"max_tokens ({max_tokens}) exceeds context_length ({self.context_length})")
         weight = self.qkv.weight
+        if device is not None:
+            try:
+                asked = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+            if asked.type != weight.device.type or asked.index not in (None, weight.device.index):
+                raise ValueError(
+                    f"make_kv_cache(device={device!r}): the module's weights are on {weight.device}, and a call "
+                    "attends where its input and weights are; move the module, then make its cache"
+                )
         cache = KVCache(
             batch_size,
             self.num_kv_heads,
             max_tokens,
             self.head_dim,
             dtype=weight.dtype if dtype is None else dtype,
-            device=weight.device if device is None else device,
+            device=weight.device,  # the one asked for, checked above
         )
         cache.claim(self)
         return cache

@@ -6,6 +6,8 @@ misuse leaves the cache as it was) are in the property suite, attention/suite/te
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -53,6 +55,22 @@ def test_cache_dtype_is_checked_when_made(dtype, error, message):
     module = attention.get("sdpa")(8, 32, 4, 16)
     with pytest.raises(error, match=message):
         module.make_kv_cache(1, 4, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("bogus", "device must be a torch device such as 'cpu' or 'cuda', got 'bogus'"),
+        ("meta", "make_kv_cache(device='meta'): the module's weights are on cpu"),
+    ],
+)
+def test_cache_device_is_checked_when_made(device, message):
+    """A cache on a device the module does not run on is refused where it is made (a device
+    without a GPU build raised torch's AssertionError, "meta" passed until the first call)."""
+    module = attention.get("sdpa")(8, 32, 4, 16)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.make_kv_cache(1, 4, device=device)
+    assert module.make_kv_cache(1, 4, device="cpu").k_cache.device.type == "cpu"
 
 
 def test_truncate_validates():

@@ -267,7 +267,9 @@ def test_wrong_dtype_rejected(impl_name):
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
 def test_wrong_device_rejected(impl_name):
     module = cpu_module(impl_name)
-    cache = module.make_kv_cache(1, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"make_kv_cache\(device='cuda'\): the module's weights are on cpu"):
+        module.make_kv_cache(1, 8, device="cuda")
+    cache = attention.KVCache(1, module.num_kv_heads, 8, module.head_dim, dtype=torch.float32, device="cuda")
     before = snapshot(cache)
     with pytest.raises(ValueError, match=r"kv_cache is on cuda"), torch.no_grad():
         module(torch.randn(1, 2, 8), kv_cache=cache)
