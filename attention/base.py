@@ -27,12 +27,14 @@ from .masks import (
     PerDocument,
     and_masks,
     causal,
+    check_document_ids,
     check_mask_mod,
     dense_mask,
     document,
     earlier_query_sees,
     held_document_ids,
     prefix_length,
+    shows_no_later_key,
 )
 from .score_mods import ScoreMod, check_score_mod
 
@@ -434,7 +436,7 @@ class AttentionBase(nn.Module):
                 asked = torch.device(device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
-            if asked.type != weight.device.type or asked.index not in (None, weight.device.index):
+            if asked.type != weight.device.type or asked.index not in (None, weight.device.index or 0):
                 raise ValueError(
                     f"make_kv_cache(device={device!r}): the module's weights are on {weight.device}, and a call "
                     "attends where its input and weights are; move the module, then make its cache"
@@ -593,7 +595,7 @@ class AttentionBase(nn.Module):
             )
         kv_cache.check_compatible(x, x.shape[1])
         owner = kv_cache.owner
-        if owner is not None and owner is not self and not torch.compiler.is_compiling():
+        if owner is not None and owner is not self:
             raise ValueError(
                 f"kv_cache was made by another module ({type(owner).__name__} at {id(owner):#x}) and holds its "
                 "keys and values: make one cache per module (layer) with its make_kv_cache()"
@@ -620,8 +622,12 @@ class AttentionBase(nn.Module):
         self, document_ids: Tensor | None, batch: int, past: int, end: int, device: torch.device
     ) -> None:
         """Refuse a chunk whose keys the pattern shows to queries of an earlier chunk, which ran
-        without them: the cache would silently differ from one call on the whole sequence."""
-        pattern = self.mask_mod if self.mask_mod is causal else self._pattern(document_ids)  # ids cover 0 .. end
+        without them: the cache would silently differ from one call on the whole sequence. Built-in
+        patterns never do, and are not evaluated; under ``torch.compile`` it is not checked (its
+        answer would be data-dependent control flow: docs/design.md#kv-cache-writes)."""
+        if shows_no_later_key(self.mask_mod) or torch.compiler.is_compiling():
+            return
+        pattern = self._pattern(document_ids)  # the call's ids cover positions 0 .. end
         seen = earlier_query_sees(pattern, batch, self.num_heads, past, end, device)
         if seen is not None:
             query, key = seen
@@ -635,13 +641,6 @@ class AttentionBase(nn.Module):
 
     @staticmethod
     def _check_document_ids(document_ids: Tensor, x: Tensor, shape: tuple[int, int]) -> None:
-        if not isinstance(document_ids, Tensor):
-            raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
-        if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
-            raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
-        if tuple(document_ids.shape) != shape:
-            raise ValueError(
-                f"document_ids must have shape (batch, cached + tokens) = {shape}, got {tuple(document_ids.shape)}"
-            )
+        check_document_ids(document_ids, shape)
         if document_ids.device != x.device:
             raise ValueError(f"document_ids is on {document_ids.device}, x is on {x.device}")

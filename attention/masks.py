@@ -12,7 +12,7 @@ tensor values), the same rule flex's ``vmap`` imposes. Parameterised patterns co
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -171,8 +171,8 @@ def document(document_ids: Tensor) -> MaskMod:
 
     ``document_ids`` is ``(batch, tokens)`` of integer ids, one per position from the first
     cached key to the last query. Combine with a pattern through :func:`and_masks`; the pattern
-    then sees absolute positions (see :func:`per_document` for document-local ones). The ids are
-    kept as the function's ``document_ids``, so a module given it as its ``mask_mod`` checks them
+    then sees absolute positions (see :func:`per_document` for document-local ones). The function
+    keeps the ids (:func:`held_document_ids`), so a module given it as its ``mask_mod`` checks them
     against each call's batch and positions.
     """
     check_document_ids(document_ids)
@@ -180,24 +180,31 @@ def document(document_ids: Tensor) -> MaskMod:
     def document_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return document_ids[b, q_idx] == document_ids[b, kv_idx]
 
-    document_mask.document_ids = document_ids  # type: ignore[attr-defined]  # an attribute on a function
+    document_mask._held_document_ids = document_ids  # type: ignore[attr-defined]  # read by held_document_ids
     return document_mask
 
 
-def check_document_ids(document_ids: object) -> None:
-    """Refuse ids that are not a ``(batch, tokens)`` tensor of integers."""
+def check_document_ids(document_ids: object, call: tuple[int, int] | None = None) -> None:
+    """Refuse ids that are not a ``(batch, tokens)`` tensor of integers: for a module's call,
+    exactly ``call`` (its batch and cached + new positions)."""
     if not isinstance(document_ids, Tensor):
         raise TypeError(f"document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
     if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
         raise TypeError(f"document_ids must hold integers, got {document_ids.dtype}")
+    shape = tuple(document_ids.shape)
+    if call is not None and shape != call:
+        raise ValueError(f"document_ids must have shape (batch, cached + tokens) = {call}, got {shape}")
     if document_ids.dim() != 2 or document_ids.shape[1] < 1:
-        raise ValueError(f"document_ids must have shape (batch, tokens), got {tuple(document_ids.shape)}")
+        raise ValueError(f"document_ids must have shape (batch, tokens), got {shape}")
 
 
 def held_document_ids(mask_mod: MaskMod) -> Tensor | None:
-    """The ``(batch, tokens)`` ids a pattern holds (:func:`document`, :func:`per_document`), or ``None``."""
-    ids = getattr(mask_mod, "document_ids", None)
-    return ids if isinstance(ids, Tensor) else None
+    """The ``(batch, tokens)`` ids a pattern made by :func:`document` or :func:`per_document`
+    holds, or ``None`` (for any other pattern, whatever its attributes: one of the user's own may
+    hold ids of another layout under the same name)."""
+    if isinstance(mask_mod, PerDocument):
+        return mask_mod.document_ids
+    return getattr(mask_mod, "_held_document_ids", None)
 
 
 def document_starts(document_ids: Tensor) -> Tensor:
@@ -342,6 +349,16 @@ def dense_mask(
 CHECK_ELEMENTS = 1 << 24
 
 
+def shows_no_later_key(mask_mod: MaskMod) -> bool:
+    """Whether ``mask_mod`` is known never to show a query a key after it, but in a prefix declared
+    as ``prefix_len`` (whose split a KV cache refuses on its own, :func:`prefix_length`): causal,
+    sliding windows, ``prefix_lm`` and ``per_document`` of those. Restricting one to documents
+    (call-time ``document_ids``) only hides keys, so it keeps the answer."""
+    if isinstance(mask_mod, PerDocument):
+        mask_mod = mask_mod.mask_mod
+    return mask_mod is causal or isinstance(mask_mod, (SlidingWindow, PrefixLM))
+
+
 def earlier_query_sees(
     mask_mod: MaskMod, batch: int, heads: int, past: int, end: int, device: torch.device | str
 ) -> tuple[int, int] | None:
@@ -350,12 +367,12 @@ def earlier_query_sees(
 
     A KV cache runs queries in chunks: one that ran before ``past`` never saw the keys from
     ``past`` on, so a pattern that shows it one gives cached outputs that differ from one call on
-    the whole sequence. Causal patterns, sliding windows and a prefix declared as ``prefix_len``
-    (whose split a cache refuses on its own, :func:`prefix_length`) show none, and are not
-    evaluated."""
-    if past == 0 or end <= past or mask_mod is causal or isinstance(mask_mod, (SlidingWindow, PrefixLM)):
+    the whole sequence. The pattern is evaluated in bands of query rows (each band a device sync
+    on a GPU); :func:`shows_no_later_key` tells the patterns that need no evaluation."""
+    if past == 0 or end <= past:
         return None
-    band = max(1, CHECK_ELEMENTS // ((end - past) * batch * heads))  # query rows a step
+    bm, hm = dense_mask(mask_mod, batch, heads, 1, 1, device).shape[:2]  # 1 where it ignores b or h
+    band = max(1, CHECK_ELEMENTS // ((end - past) * bm * hm))  # query rows a step
     for row0 in range(0, past, band):
         rows = min(band, past - row0)
         b, h, q_idx, kv_idx = index_grids(batch, heads, rows, end - past, device, row0)
@@ -409,20 +426,28 @@ def checked(mask_mod: MaskMod) -> MaskMod:
 
 
 def held_tensor_device(fn: object, depth: int = 0) -> torch.device:
-    """Where the tensors a pattern (or score mod) closes over live (document ids on a GPU), so a
-    probe's index tensors meet them there; the CPU if it holds none."""
+    """Where the tensors a pattern (or score mod) holds live (document ids on a GPU, a learned
+    bias), so a probe's index tensors meet them there; the CPU if it holds none. It looks in
+    closures, attributes, a module's parameters and buffers, a bound method's object, containers
+    and the globals the function's code names."""
     if isinstance(fn, Tensor):
         return fn.device
     if depth > 8:
         return torch.device("cpu")
-    closure = getattr(fn, "__closure__", None)
-    parts: Sequence[object]
-    if isinstance(fn, (tuple, list)):
-        parts = fn
-    elif closure:
-        parts = [cell.cell_contents for cell in closure]
+    parts: list[object]
+    if isinstance(fn, torch.nn.Module):
+        parts = [*fn.parameters(), *fn.buffers()]
+    elif isinstance(fn, (tuple, list)):
+        parts = list(fn)
+    elif isinstance(fn, dict):
+        parts = list(fn.values())
     else:
-        parts = list(getattr(fn, "__dict__", {}).values())
+        parts = [cell.cell_contents for cell in getattr(fn, "__closure__", None) or ()]
+        parts += list(getattr(fn, "__dict__", {}).values())
+        if (owner := getattr(fn, "__self__", None)) is not None:
+            parts.append(owner)
+        code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
+        parts += [names[name] for name in getattr(code, "co_names", ()) if isinstance(names.get(name), Tensor)]
     for part in parts:
         device = held_tensor_device(part, depth + 1)
         if device.type != "cpu":

@@ -39,11 +39,7 @@ def reference_mha(
         check_score_mod(score_mod)
     b, t, _ = x.shape
     if document_ids is not None:
-        check_document_ids(document_ids)
-        if tuple(document_ids.shape) != (b, t):
-            raise ValueError(
-                f"document_ids must have shape (batch, tokens) = {(b, t)}, got {tuple(document_ids.shape)}"
-            )
+        check_document_ids(document_ids, (b, t))
     d_out = params["proj.weight"].shape[0]
     head_dim = d_out // num_heads
     kv_dim = num_kv_heads * head_dim

@@ -105,6 +105,7 @@ def test_a_run_without_plots_leaves_no_plot_of_an_earlier_run_beside_its_report(
         ("--cell-seconds", "inf", "expected a finite positive number, got inf"),
         ("--cell-seconds", "nan", "expected a finite positive number, got nan"),
         ("--seq-lens", "\u0663", "expected a positive integer, got '\u0663'"),  # an Arabic-Indic 3, which int() reads
+        ("--cell-seconds", "\u0663.5", "expected a positive number, got '\u0663.5'"),  # which float() reads as 3.5
     ],
 )
 def test_numbers_nobody_meant_are_usage_errors(capsys, flag, value, told):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attention
-from attention.suite.support import DEVICES
+from attention.suite.support import DEVICES, assert_module_matches_oracle
 
 
 def test_flex_without_backward_leaves_cache_unchanged():
@@ -70,7 +70,8 @@ def test_cache_device_is_checked_when_made(device, message):
     module = attention.get("sdpa")(8, 32, 4, 16)
     with pytest.raises(ValueError, match=re.escape(message)):
         module.make_kv_cache(1, 4, device=device)
-    assert module.make_kv_cache(1, 4, device="cpu").k_cache.device.type == "cpu"
+    for same in ("cpu", "cpu:0", torch.device("cpu", 0)):
+        assert module.make_kv_cache(1, 4, device=same).k_cache.device == torch.device("cpu")
 
 
 def test_truncate_validates():
@@ -87,3 +88,26 @@ def test_truncate_validates():
     assert cache.pos == 3
     cache.truncate(3)
     assert cache.pos == 3
+
+
+def test_compiled_decoding_with_a_pattern_of_the_users_own():
+    """The earlier-chunk check is data-dependent: under torch.compile(fullgraph=True) it is left
+    out (a data-dependent branch cannot be traced), and the owner check still refuses another
+    module's cache."""
+
+    def gym_causal(b, h, q_idx, kv_idx):  # causal, written as attention-gym writes it
+        return q_idx >= kv_idx
+
+    torch._dynamo.reset()
+    module = attention.get("sdpa")(16, 16, 2, 64, mask_mod=gym_causal).eval()
+    x = torch.randn(1, 6, 16)  # (B, T, d_in)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        cache = module.make_kv_cache(1, 8)
+        chunked = torch.cat([compiled(x[:, :4], kv_cache=cache), compiled(x[:, 4:], kv_cache=cache)], dim=1)
+    assert_module_matches_oracle(module, x, chunked, what="compiled cached output")
+    with torch.no_grad():
+        other = attention.get("sdpa")(16, 16, 2, 64, mask_mod=gym_causal).eval()
+        # fullgraph=True: dynamo reports the ValueError as its own "Observed exception", quoting it.
+        with pytest.raises(Exception, match="kv_cache was made by another module"):
+            torch.compile(other, fullgraph=True, backend="eager")(x[:, :2], kv_cache=module.make_kv_cache(1, 8))

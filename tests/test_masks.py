@@ -105,6 +105,19 @@ def test_factories_validate_arguments(factory, value, error, message):
         factory(value)
 
 
+def test_a_users_mask_with_its_own_document_ids_attribute_is_not_read_as_ours():
+    class SharedIds:  # attention-gym style: 1-D ids shared by every sequence of the batch
+        def __init__(self, ids):
+            self.document_ids = ids
+
+        def __call__(self, b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (self.document_ids[q_idx] == self.document_ids[kv_idx])
+
+    module = attention.get("sdpa")(8, 8, 2, 16, mask_mod=SharedIds(torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])))
+    with torch.no_grad():
+        assert module(torch.randn(2, 8, 8)).shape == (2, 8, 8)
+
+
 @pytest.mark.parametrize(
     ("ids", "error", "message"),
     [

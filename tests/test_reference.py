@@ -27,7 +27,7 @@ X = torch.randn(2, 5, 16)  # (B, T, d_in)
         (
             dict(num_heads=2, document_ids=torch.zeros(2, 3, dtype=torch.long)),
             ValueError,
-            "document_ids must have shape (batch, tokens) = (2, 5), got (2, 3)",
+            "document_ids must have shape (batch, cached + tokens) = (2, 5), got (2, 3)",
         ),
         (dict(num_heads=2, mask_mod=None), TypeError, "mask_mod must be callable(b, h, q_idx, kv_idx)"),
         (dict(num_heads=2, score_mod=lambda s, b, h, q, k: s.sum()), ValueError, "shaped like score"),

@@ -20,7 +20,9 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """A finite number above 0 (``float`` also reads 'inf' and 'nan')."""
+    """A finite number above 0, in ASCII (``float`` also reads 'inf', 'nan' and '٣.5')."""
+    if not text.strip().isascii():
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     try:
         value = float(text)
     except ValueError:

@@ -222,7 +222,7 @@ def test_prefix_tokens_see_each_other(length, prefix_len, seed, device, impl_nam
     module, x = build(impl_name, case, device, torch.float32, masks.prefix_lm(prefix_len))
     for j in (prefix_len - 1, length - 1):  # the last prefix token; the last token
         perturbed = x.clone()
-        perturbed[0, j] += 3 * torch.randn(8).to(device)  # (d_in,)
+        perturbed[0, j] += 3 * torch.randn(8, generator=torch.Generator().manual_seed(seed)).to(device)  # (d_in,)
         with torch.no_grad():
             out = module(x)  # (1, T, d_out)
             change = (module(perturbed) - out).abs().amax(dim=-1)[0]  # (T,)
@@ -245,7 +245,7 @@ def test_a_window_shows_exactly_its_keys(length, window, token, seed, device, im
     case = dict(batch=1, length=length, num_heads=2, num_kv_heads=2, head_dim=16, d_in=8, seed=seed)
     module, x = build(impl_name, case, device, torch.float32, masks.sliding_window(window))
     perturbed = x.clone()
-    perturbed[0, j] += 3 * torch.randn(8).to(device)  # (d_in,)
+    perturbed[0, j] += 3 * torch.randn(8, generator=torch.Generator().manual_seed(seed)).to(device)  # (d_in,)
     with torch.no_grad():
         out = module(x)  # (1, T, d_out)
         change = (module(perturbed) - out).abs().amax(dim=-1)[0]  # (T,)
