@@ -31,10 +31,10 @@ from .masks import (
     check_mask_mod,
     dense_mask,
     document,
-    earlier_query_sees,
     held_document_ids,
+    later_key_seen,
+    never_shows_later_key,
     prefix_length,
-    shows_no_later_key,
 )
 from .score_mods import ScoreMod, check_score_mod
 
@@ -58,6 +58,11 @@ def _autocast_dtype(device: str) -> torch.dtype | None:
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (where a sync fails)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _attention_dtype(x: Tensor) -> torch.dtype:
@@ -579,7 +584,7 @@ class AttentionBase(nn.Module):
                     f"mask_mod {checks.name_of(self.mask_mod)} holds document_ids on {ids.device}, x is on {x.device}"
                 )
         if kv_cache is not None:
-            self._check_cached_pattern(document_ids, b, past, past + t, x.device)
+            self._check_cached_pattern(document_ids, b, past, past + t, kv_cache.max_tokens, x.device)
         # Last, and before the cache is written, so a refused call leaves it as it was. Only what
         # q, k and v are made from: the output projection's gradients need no attention backward.
         self._refuse_gradients(x.device, x, *self.qkv.parameters())
@@ -619,16 +624,20 @@ class AttentionBase(nn.Module):
         return past
 
     def _check_cached_pattern(
-        self, document_ids: Tensor | None, batch: int, past: int, end: int, device: torch.device
+        self, document_ids: Tensor | None, batch: int, past: int, end: int, capacity: int, device: torch.device
     ) -> None:
         """Refuse a chunk whose keys the pattern shows to queries of an earlier chunk, which ran
-        without them: the cache would silently differ from one call on the whole sequence. Built-in
-        patterns never do, and are not evaluated; under ``torch.compile`` it is not checked (its
-        answer would be data-dependent control flow: docs/design.md#kv-cache-writes)."""
-        if shows_no_later_key(self.mask_mod) or torch.compiler.is_compiling():
+        without them: the cache would silently differ from one call on the whole sequence. A pattern
+        that shows no query a later key over the cache's whole length (the built-in ones; any other
+        is evaluated once) needs nothing more; under ``torch.compile`` or a CUDA graph capture it is
+        not checked (a data-dependent branch, a sync: docs/design.md#kv-cache-writes)."""
+        if past == 0 or torch.compiler.is_compiling() or _capturing(device):
+            return
+        # Call-time document ids only hide keys: the module's own pattern decides for all calls.
+        if never_shows_later_key(self.mask_mod, batch, self.num_heads, capacity, device):
             return
         pattern = self._pattern(document_ids)  # the call's ids cover positions 0 .. end
-        seen = earlier_query_sees(pattern, batch, self.num_heads, past, end, device)
+        seen = later_key_seen(pattern, batch, self.num_heads, range(past), range(past, end), device)
         if seen is not None:
             query, key = seen
             raise ValueError(

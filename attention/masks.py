@@ -12,6 +12,7 @@ tensor values), the same rule flex's ``vmap`` imposes. Parameterised patterns co
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -345,7 +346,7 @@ def dense_mask(
 
 
 #: Mask elements evaluated at once when an earlier chunk's queries are checked against a new
-#: chunk's keys (:func:`earlier_query_sees`), in bands of query rows.
+#: chunk's keys (:func:`later_key_seen`), in bands of query rows.
 CHECK_ELEMENTS = 1 << 24
 
 
@@ -359,30 +360,63 @@ def shows_no_later_key(mask_mod: MaskMod) -> bool:
     return mask_mod is causal or isinstance(mask_mod, (SlidingWindow, PrefixLM))
 
 
-def earlier_query_sees(
-    mask_mod: MaskMod, batch: int, heads: int, past: int, end: int, device: torch.device | str
+def later_key_seen(
+    mask_mod: MaskMod, batch: int, heads: int, queries: range, keys: range, device: torch.device | str
 ) -> tuple[int, int] | None:
-    """A query before ``past`` that ``mask_mod`` shows a key in ``past .. end - 1``, with the first
-    such key, as ``(query, key)``; ``None`` when there is none.
+    """The first ``(query, key)``, ``query`` in ``queries`` and ``key`` in ``keys`` after it, that
+    ``mask_mod`` shows; ``None`` when there is none.
 
-    A KV cache runs queries in chunks: one that ran before ``past`` never saw the keys from
-    ``past`` on, so a pattern that shows it one gives cached outputs that differ from one call on
-    the whole sequence. The pattern is evaluated in bands of query rows (each band a device sync
-    on a GPU); :func:`shows_no_later_key` tells the patterns that need no evaluation."""
-    if past == 0 or end <= past:
-        return None
+    A KV cache runs queries in chunks: one that ran before a chunk never saw the keys it brings, so
+    a pattern that shows it one gives cached outputs that differ from one call on the whole
+    sequence. The pattern is evaluated in bands of query rows, each at most :data:`CHECK_ELEMENTS`
+    mask elements (a device sync each on a GPU)."""
     bm, hm = dense_mask(mask_mod, batch, heads, 1, 1, device).shape[:2]  # 1 where it ignores b or h
-    band = max(1, CHECK_ELEMENTS // ((end - past) * bm * hm))  # query rows a step
-    for row0 in range(0, past, band):
-        rows = min(band, past - row0)
-        b, h, q_idx, kv_idx = index_grids(batch, heads, rows, end - past, device, row0)
-        seen = mask_mod(b, h, q_idx, kv_idx + past)
-        _check_result(seen, (batch, heads, rows, end - past))
-        hits = torch.broadcast_to(seen, torch.broadcast_shapes(seen.shape, (1, 1, rows, end - past)))
-        found = hits.any(dim=(0, 1)).nonzero()  # (n, 2): (row, key) pairs, row-major
+    band = max(1, CHECK_ELEMENTS // (max(1, len(keys)) * bm * hm))  # query rows a step
+    for row0 in range(queries.start, queries.stop, band):
+        rows = min(band, queries.stop - row0)
+        first = max(keys.start, row0 + 1)  # no key at or before the band's first query
+        if first >= keys.stop:
+            break
+        b, h, q_idx, kv_idx = index_grids(batch, heads, rows, keys.stop - first, device, row0)
+        kv_idx = kv_idx + first
+        seen = mask_mod(b, h, q_idx, kv_idx)
+        _check_result(seen, (batch, heads, rows, keys.stop - first))
+        later = seen & (kv_idx > q_idx)  # broadcasts to (B|1, H|1, rows, keys)
+        found = later.any(dim=(0, 1)).nonzero()  # (n, 2): (row, key) pairs, row-major
         if len(found):
-            return row0 + int(found[0, 0]), past + int(found[0, 1])
+            return row0 + int(found[0, 0]), first + int(found[0, 1])
     return None
+
+
+#: The most query-key pairs evaluated once to clear a pattern for a cache's whole length (about
+#: 46k positions); a longer cache checks each cached call alone.
+VERDICT_ELEMENTS = 1 << 30
+#: Patterns found to show no query a later key, per (batch, heads, positions, device): worked out
+#: once for a cache's whole length, so decoding with them checks nothing more.
+_NO_LATER_KEY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def never_shows_later_key(mask_mod: MaskMod, batch: int, heads: int, length: int, device: torch.device) -> bool:
+    """Whether ``mask_mod`` shows no query of positions ``0 .. length - 1`` a key after it: true for
+    the built-in patterns (:func:`shows_no_later_key`), else evaluated once over ``length`` squared
+    positions and remembered for the pattern. ``False`` where that cannot be worked out: a pattern
+    defined only over the positions its own tensors cover (it raises past them), or one that cannot
+    be remembered (not weakly referable or hashable); each cached call is then checked alone."""
+    if shows_no_later_key(mask_mod):
+        return True
+    if length * (length - 1) // 2 > VERDICT_ELEMENTS:
+        return False
+    key = (batch, heads, length, torch.device(device))
+    try:
+        known = _NO_LATER_KEY.setdefault(mask_mod, {})
+    except TypeError:
+        return False
+    if key not in known:
+        try:
+            known[key] = later_key_seen(mask_mod, batch, heads, range(length), range(length), device) is None
+        except (IndexError, RuntimeError, ValueError, TypeError):  # evaluated past the positions it covers
+            known[key] = False
+    return known[key]
 
 
 def index_grids(

@@ -111,3 +111,26 @@ def test_compiled_decoding_with_a_pattern_of_the_users_own():
         # fullgraph=True: dynamo reports the ValueError as its own "Observed exception", quoting it.
         with pytest.raises(Exception, match="kv_cache was made by another module"):
             torch.compile(other, fullgraph=True, backend="eager")(x[:, :2], kv_cache=module.make_kv_cache(1, 8))
+
+
+def test_a_pattern_of_the_users_own_is_cleared_once_for_the_whole_cache():
+    """A causal pattern written as a lambda is evaluated once over the cache's length, not at every
+    decode step; a bidirectional one is checked at each cached call and refused where it must be."""
+    calls = []
+
+    def counted_causal(b, h, q_idx, kv_idx):
+        calls.append(tuple(kv_idx.shape))
+        return q_idx >= kv_idx
+
+    module = attention.get("sdpa")(16, 16, 2, 64, mask_mod=counted_causal).eval()
+    x = torch.randn(1, 12, 16)  # (B, T, d_in)
+    cache = module.make_kv_cache(1, 12)
+    with torch.no_grad():
+        module(x[:, :4], kv_cache=cache)
+        module(x[:, 4:5], kv_cache=cache)
+        cleared = len(calls)
+        steps = torch.cat([module(x[:, t : t + 1], kv_cache=cache) for t in range(5, 12)], dim=1)  # (B, 7, d_out)
+    evaluated_per_step = (len(calls) - cleared) / 7
+    # Once a step is the module's own mask (SDPA builds it per call); the check would add two more.
+    assert evaluated_per_step <= 1, f"the pattern was evaluated {evaluated_per_step} times a step after clearing"
+    assert_module_matches_oracle(module, x, torch.cat([module(x)[:, :5], steps], dim=1), what="cleared decoding")
