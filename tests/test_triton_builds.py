@@ -9,6 +9,7 @@ memory (where spilled registers go) are read from its cubin with Triton's own ``
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import tempfile
@@ -37,18 +38,23 @@ DECODE_KEYS = 4096
 SHARED = 228 * 1024
 
 
+_TARGETS = itertools.count()
+
+
 class _Target:
     """The part of Triton's driver that compiling asks for: the target, and a device key of its
-    own, so these builds never share Triton's per-device kernel cache with a real GPU's."""
+    own, so these builds never share Triton's in-process kernel cache with a real GPU's or with
+    another test's (each compiles, or reads Triton's disk cache)."""
 
     def __init__(self, capability: int) -> None:
         self.target = GPUTarget("cuda", capability, 32)
+        self.key = f"build-only sm_{capability} #{next(_TARGETS)}"
 
     def get_current_target(self) -> GPUTarget:
         return self.target
 
     def get_current_device(self) -> str:
-        return f"build-only sm_{self.target.arch}"
+        return self.key
 
     def get_current_stream(self, device: object = None) -> int:
         return 0
@@ -176,3 +182,19 @@ def test_kernels_build_for_cuda(case: str, monkeypatch: pytest.MonkeyPatch) -> N
         if kernel.name in NO_LOCAL_MEMORY[capability] and used["STACK"] + used["LOCAL"]:
             spilled[kernel.name] = (kernel.options, used)
     assert not spilled, f"{case}: kernels that spill registers to local memory: {spilled}"
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
+def test_a_compile_after_an_interpreted_launch_builds(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The interpreter swaps triton.language's builtins during a launch and left some swapped (the
+    ones a called @triton.jit function reaches through triton.language.core): a later compile in
+    the process failed. One process may interpret for CPU tensors and compile for CUDA ones."""
+    if (problem := launch.interpreter_problem()) is not None:
+        pytest.skip(problem)
+    q = torch.randn(1, 2, 1, 16)  # (B, H, Tq, hd)
+    k, v = (torch.randn(1, 2, 40, 16) for _ in range(2))  # (B, H_kv, Tk, hd) each
+    decode.attend(q, k, v, 0.25, q_offset=39, visible=decode.CAUSAL)  # interpreted: calls tiles.py's helpers
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # nothing cached: this compiles
+    with _building_for(AMPERE, monkeypatch) as built:
+        _decode(torch.bfloat16, group=1, tokens=1, splits=4, pdl=False, monkeypatch=monkeypatch)
+    assert {kernel.name for kernel in built} == DECODE_KERNELS

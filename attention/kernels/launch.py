@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -100,9 +101,48 @@ def _library_interpreted() -> Iterator[None]:
 
     JITFunction.__call__ = interpreted_call
     try:
-        yield
+        with _language_restored():
+            yield
     finally:
         JITFunction.__call__ = compiled_call
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _language_restored() -> Iterator[None]:
+    """Put back every attribute of ``triton.language`` the interpreter swaps during one launch.
+
+    The interpreter runs a kernel with the language's builtins replaced by NumPy ones, and puts
+    back those it replaced for the kernel's own module. A ``@triton.jit`` function the kernel calls
+    (ours in ``tiles.py``, Triton's ``tl.max``) is patched again through its own globals, which
+    reach ``triton.language.core`` as well, and those are never put back (Triton 3.6 and 3.9): the
+    next compile for CUDA in the process then builds with NumPy builtins and fails ("'value' object
+    has no attribute 'dtype'"). Each swap goes through ``_LangPatchScope.set_attr``; the value
+    before the first swap of each attribute is kept here and restored at the end."""
+    scope = getattr(interpreter, "_LangPatchScope", None)
+    if scope is None:  # a Triton that swaps the language some other way: nothing to hook
+        yield
+        return
+    swap = scope.set_attr
+    before: dict[tuple[int, str], tuple[object, str, object]] = {}
+
+    def recorded(self: object, obj: object, name: str, value: object) -> None:
+        before.setdefault((id(obj), name), (obj, name, getattr(obj, name, _ABSENT)))
+        swap(self, obj, name, value)
+
+    scope.set_attr = recorded
+    try:
+        yield
+    finally:
+        scope.set_attr = swap
+        for obj, name, value in before.values():
+            if value is _ABSENT:
+                if hasattr(obj, name):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, value)
 
 
 def _count_to(N, Out):
