@@ -27,6 +27,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO_ROOT / "examples" / "outside_package"
 
@@ -198,6 +200,7 @@ def eager_fails_only_on_rows_with_no_visible_key(cases: list[Case], screen: str)
         )
 
 
+@pytest.mark.attention_costly  # pytest and CLI processes of its own, seconds each: started first under -n
 def test_the_suite_from_outside_gives_each_example_its_verdict(tmp_path):
     """One test, not three: under pytest-xdist three would each build and run all of this."""
     by_impl, screen = run_suite(install(tmp_path))

@@ -319,6 +319,7 @@ def test_calibration_case_rotates_head_twin_and_injected_variants(monkeypatch):
 # -- the plugin and the CLI ------------------------------------------------------------------
 
 
+@pytest.mark.attention_costly  # pytest and CLI processes of its own, seconds each: started first under -n
 def test_pytest_perf_calibrates_on_cpu_and_the_cli_judges_the_run(tmp_path):
     run_json = tmp_path / "calibration-run.json"
     cmd = [sys.executable, "-m", "pytest", "perf", "-p", "no:cacheprovider", "-q", "--perf-device=cpu"]

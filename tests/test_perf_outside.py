@@ -126,6 +126,7 @@ def _env(*paths: Path) -> dict:
     return {**subprocess_env(*paths), **GIT_ENV}
 
 
+@pytest.mark.attention_costly  # pytest and CLI processes of its own, seconds each: started first under -n
 @needs_git
 def test_an_ab_from_the_users_repository_flags_the_slower_commit(user_repo: Path, tmp_path: Path):
     out = tmp_path / "ab"
@@ -142,6 +143,7 @@ def test_an_ab_from_the_users_repository_flags_the_slower_commit(user_repo: Path
     assert "base-" not in _git(user_repo, "worktree", "list")
 
 
+@pytest.mark.attention_costly  # pytest and CLI processes of its own, seconds each: started first under -n
 @needs_git
 def test_the_cli_runs_a_users_implementation_from_its_repository_and_fails_a_broken_one(user_repo: Path, tmp_path):
     base = [sys.executable, "-m", "attention.bench.perf", "run", "--quiet-pytest", "--perf-budget=0.02"]

@@ -242,6 +242,7 @@ def test_gpus_on_a_machine_without_them_is_refused_at_once(tmp_path, capsys):
     assert not (tmp_path / "run-1.json").exists()
 
 
+@pytest.mark.attention_costly  # pytest and CLI processes of its own, seconds each: started first under -n
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the tiny CPU grid")
 def test_a_listed_shard_runs_only_its_cases_in_its_order(tmp_path):
     import subprocess
@@ -261,6 +262,7 @@ def test_a_listed_shard_runs_only_its_cases_in_its_order(tmp_path):
     assert done.returncode == 4 and "1 case(s) not in this grid: no-such-case" in done.stderr
 
 
+@pytest.mark.attention_costly  # pytest and CLI processes of its own, seconds each: started first under -n
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the tiny CPU grid")
 def test_two_workers_run_disjoint_shards_merged_into_one_run(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
