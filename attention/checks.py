@@ -39,15 +39,18 @@ def integer(name: str, value: object, *, minimum: int = 1) -> int:
     return value
 
 
-def heads(d_out: object, num_heads: object, num_kv_heads: object) -> None:
+def heads(d_out: object, num_heads: object, num_kv_heads: object) -> tuple[int, int, int]:
     """``d_out`` features split evenly into ``num_heads`` query heads, which ``num_kv_heads``
-    key/value heads divide (grouped-query attention)."""
-    for name, value in (("d_out", d_out), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+    key/value heads divide (grouped-query attention): the three as ints."""
+    d_out, num_heads, num_kv_heads = (
         integer(name, value)
-    if d_out % num_heads != 0:  # type: ignore[operator]  # ints, checked above
+        for name, value in (("d_out", d_out), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads))
+    )
+    if d_out % num_heads != 0:
         raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
-    if num_heads % num_kv_heads != 0:  # type: ignore[operator]
+    if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+    return d_out, num_heads, num_kv_heads
 
 
 def real(name: str, value: object, allowed: Callable[[float], bool], rule: str) -> float:

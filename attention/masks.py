@@ -391,9 +391,29 @@ def later_key_seen(
 #: The most query-key pairs evaluated once to clear a pattern for a cache's whole length (about
 #: 46k positions); a longer cache checks each cached call alone.
 VERDICT_ELEMENTS = 1 << 30
-#: Patterns found to show no query a later key, per (batch, heads, positions, device): worked out
-#: once for a cache's whole length, so decoding with them checks nothing more.
-_NO_LATER_KEY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: What was found out about a pattern or score mod, kept while it lives: that its probe passed
+#: (:func:`check_mask_mod`, ``check_score_mod``), whether it shows a later key for a cache's size.
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def facts(fn: object) -> dict | None:
+    """What is known about ``fn`` (:data:`_FACTS`; empty at first), to add to; ``None`` for one that
+    cannot be weakly referenced or hashed, whose facts are worked out at every call."""
+    try:
+        return _FACTS.setdefault(fn, {})
+    except TypeError:
+        return None
+
+
+def probed_once(fn: object, probe: Callable[[], None]) -> None:
+    """Run ``probe`` (which raises for a bad ``fn``) unless it passed for ``fn`` before: modules and
+    the oracle both check the patterns they are given, and a pattern is the same function each time."""
+    known = facts(fn)
+    if known is not None and known.get("probed"):
+        return
+    probe()
+    if known is not None:
+        known["probed"] = True
 
 
 def never_shows_later_key(mask_mod: MaskMod, batch: int, heads: int, length: int, device: torch.device) -> bool:
@@ -406,10 +426,9 @@ def never_shows_later_key(mask_mod: MaskMod, batch: int, heads: int, length: int
         return True
     if length * (length - 1) // 2 > VERDICT_ELEMENTS:
         return False
-    key = (batch, heads, length, torch.device(device))
-    try:
-        known = _NO_LATER_KEY.setdefault(mask_mod, {})
-    except TypeError:
+    key = ("no later key", batch, heads, length, torch.device(device))
+    known = facts(mask_mod)
+    if known is None:
         return False
     if key not in known:
         try:
@@ -511,10 +530,15 @@ def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
     its index tensors (``ValueError``); otherwise it would fail deep inside torch at the first
     forward (a broadcast error, or flex's "too many values to unpack").
 
-    It is called once on tiny index tensors, ``q_idx`` ``(1, 1, 2, 1)`` and ``kv_idx``
-    ``(1, 1, 1, 2)``, all zeros so that a pattern indexing a tensor by position stays in range,
-    on the device of the tensors the pattern holds (document ids), else the CPU.
+    It is called once per pattern (:func:`probed_once`) on tiny index tensors, ``q_idx``
+    ``(1, 1, 2, 1)`` and ``kv_idx`` ``(1, 1, 1, 2)``, all zeros so that a pattern indexing a tensor
+    by position stays in range, on the device of the tensors the pattern holds (document ids),
+    else the CPU.
     """
+    probed_once(mask_mod, lambda: _probe_mask_mod(mask_mod, name))
+
+
+def _probe_mask_mod(mask_mod: object, name: str) -> None:
     fn = callable_as(name, mask_mod, "(b, h, q_idx, kv_idx)")
     label = checks.name_of(fn)
     device = held_tensor_device(fn)

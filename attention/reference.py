@@ -69,9 +69,8 @@ def _check_params(x: object, params: object, num_heads: object, num_kv_heads: ob
         raise TypeError(f"params must be a mapping of state_dict names to tensors, got {type(params).__name__}")
     if missing := [name for name in ("qkv.weight", "proj.weight", "proj.bias") if name not in params]:
         raise ValueError(f"params lacks {', '.join(missing)} (the shared layout's state_dict keys)")
-    d_out = params["proj.weight"].shape[0]
-    checks.heads(d_out, num_heads, num_kv_heads)
-    qkv_rows = d_out + 2 * num_kv_heads * (d_out // num_heads)  # type: ignore[operator]  # checked ints
+    d_out, num_heads, num_kv_heads = checks.heads(params["proj.weight"].shape[0], num_heads, num_kv_heads)
+    qkv_rows = d_out + 2 * num_kv_heads * (d_out // num_heads)
     if tuple(params["qkv.weight"].shape) != (qkv_rows, x.shape[-1]):
         raise ValueError(
             f"params['qkv.weight'] has shape {tuple(params['qkv.weight'].shape)}; {num_heads} heads and "

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .masks import Parameterised, callable_as, held_tensor_device, index_grids
+from .masks import Parameterised, callable_as, held_tensor_device, index_grids, probed_once
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -104,6 +104,10 @@ def check_score_mod(score_mod: object) -> None:
     index 0 (so a mod indexing a tensor by position stays in range), on the device of the tensors
     it holds (:func:`~attention.masks.held_tensor_device`), else the CPU; on ``meta`` only the
     result's dtype and shape are checked."""
+    probed_once(score_mod, lambda: _probe_score_mod(score_mod))
+
+
+def _probe_score_mod(score_mod: object) -> None:
     fn = callable_as("score_mod", score_mod, "(score, b, h, q_idx, kv_idx)")
     label = checks.name_of(fn)
     device = held_tensor_device(fn)
