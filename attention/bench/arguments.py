@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
+
 from .. import checks
+from .cost import DTYPES
 
 
 def positive_int(text: str) -> int:
@@ -30,3 +33,11 @@ def positive_float(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
     return value
+
+
+def dtype_by_name(text: str) -> torch.dtype:
+    """A dtype by its short name (bf16, fp16, fp32) or torch's (bfloat16, float16, float32)."""
+    aliases = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if text not in aliases:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(aliases)}")
+    return aliases[text]

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 from .. import context_parallel as cp
 from ..sdpa import MHAPyTorchScaledDotProduct
-from .arguments import positive_float, positive_int
+from .arguments import dtype_by_name, positive_float, positive_int
 from .cost import DTYPES, dtype_name, fmt_gib
 from .files import unwritable
 from .memory import free_memory_bytes, method_for, peak_memory
-from .sweep import _dtype, device_name
+from .sweep import device_name
 from .timing import measure, rounds_for
 from .workload import Workload
 
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=positive_int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--heads", type=positive_int, default=16, help="attention heads (default 16)")
     parser.add_argument("--head-dim", type=positive_int, default=128, help="elements per head (default 128)")
-    parser.add_argument("--dtype", type=_dtype, default=torch.bfloat16, help="bf16 (default), fp16 or fp32")
+    parser.add_argument("--dtype", type=dtype_by_name, default=torch.bfloat16, help="bf16 (default), fp16 or fp32")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument(
         "--lb-length",

@@ -36,7 +36,7 @@ import torch
 
 from .. import registry
 from ..accuracy import check_module
-from .arguments import positive_float, positive_int
+from .arguments import dtype_by_name, positive_float, positive_int
 from .cost import DTYPES, dtype_name
 from .files import unwritable
 from .inspection import core_module
@@ -139,13 +139,6 @@ def _folder(text: str) -> Path:
     return Path(text)
 
 
-def _dtype(text: str) -> torch.dtype:
-    aliases = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if text not in aliases:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(aliases)}")
-    return aliases[text]
-
-
 def _impl(text: str) -> str:
     """A registered name, or ``module:attr`` imported and registered (:func:`attention.registry.resolve`)."""
     try:
@@ -175,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype",
-        type=_dtype,
+        type=dtype_by_name,
         default=None,
         help=f"compute dtype: fp32, bf16 or fp16 (default: {_per_device(cuda['dtype'], cpu['dtype'])})",
     )
